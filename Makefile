@@ -1,0 +1,36 @@
+# mcpool: `make demo` runs the demo, `make test` runs the tests (both as root; both install
+# what they need first). See README.md.
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test unit lint bench clean lab-up lab-down
+
+setup:
+	@scripts/install-deps.sh
+
+demo: setup
+	$(VENV)/bin/mcpool demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+unit: setup
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check proxy operator tests bench
+	$(VENV)/bin/mypy proxy/mcpool_proxy operator/mcpool_operator
+
+bench: setup
+	$(PY) -m bench.run
+
+lab-up: setup
+	$(VENV)/bin/mcpool lab up
+
+lab-down: setup
+	$(VENV)/bin/mcpool lab down
+
+clean:
+	-$(VENV)/bin/mcpool lab down 2>/dev/null
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

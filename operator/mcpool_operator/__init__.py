@@ -1,0 +1,1 @@
+"""mcpool's control plane: the kopf operator that turns MCPPool resources into MCP pools."""

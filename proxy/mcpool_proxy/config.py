@@ -1,0 +1,361 @@
+"""The proxy's configuration model: the contract between the data plane and the operator.
+
+The proxy loads it from YAML (`mcpool proxy --config FILE`) and validates it here; the operator
+imports the same model to render each pool's ConfigMap, so a configuration the operator writes is
+one the proxy accepts. Everything a pod can be told lives in this one module; nothing here does
+I/O beyond reading the file in `load_config`.
+
+Every timeout and limit is a named field with its unit in the name and a default that is safe
+for an MCP exposed to the Internet: nobody may connect until `policy.allowed_cpes` says so.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+__all__ = [
+    "AdminAddress",
+    "AffinityConfig",
+    "ConfigError",
+    "HostPort",
+    "KernelConfig",
+    "ListenConfig",
+    "PolicyConfig",
+    "ProxyConfig",
+    "RelayConfig",
+    "Socks5User",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+    "split_hostport",
+    "DEFAULT_DENIED_DESTINATIONS",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Destinations an MCP must never relay to unless an operator removes them on purpose: they reach
+# the proxy itself, the node, or a cloud's instance metadata service (credential theft).
+DEFAULT_DENIED_DESTINATIONS: tuple[str, ...] = (
+    "0.0.0.0/8",  # "this network"; connecting to 0.0.0.0 reaches the local host
+    "127.0.0.0/8",  # loopback
+    "169.254.0.0/16",  # link-local, including 169.254.169.254 (instance metadata)
+    "224.0.0.0/4",  # multicast: never a TCP destination
+    "255.255.255.255/32",
+    "::/128",
+    "::1/128",
+    "fe80::/10",  # link-local
+    "ff00::/8",  # multicast
+    "fd00:ec2::254/128",  # AWS IPv6 instance metadata
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says where and why, for a human."""
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    """Split "host:port", "[v6]:port" or ":port" into (host, port); raise ValueError if malformed.
+
+    An empty host means every address ("::" with dual-stack listening).
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string like '[::]:5124' or '0.0.0.0:5124', got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise ValueError(f"{value!r}: an IPv6 address must be written '[addr]:port'")
+        host, port_text = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{value!r}: missing ':port' (e.g. '0.0.0.0:5124')")
+        if ":" in host:
+            raise ValueError(f"{value!r}: write IPv6 addresses in brackets, e.g. '[{host}]:{port_text}'")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{value!r}: port must be a number from 1 to 65535")
+    if host == "":
+        host = "::"
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IP address") from None
+    return host, int(port_text)
+
+
+def _check_hostport(value: str) -> str:
+    split_hostport(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_hostport)]
+AdminAddress = HostPort
+
+
+def _network(value: Any) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR prefix (e.g. '192.0.2.0/24' or '2001:db8::/32')") from None
+
+
+CIDR = Annotated[str, AfterValidator(lambda v: str(_network(v)))]
+
+
+class _Model(BaseModel):
+    # Unknown keys are errors: a typo in a limit must not silently leave the default in force.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ListenConfig(_Model):
+    """Where the proxy accepts clients. Each listener is an MPTCP socket (TCP clients work too)."""
+
+    convert: HostPort | None = Field(
+        default="[::]:5124",
+        description="RFC 8803 Convert listener address, e.g. '[::]:5124'; null disables it.",
+    )
+    socks5: HostPort | None = Field(
+        default=None, description="SOCKS5 listener address, e.g. '[::]:1080'; null disables it."
+    )
+    backlog: int = Field(default=4096, ge=1, le=65535, description="listen() backlog per listener.")
+    fastopen_queue: int = Field(
+        default=4096,
+        ge=0,
+        le=65535,
+        description="TCP Fast Open queue length on the listeners (0 disables TFO, i.e. no 0-RTT).",
+    )
+
+    @model_validator(mode="after")
+    def _one_listener(self) -> ListenConfig:
+        if self.convert is None and self.socks5 is None:
+            raise ValueError("enable at least one of listen.convert and listen.socks5")
+        if self.convert is not None and self.convert == self.socks5:
+            raise ValueError("listen.convert and listen.socks5 must use different addresses")
+        return self
+
+
+class UpstreamConfig(_Model):
+    """How the proxy reaches the destination server."""
+
+    protocol: Literal["tcp", "mptcp"] = Field(
+        default="tcp",
+        description="'mptcp' opens MPTCP upstream (the kernel falls back to TCP if the server lacks it).",
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=120, description="Upstream connect timeout.")
+
+
+class Socks5User(_Model):
+    """One SOCKS5 username/password (RFC 1929) credential."""
+
+    username: str = Field(min_length=1, max_length=255)
+    password: str = Field(min_length=1, max_length=255)
+
+
+class PolicyConfig(_Model):
+    """Who may connect, where to, and how much. The defaults make the proxy a closed relay."""
+
+    allowed_cpes: list[CIDR] = Field(
+        default_factory=list,
+        description="CIDR prefixes of clients (CPEs, phones) allowed to use the proxy. Empty: nobody.",
+    )
+    denied_destinations: list[CIDR] = Field(
+        default_factory=list,
+        description="CIDRs refused as destinations, added to the built-in defaults "
+        "(loopback, link-local, metadata) and the proxy's own addresses; e.g. cluster pod/service CIDRs.",
+    )
+    deny_default_destinations: bool = Field(
+        default=True,
+        description="Refuse DEFAULT_DENIED_DESTINATIONS and the proxy's own addresses. "
+        "Turn off only in a lab where the server really is on loopback.",
+    )
+    allowed_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=list, description="Destination ports allowed; empty: every port."
+    )
+    max_connections: int = Field(default=50_000, ge=1, description="Global limit of live connections.")
+    max_connections_per_cpe: int = Field(
+        default=1_000, ge=1, description="Limit of live connections per client address."
+    )
+    handshake_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Time a client has to send a complete Convert/SOCKS5 request."
+    )
+    max_handshake_bytes: int = Field(
+        default=1020,
+        ge=64,
+        le=65535,
+        description="Largest Convert message or SOCKS5 request accepted (RFC 8803 caps a Convert "
+        "message at 255 32-bit words = 1020 bytes).",
+    )
+    cookies: list[str] = Field(
+        default_factory=list,
+        description="If set, Convert clients must send a Cookie TLV whose body (hex) is one of these "
+        "(otherwise Missing Cookie, code 3).",
+    )
+    socks5_users: list[Socks5User] = Field(
+        default_factory=list,
+        description="If set, SOCKS5 clients must authenticate with username/password; else no-auth.",
+    )
+
+    @model_validator(mode="after")
+    def _check_cookies(self) -> PolicyConfig:
+        for cookie in self.cookies:
+            try:
+                raw = bytes.fromhex(cookie)
+            except ValueError:
+                raise ValueError(f"policy.cookies: {cookie!r} is not hex") from None
+            if not raw:
+                raise ValueError("policy.cookies: an empty cookie would accept everybody")
+        return self
+
+    def cookie_bytes(self) -> frozenset[bytes]:
+        return frozenset(bytes.fromhex(c) for c in self.cookies)
+
+
+class RelayConfig(_Model):
+    """How bytes move between client and server."""
+
+    mode: Literal["auto", "splice", "buffered"] = Field(
+        default="auto",
+        description="'splice' keeps bytes in the kernel (os.splice through a pipe); 'buffered' copies "
+        "through userspace; 'auto' uses splice where the platform has it.",
+    )
+    idle_timeout_s: float = Field(
+        default=3600.0, gt=0, description="Close a connection after this long with no bytes either way."
+    )
+    buffer_bytes: int = Field(
+        default=262_144,
+        ge=4096,
+        le=16 * 1024 * 1024,
+        description="Bytes held per direction at most (pipe size for splice, buffer for the fallback): "
+        "a slow reader makes the proxy stop reading, never buffer more.",
+    )
+
+
+class KernelConfig(_Model):
+    """Per-network-namespace kernel settings the proxy applies at start (needs CAP_NET_ADMIN or a
+    pod `securityContext.sysctls`; if it cannot, it logs and reports what is in force)."""
+
+    mptcp_checksum: bool = Field(
+        default=True,
+        description="Set net.mptcp.checksum_enabled=1: without DSS checksums, kernel 6.18 was measured "
+        "to occasionally corrupt two-subflow streams; with them the kernel detects and recovers.",
+    )
+    tcp_fastopen_server: bool = Field(
+        default=True,
+        description="Enable the server side of TCP Fast Open (net.ipv4.tcp_fastopen |= 0x2) so clients "
+        "can carry the Convert message in the SYN (0-RTT) once they have a cookie.",
+    )
+    apply_sysctls: bool = Field(
+        default=True,
+        description="Write the sysctls above at start; false when the pod spec sets them already.",
+    )
+
+
+class AffinityConfig(_Model):
+    """How subflows of one MPTCP connection find the pod that owns it (see DESIGN.md)."""
+
+    mechanism: Literal["director", "join-address", "none"] = Field(
+        default="none", description="'director' (token steering via Redis), 'join-address' (C flag), or 'none'."
+    )
+    backend: Literal["memory", "redis"] = Field(
+        default="memory", description="Where the affinity table lives: in-process or shared Redis."
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://[:password@]host:port/db; the password may instead come from REDIS_PASSWORD.",
+    )
+    pool: str = Field(default="default", min_length=1, max_length=63, description="Pool name (key prefix).")
+    pod_name: str | None = Field(
+        default=None, description="This pod's name in the registry; default: $POD_NAME or the hostname."
+    )
+    advertise: str | None = Field(
+        default=None, description="Address the director forwards this pod's flows to (the pod IP)."
+    )
+    join_address: HostPort | None = Field(
+        default=None,
+        description="For 'join-address': the address:port this pod announces with ADD_ADDR (must be on the pod).",
+    )
+    heartbeat_ttl_s: float = Field(default=10.0, gt=0, le=300, description="Registry entries expire after this.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AffinityConfig:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("affinity.backend 'redis' needs affinity.redis_url")
+        if self.mechanism == "director" and self.backend != "redis":
+            # The director learns token ownership only from the shared table.
+            raise ValueError("affinity.mechanism 'director' needs affinity.backend 'redis'")
+        if self.mechanism == "join-address" and self.join_address is None:
+            raise ValueError("affinity.mechanism 'join-address' needs affinity.join_address")
+        return self
+
+
+class ProxyConfig(_Model):
+    """The whole configuration of one MCP pod (`mcpool proxy --config FILE`)."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    admin: AdminAddress | None = Field(
+        default="127.0.0.1:9090",
+        description="Admin HTTP address (/healthz, /readyz, /connections, /metrics); null disables it.",
+    )
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    relay: RelayConfig = Field(default_factory=RelayConfig)
+    kernel: KernelConfig = Field(default_factory=KernelConfig)
+    affinity: AffinityConfig = Field(default_factory=AffinityConfig)
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, le=86_400, description="On SIGTERM, how long live connections may continue."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def to_yaml(self) -> str:
+        """Render as YAML the proxy can load back (the operator's ConfigMap content)."""
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the configuration reference in README.md)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> ProxyConfig:
+    """Validate an already-parsed mapping; raise ConfigError with one line per problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping")
+    try:
+        return ProxyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path) -> ProxyConfig:
+    """Read and validate a YAML configuration file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data, str(path))

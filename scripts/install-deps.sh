@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install what mcpool's demo, tests and benchmarks need on a fresh Debian machine:
+# Debian packages (only those missing) and a virtualenv in .venv with the project.
+# Idempotent: a second run does (almost) nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(
+  iproute2 nftables iptables kmod procps psmisc ethtool   # namespaces, veth, nft, NFQUEUE
+  redis-server                                            # affinity table (tests start their own)
+  iperf3 mptcpd curl haproxy                              # demo, SOCKS5 test (mptcpize), bench
+  libnetfilter-queue-dev gcc                              # netfilterqueue (director) builds against it
+)
+
+missing=()
+for pkg in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "install-deps: need root to install: ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "install-deps: apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Debian redis-server package starts a system instance; tests start their own on free ports.
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.mcpool-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
