@@ -1,44 +1,6 @@
-"""Shared test helpers: capability checks that make a test skip with a clear reason.
+"""Root conftest: puts tests/ on sys.path so test modules can `from support import ...`."""
 
-CI runs as root on a kernel with MPTCP, so there every test runs; on a laptop without root the
-kernel tests say exactly why they skip instead of failing obscurely.
-"""
+import sys
+from pathlib import Path
 
-from __future__ import annotations
-
-import os
-import shutil
-import socket
-
-import pytest
-
-IPPROTO_MPTCP = 262
-
-
-def _is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def _kernel_has_mptcp() -> bool:
-    try:
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP).close()
-    except OSError:
-        return False
-    return True
-
-
-def _why_no_netns() -> str | None:
-    if not _is_root():
-        return "needs root to create network namespaces (run `make test` as root)"
-    if shutil.which("ip") is None:
-        return "needs iproute2's `ip` (scripts/install-deps.sh installs it)"
-    if not _kernel_has_mptcp():
-        return "kernel has no MPTCP (CONFIG_MPTCP) or net.mptcp.enabled=0"
-    return None
-
-
-requires_mptcp = pytest.mark.skipif(
-    not _kernel_has_mptcp(), reason="kernel has no MPTCP (CONFIG_MPTCP) or net.mptcp.enabled=0"
-)
-_NETNS_REASON = _why_no_netns()
-requires_netns = pytest.mark.skipif(_NETNS_REASON is not None, reason=_NETNS_REASON or "")
+sys.path.insert(0, str(Path(__file__).parent))
