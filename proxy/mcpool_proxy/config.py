@@ -317,7 +317,9 @@ class ProxyConfig(_Model):
     drain_timeout_s: float = Field(
         default=30.0, ge=0, le=86_400, description="On SIGTERM, how long live connections may continue."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log verbosity; logs are JSON lines on stderr when it is not a terminal."
+    )
 
     def to_yaml(self) -> str:
         """Render as YAML the proxy can load back (the operator's ConfigMap content)."""

@@ -121,3 +121,16 @@ def test_model_is_frozen() -> None:
     config = ProxyConfig()
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError for frozen models
         config.log_level = "debug"  # type: ignore[misc]
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md is generated from the model; regenerate it when this fails:
+    `.venv/bin/python scripts/config_reference.py > docs/configuration.md`."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("config_reference", root / "scripts/config_reference.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (root / "docs/configuration.md").read_text() == module.render()
