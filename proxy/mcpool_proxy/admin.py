@@ -1,0 +1,84 @@
+"""The proxy's admin HTTP server (aiohttp): health, readiness, connection listing, metrics, drain.
+
+- `GET /healthz`: 200 `{"status": "ok"}` while the event loop answers at all.
+- `GET /readyz`: 200 when listening and not draining, else 503; the body says why and whether
+  MPTCP checksums and the TFO server bit are in force in the proxy's network namespace.
+- `GET /connections`: JSON list of live connections (`Connection.describe()`).
+- `GET /metrics`: Prometheus text from the proxy's own registry.
+- `POST /drain`: start draining, as SIGTERM does (for operators; returns 202).
+
+It reads the proxy through the small `AdminTarget` protocol and holds no state of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from .metrics import CONTENT_TYPE
+
+__all__ = ["AdminServer", "AdminTarget"]
+
+
+class AdminTarget(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def readiness(self) -> dict[str, Any]: ...
+
+    def connection_list(self) -> list[dict[str, Any]]: ...
+
+    def render_metrics(self) -> bytes: ...
+
+    def request_drain(self) -> None: ...
+
+
+class AdminServer:
+    def __init__(self, target: AdminTarget, host: str, port: int) -> None:
+        self.target = target
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/connections", self._connections)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/drain", self._drain)
+        self.app = app
+
+    async def start(self) -> None:
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        self._runner = runner
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        # Reaching this handler proves the loop runs; the sleep(0) proves it still schedules.
+        await asyncio.sleep(0)
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        body = self.target.readiness()
+        return web.json_response(body, status=200 if self.target.ready else 503)
+
+    async def _connections(self, request: web.Request) -> web.Response:
+        return web.json_response(self.target.connection_list())
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.target.render_metrics(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        self.target.request_drain()
+        return web.json_response({"draining": True}, status=202)

@@ -1,0 +1,112 @@
+"""Prometheus metrics of one proxy, in its own `CollectorRegistry` (never the global one, so two
+proxies in one process — the tests — do not mix their counts).
+
+Counters are incremented at connection events, never per byte: the byte counters are computed at
+scrape time from the totals of closed connections plus the live relays' counters, so the relay's
+hot path pays nothing for them.
+
+Every way a connection can end has a label value (`mcpool_connections_closed_total{reason}`); every
+handshake failure has one (`mcpool_handshake_errors_total{protocol,error}`); every policy refusal
+has one (`mcpool_policy_refusals_total{reason}`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "ProxyMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _LiveCollector(Collector):
+    """Byte counters and active connections, read from the proxy when scraped."""
+
+    def __init__(self, live: Callable[[], tuple[int, int, int]], closed_bytes: Callable[[], tuple[int, int]]) -> None:
+        self._live = live
+        self._closed_bytes = closed_bytes
+
+    def collect(self) -> Iterable[Metric]:
+        active, live_up, live_down = self._live()
+        closed_up, closed_down = self._closed_bytes()
+        relayed = CounterMetricFamily(
+            "mcpool_relayed_bytes",
+            "Bytes relayed, by direction (up: client to server, down: server to client).",
+            labels=["direction"],
+        )
+        relayed.add_metric(["up"], closed_up + live_up)
+        relayed.add_metric(["down"], closed_down + live_down)
+        yield relayed
+        gauge = GaugeMetricFamily("mcpool_connections_active", "Connections being relayed now.")
+        gauge.add_metric([], active)
+        yield gauge
+
+
+class ProxyMetrics:
+    """All metrics of one Proxy; `render()` gives the Prometheus text exposition."""
+
+    def __init__(
+        self,
+        live: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0),
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.accepted = Counter(
+            "mcpool_connections_accepted", "Client connections accepted, by listener.", ["protocol"], registry=r
+        )
+        self.handshaking = Gauge(
+            "mcpool_handshakes_in_progress", "Client connections still in the Convert/SOCKS5 handshake.", registry=r
+        )
+        self.closed = Counter(
+            "mcpool_connections_closed",
+            "Relayed connections closed, by reason (client_closed, server_closed, idle_timeout, "
+            "client_reset, server_reset, error, drained).",
+            ["reason"],
+            registry=r,
+        )
+        self.handshake_errors = Counter(
+            "mcpool_handshake_errors",
+            "Handshakes that ended without a relay, by protocol and error (Convert error name, "
+            "SOCKS5 reply name, timeout, client_closed, ...).",
+            ["protocol", "error"],
+            registry=r,
+        )
+        self.policy_refusals = Counter(
+            "mcpool_policy_refusals", "Connections refused by policy, by reason.", ["reason"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "mcpool_upstream_connect_errors", "Failed upstream connects, by reason.", ["reason"], registry=r
+        )
+        self.upstream_latency = Histogram(
+            "mcpool_upstream_connect_duration_seconds",
+            "Time to establish the upstream connection (successful connects).",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.relay_mode = Gauge(
+            "mcpool_relay_mode_info", "Relay mode configured (1 for the mode in use).", ["mode"], registry=r
+        )
+        self.relays = Counter(
+            "mcpool_relays", "Relays started, by the mode they actually used.", ["mode"], registry=r
+        )
+        self.mptcp_checksum = Gauge(
+            "mcpool_mptcp_checksum_enabled",
+            "1 if net.mptcp.checksum_enabled is on in the proxy's network namespace, 0 if off, -1 unknown.",
+            registry=r,
+        )
+        self.fastopen_server = Gauge(
+            "mcpool_tcp_fastopen_server_enabled",
+            "1 if the server bit (0x2) of net.ipv4.tcp_fastopen is on, 0 if off, -1 unknown.",
+            registry=r,
+        )
+        self.draining = Gauge("mcpool_draining", "1 while the proxy drains (SIGTERM).", registry=r)
+        self.closed_bytes_up = 0
+        self.closed_bytes_down = 0
+        r.register(_LiveCollector(live, lambda: (self.closed_bytes_up, self.closed_bytes_down)))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,961 @@
+"""The MPTCP concentrator proxy: listeners, the RFC 8803 Convert and SOCKS5 handshakes, and the
+wiring of policy, upstream connect, relay, connection table, metrics and admin HTTP.
+
+`mcpool proxy --config FILE` runs `main()`: it validates the configuration (one line per problem
+and exit status 2 if invalid), applies the kernel settings of `config.kernel` in the proxy's
+network namespace (MPTCP DSS checksums; the TCP Fast Open server bit), binds the listeners and the
+admin server, then prints exactly `mcpool-proxy ready` on stdout. SIGTERM (or `POST /drain`)
+drains: listeners close, `/readyz` turns 503, live connections continue for up to
+`drain_timeout_s`, then the rest are closed (reason `drained`) and the process exits 0. A second
+SIGTERM exits at once (status 0); SIGINT exits at once (status 130).
+
+Listeners are MPTCP sockets (TCP if the kernel has no MPTCP; TCP clients are accepted either
+way), dual-stack when bound to `::`, with TCP_FASTOPEN so a Convert message can arrive in the
+SYN (it is then readable as soon as the connection is accepted).
+
+Convert handshake checks, in order, each failure answered with an Error TLV and a close:
+malformed/oversized message (1; unsupported version 0; client-only TLV rules 2), client not in
+`allowed_cpes` (32), cookie (3), destination refused (32), TCP options in the Connect TLV the
+converter cannot honour (33), connection limits (64), upstream connect (96/97/65, see
+`upstream.py`). A timeout before a complete message closes without an answer (counted). On success
+the answer carries an Extended TCP Header TLV rebuilt from the upstream socket's TCP_INFO (the
+kernel does not keep the SYN-ACK itself: ports, flags and options are real, sequence numbers,
+window and checksum are zero), and a Supported TCP Extensions TLV if the client sent Info.
+Bytes the client sent after its Convert message are never read by the handshake, so the relay
+forwards them upstream in order.
+
+Every per-connection coroutine catches everything, logs one line, counts and closes: no input
+can stop the proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Literal
+
+from .admin import AdminServer
+from .config import ConfigError, KernelConfig, ProxyConfig, load_config, split_hostport
+from .connections import Connection, ConnectionObserver, ConnectionTable, Mode
+from .convert import (
+    HEADER_BYTES,
+    ConnectTLV,
+    ConvertError,
+    ConvertMessage,
+    ErrorCode,
+    ExtendedTcpHeaderTLV,
+    InfoTLV,
+    SupportedTcpExtensionsTLV,
+    decode_message,
+    encode_message,
+    error_message,
+    message_length,
+    validate_client_request,
+)
+from .metrics import ProxyMetrics
+from .mptcp import (
+    SYSCTL_MPTCP_CHECKSUM,
+    SYSCTL_TCP_FASTOPEN,
+    create_socket,
+    enable_fastopen_listener,
+    get_mptcp_info,
+    read_sysctl,
+    write_sysctl,
+)
+from .policy import IPAddress, Policy, Refusal, format_endpoint, local_addresses, normalize_address
+from .relay import CloseReason, Relay, RelayPools, resolve_mode
+from .socks5 import (
+    Method,
+    Reply,
+    Socks5Error,
+    encode_method_selection,
+    encode_reply,
+    encode_userpass_status,
+    greeting_length,
+    parse_greeting,
+    parse_request,
+    parse_userpass,
+    request_length,
+    userpass_length,
+)
+from .upstream import UpstreamError, connect_upstream, set_nodelay
+
+__all__ = ["Proxy", "apply_kernel_settings", "configure_logging", "main"]
+
+log = logging.getLogger("mcpool.proxy")
+
+READY_LINE = "mcpool-proxy ready"
+
+# TCP option kinds the converter supports (RFC 8803 Supported TCP Extensions): what the Linux
+# stack negotiates with servers (MSS, window scale, SACK, timestamps) and, towards clients, MPTCP.
+SUPPORTED_TCP_OPTION_KINDS: tuple[int, ...] = (2, 3, 4, 8, 30)
+
+# After a refusal the proxy half-closes and reads (discarding) for this long before closing:
+# closing a socket with unread input sends RST, which can destroy the answer in flight.
+_REFUSAL_LINGER_S = 1.0
+
+# How many connections one readiness event of a listener accepts before yielding.
+_ACCEPT_BATCH = 64
+
+# struct tcp_info: tcpi_options at byte 5, snd_wscale in the low nibble of byte 6,
+# tcpi_snd_mss at byte 16 (include/uapi/linux/tcp.h, stable since 2.6).
+_TCP_INFO_LEN = 104
+_TCPI_OPT_TIMESTAMPS, _TCPI_OPT_SACK, _TCPI_OPT_WSCALE = 1, 2, 4
+
+
+class _HandshakeFailed(Exception):
+    """A handshake ended without a relay; already answered and counted by whoever raised it."""
+
+
+class _ClientGone(Exception):
+    """The client closed before completing its handshake."""
+
+
+class _Oversize(Exception):
+    pass
+
+
+# -- kernel settings --------------------------------------------------------------------------------
+def apply_kernel_settings(kernel: KernelConfig) -> dict[str, Any]:
+    """Apply `config.kernel` in this network namespace (if `apply_sysctls`) and report what is in
+    force: {"mptcp_checksum": bool|None, "tcp_fastopen": int|None, "tcp_fastopen_server": bool|None}.
+
+    A checksum setting of false leaves the namespace's value alone (it is never turned off).
+    """
+    if kernel.apply_sysctls:
+        if kernel.mptcp_checksum and read_sysctl(SYSCTL_MPTCP_CHECKSUM) != "1":
+            write_sysctl(SYSCTL_MPTCP_CHECKSUM, 1)
+        if kernel.tcp_fastopen_server:
+            current = read_sysctl(SYSCTL_TCP_FASTOPEN)
+            if current is not None and current.isdigit() and not int(current) & 0x2:
+                write_sysctl(SYSCTL_TCP_FASTOPEN, int(current) | 0x2)
+    checksum = read_sysctl(SYSCTL_MPTCP_CHECKSUM)
+    tfo = read_sysctl(SYSCTL_TCP_FASTOPEN)
+    tfo_value = int(tfo) if tfo is not None and tfo.isdigit() else None
+    return {
+        "mptcp_checksum": None if checksum is None else checksum == "1",
+        "tcp_fastopen": tfo_value,
+        "tcp_fastopen_server": None if tfo_value is None else bool(tfo_value & 0x2),
+    }
+
+
+# -- small helpers ----------------------------------------------------------------------------------
+def _reconstruct_synack(sock: socket.socket) -> bytes | None:
+    """A TCP header with the options the server's SYN-ACK carried, rebuilt from TCP_INFO.
+
+    None if the kernel will not tell (e.g. TCP_INFO refused on an MPTCP socket).
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        local_port = sock.getsockname()[1]
+        remote_port = sock.getpeername()[1]
+    except OSError:
+        return None
+    if len(info) < 20:
+        return None
+    opts_bits = info[5]
+    snd_wscale = info[6] & 0x0F
+    (snd_mss,) = struct.unpack_from("=I", info, 16)
+    timestamps = bool(opts_bits & _TCPI_OPT_TIMESTAMPS)
+    # snd_mss excludes the 12 bytes of timestamp option every segment carries.
+    mss = min(snd_mss + (12 if timestamps else 0), 0xFFFF)
+    options = struct.pack("!BBH", 2, 4, mss)
+    sack = bool(opts_bits & _TCPI_OPT_SACK)
+    if sack and timestamps:
+        options += bytes([4, 2, 8, 10]) + bytes(8)
+    elif timestamps:
+        options += bytes([1, 1, 8, 10]) + bytes(8)
+    elif sack:
+        options += bytes([1, 1, 4, 2])
+    if opts_bits & _TCPI_OPT_WSCALE:
+        options += bytes([1, 3, 3, snd_wscale])
+    data_offset = (20 + len(options)) // 4
+    header = struct.pack(
+        "!HHIIBBHHH", remote_port, local_port, 0, 0, data_offset << 4, 0x12, 0, 0, 0
+    )
+    return header + options
+
+
+def _check_tcp_options(options: bytes) -> ConvertError | None:
+    """The Connect TLV's TCP options: only what the kernel negotiates anyway is accepted."""
+    i = 0
+    while i < len(options):
+        kind = options[i]
+        if kind == 0:  # End of Option List (and the TLV's zero padding)
+            return None
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= len(options) or options[i + 1] < 2 or i + options[i + 1] > len(options):
+            return ConvertError(ErrorCode.MALFORMED_MESSAGE, "malformed TCP option in Connect TLV")
+        if kind not in SUPPORTED_TCP_OPTION_KINDS:
+            return ConvertError(ErrorCode.UNSUPPORTED_TCP_OPTION, f"TCP option kind {kind} is not supported")
+        i += options[i + 1]
+    return None
+
+
+def _convert_length(prefix: bytes) -> int:
+    total = message_length(prefix)
+    return HEADER_BYTES if total is None else total
+
+
+def _client_of(peer: Any) -> tuple[str, int]:
+    host = str(normalize_address(str(peer[0])))
+    return host, int(peer[1])
+
+
+# -- the proxy --------------------------------------------------------------------------------------
+class Proxy:
+    """One MCP: construct from a `ProxyConfig`, `await start()`, later `drain()`/`stop()`."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        own_addresses: Iterable[str | IPAddress] | None = None,
+        observers: Iterable[ConnectionObserver] = (),
+    ) -> None:
+        self.config = config
+        self._own_addresses = None if own_addresses is None else list(own_addresses)
+        self.policy = Policy(config.policy, self._own_addresses or ())
+        self.table = ConnectionTable()
+        self.metrics = ProxyMetrics(live=self.table.totals)
+        self.observers: list[ConnectionObserver] = list(observers)
+        self.relay_mode: Literal["splice", "buffered"] = resolve_mode(config.relay.mode)
+        self.pools = RelayPools(config.relay.buffer_bytes)
+        self.kernel_state: dict[str, Any] = {}
+        self.listen_addresses: dict[str, tuple[str, int]] = {}
+        self.listeners_mptcp: dict[str, bool] = {}
+        self.admin: AdminServer | None = None
+        self._listeners: dict[str, socket.socket] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listening = False
+        self._draining = False
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.drain_requested: Callable[[], None] | None = None
+        self._drain_task: asyncio.Task[int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Apply kernel settings, bind listeners and the admin server. Raises OSError on bind
+        failure (after undoing what was bound)."""
+        self._loop = asyncio.get_running_loop()
+        self.kernel_state = apply_kernel_settings(self.config.kernel)
+        if self._own_addresses is None:
+            own = await asyncio.to_thread(local_addresses)
+            self.policy = Policy(self.config.policy, own)
+        self.metrics.mptcp_checksum.set(_tri(self.kernel_state["mptcp_checksum"]))
+        self.metrics.fastopen_server.set(_tri(self.kernel_state["tcp_fastopen_server"]))
+        self.metrics.relay_mode.labels(self.relay_mode).set(1)
+        try:
+            for protocol, address in (("convert", self.config.listen.convert), ("socks5", self.config.listen.socks5)):
+                if address is not None:
+                    self._listen(protocol, address)
+            if self.config.admin is not None:
+                host, port = split_hostport(self.config.admin)
+                self.admin = AdminServer(self, "127.0.0.1" if host == "localhost" else host, port)
+                await self.admin.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._listening = True
+        log.info(
+            "proxy listening",
+            extra={
+                "fields": {
+                    "listeners": {k: format_endpoint(*v) for k, v in self.listen_addresses.items()},
+                    "listeners_mptcp": self.listeners_mptcp,
+                    "admin": self.config.admin,
+                    "relay_mode": self.relay_mode,
+                    "kernel": self.kernel_state,
+                    "own_addresses": [str(a) for a in self.policy.own_addresses],
+                }
+            },
+        )
+        if self.config.kernel.mptcp_checksum and not self.kernel_state["mptcp_checksum"]:
+            log.warning(
+                "MPTCP checksums are OFF in this namespace although kernel.mptcp_checksum is set: "
+                "two-subflow streams may be corrupted on some kernels (set net.mptcp.checksum_enabled=1)"
+            )
+
+    def _listen(self, protocol: str, address: str) -> None:
+        host, port = split_hostport(address)
+        if host == "localhost":
+            host = "127.0.0.1"
+        ip = ipaddress.ip_address(host)
+        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        sock, is_mptcp = create_socket(family, mptcp=True)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # "::" serves IPv4 clients too (as IPv4-mapped addresses, which policy unwraps).
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
+            sock.bind((host, port))
+            if self.config.listen.fastopen_queue > 0:
+                enable_fastopen_listener(sock, self.config.listen.fastopen_queue)
+            sock.listen(self.config.listen.backlog)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        bound = sock.getsockname()
+        self._listeners[protocol] = sock
+        self.listen_addresses[protocol] = (str(bound[0]), int(bound[1]))
+        self.listeners_mptcp[protocol] = is_mptcp
+        assert self._loop is not None
+        self._loop.add_reader(sock.fileno(), self._on_acceptable, sock, protocol)
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners.values():
+            if self._loop is not None:
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+        self._listening = False
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop accepting, let live connections finish for up to `timeout_s`, then close the rest.
+        Returns how many were closed by the deadline."""
+        self._draining = True
+        self.metrics.draining.set(1)
+        self._close_listeners()
+        log.info("draining", extra={"fields": {"live": len(self.table), "timeout_s": timeout_s}})
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout_s)
+            return 0
+        except TimeoutError:
+            return self._abort_all()
+
+    def _abort_all(self) -> int:
+        aborted = 0
+        for conn in self.table:
+            conn.relay.abort(CloseReason.DRAINED)
+            aborted += 1
+        for task in list(self._tasks):
+            task.cancel()
+        return aborted
+
+    async def stop(self) -> None:
+        """Close everything now."""
+        self._draining = True
+        self._close_listeners()
+        self._abort_all()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        self.pools.close()
+
+    # -- admin target --------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._listening and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def connections(self) -> list[dict[str, Any]]:
+        return self.connection_list()
+
+    def connection_list(self) -> list[dict[str, Any]]:
+        return [conn.describe() for conn in self.table]
+
+    def readiness(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "listening": self._listening,
+            "draining": self._draining,
+            "connections": len(self.table),
+            "mptcp_checksum": self.kernel_state.get("mptcp_checksum"),
+            "tcp_fastopen_server": self.kernel_state.get("tcp_fastopen_server"),
+            "relay_mode": self.relay_mode,
+        }
+
+    def render_metrics(self) -> bytes:
+        return self.metrics.render()
+
+    def request_drain(self) -> None:
+        if self.drain_requested is not None:
+            self.drain_requested()
+        elif self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self.drain(self.config.drain_timeout_s))
+
+    # -- accepting -----------------------------------------------------------------------------
+    def _on_acceptable(self, listener: socket.socket, protocol: str) -> None:
+        assert self._loop is not None
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: pause accepting briefly instead of spinning on the
+                    # still-readable listener.
+                    log.error("accept failed (%s): pausing accepts for 0.1 s", exc)
+                    fd = listener.fileno()
+                    self._loop.remove_reader(fd)
+                    self._loop.call_later(0.1, self._resume_accept, listener, protocol)
+                else:
+                    log.warning("accept failed: %s", exc)
+                return
+            task = self._loop.create_task(self._handle(sock, peer, protocol))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _resume_accept(self, listener: socket.socket, protocol: str) -> None:
+        if self._listening and listener.fileno() >= 0 and self._loop is not None:
+            self._loop.add_reader(listener.fileno(), self._on_acceptable, listener, protocol)
+
+    async def _handle(self, sock: socket.socket, peer: Any, protocol: str) -> None:
+        self.metrics.accepted.labels(protocol).inc()
+        self.metrics.handshaking.inc()
+        handed_over = False
+        client = ("?", 0)
+        try:
+            sock.setblocking(False)
+            set_nodelay(sock)
+            client = _client_of(peer)
+            if protocol == "convert":
+                handed_over = await self._convert(sock, client)
+            else:
+                handed_over = await self._socks5(sock, client)
+        except _HandshakeFailed:
+            pass
+        except asyncio.CancelledError:
+            self.metrics.handshake_errors.labels(protocol, "cancelled").inc()
+        except Exception as exc:  # noqa: BLE001 - never let one client take the proxy down
+            self.metrics.handshake_errors.labels(protocol, "internal").inc()
+            log.error(
+                "handshake failed unexpectedly: %r",
+                exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+                extra={"fields": {"protocol": protocol, "client": format_endpoint(*client)}},
+            )
+        finally:
+            self.metrics.handshaking.dec()
+            if not handed_over:
+                sock.close()
+
+    async def _read_message(
+        self, sock: socket.socket, length_of: Callable[[bytes], int], deadline: float
+    ) -> bytes:
+        """Read exactly one message whose length `length_of` reveals as its prefix arrives."""
+        loop = asyncio.get_running_loop()
+        buf = b""
+        limit = self.config.policy.max_handshake_bytes
+        async with asyncio.timeout_at(deadline):
+            while True:
+                need = length_of(buf)
+                if need > limit:
+                    raise _Oversize(f"handshake message of {need} bytes exceeds policy.max_handshake_bytes ({limit})")
+                if len(buf) >= need:
+                    return buf
+                chunk = await loop.sock_recv(sock, need - len(buf))
+                if not chunk:
+                    raise _ClientGone(f"client closed after {len(buf)} handshake bytes")
+                buf += chunk
+
+    async def _close_after_answer(self, sock: socket.socket) -> None:
+        """Half-close, discard what the client still sends (briefly), close (by the caller)."""
+        loop = asyncio.get_running_loop()
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(_REFUSAL_LINGER_S):
+                while await loop.sock_recv(sock, 4096):
+                    pass
+        except (TimeoutError, OSError):
+            pass
+
+    def _log_refusal(self, protocol: str, client: tuple[str, int], error: str, detail: str, **fields: Any) -> None:
+        log.info(
+            "refused: %s",
+            detail,
+            extra={"fields": {"protocol": protocol, "client": format_endpoint(*client), "error": error, **fields}},
+        )
+
+    # -- RFC 8803 Convert ----------------------------------------------------------------------
+    async def _convert_refuse(
+        self,
+        sock: socket.socket,
+        client: tuple[str, int],
+        code: ErrorCode,
+        detail: str,
+        value: bytes = b"",
+        refusal: Refusal | None = None,
+        **fields: Any,
+    ) -> None:
+        error = code.name.lower()
+        self.metrics.handshake_errors.labels("convert", error).inc()
+        if refusal is not None:
+            self.metrics.policy_refusals.labels(refusal.reason).inc()
+        self._log_refusal("convert", client, error, detail, code=int(code), **fields)
+        try:
+            await asyncio.get_running_loop().sock_sendall(sock, error_message(code, value))
+        except OSError:
+            return
+        await self._close_after_answer(sock)
+
+    async def _convert(self, sock: socket.socket, client: tuple[str, int]) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.policy.handshake_timeout_s
+        try:
+            raw = await self._read_message(sock, _convert_length, deadline)
+            message: ConvertMessage = decode_message(raw)
+            connect = validate_client_request(message)
+        except ConvertError as exc:
+            await self._convert_refuse(sock, client, exc.code, exc.detail)
+            return False
+        except _Oversize as exc:
+            await self._convert_refuse(sock, client, ErrorCode.MALFORMED_MESSAGE, str(exc))
+            return False
+        except TimeoutError:
+            self.metrics.handshake_errors.labels("convert", "timeout").inc()
+            self._log_refusal("convert", client, "timeout", "no complete Convert message in time")
+            return False
+        except (_ClientGone, OSError) as exc:
+            self.metrics.handshake_errors.labels("convert", "client_closed").inc()
+            log.debug("convert client %s gone: %s", format_endpoint(*client), exc)
+            return False
+
+        refusal = self.policy.check_client(client[0])
+        if refusal is not None:
+            await self._convert_refuse(sock, client, ErrorCode.NOT_AUTHORIZED, refusal.detail, refusal=refusal)
+            return False
+        refusal = self.policy.check_cookie(message.cookie.cookie if message.cookie is not None else None)
+        if refusal is not None:
+            await self._convert_refuse(sock, client, ErrorCode.MISSING_COOKIE, refusal.detail, refusal=refusal)
+            return False
+        wants_info = any(isinstance(tlv, InfoTLV) for tlv in message.tlvs)
+        if connect is None:
+            # Info only: say what we support and close; there is nothing to relay.
+            await loop.sock_sendall(sock, encode_message([SupportedTcpExtensionsTLV(SUPPORTED_TCP_OPTION_KINDS)]))
+            await self._close_after_answer(sock)
+            return False
+        return await self._convert_connect(sock, client, connect, wants_info)
+
+    async def _convert_connect(
+        self, sock: socket.socket, client: tuple[str, int], connect: ConnectTLV, wants_info: bool
+    ) -> bool:
+        loop = asyncio.get_running_loop()
+        dest = (str(connect.address), connect.port)
+        dest_text = format_endpoint(*dest)
+        refusal = self.policy.check_destination(connect.address, connect.port)
+        if refusal is not None:
+            await self._convert_refuse(
+                sock, client, ErrorCode.NOT_AUTHORIZED, refusal.detail, refusal=refusal, destination=dest_text
+            )
+            return False
+        option_error = _check_tcp_options(connect.tcp_options)
+        if option_error is not None:
+            await self._convert_refuse(sock, client, option_error.code, option_error.detail, destination=dest_text)
+            return False
+        refusal = self.policy.acquire(client[0])
+        if refusal is not None:
+            await self._convert_refuse(
+                sock, client, ErrorCode.RESOURCE_EXCEEDED, refusal.detail, refusal=refusal, destination=dest_text
+            )
+            return False
+        try:
+            upstream = await self._connect_upstream(dest)
+        except UpstreamError as exc:
+            self.policy.release(client[0])
+            await self._convert_refuse(
+                sock, client, exc.convert_code, exc.detail, exc.convert_value, destination=dest_text
+            )
+            return False
+        except BaseException:
+            self.policy.release(client[0])
+            raise
+        try:
+            tlvs: list[Any] = []
+            if wants_info:
+                tlvs.append(SupportedTcpExtensionsTLV(SUPPORTED_TCP_OPTION_KINDS))
+            header = _reconstruct_synack(upstream)
+            if header is not None:
+                tlvs.append(ExtendedTcpHeaderTLV(header))
+            await loop.sock_sendall(sock, encode_message(tlvs))
+        except BaseException as exc:
+            self.policy.release(client[0])
+            upstream.close()
+            if isinstance(exc, OSError):
+                self.metrics.handshake_errors.labels("convert", "client_closed").inc()
+                return False
+            raise
+        self._start_relay("convert", sock, upstream, client, dest)
+        return True
+
+    async def _connect_upstream(self, dest: tuple[str, int]) -> socket.socket:
+        started = time.monotonic()
+        try:
+            upstream = await connect_upstream(
+                dest[0], dest[1], self.config.upstream.protocol, self.config.upstream.connect_timeout_s
+            )
+        except UpstreamError as exc:
+            self.metrics.upstream_errors.labels(exc.reason).inc()
+            raise
+        self.metrics.upstream_latency.observe(time.monotonic() - started)
+        return upstream
+
+    # -- SOCKS5 --------------------------------------------------------------------------------
+    async def _socks5_refuse(
+        self,
+        sock: socket.socket,
+        client: tuple[str, int],
+        answer: bytes | None,
+        error: str,
+        detail: str,
+        refusal: Refusal | None = None,
+        **fields: Any,
+    ) -> None:
+        self.metrics.handshake_errors.labels("socks5", error).inc()
+        if refusal is not None:
+            self.metrics.policy_refusals.labels(refusal.reason).inc()
+        self._log_refusal("socks5", client, error, detail, **fields)
+        if answer is not None:
+            try:
+                await asyncio.get_running_loop().sock_sendall(sock, answer)
+            except OSError:
+                return
+        await self._close_after_answer(sock)
+
+    async def _socks5(self, sock: socket.socket, client: tuple[str, int]) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.policy.handshake_timeout_s
+        stage = "greeting"
+        try:
+            methods = parse_greeting(await self._read_message(sock, greeting_length, deadline))
+            if self.policy.socks5_auth_required:
+                if Method.USERNAME_PASSWORD not in methods:
+                    await self._socks5_refuse(
+                        sock, client, encode_method_selection(Method.NO_ACCEPTABLE), "no_acceptable_method",
+                        "client does not offer username/password authentication",
+                    )
+                    return False
+                await loop.sock_sendall(sock, encode_method_selection(Method.USERNAME_PASSWORD))
+                stage = "authentication"
+                username, password = parse_userpass(await self._read_message(sock, userpass_length, deadline))
+                refusal = self.policy.check_socks5_credentials(username, password)
+                if refusal is not None:
+                    await self._socks5_refuse(
+                        sock, client, encode_userpass_status(False), "auth_failed", refusal.detail, refusal=refusal
+                    )
+                    return False
+                await loop.sock_sendall(sock, encode_userpass_status(True))
+            else:
+                if Method.NO_AUTH not in methods:
+                    await self._socks5_refuse(
+                        sock, client, encode_method_selection(Method.NO_ACCEPTABLE), "no_acceptable_method",
+                        "client does not offer the no-authentication method",
+                    )
+                    return False
+                await loop.sock_sendall(sock, encode_method_selection(Method.NO_AUTH))
+            stage = "request"
+            request = parse_request(await self._read_message(sock, request_length, deadline))
+        except Socks5Error as exc:
+            answer = None if exc.reply is None or stage != "request" else encode_reply(exc.reply)
+            error = "protocol_error" if exc.reply is None else exc.reply.name.lower()
+            await self._socks5_refuse(sock, client, answer, error, f"{stage}: {exc.detail}")
+            return False
+        except _Oversize as exc:
+            answer = encode_reply(Reply.GENERAL_FAILURE) if stage == "request" else None
+            await self._socks5_refuse(sock, client, answer, "oversize", str(exc))
+            return False
+        except TimeoutError:
+            self.metrics.handshake_errors.labels("socks5", "timeout").inc()
+            self._log_refusal("socks5", client, "timeout", f"no complete SOCKS5 {stage} in time")
+            return False
+        except (_ClientGone, OSError) as exc:
+            self.metrics.handshake_errors.labels("socks5", "client_closed").inc()
+            log.debug("socks5 client %s gone during %s: %s", format_endpoint(*client), stage, exc)
+            return False
+
+        requested = request.host if isinstance(request.host, str) else None
+        refusal = self.policy.check_client(client[0])
+        if refusal is not None:
+            await self._socks5_refuse(
+                sock, client, encode_reply(Reply.NOT_ALLOWED), "not_allowed", refusal.detail, refusal=refusal
+            )
+            return False
+        candidates = await self._socks5_candidates(sock, client, request.host, request.port)
+        if candidates is None:
+            return False
+        refusal = self.policy.acquire(client[0])
+        if refusal is not None:
+            await self._socks5_refuse(
+                sock, client, encode_reply(Reply.NOT_ALLOWED), "not_allowed", refusal.detail, refusal=refusal
+            )
+            return False
+        upstream: socket.socket | None = None
+        last_error: UpstreamError | None = None
+        try:
+            for candidate in candidates:
+                try:
+                    upstream = await self._connect_upstream((str(candidate), request.port))
+                    dest = (str(candidate), request.port)
+                    break
+                except UpstreamError as exc:
+                    last_error = exc
+            if upstream is None:
+                assert last_error is not None
+                self.policy.release(client[0])
+                await self._socks5_refuse(
+                    sock, client, encode_reply(last_error.socks5_reply), last_error.socks5_reply.name.lower(),
+                    last_error.detail,
+                )
+                return False
+            bound = upstream.getsockname()
+            await loop.sock_sendall(sock, encode_reply(Reply.SUCCEEDED, ipaddress.ip_address(bound[0]), bound[1]))
+        except BaseException as exc:
+            if upstream is not None:
+                self.policy.release(client[0])
+                upstream.close()
+            if isinstance(exc, OSError):
+                self.metrics.handshake_errors.labels("socks5", "client_closed").inc()
+                return False
+            raise
+        self._start_relay("socks5", sock, upstream, client, dest, requested=requested)
+        return True
+
+    async def _socks5_candidates(
+        self, sock: socket.socket, client: tuple[str, int], host: IPAddress | str, port: int
+    ) -> list[IPAddress] | None:
+        """Destination addresses allowed by policy (a domain resolved without blocking the loop);
+        None if refused (already answered)."""
+        if isinstance(host, str):
+            try:
+                infos = await asyncio.wait_for(
+                    asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
+                    self.config.upstream.connect_timeout_s,
+                )
+            except (OSError, TimeoutError) as exc:
+                await self._socks5_refuse(
+                    sock, client, encode_reply(Reply.HOST_UNREACHABLE), "host_unreachable",
+                    f"cannot resolve {host!r}: {exc}",
+                )
+                return None
+            resolved: list[IPAddress] = []
+            for info in infos:
+                addr = normalize_address(str(info[4][0]))
+                if addr not in resolved:
+                    resolved.append(addr)
+        else:
+            resolved = [normalize_address(host)]
+        allowed: list[IPAddress] = []
+        first_refusal: Refusal | None = None
+        for addr in resolved:
+            refusal = self.policy.check_destination(addr, port)
+            if refusal is None:
+                allowed.append(addr)
+            elif first_refusal is None:
+                first_refusal = refusal
+        if not allowed:
+            assert first_refusal is not None
+            await self._socks5_refuse(
+                sock, client, encode_reply(Reply.NOT_ALLOWED), "not_allowed", first_refusal.detail,
+                refusal=first_refusal, destination=str(host),
+            )
+            return None
+        return allowed
+
+    # -- relaying ------------------------------------------------------------------------------
+    def _start_relay(
+        self,
+        mode: Mode,
+        client_sock: socket.socket,
+        upstream: socket.socket,
+        client: tuple[str, int],
+        dest: tuple[str, int],
+        requested: str | None = None,
+    ) -> None:
+        relay = Relay(
+            client_sock,
+            upstream,
+            mode=self.relay_mode,
+            idle_timeout_s=self.config.relay.idle_timeout_s,
+            pools=self.pools,
+        )
+        conn = Connection(self.table.next_id(), mode, client, dest, relay, requested=requested)
+        info = get_mptcp_info(client_sock)
+        conn.token = None if info is None or info.fallback else info.token_hex
+        self.table.add(conn)
+        self._empty.clear()
+        self.metrics.relays.labels(self.relay_mode).inc()
+        for observer in self.observers:
+            try:
+                observer.opened(conn)
+            except Exception:  # noqa: BLE001
+                log.exception("connection observer failed on open")
+        relay.done.add_done_callback(lambda _: self._relay_closed(conn))
+        relay.start()
+
+    def _relay_closed(self, conn: Connection) -> None:
+        reason = conn.relay.reason or CloseReason.ERROR
+        self.table.remove(conn)
+        self.policy.release(conn.client[0])
+        self.metrics.closed.labels(str(reason)).inc()
+        self.metrics.closed_bytes_up += conn.relay.bytes_up
+        self.metrics.closed_bytes_down += conn.relay.bytes_down
+        if len(self.table) == 0:
+            self._empty.set()
+        fields: dict[str, Any] = {
+            "id": conn.id,
+            "mode": conn.mode,
+            "client": format_endpoint(*conn.client),
+            "destination": format_endpoint(*conn.destination),
+            "token": conn.token,
+            "bytes_up": conn.relay.bytes_up,
+            "bytes_down": conn.relay.bytes_down,
+            "duration_s": round(time.monotonic() - conn.started_monotonic, 3),
+            "reason": str(reason),
+            "relay": "splice" if conn.relay.spliced else "buffered",
+        }
+        if conn.relay.error:
+            fields["error"] = conn.relay.error
+        log.info("connection closed", extra={"fields": fields})
+        for observer in self.observers:
+            try:
+                observer.closed(conn, str(reason))
+            except Exception:  # noqa: BLE001
+                log.exception("connection observer failed on close")
+
+
+def _tri(value: bool | None) -> int:
+    return -1 if value is None else int(value)
+
+
+# -- logging and main -------------------------------------------------------------------------------
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, plus `extra={"fields": {...}}`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict) and fields:
+            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return text
+
+
+def configure_logging(level: str, *, json_logs: bool | None = None) -> None:
+    """Logs go to stderr: JSON lines when stderr is not a terminal, readable text when it is."""
+    handler = logging.StreamHandler(sys.stderr)
+    if json_logs is None:
+        json_logs = not sys.stderr.isatty()
+    handler.setFormatter(
+        JsonFormatter() if json_logs else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -> int:
+    """Run a proxy until SIGTERM/SIGINT (or POST /drain); the process's exit status."""
+    loop = asyncio.get_running_loop()
+    proxy = Proxy(config)
+    try:
+        await proxy.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    if ready is not None:
+        ready()
+    drain_requested = asyncio.Event()
+    immediate = asyncio.Event()
+    exit_status = 0
+
+    def on_sigterm() -> None:
+        if drain_requested.is_set():
+            immediate.set()
+        else:
+            drain_requested.set()
+
+    def on_sigint() -> None:
+        nonlocal exit_status
+        exit_status = 130
+        immediate.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    proxy.drain_requested = drain_requested.set
+    try:
+        await _first_of(drain_requested.wait(), immediate.wait())
+        aborted = 0
+        if not immediate.is_set():
+            drain = asyncio.ensure_future(proxy.drain(config.drain_timeout_s))
+            await _first_of(drain, immediate.wait())
+            if drain.done():
+                aborted = drain.result()
+            else:
+                drain.cancel()
+        live = len(proxy.table)
+        await proxy.stop()
+        log.info(
+            "stopped",
+            extra={"fields": {"drained_in_time": not immediate.is_set() and aborted == 0,
+                              "closed_at_deadline": aborted, "closed_at_exit": live}},
+        )
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
+    return exit_status
+
+
+async def _first_of(*aws: Awaitable[Any]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mcpool proxy", description="Run the MPTCP concentrator proxy.")
+    parser.add_argument("--config", required=True, help="YAML configuration file (see config.py)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log_level")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    configure_logging(args.log_level or config.log_level)
+
+    def announce() -> None:
+        print(READY_LINE, flush=True)
+
+    return asyncio.run(run(config, ready=announce))

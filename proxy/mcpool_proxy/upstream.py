@@ -1,0 +1,128 @@
+"""Opening the proxy's connection to the destination server, over TCP or MPTCP, with a timeout.
+
+`loop.sock_connect()` cannot be used for MPTCP on this platform (glibc's getaddrinfo rejects
+protocol 262), so the socket comes from `mptcp.create_socket`, the address is already numeric,
+and the connect is a non-blocking `connect_ex` followed by waiting for writability and reading
+`SO_ERROR`.
+
+Failures raise `UpstreamError`, which carries the answer for each client protocol. The mapping,
+following RFC 8803 section 4.2.8 and RFC 1928 section 6:
+
+| what happened                                   | Convert error (value)           | SOCKS5 reply |
+|-------------------------------------------------|---------------------------------|--------------|
+| server answered the SYN with RST (ECONNREFUSED) | 96 Connection Reset             | 0x05 refused |
+| no route / ICMP net unreachable (ENETUNREACH)   | 97 Destination Unreachable (0)  | 0x03 network |
+| ICMP host unreachable (EHOSTUNREACH)            | 97 Destination Unreachable (1)  | 0x04 host    |
+| ICMP administratively prohibited (EACCES/EPERM) | 97 Destination Unreachable (13) | 0x02 ruleset |
+| no answer within connect_timeout_s (ETIMEDOUT)  | 65 Network Failure              | 0x04 host    |
+| anything else (ENOBUFS, EADDRNOTAVAIL, ...)     | 65 Network Failure              | 0x01 general |
+
+RFC 8803 asks the Destination Unreachable value to echo the ICMP code; the kernel reports only an
+errno, so the value is the ICMP code that errno stands for (0 net, 1 host, 13 prohibited). A
+silent timeout is not evidence of an unreachable destination (no ICMP arrived), hence Network
+Failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from dataclasses import dataclass
+
+from .convert import ErrorCode
+from .mptcp import create_socket
+from .policy import IPAddress, format_endpoint, normalize_address
+from .socks5 import Reply
+
+__all__ = ["UpstreamError", "connect_upstream", "classify_errno", "set_nodelay"]
+
+
+@dataclass
+class UpstreamError(Exception):
+    """The upstream connect failed; says what to answer in each client protocol."""
+
+    reason: str  # metric label: refused, network_unreachable, host_unreachable, prohibited, timeout, error
+    errno: int | None
+    convert_code: ErrorCode
+    convert_value: bytes
+    socks5_reply: Reply
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+def classify_errno(err: int | None, detail: str) -> UpstreamError:
+    """Map a connect errno (None: our own timeout) to the answers in the module docstring."""
+    if err == errno.ECONNREFUSED:
+        return UpstreamError("refused", err, ErrorCode.CONNECTION_RESET, b"", Reply.CONNECTION_REFUSED, detail)
+    if err == errno.ENETUNREACH:
+        return UpstreamError(
+            "network_unreachable", err, ErrorCode.DESTINATION_UNREACHABLE, b"\x00", Reply.NETWORK_UNREACHABLE, detail
+        )
+    if err == errno.EHOSTUNREACH:
+        return UpstreamError(
+            "host_unreachable", err, ErrorCode.DESTINATION_UNREACHABLE, b"\x01", Reply.HOST_UNREACHABLE, detail
+        )
+    if err in (errno.EACCES, errno.EPERM):
+        return UpstreamError(
+            "prohibited", err, ErrorCode.DESTINATION_UNREACHABLE, b"\x0d", Reply.NOT_ALLOWED, detail
+        )
+    if err is None or err == errno.ETIMEDOUT:
+        return UpstreamError("timeout", err, ErrorCode.NETWORK_FAILURE, b"", Reply.HOST_UNREACHABLE, detail)
+    return UpstreamError("error", err, ErrorCode.NETWORK_FAILURE, b"", Reply.GENERAL_FAILURE, detail)
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Disable Nagle: the relay forwards what it gets at once; batching is the endpoints' job.
+
+    MPTCP sockets accept TCP_NODELAY since 5.19 (applied to every subflow); older kernels refuse
+    it, which only costs latency, so errors are ignored.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+async def connect_upstream(
+    address: str | IPAddress, port: int, protocol: str, timeout_s: float
+) -> socket.socket:
+    """Connect to `address` (numeric; IPv4-mapped IPv6 is connected as IPv4) and return the
+    connected non-blocking socket. `protocol` is "tcp" or "mptcp" (TCP if the kernel lacks it;
+    the kernel itself falls back to TCP when the server does not answer MP_CAPABLE).
+    """
+    addr = normalize_address(address)
+    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    target = (str(addr), port)
+    sock, _ = create_socket(family, mptcp=(protocol == "mptcp"))
+    try:
+        sock.setblocking(False)
+        set_nodelay(sock)
+        err = sock.connect_ex(target)
+        if err in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN):
+            loop = asyncio.get_running_loop()
+            writable: asyncio.Future[None] = loop.create_future()
+            fd = sock.fileno()
+
+            def on_writable() -> None:
+                if not writable.done():
+                    writable.set_result(None)
+
+            loop.add_writer(fd, on_writable)
+            try:
+                await asyncio.wait_for(writable, timeout_s)
+            except TimeoutError:
+                raise classify_errno(
+                    None, f"connect to {format_endpoint(*target)} timed out after {timeout_s:g}s"
+                ) from None
+            finally:
+                loop.remove_writer(fd)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err != 0:
+            raise classify_errno(err, f"connect to {format_endpoint(*target)}: {errno.errorcode.get(err, err)} ({err})")
+        return sock
+    except BaseException:
+        sock.close()
+        raise

@@ -1,0 +1,88 @@
+"""Policy decisions: allowed clients, refused destinations (defaults, own addresses, extra CIDRs,
+IPv4-mapped IPv6), ports, cookies, SOCKS5 credentials and connection accounting."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from mcpool_proxy.config import PolicyConfig
+from mcpool_proxy.policy import Policy, local_addresses, normalize_address
+
+
+def make(**kwargs: object) -> Policy:
+    return Policy(PolicyConfig.model_validate(kwargs), own_addresses=["198.18.9.1", "2001:db8:9::1"])
+
+
+def test_clients_must_be_in_allowed_cpes() -> None:
+    policy = make(allowed_cpes=["198.18.0.0/24", "2001:db8:1::/48"])
+    assert policy.check_client("198.18.0.7") is None
+    assert policy.check_client("::ffff:198.18.0.7") is None  # dual-stack listener view
+    assert policy.check_client("2001:db8:1::5") is None
+    refusal = policy.check_client("198.18.1.7")
+    assert refusal is not None and refusal.reason == "client_not_allowed"
+    assert make().check_client("198.18.0.7") is not None  # default: nobody
+
+
+@pytest.mark.parametrize(
+    "dest",
+    [
+        "127.0.0.1", "127.1.2.3", "169.254.169.254", "0.0.0.0", "224.0.0.1", "::1", "::",
+        "fe80::1", "fd00:ec2::254", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
+        "198.18.9.1", "::ffff:198.18.9.1", "2001:db8:9::1", "10.96.0.1",
+    ],
+)
+def test_default_refused_destinations(dest: str) -> None:
+    policy = make(denied_destinations=["10.96.0.0/12"])
+    refusal = policy.check_destination(dest, 443)
+    assert refusal is not None and refusal.reason == "destination_denied"
+
+
+def test_allowed_destinations_and_ports() -> None:
+    policy = make(allowed_ports=[80, 443])
+    assert policy.check_destination("198.18.1.1", 443) is None
+    assert policy.check_destination(ipaddress.ip_address("2001:db8::1"), 80) is None
+    refusal = policy.check_destination("198.18.1.1", 22)
+    assert refusal is not None and refusal.reason == "port_not_allowed"
+
+
+def test_defaults_can_be_switched_off_for_labs() -> None:
+    policy = make(deny_default_destinations=False, denied_destinations=["127.0.0.3/32"])
+    assert policy.check_destination("127.0.0.1", 80) is None
+    assert policy.check_destination("198.18.9.1", 80) is None
+    assert policy.check_destination("::ffff:127.0.0.3", 80) is not None
+
+
+def test_limits_global_and_per_client() -> None:
+    policy = make(max_connections=3, max_connections_per_cpe=2)
+    assert policy.acquire("198.18.0.1") is None
+    assert policy.acquire("::ffff:198.18.0.1") is None  # same client
+    refusal = policy.acquire("198.18.0.1")
+    assert refusal is not None and refusal.reason == "cpe_limit"
+    assert policy.acquire("198.18.0.2") is None
+    refusal = policy.acquire("198.18.0.3")
+    assert refusal is not None and refusal.reason == "global_limit"
+    policy.release("198.18.0.1")
+    assert policy.connections_of("198.18.0.1") == 1
+    assert policy.acquire("198.18.0.3") is None
+    for client in ("198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.3"):
+        policy.release(client)
+    assert policy.active == 0 and policy.connections_of("198.18.0.3") == 0
+
+
+def test_cookies_and_credentials() -> None:
+    policy = make(cookies=["c0ffee"], socks5_users=[{"username": "u", "password": "p"}])
+    assert policy.check_cookie(bytes.fromhex("c0ffee")) is None
+    assert policy.check_cookie(bytes.fromhex("c0ffee00")) is None  # as padded on the wire
+    assert policy.check_cookie(None) is not None
+    assert policy.check_cookie(b"nope") is not None
+    assert make().check_cookie(None) is None
+    assert policy.check_socks5_credentials("u", "p") is None
+    assert policy.check_socks5_credentials("u", "x") is not None
+    assert policy.check_socks5_credentials("x", "p") is not None
+
+
+def test_normalize_and_local_addresses() -> None:
+    assert normalize_address("::ffff:10.0.0.1") == ipaddress.ip_address("10.0.0.1")
+    assert normalize_address("fe80::1%lo") == ipaddress.ip_address("fe80::1")
+    assert ipaddress.ip_address("127.0.0.1") in local_addresses()
