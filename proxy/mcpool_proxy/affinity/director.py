@@ -1,0 +1,457 @@
+"""The director (`mcpool director --config FILE`): steers every subflow of a connection to its pod.
+
+It owns the pool's virtual IP in its network namespace (it is the VIP's next hop), and decides
+only SYNs: an initial SYN goes to a ready pod by rendezvous hashing of the CPE address (a CPE the
+table already maps keeps its pod); an MP_JOIN SYN goes to the pod that registered its token.
+nftables hands the SYNs to NFQUEUE; the verdict carries the pod's mark, nftables remembers the
+flow, and every later packet is forwarded in the kernel (see kernel.py for the packet path).
+
+The decision reads a local copy of the affinity table (`table.AffinityTable`) kept current by
+the registry's pub/sub events and a periodic full read of Redis. Redis unreachable: the last
+table stays in force, SYNs keep being decided, and the feed reconnects with backoff. This module
+must never crash on Redis or on a malformed packet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..config import ConfigError, HostPort, split_hostport
+from . import kernel
+from .keys import KeySchema
+from .packet import Syn, parse_syn
+from .redisconn import REDIS_ERRORS, Backoff, open_redis
+from .table import AffinityTable, Decision, PodEntry, decide
+
+__all__ = ["Director", "DirectorConfig", "DirectorMetrics", "load_director_config", "main"]
+
+log = logging.getLogger("mcpool.director")
+
+# Bytes of each queued packet copied to userspace: IPv6 header (40) + the largest TCP header (60).
+QUEUE_COPY_BYTES = 128
+
+
+class DirectorConfig(BaseModel):
+    """Configuration of one director (YAML, `mcpool director --config FILE`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vip: str = Field(description="The pool's virtual IP (IPv4 or IPv6) whose SYNs this director steers.")
+    ports: list[int] = Field(min_length=1, description="TCP ports of the VIP to steer (the proxy's listeners).")
+    redis_url: str = Field(description="redis://[:password@]host:port/db of the pool's affinity table.")
+    pool: str = Field(default="default", min_length=1, max_length=63, description="Pool name (key prefix).")
+    queue_num: int = Field(default=4242, ge=0, le=65535, description="NFQUEUE number the SYNs go to.")
+    queue_max_len: int = Field(default=4096, ge=16, description="SYNs the kernel holds for us at most.")
+    mark_base: int = Field(
+        default=0x4D430000,
+        description="Packet marks used: mark_base|1 and |2 queue SYNs, mark_base|slot<<8 names a pod. "
+        "Low 16 bits must be 0; pick a value no other component of the node uses.",
+    )
+    join_wait_ms: int = Field(
+        default=50,
+        ge=0,
+        le=2000,
+        description="How long an MP_JOIN whose token is unknown is held waiting for its owner to "
+        "register it, before it is dropped (the client retransmits the SYN about 1 s later).",
+    )
+    forward: Literal["vxlan", "dnat"] = Field(
+        default="vxlan",
+        description="'vxlan': encapsulate to the pod, VIP on the pod's lo, direct server return "
+        "(production). 'dnat': NAT to the pod address; correct only when replies pass the director.",
+    )
+    vxlan_port: int = Field(default=4789, ge=1, le=65535, description="UDP port of the VXLAN tunnels.")
+    vxlan_vni_base: int = Field(default=7700, ge=1, le=0xFFFF00, description="VNI = base + pod slot.")
+    tunnel_mtu: int = Field(
+        default=1450,
+        ge=1280,
+        le=9000,
+        description="MTU of the tunnel to each pod; the underlay must carry tunnel_mtu + 50 bytes.",
+    )
+    pod_mac: str = Field(
+        default="02:6d:63:70:00:01",
+        description="MAC address of every pod's VXLAN receive device (kernel.setup_pod_receive).",
+    )
+    route_table_base: int = Field(default=4300, ge=1, le=2**31 - 300, description="Table = base + slot.")
+    flow_idle_timeout_s: int = Field(
+        default=3600, ge=10, description="A subflow idle this long is forgotten by the kernel flow map."
+    )
+    resync_interval_s: float = Field(default=2.0, gt=0, description="Full read of the table from Redis.")
+    redis_timeout_s: float = Field(default=0.5, gt=0, description="Timeout of one Redis operation.")
+    pod_grace_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="Keep forwarding to a pod that left the table for this long (its live flows).",
+    )
+    metrics_listen: HostPort | None = Field(
+        default="127.0.0.1:9091", description="Prometheus /metrics address; null disables it."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("vip")
+    @classmethod
+    def _vip(cls, value: str) -> str:
+        return str(ipaddress.ip_address(value))
+
+    @model_validator(mode="after")
+    def _marks(self) -> DirectorConfig:
+        if self.mark_base & 0xFFFF or not self.mark_base:
+            raise ValueError("mark_base must be non-zero with its low 16 bits clear, e.g. 0x4d430000")
+        return self
+
+
+def load_director_config(path: str | Path) -> DirectorConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return DirectorConfig.model_validate(data)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"invalid director configuration in {path}: {exc}") from None
+
+
+class DirectorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.decisions = Counter(
+            "mcpool_director_decisions",
+            "Steering decisions by outcome (hashed, cpe_hit, token_hit, token_hit_after_wait, "
+            "token_miss_after_wait, collision, no_ready_pod, pod_not_plumbed, unparsable, error).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.table_size = Gauge(
+            "mcpool_director_table_entries",
+            "Entries of the local affinity table by kind (pods, ready_pods, tokens, cpes).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.redis_errors = Counter(
+            "mcpool_director_redis_errors", "Failed Redis operations.", registry=self.registry
+        )
+        self.redis_up = Gauge("mcpool_director_redis_up", "1 while the feed reaches Redis.", registry=self.registry)
+        self.decision_seconds = Histogram(
+            "mcpool_director_decision_seconds",
+            "Time from reading a SYN from the queue to its verdict (includes join waits).",
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.resyncs = Counter(
+            "mcpool_director_resyncs", "Full reads of the table from Redis.", registry=self.registry
+        )
+
+
+class Director:
+    """Runs the queue consumer, the Redis feed and the kernel plumbing in one asyncio loop."""
+
+    def __init__(self, config: DirectorConfig, metrics: DirectorMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else DirectorMetrics()
+        self.table = AffinityTable()
+        self.keys = KeySchema(config.pool)
+        self.slots: dict[str, tuple[int, str]] = {}  # pod -> (slot, address) with plumbing in place
+        self._departed: dict[str, float] = {}  # pod -> monotonic time it left the table
+        self._plumbed_version = -1
+        self._plumbing_changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: Any = None
+        self._redis_up = True  # optimistic, so the first failure is logged
+
+    # -- decisions (the hot path: one call per SYN) --------------------------------------------
+
+    def _on_packet(self, packet: Any) -> None:
+        started = time.perf_counter()
+        try:
+            syn = parse_syn(packet.get_payload())
+            if syn is None:
+                self._verdict(packet, Decision("no_ready_pod", None), started, "unparsable")
+                return
+            decision = decide(syn, self.table)
+            if decision.final:
+                self._verdict(packet, decision, started)
+                return
+            packet.retain()
+            self._spawn(self._wait_and_verdict(packet, syn, started))
+        except Exception:  # a bug here must cost one SYN, never the director
+            log.exception("steering a SYN failed; dropping it")
+            self._verdict(packet, Decision("no_ready_pod", None), started, "error")
+
+    async def _wait_and_verdict(self, packet: Any, syn: Syn, started: float) -> None:
+        assert syn.join_token is not None
+        await self.table.wait_for_token(syn.join_token, self.config.join_wait_ms / 1000)
+        self._verdict(packet, decide(syn, self.table, waited=True), started)
+
+    def _verdict(self, packet: Any, decision: Decision, started: float, label: str | None = None) -> None:
+        outcome = label or decision.outcome
+        slot = self.slots.get(decision.pod) if decision.pod is not None else None
+        try:
+            if slot is not None:
+                packet.set_mark(kernel.slot_mark(self.config.mark_base, slot[0]))
+                packet.accept()
+            else:
+                if decision.pod is not None:
+                    outcome = "pod_not_plumbed"  # in the table, tunnel not built yet: retry
+                packet.drop()
+        except (RuntimeError, OSError) as exc:  # queue gone (shutting down)
+            log.debug("verdict failed: %r", exc)
+        self.metrics.decisions.labels(outcome).inc()
+        self.metrics.decision_seconds.observe(time.perf_counter() - started)
+
+    # -- the table feed -------------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        redis = open_redis(self.config.redis_url, self.config.redis_timeout_s)
+        backoff = Backoff()
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                pubsub = redis.pubsub()
+                try:
+                    await asyncio.wait_for(pubsub.subscribe(self.keys.events), self.config.redis_timeout_s)
+                    # Subscribe first, then read: no event can fall between the two.
+                    await self._resync(redis)
+                    self._redis_up = True
+                    self.metrics.redis_up.set(1)
+                    backoff.reset()
+                    next_resync = loop.time() + self.config.resync_interval_s
+                    while True:
+                        wait = max(0.0, min(1.0, next_resync - loop.time()))
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+                        if message is not None and message.get("type") == "message":
+                            self._apply(message["data"])
+                        if loop.time() >= next_resync:
+                            await self._resync(redis)
+                            next_resync = loop.time() + self.config.resync_interval_s
+                except REDIS_ERRORS as exc:
+                    if self._redis_up:  # log once per outage
+                        log.warning("redis unreachable (%r): keeping the last table, retrying", exc)
+                    self._redis_up = False
+                    self.metrics.redis_up.set(0)
+                    self.metrics.redis_errors.inc()
+                    await asyncio.sleep(backoff.next_delay_s())
+                finally:
+                    with contextlib.suppress(*REDIS_ERRORS):
+                        await asyncio.wait_for(pubsub.aclose(), self.config.redis_timeout_s)  # type: ignore[no-untyped-call]
+        finally:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await redis.aclose()
+
+    def _apply(self, data: str) -> None:
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(event, dict):
+            self.table.apply_event(event)
+            self._table_changed()
+
+    async def _resync(self, redis: Any) -> None:
+        timeout = self.config.redis_timeout_s * 8
+        pods: dict[str, PodEntry] = {}
+        pod_keys = [k async for k in redis.scan_iter(match=self.keys.pod_pattern, count=1000)]
+        if pod_keys:
+            async with redis.pipeline(transaction=False) as pipe:
+                for key in pod_keys:
+                    pipe.hgetall(key)
+                replies = await asyncio.wait_for(pipe.execute(), timeout)
+            for key, fields in zip(pod_keys, replies, strict=True):
+                if fields:
+                    name = self.keys.suffix(key, "pod")
+                    pods[name] = PodEntry(name, fields.get("addr", ""), fields.get("state", "ready"))
+        tokens = {
+            int(self.keys.suffix(k, "token"), 16): v
+            for k, v in (await self._read_all(redis, self.keys.token_pattern, timeout)).items()
+        }
+        cpes = {self.keys.suffix(k, "cpe"): v for k, v in (await self._read_all(redis, self.keys.cpe_pattern, timeout)).items()}
+        self.table.replace(pods, tokens, cpes)
+        self.metrics.resyncs.inc()
+        self._table_changed()
+
+    @staticmethod
+    async def _read_all(redis: Any, pattern: str, op_timeout_s: float) -> dict[str, str]:
+        keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
+        out: dict[str, str] = {}
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            values = await asyncio.wait_for(redis.mget(chunk), op_timeout_s)
+            out.update({k: v for k, v in zip(chunk, values, strict=True) if v is not None})
+        return out
+
+    def _table_changed(self) -> None:
+        t = self.table
+        self.metrics.table_size.labels("pods").set(len(t.pods))
+        self.metrics.table_size.labels("ready_pods").set(len(t.ready_pods()))
+        self.metrics.table_size.labels("tokens").set(len(t.tokens))
+        self.metrics.table_size.labels("cpes").set(len(t.cpes))
+        if t.version != self._plumbed_version:
+            self._plumbing_changed.set()
+
+    # -- kernel plumbing that follows the pod set -----------------------------------------------
+
+    async def _plumbing(self) -> None:
+        while True:
+            await self._plumbing_changed.wait()
+            self._plumbing_changed.clear()
+            version = self.table.version
+            wanted = {name: entry.addr for name, entry in self.table.pods.items() if entry.addr}
+            try:
+                # Commands take milliseconds: run them off the loop so SYNs keep being decided.
+                departed = await asyncio.to_thread(self._reconcile_slots, wanted)
+            except (RuntimeError, OSError) as exc:
+                log.error("cannot update forwarding to pods: %s", exc)
+                await asyncio.sleep(1.0)
+                self._plumbing_changed.set()
+                continue
+            self._plumbed_version = version
+            if departed:
+                # Come back when a departed pod's grace period has ended.
+                self._spawn(self._wake_later(self.config.pod_grace_s))
+
+    def _reconcile_slots(self, wanted: dict[str, str]) -> bool:
+        """Give each pod in `wanted` (name -> address) a slot with forwarding; return whether
+        departed pods are still within their grace period."""
+        cfg = self.config
+        now = time.monotonic()
+        for name in list(self.slots):
+            if name in wanted:
+                self._departed.pop(name, None)
+                continue
+            left = self._departed.setdefault(name, now)
+            if now - left >= cfg.pod_grace_s:
+                slot, _ = self.slots.pop(name)
+                del self._departed[name]
+                kernel.remove_slot(slot, vip=cfg.vip, mark_base=cfg.mark_base, forward=cfg.forward,
+                                   route_table_base=cfg.route_table_base)  # fmt: skip
+                log.info("pod %s gone for %.0fs: released slot %d", name, cfg.pod_grace_s, slot)
+        used = {slot for slot, _ in self.slots.values()}
+        for name, addr in wanted.items():
+            current = self.slots.get(name)
+            if current is not None and current[1] == addr:
+                continue
+            slot = current[0] if current is not None else next(
+                (s for s in range(1, kernel.MAX_SLOTS + 1) if s not in used), 0
+            )
+            if not slot:
+                log.error("more than %d pods: %s gets no slot", kernel.MAX_SLOTS, name)
+                continue
+            kernel.add_slot(
+                slot, addr, vip=cfg.vip, mark_base=cfg.mark_base, forward=cfg.forward,
+                route_table_base=cfg.route_table_base, vxlan_port=cfg.vxlan_port,
+                vxlan_vni_base=cfg.vxlan_vni_base, tunnel_mtu=cfg.tunnel_mtu, pod_mac=cfg.pod_mac,
+            )  # fmt: skip
+            used.add(slot)
+            self.slots[name] = (slot, addr)
+            log.info("pod %s (%s) on slot %d", name, addr, slot)
+        return bool(self._departed)
+
+    async def _wake_later(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        self._plumbing_changed.set()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def install(self) -> None:
+        cfg = self.config
+        kernel.install_director(cfg.vip, cfg.ports, cfg.mark_base, cfg.queue_num, cfg.forward, cfg.flow_idle_timeout_s)
+
+    def cleanup(self) -> None:
+        cfg = self.config
+        kernel.remove_director(cfg.vip, cfg.mark_base, cfg.queue_num, cfg.route_table_base)
+
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Install the kernel side, consume the queue and follow the table until cancelled."""
+        from netfilterqueue import COPY_PACKET, NetfilterQueue
+
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.install)
+        family = 10 if ipaddress.ip_address(self.config.vip).version == 6 else 2
+        queue = NetfilterQueue(af=family)
+        queue.bind(self.config.queue_num, self._on_packet, max_len=self.config.queue_max_len,
+                   mode=COPY_PACKET, range=QUEUE_COPY_BYTES)  # fmt: skip
+        self._queue = queue
+        fd = queue.get_fd()
+        self._loop.add_reader(fd, self._drain_queue)
+        self._spawn(self._feed())
+        self._spawn(self._plumbing())
+        log.info(
+            "director for %s ports %s: queue %d, forward %s, redis %s pool %s",
+            self.config.vip, self.config.ports, self.config.queue_num, self.config.forward,
+            self.config.redis_url, self.config.pool,
+        )  # fmt: skip
+        if ready is not None:
+            ready()
+        try:
+            await asyncio.Future()  # until cancelled
+        finally:
+            self._loop.remove_reader(fd)
+            for task in list(self._tasks):
+                task.cancel()
+            for task in list(self._tasks):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            queue.unbind()
+
+    def _drain_queue(self) -> None:
+        try:
+            self._queue.run(block=False)
+        except OSError as exc:
+            log.warning("reading the queue failed: %r", exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mcpool director", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="director configuration (YAML)")
+    parser.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove the director's nftables table, queue rule and tunnels at exit "
+        "(by default they stay, so a restart keeps live subflows flowing)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = load_director_config(args.config)
+    except ConfigError as exc:
+        print(exc)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    director = Director(config)
+    if config.metrics_listen is not None:
+        host, port = split_hostport(config.metrics_listen)
+        start_http_server(port, addr=host, registry=director.metrics.registry)
+
+    async def _run() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await director.run(ready=lambda: print("director ready", flush=True))
+
+    try:
+        asyncio.run(_run())
+    finally:
+        if args.cleanup:
+            director.cleanup()
+    return 0

@@ -1,0 +1,271 @@
+"""The kernel's MPTCP path-manager events (generic netlink `mptcp_pm`), as an async iterator.
+
+Why: a pod must publish a connection's token before the client's MP_JOIN reaches the director.
+userspace `accept()` (and MPTCP_INFO after it) can come later than the join, so the token is
+taken from the kernel's `MPTCP_EVENT_CREATED`, multicast on the `mptcp_pm_events` group of the
+pod's network namespace as soon as the kernel creates the connection (the server side emits it
+when the third ACK creates the child socket, kernel >= 5.12; `MPTCP_ATTR_SERVER_SIDE` since 5.19).
+
+The generic netlink plumbing is a few lines over a raw socket, kept here rather than on
+pyroute2's socket classes: pyroute2 0.9's `mptcp` module has endpoint/limit commands but no event
+decoding, and a raw non-blocking socket integrates with asyncio with no helper thread. Parsing is
+pure (`parse_messages`) and tested on its own. Needs CAP_NET_ADMIN in the namespace (the group is
+GENL_MCAST_CAP_NET_ADMIN since 6.7). If events are lost (ENOBUFS on overflow), the registry still
+learns the token when the server registers the accepted socket (idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Collection, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .registry import AffinityRegistry
+
+__all__ = [
+    "MptcpEvent",
+    "MptcpEventListener",
+    "parse_messages",
+    "publish_tokens",
+    "EVENT_NAMES",
+]
+
+log = logging.getLogger("mcpool.affinity.events")
+
+NETLINK_GENERIC = 16
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID = 1
+CTRL_ATTR_FAMILY_NAME = 2
+CTRL_ATTR_MCAST_GROUPS = 7
+CTRL_ATTR_MCAST_GRP_NAME = 1
+CTRL_ATTR_MCAST_GRP_ID = 2
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 1
+NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
+
+MPTCP_GENL_NAME = "mptcp_pm"
+MPTCP_GENL_EV_GRP_NAME = "mptcp_pm_events"
+
+# include/uapi/linux/mptcp_pm.h
+EVENT_NAMES: dict[int, str] = {
+    1: "created",
+    2: "established",
+    3: "closed",
+    6: "announced",
+    7: "removed",
+    10: "sub_established",
+    11: "sub_closed",
+    13: "sub_priority",
+    15: "listener_created",
+    16: "listener_closed",
+}
+ATTR_TOKEN = 1
+ATTR_FAMILY = 2
+ATTR_SADDR4 = 5
+ATTR_SADDR6 = 6
+ATTR_DADDR4 = 7
+ATTR_DADDR6 = 8
+ATTR_SPORT = 9
+ATTR_DPORT = 10
+ATTR_SERVER_SIDE = 18
+
+_NLMSGHDR = struct.Struct("=IHHII")
+_GENLHDR = struct.Struct("=BBH")
+_NLA = struct.Struct("=HH")
+
+
+@dataclass(frozen=True, slots=True)
+class MptcpEvent:
+    """One path-manager event. Addresses are from the kernel's view: `saddr`/`sport` local,
+    `daddr`/`dport` remote (on a pod: the VIP and the CPE)."""
+
+    kind: str
+    token: int | None
+    saddr: str | None = None
+    daddr: str | None = None
+    sport: int | None = None
+    dport: int | None = None
+    server_side: bool | None = None
+
+
+def _attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
+    i = 0
+    while i + _NLA.size <= len(data):
+        length, kind = _NLA.unpack_from(data, i)
+        if length < _NLA.size or i + length > len(data):
+            return
+        yield kind & NLA_TYPE_MASK, data[i + _NLA.size : i + length]
+        i += (length + 3) & ~3
+
+
+def _decode_event(cmd: int, payload: bytes) -> MptcpEvent:
+    fields: dict[str, object] = {}
+    token: int | None = None
+    for kind, value in _attrs(payload):
+        if kind == ATTR_TOKEN and len(value) >= 4:
+            token = struct.unpack_from("=I", value)[0]
+        elif kind in (ATTR_SADDR4, ATTR_DADDR4) and len(value) >= 4:
+            name = "saddr" if kind == ATTR_SADDR4 else "daddr"
+            fields[name] = str(ipaddress.IPv4Address(value[:4]))
+        elif kind in (ATTR_SADDR6, ATTR_DADDR6) and len(value) >= 16:
+            name = "saddr" if kind == ATTR_SADDR6 else "daddr"
+            addr = ipaddress.IPv6Address(value[:16])
+            fields[name] = str(addr.ipv4_mapped or addr)
+        elif kind in (ATTR_SPORT, ATTR_DPORT) and len(value) >= 2:
+            fields["sport" if kind == ATTR_SPORT else "dport"] = struct.unpack_from("!H", value)[0]
+        elif kind == ATTR_SERVER_SIDE and value:
+            fields["server_side"] = bool(value[0])
+    return MptcpEvent(kind=EVENT_NAMES.get(cmd, f"event{cmd}"), token=token, **fields)  # type: ignore[arg-type]
+
+
+def parse_messages(data: bytes, family_id: int) -> list[MptcpEvent]:
+    """Decode the MPTCP events in one netlink datagram (other message types are skipped)."""
+    events: list[MptcpEvent] = []
+    i = 0
+    while i + _NLMSGHDR.size <= len(data):
+        length, msg_type, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, i)
+        if length < _NLMSGHDR.size or i + length > len(data):
+            break
+        if msg_type == family_id and length >= _NLMSGHDR.size + _GENLHDR.size:
+            cmd = data[i + _NLMSGHDR.size]
+            body = data[i + _NLMSGHDR.size + _GENLHDR.size : i + length]
+            events.append(_decode_event(cmd, body))
+        i += (length + 3) & ~3
+    return events
+
+
+def _nla(kind: int, value: bytes) -> bytes:
+    raw = _NLA.pack(_NLA.size + len(value), kind) + value
+    return raw + b"\0" * ((-len(raw)) % 4)
+
+
+def _resolve_family(sock: socket.socket, name: str) -> tuple[int, dict[str, int]]:
+    """CTRL_CMD_GETFAMILY: the family's id and its multicast groups (name -> id)."""
+    body = _GENLHDR.pack(CTRL_CMD_GETFAMILY, 1, 0) + _nla(CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0")
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), GENL_ID_CTRL, NLM_F_REQUEST, 1, 0) + body)
+    data = sock.recv(65536)
+    length, msg_type, _f, _s, _p = _NLMSGHDR.unpack_from(data, 0)
+    if msg_type == NLMSG_ERROR:
+        code = -struct.unpack_from("=i", data, _NLMSGHDR.size)[0]
+        raise OSError(code, f"generic netlink family {name!r}: {os.strerror(code)} (kernel without MPTCP?)")
+    family_id = -1
+    groups: dict[str, int] = {}
+    for kind, value in _attrs(data[_NLMSGHDR.size + _GENLHDR.size : length]):
+        if kind == CTRL_ATTR_FAMILY_ID:
+            family_id = struct.unpack_from("=H", value)[0]
+        elif kind == CTRL_ATTR_MCAST_GROUPS:
+            for _index, group in _attrs(value):
+                group_attrs = dict(_attrs(group))
+                gname = group_attrs.get(CTRL_ATTR_MCAST_GRP_NAME, b"").rstrip(b"\0").decode()
+                gid = group_attrs.get(CTRL_ATTR_MCAST_GRP_ID)
+                if gname and gid is not None:
+                    groups[gname] = struct.unpack_from("=I", gid)[0]
+    if family_id < 0:
+        raise OSError(errno.ENOENT, f"generic netlink family {name!r} has no id")
+    return family_id, groups
+
+
+class MptcpEventListener:
+    """Subscribe to the current network namespace's MPTCP events; iterate with `async for`.
+
+    ```
+    listener = MptcpEventListener()
+    listener.open()              # raises OSError if the kernel has no mptcp_pm family
+    async for event in listener: ...
+    listener.close()
+    ```
+    """
+
+    def __init__(self, rcvbuf_bytes: int = 4 * 1024 * 1024) -> None:
+        self.rcvbuf_bytes = rcvbuf_bytes
+        self.lost_batches = 0  # ENOBUFS: the kernel dropped events because we were slow
+        self._sock: socket.socket | None = None
+        self._family_id = -1
+
+    def open(self) -> None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+        try:
+            sock.bind((0, 0))
+            self._family_id, groups = _resolve_family(sock, MPTCP_GENL_NAME)
+            if MPTCP_GENL_EV_GRP_NAME not in groups:
+                raise OSError(errno.ENOENT, f"{MPTCP_GENL_NAME} has no {MPTCP_GENL_EV_GRP_NAME} group")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf_bytes)
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, groups[MPTCP_GENL_EV_GRP_NAME])
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> MptcpEventListener:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> AsyncIterator[MptcpEvent]:
+        return self.events()
+
+    async def events(self) -> AsyncIterator[MptcpEvent]:
+        if self._sock is None:
+            self.open()
+        sock = self._sock
+        assert sock is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                data = await loop.sock_recv(sock, 65536)
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.lost_batches += 1
+                    log.warning("MPTCP events lost (receive buffer overflow)")
+                    continue
+                raise
+            for event in parse_messages(data, self._family_id):
+                yield event
+
+
+async def publish_tokens(
+    registry: AffinityRegistry,
+    listener: MptcpEventListener,
+    local_ports: Collection[int] | None = None,
+) -> None:
+    """Run forever: register each server-side MPTCP connection as the kernel creates it, and
+    unregister it when the kernel closes it.
+
+    `local_ports` limits this to connections accepted on those ports (the proxy's listeners);
+    client-side connections (the pod's own upstream MPTCP) are never registered.
+    """
+    mine: set[int] = set()
+    async for event in listener:
+        if event.token is None:
+            continue
+        if event.kind == "created":
+            # Client-side connections (no SERVER_SIDE attribute) are the pod's own, not owned.
+            if not event.server_side or event.daddr is None:
+                continue
+            if local_ports is not None and event.sport not in local_ports:
+                continue
+            mine.add(event.token)
+            await registry.register_connection(event.token, event.daddr)
+        elif event.kind == "closed" and event.token in mine:
+            mine.discard(event.token)
+            await registry.unregister_connection(event.token)
