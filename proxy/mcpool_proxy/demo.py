@@ -1,0 +1,247 @@
+"""`mcpool demo` (what `make demo` runs, as root): a CPE bonds DSL and LTE through the proxy and
+survives losing DSL mid-transfer, with every byte verified.
+
+It builds the lab (lab.py) with shaped access links so each link's share is visible, starts
+`mcpool proxy` in the MCP namespace and the test server in the server namespace, then downloads
+from the CPE through the RFC 8803 converter with the project's Convert client library. A live
+display shows each subflow (the client's kernel view via MPTCP_SUBFLOW_ADDRS/TCPINFO, and the
+proxy's `/connections`), the DSL link is cut part-way, the rest arrives over LTE, and the content
+is checked against the server's deterministic stream (sha256). Exit code 0 only when verified.
+Everything is torn down on success, failure, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from mcpool_proxy.lab import Lab, LinkShaping, ProxyProcess, Topology
+from mcpool_proxy.testserver import PatternReader, pattern_sha256
+
+__all__ = ["main", "run_demo"]
+
+CONVERT_PORT = 5124
+SERVER_PORT = 8000
+SEED = 20
+
+
+@dataclass
+class Transfer:
+    """State of the download, shared between the receiving thread and the display."""
+
+    size: int
+    reader: PatternReader = field(default_factory=PatternReader)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+def _receive(sock: socket.socket, transfer: Transfer, initial: bytes) -> None:
+    try:
+        transfer.reader.update(initial)
+        buf = bytearray(262_144)
+        view = memoryview(buf)
+        while True:
+            got = sock.recv_into(buf)
+            if not got:
+                break
+            transfer.reader.update(view[:got])
+    except BaseException as exc:  # reported by the main thread
+        transfer.error = exc
+    finally:
+        transfer.done.set()
+
+
+class Display:
+    """Redraws a block in place on a terminal; prints one line per second otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self._lines_drawn = 0
+        self._last_plain = 0.0
+
+    def show(self, lines: list[str], force: bool = False) -> None:
+        if self.tty:
+            if self._lines_drawn:
+                sys.stdout.write(f"\x1b[{self._lines_drawn}F\x1b[J")
+            # Lines that wrap would break the cursor-up count: cut them to the terminal width.
+            width = shutil.get_terminal_size().columns
+            sys.stdout.write("\n".join(line[:width - 1] for line in lines) + "\n")
+            self._lines_drawn = len(lines)
+        else:
+            now = time.monotonic()
+            if not force and now - self._last_plain < 1.0:
+                return
+            self._last_plain = now
+            sys.stdout.write(" | ".join(lines) + "\n")
+        sys.stdout.flush()
+
+    def say(self, text: str) -> None:
+        """A permanent line above the live block."""
+        if self.tty and self._lines_drawn:
+            sys.stdout.write(f"\x1b[{self._lines_drawn}F\x1b[J")
+            self._lines_drawn = 0
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
+def _link_of(lab: Lab, addr: str) -> str:
+    host = addr.rsplit(":", 1)[0].strip("[]")
+    host = host.removeprefix("::ffff:")
+    for link in lab.links.values():
+        if host in (link.cpe_ip, link.cpe_ip6):
+            return link.name
+    return "?"
+
+
+def _fmt_addr(addr: Any) -> str:
+    if isinstance(addr, tuple | list) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+def _mbit(nbytes: float, seconds: float) -> float:
+    return nbytes * 8 / seconds / 1e6 if seconds > 0 else 0.0
+
+
+def run_demo(prefix: str, size: int, cut_fraction: float, dsl: LinkShaping, lte: LinkShaping,
+             timeout_s: float) -> bool:
+    # Imported here so `mcpool demo --help` works even before the client module is importable.
+    from mcpool_proxy.client import convert_connect
+    from mcpool_proxy.mptcp import get_mptcp_info, get_subflows
+
+    display = Display()
+    lab = Lab(Topology(prefix=prefix, shaping={"dsl": dsl, "lte": lte}))
+    sock: socket.socket | None = None
+    try:
+        display.say(f"building lab '{prefix}': CPE with dsl ({dsl.rate_mbit} Mbit/s, {dsl.delay_ms} ms) "
+                    f"and lte ({lte.rate_mbit} Mbit/s, {lte.delay_ms} ms), router, MCP, server")
+        lab.up()
+        proxy: ProxyProcess = lab.start_proxy({
+            "listen": {"convert": f"[::]:{CONVERT_PORT}"},
+            "admin": "127.0.0.1:9090",
+            "policy": {"allowed_cpes": lab.cpe_prefixes},
+            # Teardown should not wait for a drain: the demo ends its own connection first.
+            "drain_timeout_s": 1,
+        })
+        lab.start_testserver(f"[::]:{SERVER_PORT}")
+        display.say(f"proxy ready on {lab.mcp_ip}:{CONVERT_PORT}; test server on {lab.srv_ip}:{SERVER_PORT}")
+
+        with lab.in_netns("cpe"):
+            sock, reply, initial = convert_connect((lab.mcp_ip, CONVERT_PORT), (lab.srv_ip, SERVER_PORT),
+                                                   mptcp=True, timeout_s=10.0)
+        sock.settimeout(None)
+        sock.sendall(f"SEND {size} {SEED}\n".encode())
+        info = get_mptcp_info(sock)
+        display.say(f"converted: CPE -> {lab.mcp_ip}:{CONVERT_PORT} -> {lab.srv_ip}:{SERVER_PORT}, "
+                    f"client-side MPTCP token {info.token_hex if info else '(fell back to TCP!)'}; "
+                    f"downloading {size / 1e6:.0f} MB")
+
+        transfer = Transfer(size)
+        receiver = threading.Thread(target=_receive, args=(sock, transfer, initial), daemon=True)
+        started = time.monotonic()
+        receiver.start()
+
+        cut_at: float | None = None
+        lte_bytes_at_cut = 0
+        last: dict[str, tuple[float, int]] = {}
+        links_seen: set[str] = set()
+        deadline = started + timeout_s
+        while not transfer.done.wait(0.25):
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"transfer not finished after {timeout_s:.0f}s")
+            received = transfer.reader.count
+            lines = [f"received {received / 1e6:7.1f} / {size / 1e6:.0f} MB "
+                     f"({_mbit(received, now - started):5.1f} Mbit/s average)"
+                     + ("   DSL CUT" if cut_at else "")]
+            subflows = get_subflows(sock)
+            for sf in subflows:
+                link = _link_of(lab, _fmt_addr(sf.local))
+                links_seen.add(link)
+                prev_t, prev_b = last.get(link, (started, 0))
+                rx = sf.bytes_received or 0
+                rate = _mbit(rx - prev_b, now - prev_t)
+                last[link] = (now, rx)
+                lines.append(f"  {link:>3} {_fmt_addr(sf.local):>18} -> {_fmt_addr(sf.remote):<18}"
+                             f" {rx / 1e6:6.1f} MB {rate:5.1f} Mbit/s")
+            with contextlib.suppress(Exception):
+                for conn in proxy.connections():
+                    remotes = ", ".join(_link_of(lab, sub["remote"]) for sub in conn["subflows"])
+                    lines.append(f"  proxy: token {conn['token']}, {len(conn['subflows'])} subflow(s) "
+                                 f"from {remotes}, to {conn['destination']}")
+            display.show(lines)
+            if cut_at is None and received >= cut_fraction * size:
+                lte_bytes_at_cut = sum(sf.bytes_received or 0 for sf in subflows
+                                       if _link_of(lab, _fmt_addr(sf.local)) == "lte")
+                lab.cut_link("dsl")
+                cut_at = now
+                display.say(f"*** cut the DSL link at {received / 1e6:.1f} MB "
+                            f"({now - started:.1f}s); the transfer must continue on LTE ***")
+        elapsed = time.monotonic() - started
+        receiver.join(5)
+        lte_after = max((sf.bytes_received or 0 for sf in get_subflows(sock)
+                         if _link_of(lab, _fmt_addr(sf.local)) == "lte"), default=0)
+        if transfer.error is not None:
+            display.say(f"transfer error: {transfer.error!r}")
+        digest, count = transfer.reader.hexdigest(), transfer.reader.count
+        expected = pattern_sha256(SEED, size)
+        bonded = {"dsl", "lte"} <= links_seen
+        if not bonded:
+            display.say(f"the connection never used both links (saw {sorted(links_seen)})")
+        ok = transfer.error is None and count == size and digest == expected and bonded
+        display.say(f"received {count} bytes in {elapsed:.1f}s ({_mbit(count, elapsed):.1f} Mbit/s); "
+                    f"LTE carried {(lte_after - lte_bytes_at_cut) / 1e6:.1f} MB after the cut")
+        display.say(f"sha256 received {digest}\nsha256 expected {expected}")
+        display.say("PASS: every byte verified, the connection survived losing DSL" if ok else "FAIL")
+        return ok
+    finally:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+        lab.down()
+        display.say(f"lab '{prefix}' removed")
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mcpool demo", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--prefix", default="mcd", help="namespace prefix of the demo's lab (default mcd)")
+    parser.add_argument("--size-mb", type=float, default=60.0, help="download size in MB (default 60)")
+    parser.add_argument("--cut-at", type=float, default=0.4, help="fraction of the transfer at which DSL is cut")
+    parser.add_argument("--dsl", default="40mbit,10ms", help="DSL shaping (default 40mbit,10ms)")
+    parser.add_argument("--lte", default="20mbit,25ms", help="LTE shaping (default 20mbit,25ms)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("mcpool demo: needs root (it builds network namespaces)", file=sys.stderr)
+        return 1
+    # SIGTERM tears down like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        ok = run_demo(args.prefix, int(args.size_mb * 1e6), args.cut_at,
+                      LinkShaping.parse(args.dsl), LinkShaping.parse(args.lte), args.timeout)
+    except KeyboardInterrupt:
+        print("interrupted; lab removed", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"FAIL: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,693 @@
+"""The network-namespace lab: a CPE with two access links, a router, MCP pod(s) and a server.
+
+Part of the product (`mcpool lab up|down|status`), and the topology the demo, the integration
+tests and the benchmark run on. It builds, on the real kernel:
+
+```
+  {p}-cpe  dsl 198.18.1.2 ----- dsl 198.18.1.1 \\                 / eth0 198.18.100.2  {p}-mcp
+           lte 198.18.2.2 ----- lte 198.18.2.1  {p}-rtr  pod0 ...                     ({p}-mcp1 ... for pods 1..N-1)
+                                                 \\ srv 198.18.200.1 --- eth0 198.18.200.2 {p}-srv
+```
+
+(plus 2001:db8:<subnet>::/64 IPv6 on every link). The CPE routes by source address (one policy
+rule and one table per access link), so a subflow bound to the LTE address leaves on LTE; its
+default route is DSL; every access address is an MPTCP `subflow` endpoint. Namespaces that
+terminate MPTCP (cpe, pods, srv) get `net.mptcp.checksum_enabled=1` (DESIGN.md: without it this
+kernel occasionally corrupts two-subflow streams).
+
+Everything is done with `ip`/`tc`/`sysctl` subprocesses rather than pyroute2: the commands are
+the ones a person would type to reproduce or debug the lab, errors come back as iproute2's own
+messages, and iproute2 6.1 already knows every MPTCP endpoint flag the lab needs.
+
+The lab never touches namespaces it did not name: all of them are `{prefix}-{role}`, and `down()`
+deletes only names matching that pattern (so concurrent labs with other prefixes are safe).
+
+Code running in the test/demo process can open sockets inside a lab namespace with
+`with lab.in_netns("cpe"): sock = ...`: network namespaces are per thread in Linux, and a socket
+stays in the namespace it was created in after the thread switches back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import ctypes
+import ctypes.util
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from mcpool_proxy.config import ProxyConfig, parse_config, split_hostport
+
+__all__ = [
+    "Lab",
+    "LabError",
+    "LinkShaping",
+    "Pod",
+    "ProxyProcess",
+    "Topology",
+    "in_netns",
+    "main",
+]
+
+CLONE_NEWNET = 0x40000000
+READY_LINE = "mcpool-proxy ready"
+# Roles whose namespaces a lab may own; `down()` deletes only `{prefix}-{role}` of these.
+_ROLE_PATTERN = r"(cpe|rtr|srv|dir|mcp\d*)"
+
+
+class LabError(RuntimeError):
+    """A lab step failed; the message carries the command and its stderr."""
+
+
+@dataclass(frozen=True)
+class LinkShaping:
+    """Egress shaping applied at both ends of an access link (tc netem), so each direction is
+    limited the same way: a rate in Mbit/s and a one-way delay in milliseconds."""
+
+    rate_mbit: float | None = None
+    delay_ms: float = 0.0
+    # netem's default (1000 packets) is far above the BDP of these links; keep it explicit.
+    limit_packets: int = 1000
+
+    @classmethod
+    def parse(cls, text: str) -> LinkShaping:
+        """Parse '40mbit,10ms' / '20mbit' / '5ms'."""
+        rate: float | None = None
+        delay = 0.0
+        for part in filter(None, (p.strip().lower() for p in text.split(","))):
+            if part.endswith("mbit"):
+                rate = float(part[:-4])
+            elif part.endswith("ms"):
+                delay = float(part[:-2])
+            else:
+                raise ValueError(f"{part!r}: expected e.g. '40mbit' or '10ms'")
+        return cls(rate_mbit=rate, delay_ms=delay)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What to build. `pods` MCP namespaces hang off the router (pod 0 is `{prefix}-mcp`, the
+    others `{prefix}-mcp1`...), so a director and several pods (issue 4) reuse the same plan."""
+
+    prefix: str = "mcl"
+    access_links: tuple[str, ...] = ("dsl", "lte")
+    pods: int = 1
+    shaping: Mapping[str, LinkShaping] = field(default_factory=dict)
+    cpe_fastopen: int = 3  # client cookies (0x1) + server bit, as the CPE may also be probed
+    cpe_mptcp_subflows: int = 2
+    pod_mptcp_subflows: int = 8
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", self.prefix):
+            raise ValueError(f"prefix {self.prefix!r}: 1-8 lowercase letters/digits, starting with a letter")
+        if not 1 <= len(self.access_links) <= 8:
+            raise ValueError("between 1 and 8 access links")
+        if not 1 <= self.pods <= 50:
+            raise ValueError("between 1 and 50 pods")
+        for name in self.shaping:
+            if name not in self.access_links:
+                raise ValueError(f"shaping for unknown access link {name!r}")
+
+
+@dataclass(frozen=True)
+class AccessLink:
+    """One CPE access link: `name` in both cpe and rtr; CPE side .2/::2, router side .1/::1."""
+
+    name: str
+    index: int
+    cpe_ip: str
+    cpe_ip6: str
+    rtr_ip: str
+    rtr_ip6: str
+    table: int
+
+
+@dataclass(frozen=True)
+class Pod:
+    """One MCP namespace: interface `eth0` towards the router's `pod{index}`."""
+
+    index: int
+    ns: str
+    ip: str
+    ip6: str
+    rtr_ip: str
+    rtr_ip6: str
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    # os.setns exists only from Python 3.12.
+    if _libc().setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run the body with the *calling thread* in network namespace `name` (/run/netns/NAME).
+
+    Sockets created inside stay in that namespace afterwards; other threads are unaffected.
+    """
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(original)
+    finally:
+        os.close(original)
+
+
+class ProxyProcess:
+    """A running `mcpool proxy` in a lab namespace, with its admin API reachable from here."""
+
+    def __init__(self, lab: Lab, ns: str, proc: subprocess.Popen[str], config: ProxyConfig,
+                 config_path: Path, stderr_path: Path) -> None:
+        self.lab = lab
+        self.ns = ns
+        self.proc = proc
+        self.config = config
+        self.config_path = config_path
+        self.stderr_path = stderr_path
+        self.stdout_lines: collections.deque[str] = collections.deque(maxlen=1000)
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._reader.start()
+
+    def _read_stdout(self) -> None:
+        # Keep draining after "ready" so a chatty proxy never blocks on a full pipe.
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.stdout_lines.append(line.rstrip("\n"))
+            if READY_LINE in line:
+                self._ready.set()
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None:
+                self._reader.join(1)
+                raise LabError(
+                    f"mcpool proxy exited with {self.proc.returncode} before '{READY_LINE}':\n"
+                    f"stdout: {list(self.stdout_lines)}\nstderr:\n{self.stderr_text()}"
+                )
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"mcpool proxy not ready after {timeout_s}s:\nstdout: {list(self.stdout_lines)}\n"
+                    f"stderr:\n{self.stderr_text()}"
+                )
+
+    def admin_get(self, path: str, timeout_s: float = 5.0) -> Any:
+        """GET an admin path from inside the proxy's namespace; JSON bodies are decoded."""
+        status, body = self.admin_request("GET", path, timeout_s=timeout_s)
+        if status != 200:
+            raise LabError(f"admin GET {path}: HTTP {status}: {body[:200]!r}")
+        try:
+            return json.loads(body)
+        except ValueError:
+            return body.decode(errors="replace")
+
+    def admin_request(self, method: str, path: str, timeout_s: float = 5.0) -> tuple[int, bytes]:
+        if self.config.admin is None:
+            raise LabError("this proxy's configuration disables the admin server")
+        host, port = split_hostport(self.config.admin)
+        if host in ("::", "0.0.0.0"):
+            host = "127.0.0.1"
+        conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+        with in_netns(self.ns):
+            conn.connect()
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def connections(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.admin_get("/connections")
+        return result
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout_s`; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(2)
+        return self.proc.returncode
+
+
+class Lab:
+    """Builds and tears down one topology. Use as a context manager: teardown always runs."""
+
+    def __init__(self, topology: Topology | None = None, **kwargs: Any) -> None:
+        self.topology = topology if topology is not None else Topology(**kwargs)
+        t = self.topology
+        self.prefix = t.prefix
+        self.links: dict[str, AccessLink] = {}
+        for i, name in enumerate(t.access_links):
+            net = i + 1
+            self.links[name] = AccessLink(
+                name=name, index=i,
+                cpe_ip=f"198.18.{net}.2", cpe_ip6=f"2001:db8:{net}::2",
+                rtr_ip=f"198.18.{net}.1", rtr_ip6=f"2001:db8:{net}::1",
+                table=100 + i,
+            )
+        self.pods: list[Pod] = [
+            Pod(index=j, ns=self.ns("mcp" if j == 0 else f"mcp{j}"),
+                ip=f"198.18.{100 + j}.2", ip6=f"2001:db8:{100 + j}::2",
+                rtr_ip=f"198.18.{100 + j}.1", rtr_ip6=f"2001:db8:{100 + j}::1")
+            for j in range(t.pods)
+        ]
+        self.srv_ip = "198.18.200.2"
+        self.srv_ip6 = "2001:db8:200::2"
+        # Routed by nobody: the router answers ICMP net-unreachable for it.
+        self.unreachable_ip = "198.18.250.1"
+        self.workdir: Path | None = None
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._proxies: list[ProxyProcess] = []
+        self._built = False
+        self.warnings: list[str] = []
+
+    # ---- names and addresses -------------------------------------------------------------
+
+    def ns(self, role: str) -> str:
+        """Full namespace name of a role ('cpe', 'rtr', 'srv', 'mcp', 'mcp1'...); full names pass."""
+        return role if role.startswith(self.prefix + "-") else f"{self.prefix}-{role}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.ns("cpe"), self.ns("rtr"), self.ns("srv"), *(p.ns for p in self.pods)]
+
+    @property
+    def cpe_dsl_ip(self) -> str:
+        return self.links["dsl"].cpe_ip
+
+    @property
+    def cpe_lte_ip(self) -> str:
+        return self.links["lte"].cpe_ip
+
+    @property
+    def cpe_dsl_ip6(self) -> str:
+        return self.links["dsl"].cpe_ip6
+
+    @property
+    def cpe_lte_ip6(self) -> str:
+        return self.links["lte"].cpe_ip6
+
+    @property
+    def cpe_prefixes(self) -> list[str]:
+        """CIDRs of every CPE access address (IPv4 and IPv6): what `policy.allowed_cpes` needs."""
+        nets: list[str] = []
+        for link in self.links.values():
+            nets.append(link.cpe_ip.rsplit(".", 1)[0] + ".0/24")
+            nets.append(link.cpe_ip6.rsplit("::", 1)[0] + "::/64")
+        return nets
+
+    @property
+    def mcp_ip(self) -> str:
+        return self.pods[0].ip
+
+    @property
+    def mcp_ip6(self) -> str:
+        return self.pods[0].ip6
+
+    # ---- running things --------------------------------------------------------------------
+
+    def _run(self, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise LabError(f"`{' '.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def exec(self, ns: str, argv: Sequence[str], *, check: bool = True, timeout: float = 60.0,
+             **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        """Run a command to completion in a lab namespace; text output captured."""
+        kwargs.setdefault("capture_output", True)
+        proc = subprocess.run(["ip", "netns", "exec", self.ns(ns), *argv], text=True,
+                              timeout=timeout, **kwargs)
+        if check and proc.returncode != 0:
+            raise LabError(f"[{self.ns(ns)}] `{' '.join(argv)}` failed ({proc.returncode}): "
+                           f"{(proc.stderr or '').strip()}")
+        return proc
+
+    def popen(self, ns: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a process in a lab namespace; `down()` kills it if it is still running."""
+        env = dict(os.environ if kwargs.get("env") is None else kwargs["env"])
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        kwargs["env"] = env
+        proc: subprocess.Popen[Any] = subprocess.Popen(["ip", "netns", "exec", self.ns(ns), *argv], **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def python_argv(self, module: str, *args: str) -> list[str]:
+        """argv running `python -m module args` with this interpreter (the project's venv)."""
+        return [sys.executable, "-m", module, *args]
+
+    def in_netns(self, role: str) -> contextlib.AbstractContextManager[None]:
+        """Switch the calling thread into a lab namespace (see the module docstring)."""
+        return in_netns(self.ns(role))
+
+    def sysctl(self, ns: str, settings: Mapping[str, str | int]) -> None:
+        argv = ["sysctl", "-q", "-w", *(f"{k}={v}" for k, v in settings.items())]
+        self.exec(ns, argv)
+
+    # ---- building ----------------------------------------------------------------------
+
+    def up(self) -> Lab:
+        """Build the topology (after removing leftovers of the same prefix)."""
+        self.down()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"mcpool-{self.prefix}-"))
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+        self._built = True
+        return self
+
+    def _ip(self, ns: str, *args: str) -> None:
+        self._run(["ip", "-n", self.ns(ns), *args])
+
+    def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
+        # Created directly inside the namespaces: no transient names in the root namespace that
+        # could collide with another engineer's lab.
+        self._ip(ns_a, "link", "add", name_a, "type", "veth", "peer", "name", name_b,
+                 "netns", self.ns(ns_b))
+
+    def _addr(self, ns: str, dev: str, ip4: str, ip6: str) -> None:
+        self._ip(ns, "addr", "add", f"{ip4}/24", "dev", dev)
+        self._ip(ns, "-6", "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
+        self._ip(ns, "link", "set", dev, "up")
+
+    def _build(self) -> None:
+        t = self.topology
+        for ns in self.namespaces:
+            self._run(["ip", "netns", "add", ns])
+            self._ip(ns, "link", "set", "lo", "up")
+            base: dict[str, str | int] = {
+                "net.ipv4.conf.all.rp_filter": 0,
+                "net.ipv4.conf.default.rp_filter": 0,
+                "net.ipv6.conf.all.accept_dad": 0,
+                "net.ipv6.conf.default.accept_dad": 0,
+                # cut_link() sets a device down; IPv6 addresses must survive that.
+                "net.ipv6.conf.all.keep_addr_on_down": 1,
+                "net.ipv6.conf.default.keep_addr_on_down": 1,
+            }
+            if ns != self.ns("rtr"):
+                base.update({"net.mptcp.enabled": 1, "net.mptcp.checksum_enabled": 1})
+            self.sysctl(ns, base)
+        self.sysctl("rtr", {"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1})
+        self.sysctl("cpe", {"net.ipv4.tcp_fastopen": t.cpe_fastopen})
+
+        for link in self.links.values():
+            self._veth("cpe", link.name, "rtr", link.name)
+            self._addr("cpe", link.name, link.cpe_ip, link.cpe_ip6)
+            self._addr("rtr", link.name, link.rtr_ip, link.rtr_ip6)
+            # Source routing: traffic from this link's address leaves on this link.
+            for fam, src, gw in (("-4", link.cpe_ip, link.rtr_ip), ("-6", link.cpe_ip6, link.rtr_ip6)):
+                self._ip("cpe", fam, "rule", "add", "from", src, "table", str(link.table),
+                         "pref", str(1000 + link.index))
+                self._ip("cpe", fam, "route", "add", "default", "via", gw, "dev", link.name,
+                         "table", str(link.table))
+        first = next(iter(self.links.values()))
+        self._ip("cpe", "route", "add", "default", "via", first.rtr_ip, "dev", first.name)
+        self._ip("cpe", "-6", "route", "add", "default", "via", first.rtr_ip6, "dev", first.name)
+        self._ip("cpe", "mptcp", "limits", "set", "subflows", str(t.cpe_mptcp_subflows),
+                 "add_addr_accepted", str(t.cpe_mptcp_subflows))
+        # Every access address is a subflow endpoint; the kernel skips the one the initial
+        # subflow already uses, so a connection started on either link joins the other.
+        for link in self.links.values():
+            for addr in (link.cpe_ip, link.cpe_ip6):
+                self._ip("cpe", "mptcp", "endpoint", "add", addr, "dev", link.name, "subflow")
+
+        for pod in self.pods:
+            rtr_dev = f"pod{pod.index}"
+            self._veth(pod.ns, "eth0", "rtr", rtr_dev)
+            self._addr(pod.ns, "eth0", pod.ip, pod.ip6)
+            self._addr("rtr", rtr_dev, pod.rtr_ip, pod.rtr_ip6)
+            self._ip(pod.ns, "route", "add", "default", "via", pod.rtr_ip)
+            self._ip(pod.ns, "-6", "route", "add", "default", "via", pod.rtr_ip6)
+            self._ip(pod.ns, "mptcp", "limits", "set", "subflows", str(t.pod_mptcp_subflows),
+                     "add_addr_accepted", str(t.pod_mptcp_subflows))
+
+        self._veth("srv", "eth0", "rtr", "srv")
+        self._addr("srv", "eth0", self.srv_ip, self.srv_ip6)
+        self._addr("rtr", "srv", "198.18.200.1", "2001:db8:200::1")
+        self._ip("srv", "route", "add", "default", "via", "198.18.200.1")
+        self._ip("srv", "-6", "route", "add", "default", "via", "2001:db8:200::1")
+        self._ip("srv", "mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "8")
+
+        for name, shaping in t.shaping.items():
+            self.shape(name, shaping)
+        self._wait_carrier(self.namespaces)
+
+    def _wait_carrier(self, namespaces: Sequence[str], timeout_s: float = 5.0) -> None:
+        # A fresh veth reports NO-CARRIER until the kernel's linkwatch runs (up to ~1 s later);
+        # wait so that the first packets of a test are not dropped or delayed.
+        deadline = time.monotonic() + timeout_s
+        pending = list(namespaces)
+        while pending:
+            pending = [ns for ns in pending
+                       if "NO-CARRIER" in self._run(["ip", "-n", self.ns(ns), "-o", "link", "show", "up"]).stdout]
+            if pending and time.monotonic() > deadline:
+                raise LabError(f"links without carrier after {timeout_s}s in {pending}")
+            if pending:
+                time.sleep(0.05)
+
+    def shape(self, link: str, shaping: LinkShaping | None) -> None:
+        """Apply (or with None remove) shaping on both ends of an access link.
+
+        netem gives rate and delay; kernels built without sch_netem (like the 6.18 one measured
+        here) get a TBF rate limit only, and the delay is reported in `self.warnings`.
+        """
+        for ns in ("cpe", "rtr"):
+            self._run(["tc", "-n", self.ns(ns), "qdisc", "del", "dev", link, "root"], check=False)
+            if shaping is None or (shaping.rate_mbit is None and not shaping.delay_ms):
+                continue
+            tc = ["tc", "-n", self.ns(ns), "qdisc", "add", "dev", link, "root"]
+            netem = [*tc, "netem", "limit", str(shaping.limit_packets)]
+            if shaping.delay_ms:
+                netem += ["delay", f"{shaping.delay_ms}ms"]
+            if shaping.rate_mbit is not None:
+                netem += ["rate", f"{shaping.rate_mbit}mbit"]
+            if self._run(netem, check=False).returncode == 0:
+                continue
+            if shaping.delay_ms:
+                self._warn(f"{link}: no sch_netem in this kernel, {shaping.delay_ms} ms delay not applied")
+            if shaping.rate_mbit is not None:
+                # A 64 KiB bucket lets veth's GSO packets through whole; 50 ms of queue.
+                self._run([*tc, "tbf", "rate", f"{shaping.rate_mbit}mbit", "burst", "64kb",
+                           "latency", "50ms"])
+
+    def _warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
+            print(f"mcpool lab: warning: {text}", file=sys.stderr)
+
+    def cut_link(self, name: str) -> None:
+        """Cut an access link at the router end, like a line losing sync upstream: the CPE's
+        side keeps its addresses and routes (now `linkdown`), packets are dropped, and MPTCP
+        has to notice by itself and move the data to the other subflows."""
+        if name not in self.links:
+            raise LabError(f"no access link {name!r}")
+        self._ip("rtr", "link", "set", name, "down")
+
+    def restore_link(self, name: str) -> None:
+        if name not in self.links:
+            raise LabError(f"no access link {name!r}")
+        self._ip("rtr", "link", "set", name, "up")
+        self._wait_carrier(["cpe", "rtr"])
+
+    # ---- processes -------------------------------------------------------------------------
+
+    def start_proxy(self, config: ProxyConfig | Mapping[str, Any], *, pod: int = 0,
+                    ready_timeout_s: float = 20.0, name: str | None = None) -> ProxyProcess:
+        """Write `config` as YAML, run `mcpool proxy --config` in pod `pod`'s namespace, and wait
+        for its ready line (a LabError carries its stderr if it exits or times out)."""
+        if self.workdir is None:
+            raise LabError("lab is not up")
+        cfg = config if isinstance(config, ProxyConfig) else parse_config(dict(config), "start_proxy")
+        label = name or f"proxy{len(self._proxies)}"
+        config_path = self.workdir / f"{label}.yaml"
+        config_path.write_text(cfg.to_yaml())
+        stderr_path = self.workdir / f"{label}.stderr"
+        with open(stderr_path, "w") as stderr_file:
+            proc = self.popen(self.pods[pod].ns,
+                              self.python_argv("mcpool_proxy.cli", "proxy", "--config", str(config_path)),
+                              stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+        handle = ProxyProcess(self, self.pods[pod].ns, proc, cfg, config_path, stderr_path)
+        self._proxies.append(handle)
+        try:
+            handle.wait_ready(ready_timeout_s)
+        except BaseException:
+            handle.stop(2)
+            raise
+        return handle
+
+    def start_testserver(self, listen: str, *, ns: str = "srv", mptcp: bool = False,
+                         ready_timeout_s: float = 10.0) -> subprocess.Popen[str]:
+        """Run `python -m mcpool_proxy.testserver` in `ns` and wait for `testserver ready`."""
+        argv = self.python_argv("mcpool_proxy.testserver", "--listen", listen)
+        if mptcp:
+            argv.append("--mptcp")
+        proc = self.popen(ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return _wait_for_line(proc, "testserver ready", ready_timeout_s)
+
+    def _kill_namespace_pids(self, ns: str) -> None:
+        out = self._run(["ip", "netns", "pids", ns], check=False).stdout.split()
+        for pid_text in out:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_text), signal.SIGKILL)
+
+    def down(self) -> None:
+        """Remove this prefix's namespaces (killing what still runs in them). Idempotent."""
+        for handle in self._proxies:
+            with contextlib.suppress(Exception):
+                handle.stop(3)
+        self._proxies.clear()
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
+        self._procs.clear()
+        for ns in existing_namespaces(self.prefix):
+            self._kill_namespace_pids(ns)
+            self._run(["ip", "netns", "del", ns], check=False)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        self._built = False
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # ---- inspection ------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "namespaces": self.namespaces,
+            "cpe": {name: {"ip": link.cpe_ip, "ip6": link.cpe_ip6, "router": link.rtr_ip}
+                    for name, link in self.links.items()},
+            "pods": [{"ns": p.ns, "ip": p.ip, "ip6": p.ip6} for p in self.pods],
+            "srv": {"ip": self.srv_ip, "ip6": self.srv_ip6},
+            "cpe_prefixes": self.cpe_prefixes,
+        }
+
+
+def _wait_for_line(proc: subprocess.Popen[str], needle: str, timeout_s: float) -> subprocess.Popen[str]:
+    """Wait until `proc` prints `needle` on stdout; keep draining stdout afterwards."""
+    assert proc.stdout is not None
+    found = threading.Event()
+    seen: list[str] = []
+
+    def reader(stream: IO[str]) -> None:
+        for line in stream:
+            if len(seen) < 200:
+                seen.append(line.rstrip("\n"))
+            if needle in line:
+                found.set()
+
+    threading.Thread(target=reader, args=(proc.stdout,), daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not found.wait(0.05):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            err = proc.stderr.read() if proc.stderr is not None else ""
+            raise LabError(f"{proc.args!r} did not print {needle!r} (exit {proc.poll()}): "
+                           f"stdout {seen!r} stderr {err!r}")
+    if proc.stderr is not None:
+        # Nobody reads stderr any more: drain it so the process never blocks on it.
+        threading.Thread(target=lambda s: s.read(), args=(proc.stderr,), daemon=True).start()
+    return proc
+
+
+def existing_namespaces(prefix: str) -> list[str]:
+    """Namespaces that exist now and belong to a lab with this prefix."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    pattern = re.compile(rf"{re.escape(prefix)}-{_ROLE_PATTERN}")
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if pattern.fullmatch(n)]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mcpool lab", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--prefix", default="mcl", help="namespace name prefix (default mcl)")
+    parser.add_argument("--pods", type=int, default=1, help="number of MCP pod namespaces")
+    parser.add_argument("--shape", action="append", default=[], metavar="LINK=SPEC",
+                        help="shape an access link, e.g. dsl=40mbit,10ms (repeatable)")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("mcpool lab: needs root (network namespaces)", file=sys.stderr)
+        return 1
+    shaping: dict[str, LinkShaping] = {}
+    for item in args.shape:
+        link, _, spec = item.partition("=")
+        shaping[link] = LinkShaping.parse(spec)
+    lab = Lab(Topology(prefix=args.prefix, pods=args.pods, shaping=shaping))
+    if args.action == "down":
+        lab.down()
+        print(f"lab {args.prefix}: down")
+        return 0
+    if args.action == "up":
+        lab.up()
+        # The lab outlives this command: forget the work dir instead of removing it.
+        print(yaml.safe_dump(lab.describe(), sort_keys=False), end="")
+        print(f"lab {args.prefix}: up (e.g. `ip netns exec {lab.ns('cpe')} ping {lab.srv_ip}`; "
+              f"`mcpool lab down --prefix {args.prefix}` removes it)")
+        return 0
+    present = existing_namespaces(args.prefix)
+    if not present:
+        print(f"lab {args.prefix}: not running")
+        return 1
+    for ns in present:
+        print(f"== {ns}")
+        for cmd in (["ip", "-br", "addr"], ["ip", "mptcp", "endpoint"], ["ip", "mptcp", "limits"]):
+            out = subprocess.run(["ip", "-n", ns, *cmd[1:]], capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                print(f"   {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
