@@ -213,6 +213,84 @@ def run_demo(prefix: str, size: int, cut_fraction: float, dsl: LinkShaping, lte:
         display.say(f"lab '{prefix}' removed")
 
 
+def run_cluster_demo(prefix: str, connections: int = 6, echo_bytes: int = 1_000_000) -> bool:
+    """Second stage (`--cluster`): two pods behind the director; several CPE connections, each
+    with both subflows on one pod, every byte echoed and verified."""
+    import hashlib
+
+    from mcpool_proxy.client import convert_connect
+
+    display = Display()
+    lab = Lab(Topology(prefix=prefix, pods=2, director=True))
+    socks: list[tuple[str, socket.socket]] = []
+    try:
+        display.say(f"cluster lab '{prefix}': CPE (dsl + lte) -> router -> director (VIP, Redis) -> 2 MCP pods")
+        lab.up()
+        lab.start_testserver(f"[::]:{SERVER_PORT}")
+        lab.start_redis()
+        lab.start_director()
+        names = lab.cluster_pod_names()
+        proxies = {name: lab.start_proxy(lab.cluster_proxy_config(i, name), pod=i, name=name)
+                   for i, name in enumerate(names)}
+        deadline = time.monotonic() + 15
+        while lab.director_metrics().get('mcpool_director_table_entries{kind="ready_pods"}') != 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the director never saw both pods")
+            time.sleep(0.1)  # the director's table has no event to wait on from here
+        display.say(f"director on VIP {lab.vip}; pods {', '.join(names)} registered in Redis")
+        for i in range(connections):
+            source = lab.cpe_dsl_ip if i % 2 == 0 else lab.cpe_lte_ip
+            with lab.in_netns("cpe"):
+                sock, _, _ = convert_connect((lab.vip, CONVERT_PORT), (lab.srv_ip, SERVER_PORT),
+                                             source=source, timeout_s=20)
+            sock.settimeout(30)
+            sock.sendall(b"ECHO\n")
+            socks.append((source, sock))
+        # Wait (bounded) until the pods list each connection with subflows from both links.
+        lines: list[str] = []
+        deadline = time.monotonic() + 20
+        while True:
+            listed = {(c["client"].rsplit(":", 1)[0].removeprefix("::ffff:"), int(c["client"].rsplit(":", 1)[1])):
+                      (name, c) for name, p in proxies.items() for c in p.connections()}
+            lines, complete = [], True
+            for source, sock in socks:
+                hit = listed.get((source, sock.getsockname()[1]))
+                remotes = sorted(s["remote"] for s in hit[1]["subflows"]) if hit else []
+                complete &= hit is not None and len(remotes) == 2
+                lines.append(f"  CPE {source}:{sock.getsockname()[1]:<5} -> pod {hit[0] if hit else '?':<8} "
+                             f"token {hit[1]['token'] if hit else '?'}  subflows from {', '.join(remotes)}")
+            if complete or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)  # the pods' /connections is polled; there is no push
+        display.say("connections (initial subflow hashed by the director, join steered by its token):")
+        for line in lines:
+            print(line, flush=True)
+        ok = complete
+        for _source, sock in socks:
+            payload = os.urandom(echo_bytes)
+            sock.sendall(payload)
+            got = bytearray()
+            while len(got) < echo_bytes:
+                data = sock.recv(262_144)
+                if not data:
+                    break
+                got += data
+            ok &= hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        m = lab.director_metrics()
+        outcomes = {k.split('"')[1]: int(v) for k, v in m.items() if k.startswith("mcpool_director_decisions_total")}
+        counters = lab.director_counters()
+        display.say(f"director decisions: {outcomes}")
+        display.say(f"kernel counters: SYNs queued to userspace {counters['queued_initial'][0] + counters['queued_join'][0]}, "
+                    f"bytes steered in the kernel {counters['restored'][1]}")
+        display.say(("PASS" if ok else "FAIL") + f": {len(socks)} connections, each with both subflows on one pod, "
+                    f"{echo_bytes} bytes echoed each, sha256 " + ("verified" if ok else "MISMATCH or missing subflows"))
+        return ok
+    finally:
+        for _source, sock in socks:
+            sock.close()
+        lab.down()
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -225,6 +303,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dsl", default="40mbit,10ms", help="DSL shaping (default 40mbit,10ms)")
     parser.add_argument("--lte", default="20mbit,25ms", help="LTE shaping (default 20mbit,25ms)")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds")
+    parser.add_argument("--cluster", action="store_true",
+                        help="then run the cluster stage: two pods behind the director (issue 4)")
+    parser.add_argument("--cluster-only", action="store_true", help="run only the cluster stage")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("mcpool demo: needs root (it builds network namespaces)", file=sys.stderr)
@@ -232,8 +313,10 @@ def main(argv: list[str]) -> int:
     # SIGTERM tears down like Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        ok = run_demo(args.prefix, int(args.size_mb * 1e6), args.cut_at,
-                      LinkShaping.parse(args.dsl), LinkShaping.parse(args.lte), args.timeout)
+        ok = args.cluster_only or run_demo(args.prefix, int(args.size_mb * 1e6), args.cut_at,
+                                           LinkShaping.parse(args.dsl), LinkShaping.parse(args.lte), args.timeout)
+        if ok and (args.cluster or args.cluster_only):
+            ok = run_cluster_demo(f"{args.prefix}c"[:8])
     except KeyboardInterrupt:
         print("interrupted; lab removed", file=sys.stderr)
         return 130

@@ -66,6 +66,8 @@ __all__ = [
 ]
 
 CLONE_NEWNET = 0x40000000
+REDIS_PORT = 6379  # in the director namespace (its own port space)
+DIRECTOR_METRICS_PORT = 9091
 READY_LINE = "mcpool-proxy ready"
 # Roles whose namespaces a lab may own; `down()` deletes only `{prefix}-{role}` of these.
 _ROLE_PATTERN = r"(cpe|rtr|srv|dir|mcp\d*)"
@@ -112,6 +114,10 @@ class Topology:
     cpe_fastopen: int = 3  # client cookies (0x1) + server bit, as the CPE may also be probed
     cpe_mptcp_subflows: int = 2
     pod_mptcp_subflows: int = 8
+    # Issue 4: a `{prefix}-dir` namespace holding the pool's VIP, redis-server and the director,
+    # with every pod ready to receive the director's VXLAN (VIP on lo, direct server return).
+    director: bool = False
+    vip: str = "198.19.255.1"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", self.prefix):
@@ -296,6 +302,9 @@ class Lab:
         self.srv_ip6 = "2001:db8:200::2"
         # Routed by nobody: the router answers ICMP net-unreachable for it.
         self.unreachable_ip = "198.18.250.1"
+        self.dir_ip = "198.18.99.2"
+        self.redis: subprocess.Popen[Any] | None = None
+        self.director: subprocess.Popen[str] | None = None
         self.workdir: Path | None = None
         self._procs: list[subprocess.Popen[Any]] = []
         self._proxies: list[ProxyProcess] = []
@@ -310,7 +319,8 @@ class Lab:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.ns("cpe"), self.ns("rtr"), self.ns("srv"), *(p.ns for p in self.pods)]
+        extra = [self.ns("dir")] if self.topology.director else []
+        return [self.ns("cpe"), self.ns("rtr"), self.ns("srv"), *(p.ns for p in self.pods), *extra]
 
     @property
     def cpe_dsl_ip(self) -> str:
@@ -470,10 +480,167 @@ class Lab:
         self._ip("srv", "route", "add", "default", "via", "198.18.200.1")
         self._ip("srv", "-6", "route", "add", "default", "via", "2001:db8:200::1")
         self._ip("srv", "mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "8")
+        if t.director:
+            self._build_director()
 
         for name, shaping in t.shaping.items():
             self.shape(name, shaping)
         self._wait_carrier(self.namespaces)
+
+    # ---- the cluster: director namespace, Redis, director process (issue 4) ---------------
+
+    def _build_director(self) -> None:
+        """`{prefix}-dir` hangs off the router, which routes the VIP to it. The director
+        encapsulates each steered packet (VXLAN) to a pod's address; the pod holds the VIP on
+        lo and answers the CPE directly through the router (direct server return), so nothing
+        returns through `dir`. Links carrying the tunnel get MTU 1600: a full 1500-byte packet
+        from the CPE plus 50 bytes of VXLAN must fit without fragmentation."""
+        from mcpool_proxy.affinity.kernel import VXLAN_OVERHEAD
+
+        mtu = str(1500 + VXLAN_OVERHEAD + 50)
+        self._veth("dir", "eth0", "rtr", "dir")
+        self._addr("dir", "eth0", self.dir_ip, "2001:db8:99::2")
+        self._addr("rtr", "dir", "198.18.99.1", "2001:db8:99::1")
+        for ns, dev in (("dir", "eth0"), ("rtr", "dir")):
+            self._ip(ns, "link", "set", dev, "mtu", mtu)
+        self._ip("dir", "route", "add", "default", "via", "198.18.99.1")
+        self._ip("rtr", "route", "add", f"{self.vip}/32", "via", self.dir_ip)
+        for pod in self.pods:
+            for ns, dev in ((pod.ns, "eth0"), ("rtr", f"pod{pod.index}")):
+                self._ip(ns, "link", "set", dev, "mtu", mtu)
+            # The same function a pod's init container runs (affinity.kernel), in the pod's netns.
+            self.exec(pod.ns, [sys.executable, "-c",
+                               "import sys; from mcpool_proxy.affinity import kernel; "
+                               "from mcpool_proxy.affinity.director import DirectorConfig as C; "
+                               "kernel.setup_pod_receive(sys.argv[1], C.model_fields['vxlan_port'].default, "
+                               "C.model_fields['pod_mac'].default)",
+                               self.vip])
+
+    @property
+    def vip(self) -> str:
+        return self.topology.vip
+
+    @property
+    def redis_url(self) -> str:
+        """The pool's Redis as the pods (and the director) reach it."""
+        return f"redis://{self.dir_ip}:{REDIS_PORT}/0"
+
+    def start_redis(self, ready_timeout_s: float = 10.0) -> subprocess.Popen[Any]:
+        """redis-server in `dir` (persistence off); a test may kill it and start it again."""
+        if self.workdir is None:
+            raise LabError("lab is not up")
+        if self.redis is not None and self.redis.poll() is None:
+            return self.redis
+        self.redis = self.popen("dir", ["redis-server", "--port", str(REDIS_PORT), "--bind", "0.0.0.0",
+                                        "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
+                                        "--protected-mode", "no"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + ready_timeout_s
+        while self.redis_cli("ping", check=False).strip() != "PONG":
+            if self.redis.poll() is not None or time.monotonic() > deadline:
+                raise LabError("redis-server in the director namespace did not answer PING")
+            time.sleep(0.02)  # no readiness event from redis-server: poll its PING
+        return self.redis
+
+    def kill_redis(self) -> None:
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.kill()
+            self.redis.wait(10)
+        self.redis = None
+
+    def redis_cli(self, *args: str, check: bool = True) -> str:
+        return self.exec("dir", ["redis-cli", "-p", str(REDIS_PORT), *args], check=check).stdout
+
+    def director_config(self, **overrides: Any) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "vip": self.vip, "ports": [5124, 1080], "redis_url": f"redis://127.0.0.1:{REDIS_PORT}/0",
+            "pool": "lab", "join_wait_ms": 1000, "tunnel_mtu": 1500, "resync_interval_s": 1.0,
+            "metrics_listen": f"127.0.0.1:{DIRECTOR_METRICS_PORT}",
+        }  # fmt: skip
+        config.update(overrides)
+        return config
+
+    def start_director(self, ready_timeout_s: float = 20.0, **overrides: Any) -> subprocess.Popen[str]:
+        """`mcpool director` in `dir` (config: `director_config(**overrides)`); waits for ready."""
+        if self.workdir is None:
+            raise LabError("lab is not up")
+        path = self.workdir / "director.yaml"
+        path.write_text(yaml.safe_dump(self.director_config(**overrides)))
+        stderr = open(self.workdir / "director.stderr", "w")  # noqa: SIM115 - the child owns it
+        proc = self.popen("dir", self.python_argv("mcpool_proxy.cli", "director", "--config", str(path),
+                                                  "--cleanup"),
+                          stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+        stderr.close()
+        self.director = proc
+        return _wait_for_line(proc, "director ready", ready_timeout_s)
+
+    def director_metrics(self) -> dict[str, float]:
+        """The director's Prometheus samples: 'name{labels}' -> value."""
+        with self.in_netns("dir"):
+            conn = http.client.HTTPConnection("127.0.0.1", DIRECTOR_METRICS_PORT, timeout=5)
+            conn.connect()
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    samples[name] = float(value)
+        return samples
+
+    def director_counters(self) -> dict[str, tuple[int, int]]:
+        """The director's nft counters (name -> packets, bytes): only SYNs are queued."""
+        out = self.exec("dir", ["nft", "list", "counters", "table", "inet", "mcpool_director"]).stdout
+        return {name: (int(p), int(b))
+                for name, p, b in re.findall(r"counter (\w+) \{\s*packets (\d+) bytes (\d+)", out)}
+
+    def affinity_config(self, pod: int, name: str, mechanism: str = "director", **overrides: Any) -> dict[str, Any]:
+        """`affinity` section for the proxy in pod `pod`, registered as `name`."""
+        config: dict[str, Any] = {
+            "mechanism": mechanism, "backend": "redis", "redis_url": self.redis_url, "pool": "lab",
+            "pod_name": name, "advertise": self.pods[pod].ip, "heartbeat_ttl_s": 3.0,
+        }  # fmt: skip
+        if mechanism == "join-address":
+            config["join_address"] = f"{self.pods[pod].ip}:5124"
+        config.update(overrides)
+        return config
+
+    def cluster_pod_names(self) -> tuple[str, ...]:
+        """Registry names for the pods such that the CPE's DSL and LTE addresses hash to
+        different pods: a join could then reach its connection's pod only by token steering
+        (or the join address), never by luck, and connections started on each link use both."""
+        from mcpool_proxy.affinity.hashing import rendezvous_pick
+
+        for i in range(1000):
+            names = tuple(f"pod{j}-{i}" for j in range(len(self.pods)))
+            if rendezvous_pick(names, self.cpe_dsl_ip) != rendezvous_pick(names, self.cpe_lte_ip):
+                return names
+        raise LabError("no pod names split the CPE's two addresses")
+
+    def cluster_proxy_config(self, pod: int, name: str, mechanism: str = "director",
+                             **affinity: Any) -> dict[str, Any]:
+        """A whole proxy configuration for pod `pod` behind the director."""
+        return {
+            "listen": {"convert": "[::]:5124", "socks5": "[::]:1080"},
+            "admin": "127.0.0.1:9090",
+            "policy": {"allowed_cpes": self.cpe_prefixes},
+            "affinity": self.affinity_config(pod, name, mechanism, **affinity),
+            # Teardown should not wait long for a drain.
+            "drain_timeout_s": 1.0,
+        }
+
+    def set_cpe_endpoints(self, flags: Sequence[str]) -> None:
+        """Replace the CPE's MPTCP endpoints: every access address with `flags` (e.g.
+        ["subflow"], or ["subflow", "fullmesh"] which the join-address mechanism needs)."""
+        self._ip("cpe", "mptcp", "endpoint", "flush")
+        for link in self.links.values():
+            for addr in (link.cpe_ip, link.cpe_ip6):
+                self._ip("cpe", "mptcp", "endpoint", "add", addr, "dev", link.name, *flags)
 
     def _wait_carrier(self, namespaces: Sequence[str], timeout_s: float = 5.0) -> None:
         # A fresh veth reports NO-CARRIER until the kernel's linkwatch runs (up to ~1 s later);
@@ -586,6 +753,7 @@ class Lab:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(5)
         self._procs.clear()
+        self.redis = self.director = None
         for ns in existing_namespaces(self.prefix):
             self._kill_namespace_pids(ns)
             self._run(["ip", "netns", "del", ns], check=False)
@@ -654,6 +822,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--prefix", default="mcl", help="namespace name prefix (default mcl)")
     parser.add_argument("--pods", type=int, default=1, help="number of MCP pod namespaces")
+    parser.add_argument("--director", action="store_true",
+                        help="add the director namespace (VIP, redis-server, `mcpool director`) in front of the pods")
     parser.add_argument("--shape", action="append", default=[], metavar="LINK=SPEC",
                         help="shape an access link, e.g. dsl=40mbit,10ms (repeatable)")
     args = parser.parse_args(argv)
@@ -664,13 +834,19 @@ def main(argv: list[str]) -> int:
     for item in args.shape:
         link, _, spec = item.partition("=")
         shaping[link] = LinkShaping.parse(spec)
-    lab = Lab(Topology(prefix=args.prefix, pods=args.pods, shaping=shaping))
+    lab = Lab(Topology(prefix=args.prefix, pods=args.pods, shaping=shaping, director=args.director))
     if args.action == "down":
         lab.down()
         print(f"lab {args.prefix}: down")
         return 0
     if args.action == "up":
         lab.up()
+        if args.director:
+            # Detached (own sessions): they outlive this command; `lab down` kills them.
+            lab.start_redis()
+            lab.start_director()
+            print(f"director on VIP {lab.vip} in {lab.ns('dir')}, redis at {lab.redis_url}; start pods with "
+                  f"affinity {{mechanism: director, backend: redis, redis_url: {lab.redis_url}, pool: lab}}")
         # The lab outlives this command: forget the work dir instead of removing it.
         print(yaml.safe_dump(lab.describe(), sort_keys=False), end="")
         print(f"lab {args.prefix}: up (e.g. `ip netns exec {lab.ns('cpe')} ping {lab.srv_ip}`; "

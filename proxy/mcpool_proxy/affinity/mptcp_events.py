@@ -25,7 +25,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .registry import AffinityRegistry
@@ -253,19 +253,46 @@ async def publish_tokens(
 
     `local_ports` limits this to connections accepted on those ports (the proxy's listeners);
     client-side connections (the pod's own upstream MPTCP) are never registered.
+
+    Registrations run concurrently (one task each; a close waits for its own connection's
+    registration): awaiting them one by one made a burst of new connections queue behind each
+    other's Redis round trips, and a join waiting at the director for its token sees exactly
+    that queue (measured: 25-50 ms per registration under a burst of 10 connections on 2 cores,
+    enough to exceed a 200 ms `join_wait_ms`).
     """
     mine: set[int] = set()
-    async for event in listener:
-        if event.token is None:
-            continue
-        if event.kind == "created":
-            # Client-side connections (no SERVER_SIDE attribute) are the pod's own, not owned.
-            if not event.server_side or event.daddr is None:
+    pending: dict[int, asyncio.Task[Any]] = {}
+
+    def forget(token: int, task: asyncio.Task[Any]) -> None:
+        if pending.get(token) is task:
+            del pending[token]
+
+    async def unregister_after(token: int, before: asyncio.Task[Any] | None) -> None:
+        if before is not None:
+            await asyncio.gather(before, return_exceptions=True)
+        await registry.unregister_connection(token)
+
+    try:
+        async for event in listener:
+            if event.token is None:
                 continue
-            if local_ports is not None and event.sport not in local_ports:
+            token = event.token
+            task: asyncio.Task[Any]
+            if event.kind == "created":
+                # Client-side connections (no SERVER_SIDE attribute) are the pod's own, not owned.
+                if not event.server_side or event.daddr is None:
+                    continue
+                if local_ports is not None and event.sport not in local_ports:
+                    continue
+                mine.add(token)
+                task = asyncio.ensure_future(registry.register_connection(token, event.daddr))
+            elif event.kind == "closed" and token in mine:
+                mine.discard(token)
+                task = asyncio.ensure_future(unregister_after(token, pending.get(token)))
+            else:
                 continue
-            mine.add(event.token)
-            await registry.register_connection(event.token, event.daddr)
-        elif event.kind == "closed" and event.token in mine:
-            mine.discard(event.token)
-            await registry.unregister_connection(event.token)
+            pending[token] = task
+            task.add_done_callback(lambda t, tok=token: forget(tok, t))  # type: ignore[misc]
+    finally:
+        for task in list(pending.values()):
+            task.cancel()

@@ -111,6 +111,10 @@ class AffinityTable:
             token = int(str(event["token"]), 16)
             self.collided.add(token)
             self.tokens.setdefault(token, str(event.get("owner", "")))
+            # A held join of this token can be decided now (it goes to the first owner).
+            waiter = self._token_waiters.pop(token, None)
+            if waiter is not None:
+                waiter.set()
 
     async def wait_for_token(self, token: int, timeout_s: float) -> None:
         """Return when `token` is in the table or `timeout_s` has passed."""

@@ -1,0 +1,233 @@
+"""The pod side of cluster affinity: what one MCP pod does so its connections' subflows find it.
+
+`PodAffinity` is built by the proxy from `ProxyConfig.affinity` and the proxy's listener ports,
+started after the listeners are bound and stopped last. By mechanism:
+
+- `director`: registers the pod (`ready`, heartbeat TTL) in the registry (`make_registry`), and
+  publishes each MPTCP connection's token from the kernel's `mptcp_pm` netlink events as soon as
+  the kernel creates it (before `accept()`, so a join rarely waits at the director), filtered to
+  the proxy's listener ports. The proxy's connection observer hooks (`opened`/`closed`) register
+  a connection whose netlink event was lost and unregister it at close.
+- `join-address`: sets the C flag and announces this pod's join address (`join_address.py`);
+  with a Redis backend it also registers the pod, so a director can hash initial SYNs to it, but
+  publishes no tokens (joins never pass a director).
+- `none`: nothing.
+
+On drain the pod re-registers as `draining` (directors send it no new initial subflows but keep
+steering joins of its live connections to it); at stop it deregisters everything it owns.
+
+What this module must never do: raise into the proxy. Registry failures are already absorbed by
+the registry (deferred + reconnect); everything else here is caught, logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from ..config import AffinityConfig
+from .join_address import JoinAddress
+from .mptcp_events import MptcpEventListener, publish_tokens
+from .registry import (
+    AffinityRegistry,
+    PodState,
+    RegistrationResult,
+    make_registry,
+    resolve_pod_name,
+)
+
+if TYPE_CHECKING:
+    from ..connections import Connection
+
+__all__ = ["PodAffinity", "REGISTER_DELAY_ENV", "resolve_advertise"]
+
+log = logging.getLogger("mcpool.affinity.pod")
+
+# Test hook only: delay every token registration by this many milliseconds, to provoke the
+# join-before-registration race (and to let a test claim a token first: a forced collision).
+REGISTER_DELAY_ENV = "MCPOOL_TEST_AFFINITY_REGISTER_DELAY_MS"
+
+
+def resolve_advertise(config: AffinityConfig) -> str:
+    """Where the director forwards this pod's flows: `affinity.advertise`, else $POD_IP."""
+    return config.advertise or os.environ.get("POD_IP", "")
+
+
+class _DelayedRegistry:
+    """Wraps a registry so each token registration happens `delay_s` late (the test hook)."""
+
+    def __init__(self, inner: AffinityRegistry, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+        self.pod_name = inner.pod_name
+        self._waiting: dict[int, str] = {}
+
+    async def register_connection(self, token: int, cpe: str) -> RegistrationResult:
+        self._waiting[token] = cpe
+        try:
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self._waiting.pop(token, None)
+        return await self.inner.register_connection(token, cpe)
+
+    def live_connections(self) -> Mapping[int, str]:
+        # Counted as live while delayed, so the proxy's opened() hook does not register twice.
+        return {**self._waiting, **self.inner.live_connections()}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class PodAffinity:
+    """One pod's affinity component; also a `ConnectionObserver` for the proxy."""
+
+    def __init__(
+        self,
+        config: AffinityConfig,
+        listen_ports: Collection[int],
+        *,
+        metrics_registry: CollectorRegistry | None = None,
+        registry: AffinityRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.listen_ports = frozenset(listen_ports)
+        self.pod_name = resolve_pod_name(config)
+        self.enabled = config.mechanism != "none"
+        self.registry: AffinityRegistry | None = None
+        if registry is not None:
+            self.registry = registry
+        elif self.enabled and (config.mechanism == "director" or config.backend == "redis"):
+            # make_registry reads the advertise address from the config; fill in $POD_IP.
+            cfg = config.model_copy(update={"advertise": resolve_advertise(config)})
+            self.registry = make_registry(cfg, self.pod_name, metrics_registry)
+        self.publish = config.mechanism == "director"
+        self.join: JoinAddress | None = None
+        if config.mechanism == "join-address" and config.join_address is not None:
+            self.join = JoinAddress(config.join_address, self.listen_ports)
+        delay_ms = float(os.environ.get(REGISTER_DELAY_ENV, "0") or 0)
+        self._tokens: AffinityRegistry | None = self.registry
+        if self.registry is not None and delay_ms > 0:
+            log.warning("test hook %s=%s: token registrations are delayed", REGISTER_DELAY_ENV, delay_ms)
+            self._tokens = _DelayedRegistry(self.registry, delay_ms / 1000)
+        self.listener: MptcpEventListener | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.errors = 0
+        self.state: PodState | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Announce the join address / register the pod / start publishing tokens."""
+        if not self.enabled:
+            return
+        try:
+            if self.join is not None:
+                await asyncio.to_thread(self.join.start)
+            if self.registry is not None:
+                await self.registry.start()
+                await self.registry.register_pod("ready")
+                self.state = "ready"
+            if self.publish and self._tokens is not None:
+                listener = MptcpEventListener()
+                listener.open()
+                self.listener = listener
+                self._publisher = asyncio.get_running_loop().create_task(self._publish(listener, self._tokens))
+        except Exception:  # noqa: BLE001 - never into the proxy
+            self.errors += 1
+            log.exception("affinity: start failed; the pod serves, but its joins may not be steered")
+        log.info(
+            "affinity started",
+            extra={"fields": {"mechanism": self.config.mechanism, "pod": self.pod_name,
+                              "backend": self.config.backend, "publishing_tokens": self._publisher is not None,
+                              "join_address": self.join.active if self.join else None}},
+        )  # fmt: skip
+
+    async def _publish(self, listener: MptcpEventListener, registry: AffinityRegistry) -> None:
+        # publish_tokens runs forever; if it dies on an unexpected error, restart it after a pause
+        # rather than leaving the pod silently unsteerable.
+        while True:
+            try:
+                await publish_tokens(registry, listener, local_ports=self.listen_ports)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("affinity: token publisher failed; restarting in 1 s")
+                await asyncio.sleep(1.0)
+
+    async def drain(self) -> None:
+        """Tell directors this pod takes no new initial subflows (its joins still arrive)."""
+        if self.registry is None or self.state == "draining":
+            return
+        self.state = "draining"
+        try:
+            await self.registry.register_pod("draining")
+        except Exception:  # noqa: BLE001
+            self.errors += 1
+            log.exception("affinity: registering as draining failed")
+
+    async def stop(self) -> None:
+        """Deregister the pod and its connections; remove the join address. Idempotent."""
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._publisher
+            self._publisher = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.registry is not None and self.state is not None:
+            self.state = None
+            try:
+                await self.registry.stop()
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("affinity: deregistering failed (entries expire with the heartbeat TTL)")
+        if self.join is not None:
+            try:
+                await asyncio.to_thread(self.join.stop)
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("affinity: removing the join address failed")
+
+    # -- ConnectionObserver ---------------------------------------------------------------------
+
+    def opened(self, conn: Connection) -> None:
+        # Normally the netlink event registered the token long before; this covers lost events
+        # (ENOBUFS) at the cost of nothing when it is already live (no Redis round trip).
+        registry = self._tokens
+        if not self.publish or registry is None or conn.token is None or self.state is None:
+            return
+        token = int(conn.token, 16)
+        if token in registry.live_connections():
+            return
+        self._spawn(registry.register_connection(token, conn.client[0]))
+
+    def closed(self, conn: Connection, reason: str) -> None:
+        registry = self.registry
+        if not self.publish or registry is None or conn.token is None or self.state is None:
+            return
+        token = int(conn.token, 16)
+        if token in registry.live_connections():
+            self._spawn(registry.unregister_connection(token, conn.client[0]))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(self._guard(coro))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guard(self, coro: Any) -> None:
+        try:
+            await coro
+        except Exception:  # noqa: BLE001
+            self.errors += 1
+            log.exception("affinity: registry call failed")
