@@ -1,0 +1,599 @@
+"""Pure builders: one MCPPool (`spec.Pool`) in, the plain Kubernetes objects of its pool out.
+
+Every function here is deterministic and does no I/O, so the whole desired state of a pool can be
+unit-tested and validated against the Kubernetes schemas without a cluster. The reconciler
+(`mcpool_operator.reconcile`) adds owner references and talks to the API; nothing here may.
+
+The proxy's configuration is rendered from the proxy's own model (`mcpool_proxy.config`), so a
+ConfigMap this module writes is one the proxy accepts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import yaml
+from mcpool_proxy.config import (
+    AffinityConfig,
+    KernelConfig,
+    ListenConfig,
+    PolicyConfig,
+    ProxyConfig,
+    RelayConfig,
+    UpstreamConfig,
+)
+
+from .spec import Pool
+
+__all__ = [
+    "ADMIN_PORT",
+    "CONFIG_HASH_ANNOTATION",
+    "MANAGED_BY",
+    "MANAGED_BY_LABEL",
+    "POOL_LABEL",
+    "build_children",
+    "build_configmap",
+    "build_director_configmap",
+    "build_director_daemonset",
+    "build_headless_service",
+    "build_join_services",
+    "build_pdb",
+    "build_proxy_config",
+    "build_service",
+    "build_service_account",
+    "build_statefulset",
+    "config_hash",
+    "pod_sysctls",
+    "selector_labels",
+    "status_selector",
+]
+
+ADMIN_PORT = 9090
+CONFIG_DIR = "/etc/mcpool"
+DIRECTOR_CONFIG_DIR = "/etc/mcpool-director"
+RUN_AS_USER = 10001
+MANAGED_BY = "mcpool-operator"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+POOL_LABEL = "mcp.mptcp.dev/pool"
+CONFIG_HASH_ANNOTATION = "mcp.mptcp.dev/config-hash"
+
+
+# --- names -------------------------------------------------------------------------------------
+# Deterministic: the reconciler finds children by name, so a restart never creates duplicates.
+
+
+def statefulset_name(pool: Pool) -> str:
+    return pool.name
+
+
+def service_name(pool: Pool) -> str:
+    return pool.name
+
+
+def headless_service_name(pool: Pool) -> str:
+    return f"{pool.name}-pods"
+
+
+def join_service_name(pool: Pool, ordinal: int) -> str:
+    return f"{pool.name}-join-{ordinal}"
+
+
+def configmap_name(pool: Pool) -> str:
+    return f"{pool.name}-config"
+
+
+def service_account_name(pool: Pool) -> str:
+    return f"{pool.name}-mcp"
+
+
+def pdb_name(pool: Pool) -> str:
+    return pool.name
+
+
+def director_name(pool: Pool) -> str:
+    return f"{pool.name}-director"
+
+
+def pod_name(pool: Pool, ordinal: int) -> str:
+    return f"{statefulset_name(pool)}-{ordinal}"
+
+
+def registry_pool_name(pool: Pool) -> str:
+    """The pool's key prefix in the shared Redis: unique across namespaces, at most 63 chars."""
+    name = f"{pool.namespace}.{pool.name}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return f"{name[:52]}-{digest}"
+
+
+# --- labels ------------------------------------------------------------------------------------
+
+
+def selector_labels(pool: Pool, component: str = "proxy") -> dict[str, str]:
+    """The immutable selector of a workload (never add keys: selectors cannot change)."""
+    return {
+        "app.kubernetes.io/name": "mcpool",
+        "app.kubernetes.io/instance": pool.name,
+        "app.kubernetes.io/component": component,
+    }
+
+
+def labels(pool: Pool, component: str = "proxy") -> dict[str, str]:
+    return {
+        **selector_labels(pool, component),
+        MANAGED_BY_LABEL: MANAGED_BY,
+        POOL_LABEL: pool.name,
+    }
+
+
+def status_selector(pool: Pool) -> str:
+    """The label selector written to status.selector (the scale subresource's labelSelectorPath)."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(pool).items())
+
+
+def _meta(pool: Pool, name: str, component: str = "proxy") -> dict[str, Any]:
+    return {"name": name, "namespace": pool.namespace, "labels": labels(pool, component)}
+
+
+# --- proxy configuration -----------------------------------------------------------------------
+
+
+def build_proxy_config(pool: Pool, ordinal: int | None = None) -> ProxyConfig:
+    """The configuration of pod `ordinal` (only join-address pods differ from each other)."""
+    spec = pool.spec
+    listen = ListenConfig(
+        convert=f"[::]:{spec.listeners.convert.port}" if spec.listeners.convert.enabled else None,
+        socks5=f"[::]:{spec.listeners.socks5.port}" if spec.listeners.socks5.enabled else None,
+        # 0 disables TFO on the listeners, so the setting and the pod's sysctl agree.
+        fastopen_queue=4096 if spec.listeners.fast_open else 0,
+    )
+    mechanism = spec.affinity.mechanism
+    join_address = None
+    if mechanism == "join-address":
+        if ordinal is None:
+            raise ValueError("join-address pools have one configuration per pod: pass the ordinal")
+        address = spec.affinity.join_addresses[ordinal]
+        host = f"[{address}]" if ":" in address else address
+        join_address = f"{host}:{spec.effective_join_port()}"
+    redis_url = spec.redis.url if spec.redis is not None else None
+    affinity = AffinityConfig(
+        mechanism=mechanism,
+        backend="redis" if redis_url else "memory",
+        redis_url=redis_url,
+        pool=registry_pool_name(pool),
+        # pod_name and advertise stay null: the proxy reads POD_NAME and POD_IP from its
+        # environment (downward API), which a shared ConfigMap cannot know.
+        pod_name=None,
+        advertise=None,
+        join_address=join_address,
+    )
+    return ProxyConfig(
+        listen=listen,
+        admin=f"0.0.0.0:{ADMIN_PORT}",
+        upstream=UpstreamConfig(
+            protocol=spec.upstream.protocol, connect_timeout_s=spec.upstream.connect_timeout_seconds
+        ),
+        policy=PolicyConfig(
+            allowed_cpes=list(spec.policy.allowed_cpes),
+            denied_destinations=list(spec.policy.denied_destinations),
+            deny_default_destinations=spec.policy.deny_default_destinations,
+            allowed_ports=list(spec.policy.allowed_ports),
+            max_connections=spec.policy.max_connections,
+            max_connections_per_cpe=spec.policy.max_connections_per_cpe,
+            handshake_timeout_s=spec.policy.handshake_timeout_seconds,
+            max_handshake_bytes=spec.policy.max_handshake_bytes,
+        ),
+        relay=RelayConfig(
+            mode=spec.relay.mode,
+            idle_timeout_s=spec.relay.idle_timeout_seconds,
+            buffer_bytes=spec.relay.buffer_bytes,
+        ),
+        # The pod's securityContext.sysctls set these (see pod_sysctls); the proxy must not try.
+        kernel=KernelConfig(
+            mptcp_checksum=spec.kernel.mptcp_checksum,
+            tcp_fastopen_server=spec.listeners.fast_open,
+            apply_sysctls=False,
+        ),
+        affinity=affinity,
+        drain_timeout_s=spec.drain_timeout_seconds,
+        log_level=spec.log_level,
+    )
+
+
+def _config_file_names(pool: Pool) -> list[tuple[str, int | None]]:
+    if pool.spec.affinity.mechanism == "join-address":
+        # One file per join address, not per replica, so scaling does not change the ConfigMap
+        # (and so does not roll every pod).
+        return [
+            (f"{pod_name(pool, i)}.yaml", i) for i in range(len(pool.spec.affinity.join_addresses))
+        ]
+    return [("config.yaml", None)]
+
+
+def config_path(pool: Pool) -> str:
+    """The --config argument; $(POD_NAME) is expanded by the kubelet from the container's env."""
+    if pool.spec.affinity.mechanism == "join-address":
+        return f"{CONFIG_DIR}/$(POD_NAME).yaml"
+    return f"{CONFIG_DIR}/config.yaml"
+
+
+def build_configmap(pool: Pool) -> dict[str, Any]:
+    data = {name: build_proxy_config(pool, ordinal).to_yaml() for name, ordinal in _config_file_names(pool)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(pool, configmap_name(pool)),
+        "data": data,
+    }
+
+
+def config_hash(configmap: dict[str, Any]) -> str:
+    """A digest of a ConfigMap's data: put on the pod template, a change rolls the pods."""
+    text = json.dumps(configmap.get("data", {}), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- pods --------------------------------------------------------------------------------------
+
+
+def pod_sysctls(pool: Pool) -> list[dict[str, str]]:
+    """MPTCP sysctls are per network namespace, so each pod sets its own (needs the kubelet's
+    --allowed-unsafe-sysctls; see docs/operator.md)."""
+    spec = pool.spec
+    sysctls = [
+        {"name": "net.mptcp.enabled", "value": "1"},
+        {"name": "net.mptcp.checksum_enabled", "value": "1" if spec.kernel.mptcp_checksum else "0"},
+    ]
+    if spec.affinity.mechanism == "join-address":
+        # Sets the MP_CAPABLE C flag: clients must join the pod's own address, not the VIP.
+        sysctls.append({"name": "net.mptcp.allow_join_initial_addr_port", "value": "0"})
+    if spec.listeners.fast_open:
+        sysctls.append({"name": "net.ipv4.tcp_fastopen", "value": "3"})
+    return sysctls
+
+
+def _proxy_capabilities(pool: Pool) -> list[str]:
+    caps = []
+    # join-address: the pod adds its join address and an MPTCP 'signal' endpoint; director: the
+    # pod puts the VIP on its loopback and decapsulates the director's tunnel (direct return).
+    if pool.spec.affinity.mechanism in ("join-address", "director"):
+        caps.append("NET_ADMIN")
+    if any(port < 1024 for port in pool.spec.listener_ports()):
+        caps.append("NET_BIND_SERVICE")
+    return caps
+
+
+def _container_security(capabilities: list[str]) -> dict[str, Any]:
+    security: dict[str, Any] = {
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if capabilities:
+        security["capabilities"]["add"] = list(capabilities)
+        # Kubernetes gives added capabilities to a non-root process only through file
+        # capabilities, which allowPrivilegeEscalation=false disables; so a container that needs
+        # one runs as uid 0 holding nothing but that capability (ALL else dropped).
+        security.update({"runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False})
+    return security
+
+
+def _proxy_env(pool: Pool) -> list[dict[str, Any]]:
+    def field(path: str) -> dict[str, Any]:
+        return {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}
+
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+        {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+        {"name": "POD_IP", "valueFrom": field("status.podIP")},
+    ]
+    env.extend(_redis_env(pool))
+    if pool.spec.opentelemetry.endpoint:
+        env.append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": pool.spec.opentelemetry.endpoint})
+    env.append({"name": "OTEL_SERVICE_NAME", "value": "mcpool-proxy"})
+    # $(VAR) references expand only to variables defined earlier in this list.
+    env.append(
+        {
+            "name": "OTEL_RESOURCE_ATTRIBUTES",
+            "value": "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),"
+            f"mcpool.pool={pool.name}",
+        }
+    )
+    return env
+
+
+def _redis_env(pool: Pool) -> list[dict[str, Any]]:
+    redis = pool.spec.redis
+    if redis is None or redis.password_secret_ref is None:
+        return []
+    ref = redis.password_secret_ref
+    return [{"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
+def _tolerations(items: list[Any]) -> list[dict[str, Any]]:
+    return [t.model_dump(by_alias=True, exclude_none=True) for t in items]
+
+
+def _resources(pool: Pool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if pool.spec.resources.requests:
+        out["requests"] = dict(pool.spec.resources.requests)
+    if pool.spec.resources.limits:
+        out["limits"] = dict(pool.spec.resources.limits)
+    return out
+
+
+def build_statefulset(pool: Pool) -> dict[str, Any]:
+    spec = pool.spec
+    ports = [{"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}]
+    if spec.listeners.convert.enabled:
+        ports.insert(0, {"name": "convert", "containerPort": spec.listeners.convert.port, "protocol": "TCP"})
+    if spec.listeners.socks5.enabled:
+        ports.insert(-1, {"name": "socks5", "containerPort": spec.listeners.socks5.port, "protocol": "TCP"})
+    container: dict[str, Any] = {
+        "name": "proxy",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["mcpool"],
+        "args": ["proxy", "--config", config_path(pool)],
+        "env": _proxy_env(pool),
+        "ports": ports,
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "admin"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "admin"},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "securityContext": _container_security(_proxy_capabilities(pool)),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    resources = _resources(pool)
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(pool),
+        # The proxy never talks to the Kubernetes API.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        # Above the drain timeout, so SIGTERM's drain finishes before the kubelet's SIGKILL.
+        "terminationGracePeriodSeconds": math.ceil(spec.drain_timeout_seconds) + 15,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+            "sysctls": pod_sysctls(pool),
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": configmap_name(pool)}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        ],
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = _tolerations(spec.tolerations)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _meta(pool, statefulset_name(pool)),
+        "spec": {
+            "replicas": spec.replicas,
+            "serviceName": headless_service_name(pool),
+            # Pods are independent proxies: start and replace them all at once.
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "selector": {"matchLabels": selector_labels(pool)},
+            "template": {
+                "metadata": {
+                    "labels": labels(pool),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(build_configmap(pool))},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+# --- services ----------------------------------------------------------------------------------
+
+
+def _service_ports(pool: Pool) -> list[dict[str, Any]]:
+    spec = pool.spec
+    ports = []
+    if spec.listeners.convert.enabled:
+        ports.append({"name": "convert", "port": spec.listeners.convert.port, "targetPort": "convert", "protocol": "TCP"})
+    if spec.listeners.socks5.enabled:
+        ports.append({"name": "socks5", "port": spec.listeners.socks5.port, "targetPort": "socks5", "protocol": "TCP"})
+    return ports
+
+
+def build_service(pool: Pool) -> dict[str, Any]:
+    """The VIP Service clients connect to."""
+    svc = pool.spec.service
+    spec: dict[str, Any] = {
+        "type": svc.type,
+        "selector": selector_labels(pool),
+        "ports": _service_ports(pool),
+    }
+    if svc.type in ("LoadBalancer", "NodePort"):
+        spec["externalTrafficPolicy"] = svc.external_traffic_policy
+    if svc.addresses:
+        if svc.type == "LoadBalancer":
+            spec["loadBalancerIP"] = svc.addresses[0]
+        else:
+            spec["externalIPs"] = list(svc.addresses)
+    meta = _meta(pool, service_name(pool))
+    if svc.annotations:
+        meta["annotations"] = dict(svc.annotations)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": spec}
+
+
+def build_headless_service(pool: Pool) -> dict[str, Any]:
+    """The StatefulSet's governing Service: stable DNS names for the pods."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(pool, headless_service_name(pool)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(pool),
+            "ports": [{"name": "admin", "port": ADMIN_PORT, "targetPort": "admin", "protocol": "TCP"}],
+            "publishNotReadyAddresses": True,
+        },
+    }
+
+
+def build_join_services(pool: Pool) -> list[dict[str, Any]]:
+    """For join-address: pod N's own address, routed to pod N only."""
+    if pool.spec.affinity.mechanism != "join-address":
+        return []
+    port = pool.spec.effective_join_port()
+    services = []
+    for ordinal in range(pool.spec.replicas):
+        selector = {**selector_labels(pool), "statefulset.kubernetes.io/pod-name": pod_name(pool, ordinal)}
+        services.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": _meta(pool, join_service_name(pool, ordinal)),
+                "spec": {
+                    "type": "LoadBalancer",
+                    "loadBalancerIP": pool.spec.affinity.join_addresses[ordinal],
+                    "externalTrafficPolicy": "Local",
+                    "selector": selector,
+                    "ports": [{"name": "join", "port": port, "targetPort": port, "protocol": "TCP"}],
+                },
+            }
+        )
+    return services
+
+
+def build_service_account(pool: Pool) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(pool, service_account_name(pool)),
+        "automountServiceAccountToken": False,
+    }
+
+
+def build_pdb(pool: Pool) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(pool, pdb_name(pool)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(pool)}},
+    }
+
+
+# --- director ----------------------------------------------------------------------------------
+
+
+def director_config(pool: Pool) -> dict[str, Any]:
+    """The keys of `mcpool director --config FILE`."""
+    redis = pool.spec.redis
+    return {
+        "vip": pool.spec.director_vip(),
+        "ports": pool.spec.listener_ports(),
+        "redis_url": redis.url if redis is not None else None,
+        "pool": registry_pool_name(pool),
+    }
+
+
+def build_director_configmap(pool: Pool) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(pool, director_name(pool), "director"),
+        "data": {"director.yaml": yaml.safe_dump(director_config(pool), sort_keys=False)},
+    }
+
+
+def build_director_daemonset(pool: Pool) -> dict[str, Any]:
+    spec = pool.spec
+    env: list[dict[str, Any]] = [
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}},
+        *_redis_env(pool),
+        {"name": "OTEL_SERVICE_NAME", "value": "mcpool-director"},
+    ]
+    if spec.opentelemetry.endpoint:
+        env.append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": spec.opentelemetry.endpoint})
+    container = {
+        "name": "director",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["mcpool"],
+        "args": ["director", "--config", f"{DIRECTOR_CONFIG_DIR}/director.yaml"],
+        "env": env,
+        # nftables rules and the NFQUEUE/raw sockets in the node's network namespace.
+        "securityContext": _container_security(["NET_ADMIN", "NET_RAW"]),
+        "volumeMounts": [
+            {"name": "config", "mountPath": DIRECTOR_CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "hostNetwork": True,
+        "dnsPolicy": "ClusterFirstWithHostNet",
+        "serviceAccountName": service_account_name(pool),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": director_name(pool)}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}},
+        ],
+    }
+    if spec.director.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.director.node_selector)
+    if spec.director.tolerations:
+        pod_spec["tolerations"] = _tolerations(spec.director.tolerations)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _meta(pool, director_name(pool), "director"),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(pool, "director")},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {
+                "metadata": {
+                    "labels": labels(pool, "director"),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(build_director_configmap(pool))},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+# --- everything --------------------------------------------------------------------------------
+
+
+def build_children(pool: Pool) -> list[dict[str, Any]]:
+    """Every object of the pool, in creation order (config before the pods that mount it)."""
+    children = [
+        build_service_account(pool),
+        build_configmap(pool),
+        build_headless_service(pool),
+        build_service(pool),
+        *build_join_services(pool),
+    ]
+    if pool.spec.affinity.mechanism == "director":
+        children += [build_director_configmap(pool), build_director_daemonset(pool)]
+    children += [build_statefulset(pool), build_pdb(pool)]
+    return children

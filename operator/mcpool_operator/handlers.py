@@ -1,0 +1,219 @@
+"""kopf wiring: which events call the one reconcile, and the operator's settings.
+
+Handlers are registered into a fresh `kopf.OperatorRegistry` per run (`build_registry`), not into
+kopf's global registry at import time, so tests can start, stop and restart the operator in one
+process and the timer interval can come from the command line.
+
+- MCPPool create / update / resume, and a slow timer: reconcile.
+- Events of the pool's children (label `app.kubernetes.io/managed-by=mcpool-operator`): a child
+  deleted or edited away from the spec, or a StatefulSet whose pods changed, reconciles its pool
+  at once instead of waiting for the timer.
+- Events of the pool's pods: a pod the kubelet rejected with `SysctlForbidden` (or one going
+  away) reconciles the pool, which surfaces it as `Degraded=True`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+
+from . import builders
+from .kube import load_connection
+from .reconcile import Reconciler, as_body, is_subset
+from .spec import GROUP, PLURAL, VERSION, Pool, SpecError
+
+__all__ = ["ANNOTATION_PREFIX", "FINALIZER", "OperatorOptions", "build_registry", "configure_settings"]
+
+ANNOTATION_PREFIX = "mcp.mptcp.dev"
+FINALIZER = f"{ANNOTATION_PREFIX}/finalizer"
+
+# (group, version, plural) of every child kind the operator watches.
+CHILD_RESOURCES: tuple[tuple[str, str, str], ...] = (
+    ("apps", "v1", "statefulsets"),
+    ("apps", "v1", "daemonsets"),
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+    ("", "v1", "serviceaccounts"),
+    ("policy", "v1", "poddisruptionbudgets"),
+)
+KIND_OF_PLURAL = {
+    "statefulsets": "StatefulSet",
+    "daemonsets": "DaemonSet",
+    "services": "Service",
+    "configmaps": "ConfigMap",
+    "serviceaccounts": "ServiceAccount",
+    "poddisruptionbudgets": "PodDisruptionBudget",
+}
+
+
+@dataclass(frozen=True)
+class OperatorOptions:
+    """Everything `mcpool operator` can be told (see main.py for the flags)."""
+
+    namespaces: tuple[str, ...] = ()
+    all_namespaces: bool = False
+    liveness_endpoint: str | None = "http://0.0.0.0:8080/healthz"
+    resync_interval_s: float = 300.0
+    # Kubernetes silently stalls long watches; ask the server to end them and reconnect.
+    watch_server_timeout_s: float = 300.0
+    watch_client_timeout_s: float = 360.0
+    watch_connect_timeout_s: float = 10.0
+    request_timeout_s: float = 30.0
+    # How long kopf keeps an idle per-object worker (and so how long a stop may wait for it).
+    worker_idle_timeout_s: float = 5.0
+    log_format: str = "json"
+    verbose: bool = False
+
+
+def configure_settings(settings: kopf.OperatorSettings, options: OperatorOptions) -> None:
+    """kopf settings: own finalizer and annotation prefix, timeouts, quiet event posting."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.watching.server_timeout = options.watch_server_timeout_s
+    settings.watching.client_timeout = options.watch_client_timeout_s
+    settings.watching.connect_timeout = options.watch_connect_timeout_s
+    settings.networking.request_timeout = options.request_timeout_s
+    settings.queueing.idle_timeout = options.worker_idle_timeout_s
+    # The resync timer holds no state: on exit or deletion let it go at once.
+    settings.background.instant_exit_timeout = 0.1
+    settings.networking.connect_timeout = options.watch_connect_timeout_s
+    # The CRD is installed before the operator and namespaces are given by exact name: no need
+    # to watch CRDs and namespaces (and no RBAC to read them).
+    settings.scanning.disabled = True
+    # One replica with strategy Recreate: no peering objects (and no RBAC for them).
+    settings.peering.standalone = True
+    # Only warnings become Events automatically; the reconciler posts its own Normal events.
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "mcpool-operator"
+    settings.posting.reporting_instance = os.environ.get("POD_NAME") or socket.gethostname()
+    # kopf retries a failing handler with these delays (seconds) until it succeeds.
+    settings.execution.max_workers = 4
+
+
+def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec", "status") if key in body}
+
+
+def _desired_child(pool_body: Mapping[str, Any], kind: str, name: str) -> dict[str, Any] | None:
+    try:
+        children = builders.build_children(Pool.from_body(pool_body))
+    except (SpecError, ValueError):
+        return None
+    for child in children:
+        if child["kind"] == kind and child["metadata"]["name"] == name:
+            kopf.adopt(child, owner=as_body(pool_body))
+            return child
+    return None
+
+
+def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    pools = (GROUP, VERSION, PLURAL)
+    managed = {builders.MANAGED_BY_LABEL: builders.MANAGED_BY}
+
+    @kopf.on.login(registry=registry, id="login")
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        # The same credentials as the operator's own client: in-cluster service account, else
+        # the kubeconfig (what kopf's default login does, but reading $KUBECONFIG at call time).
+        return load_connection().to_kopf()
+
+    @kopf.on.startup(registry=registry, id="configure")
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_settings(settings, options)
+
+    @kopf.index(*pools, registry=registry, id="pool_index")
+    def pool_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
+        return {(str(namespace), name): _snapshot(body)}
+
+    async def reconcile_or_fail(body: kopf.Body, logger: kopf.Logger) -> None:
+        outcome = await reconciler.reconcile(body, logger)
+        if outcome.spec_error is not None:
+            # Degraded=True and an Event are written; retrying cannot help until the spec changes.
+            raise kopf.PermanentError(outcome.spec_error)
+
+    @kopf.on.create(*pools, registry=registry, id="reconcile")
+    async def pool_created(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        await reconcile_or_fail(body, logger)
+
+    @kopf.on.update(*pools, registry=registry, id="reconcile")
+    async def pool_updated(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        await reconcile_or_fail(body, logger)
+
+    @kopf.on.resume(*pools, registry=registry, id="reconcile")
+    async def pool_resumed(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        await reconcile_or_fail(body, logger)
+
+    @kopf.timer(
+        *pools,
+        interval=options.resync_interval_s,
+        initial_delay=options.resync_interval_s,
+        registry=registry,
+        id="resync",
+    )
+    async def pool_resync(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        # Never raises for a bad spec: the status already says so, and a timer must keep going.
+        await reconciler.reconcile(body, logger)
+
+    def pool_of(pool_index: kopf.Index[Any, Any], namespace: str | None, labels: Mapping[str, str]) -> dict[str, Any] | None:
+        name = labels.get(builders.POOL_LABEL)
+        if not name or namespace is None:
+            return None
+        store = pool_index.get((namespace, name))
+        for pool_body in store or ():
+            if not (pool_body.get("metadata") or {}).get("deletionTimestamp"):
+                result: dict[str, Any] = pool_body
+                return result
+        return None
+
+    async def child_changed(
+        type: str,
+        body: kopf.Body,
+        namespace: str | None,
+        name: str,
+        labels: Mapping[str, str],
+        resource: kopf.Resource,
+        logger: kopf.Logger,
+        **kwargs: Any,
+    ) -> None:
+        pool_body = pool_of(kwargs["pool_index"], namespace, labels)
+        if pool_body is None:
+            return
+        kind = KIND_OF_PLURAL[resource.plural]
+        deleted = type == "DELETED"
+        desired = _desired_child(pool_body, kind, name)
+        drifted = desired is None or not is_subset(desired, dict(body))
+        # A StatefulSet's status carries the ready count the pool's status reports.
+        if deleted or drifted or kind == "StatefulSet":
+            await reconciler.reconcile(pool_body, logger)
+
+    for group, version, plural in CHILD_RESOURCES:
+        kopf.on.event(group, version, plural, labels=managed, registry=registry, id=f"child-{plural}")(
+            child_changed
+        )
+
+    @kopf.on.event("", "v1", "pods", labels=managed, registry=registry, id="pods")
+    async def pod_changed(
+        type: str,
+        body: kopf.Body,
+        namespace: str | None,
+        labels: Mapping[str, str],
+        logger: kopf.Logger,
+        **kwargs: Any,
+    ) -> None:
+        rejected = (body.get("status") or {}).get("reason") == "SysctlForbidden"
+        if not (rejected or type == "DELETED"):
+            return
+        pool_body = pool_of(kwargs["pool_index"], namespace, labels)
+        if pool_body is not None:
+            await reconciler.reconcile(pool_body, logger)
+
+    return registry

@@ -1,0 +1,134 @@
+"""`mcpool operator`: run the kopf operator that reconciles MCPPool resources.
+
+Parses the command line into `OperatorOptions`, sets up structured (JSON) logging and, only when
+the standard OTEL_* variables ask for it, an OTLP trace exporter; then runs kopf with a registry
+built by `handlers.build_registry`. `run()` is the programmatic entry the tests and the benchmark
+use (same code path, their own stop flag and API connection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import threading
+from collections.abc import Sequence
+
+import kopf
+
+from .handlers import OperatorOptions, build_registry
+from .kube import Connection, KubeClient
+from .reconcile import EventPoster, Reconciler, kopf_event
+
+__all__ = ["main", "parse_args", "run"]
+
+
+def parse_args(argv: Sequence[str]) -> OperatorOptions:
+    parser = argparse.ArgumentParser(
+        prog="mcpool operator", description="Reconcile MCPPool resources into running MCP pools."
+    )
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch this namespace (repeatable; exact names)",
+    )
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    parser.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8080/healthz",
+        metavar="URL",
+        help="liveness endpoint served by kopf ('' disables it)",
+    )
+    parser.add_argument("--resync-interval", type=float, default=300.0, metavar="S",
+                        help="reconcile every pool at least this often (seconds)")
+    parser.add_argument("--watch-server-timeout", type=float, default=300.0, metavar="S",
+                        help="ask the API server to end watches after this long (they silently stall otherwise)")
+    parser.add_argument("--watch-client-timeout", type=float, default=360.0, metavar="S",
+                        help="give up on a watch connection after this long")
+    parser.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
+                        help="timeout of each API request")
+    parser.add_argument("--log-format", choices=("json", "plain", "full"), default="json")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    args = parser.parse_args(list(argv))
+    namespaces = tuple(args.namespace)
+    if not namespaces and not args.all_namespaces:
+        # In a pod, default to the pod's own namespace (the namespaced Role's scope).
+        own = os.environ.get("POD_NAMESPACE")
+        if not own:
+            parser.error("give --namespace NS (repeatable) or --all-namespaces")
+        namespaces = (own,)
+    return OperatorOptions(
+        namespaces=namespaces,
+        all_namespaces=bool(args.all_namespaces),
+        liveness_endpoint=args.liveness or None,
+        resync_interval_s=args.resync_interval,
+        watch_server_timeout_s=args.watch_server_timeout,
+        watch_client_timeout_s=args.watch_client_timeout,
+        request_timeout_s=args.request_timeout,
+        log_format=args.log_format,
+        verbose=bool(args.verbose),
+    )
+
+
+def setup_tracing() -> bool:
+    """Export spans over OTLP/HTTP only when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set."""
+    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return False
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    os.environ.setdefault("OTEL_SERVICE_NAME", "mcpool-operator")
+    provider = TracerProvider(resource=Resource.create())
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return True
+
+
+async def run(
+    options: OperatorOptions,
+    *,
+    connection: Connection | None = None,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
+    post_event: EventPoster = kopf_event,
+) -> None:
+    """Run the operator until `stop_flag` is set (or forever)."""
+    client = KubeClient(connection, request_timeout_s=options.request_timeout_s)
+    reconciler = Reconciler(client, post_event=post_event)
+    registry = build_registry(options, reconciler)
+    try:
+        await kopf.operator(
+            registry=registry,
+            clusterwide=options.all_namespaces,
+            namespaces=() if options.all_namespaces else options.namespaces,
+            standalone=True,
+            liveness_endpoint=options.liveness_endpoint,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        await client.close()
+
+
+def main(argv: list[str]) -> int:
+    options = parse_args(argv)
+    log_format = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}
+    kopf.configure(verbose=options.verbose, log_format=log_format[options.log_format])
+    setup_tracing()
+    try:
+        asyncio.run(run(options))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,500 @@
+"""The MCPPool custom resource: its typed spec and the identity of one pool.
+
+`MCPPoolSpec` is the single source of truth for the resource's shape: the CRD's OpenAPI schema
+is generated from it (`mcpool_operator.crd`), the operator parses every object it handles with
+it, and the builders (`mcpool_operator.builders`) read nothing else. Field names are snake_case
+in Python and camelCase in Kubernetes (aliases), as the Kubernetes API conventions ask.
+
+The cross-field rules are written twice on purpose: once as CEL `x-kubernetes-validations` (the
+API server rejects a bad object before anybody sees it) and once as pydantic validators (an
+object that got past an older API server without CEL still gets a human-readable `Degraded`
+condition instead of a broken pool). `tests/operator/test_crd.py` checks both agree.
+
+Nothing here talks to Kubernetes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "DEFAULT_IMAGE",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "SHORT_NAME",
+    "VERSION",
+    "MAX_POOL_NAME_LENGTH",
+    "AffinitySpec",
+    "DirectorSpec",
+    "KernelSpec",
+    "ListenersSpec",
+    "MCPPoolSpec",
+    "Pool",
+    "PolicySpec",
+    "RedisSpec",
+    "RelaySpec",
+    "ResourcesSpec",
+    "SecretKeyRef",
+    "ServiceSpec",
+    "SpecError",
+    "Toleration",
+    "UpstreamSpec",
+    "parse_spec",
+]
+
+GROUP = "mcp.mptcp.dev"
+VERSION = "v1alpha1"
+KIND = "MCPPool"
+PLURAL = "mcppools"
+SINGULAR = "mcppool"
+SHORT_NAME = "mcpp"
+CATEGORY = "mcp"
+DEFAULT_IMAGE = "ghcr.io/mptcp-dev/mcpool:0.1.0"
+
+# Children are named "<pool>-<suffix>" (longest: "<pool>-director" plus the DaemonSet's
+# 5-character pod suffix, and "<pool>-join-<ordinal>"); Services must be DNS-1035 labels of at
+# most 63 characters and StatefulSet pods carry "<pool>-<hash>" revision labels.
+MAX_POOL_NAME_LENGTH = 40
+MAX_REPLICAS = 1000
+POOL_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+class SpecError(ValueError):
+    """An MCPPool spec the operator cannot turn into a pool; the message says what to fix."""
+
+
+def _ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address (e.g. '198.18.0.10' or '2001:db8::10')") from None
+
+
+def _cidr(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR prefix (e.g. '192.0.2.0/24' or '2001:db8::/32')") from None
+
+
+IPAddress = Annotated[str, Field(min_length=2, max_length=45), AfterValidator(_ip)]
+CIDRPrefix = Annotated[str, Field(min_length=2, max_length=49), AfterValidator(_cidr)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+LabelValue = Annotated[str, Field(max_length=253)]
+# A Kubernetes resource quantity ("500m", "128Mi", 2); the API server checks the syntax.
+Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+
+
+class _Spec(BaseModel):
+    # Unknown keys are errors (the CRD prunes them; a typo must not silently keep a default).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, alias_generator=to_camel
+    )
+
+
+class ConvertListenerSpec(_Spec):
+    """The RFC 8803 (0-RTT TCP Convert) listener."""
+
+    enabled: bool = Field(default=True, description="Accept RFC 8803 Convert clients.")
+    port: Port = Field(default=5124, description="TCP port of the Convert listener (RFC 8803 uses 5124).")
+
+
+class Socks5ListenerSpec(_Spec):
+    """The SOCKS5 (RFC 1928) CONNECT listener, for clients that already speak SOCKS5 over MPTCP."""
+
+    enabled: bool = Field(default=False, description="Accept SOCKS5 clients.")
+    port: Port = Field(default=1080, description="TCP port of the SOCKS5 listener.")
+
+
+class ListenersSpec(_Spec):
+    """Which client protocols the pool accepts, on which ports (each an MPTCP listener)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.convert.enabled || self.socks5.enabled",
+                    "message": "enable at least one of listeners.convert and listeners.socks5",
+                },
+                {
+                    "rule": "!(self.convert.enabled && self.socks5.enabled) || self.convert.port != self.socks5.port",
+                    "message": "listeners.convert.port and listeners.socks5.port must differ",
+                },
+            ]
+        }
+    )
+
+    convert: ConvertListenerSpec = Field(
+        default_factory=ConvertListenerSpec, description="RFC 8803 Convert listener."
+    )
+    socks5: Socks5ListenerSpec = Field(
+        default_factory=Socks5ListenerSpec, description="SOCKS5 listener."
+    )
+    fast_open: bool = Field(
+        default=True,
+        description="Enable TCP Fast Open on the listeners (net.ipv4.tcp_fastopen=3 in the pods) so "
+        "Convert clients can send their request in the SYN (0-RTT).",
+    )
+
+    @model_validator(mode="after")
+    def _one_listener(self) -> ListenersSpec:
+        if not (self.convert.enabled or self.socks5.enabled):
+            raise ValueError("enable at least one of listeners.convert and listeners.socks5")
+        if self.convert.enabled and self.socks5.enabled and self.convert.port == self.socks5.port:
+            raise ValueError("listeners.convert.port and listeners.socks5.port must differ")
+        return self
+
+
+class AffinitySpec(_Spec):
+    """How every subflow of one MPTCP connection reaches the pod that owns the connection."""
+
+    mechanism: Literal["none", "director", "join-address"] = Field(
+        default="none",
+        description="'director': a DaemonSet steers MP_JOIN SYNs by token through Redis (needs "
+        "spec.redis); 'join-address': each pod announces its own address with ADD_ADDR and the "
+        "C flag (needs one affinity.joinAddresses entry per replica); 'none': single pod or "
+        "external per-client routing.",
+    )
+    join_addresses: list[IPAddress] = Field(
+        default_factory=list,
+        max_length=MAX_REPLICAS,
+        description="For 'join-address': the address pod N announces is entry N; each gets its own "
+        "LoadBalancer Service '<pool>-join-N' with that loadBalancerIP.",
+    )
+    join_port: Port | None = Field(
+        default=None,
+        description="For 'join-address': the port pods announce and their join Services expose; "
+        "default: listeners.convert.port.",
+    )
+
+
+class SecretKeyRef(_Spec):
+    """A key in a Secret in the pool's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    key: str = Field(default="password", min_length=1, max_length=253, description="Key in the Secret.")
+
+
+class RedisSpec(_Spec):
+    """The Redis holding the affinity table (soft state the pods rebuild by re-registering)."""
+
+    url: str = Field(
+        min_length=9,
+        max_length=1024,
+        pattern=r"^rediss?://",
+        description="redis://host:port/db or rediss:// for TLS, without the password.",
+    )
+    password_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding the Redis password (given to pods as REDIS_PASSWORD)."
+    )
+
+
+class Toleration(_Spec):
+    """A pod toleration (same meaning as core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, max_length=316, description="Taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, max_length=63, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="For NoExecute: how long the pod stays bound after the taint appears."
+    )
+
+
+class DirectorSpec(_Spec):
+    """The director DaemonSet (mechanism 'director'): host-network pods that steer SYNs."""
+
+    vip: IPAddress | None = Field(
+        default=None,
+        description="The address clients connect to, which the director intercepts; default: the "
+        "first of service.addresses.",
+    )
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict, description="Nodes that run the director (where the VIP's traffic arrives)."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=64, description="Tolerations of the director pods."
+    )
+
+
+class PolicySpec(_Spec):
+    """Who may use the pool, where to, and how much (defaults: nobody may connect)."""
+
+    allowed_cpes: list[CIDRPrefix] = Field(
+        default_factory=list,
+        max_length=4096,
+        description="CIDR prefixes of the clients (CPEs, phones) allowed to connect. Empty: nobody.",
+    )
+    denied_destinations: list[CIDRPrefix] = Field(
+        default_factory=list,
+        max_length=4096,
+        description="Destination CIDRs refused in addition to loopback, link-local and metadata "
+        "addresses; put the cluster's pod and service CIDRs here.",
+    )
+    deny_default_destinations: bool = Field(
+        default=True,
+        description="Refuse loopback, link-local, metadata and the pods' own addresses as destinations.",
+    )
+    allowed_ports: list[Port] = Field(
+        default_factory=list, max_length=1024, description="Destination ports allowed; empty: every port."
+    )
+    max_connections: int = Field(
+        default=50_000, ge=1, le=10_000_000, description="Live connections per pod at most."
+    )
+    max_connections_per_cpe: int = Field(
+        default=1_000, ge=1, le=10_000_000, description="Live connections per client address per pod at most."
+    )
+    handshake_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, description="Time a client has to send a complete Convert/SOCKS5 request."
+    )
+    max_handshake_bytes: int = Field(
+        default=1020, ge=64, le=65535, description="Largest Convert message or SOCKS5 request accepted."
+    )
+
+
+class UpstreamSpec(_Spec):
+    """How the pods reach destination servers."""
+
+    protocol: Literal["tcp", "mptcp"] = Field(
+        default="tcp", description="'mptcp' tries MPTCP upstream (the kernel falls back to TCP)."
+    )
+    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=120, description="Upstream connect timeout.")
+
+
+class RelaySpec(_Spec):
+    """How bytes move between client and server inside a pod."""
+
+    mode: Literal["auto", "splice", "buffered"] = Field(
+        default="auto", description="'splice' keeps bytes in the kernel; 'buffered' copies; 'auto' picks."
+    )
+    idle_timeout_seconds: float = Field(
+        default=3600.0, gt=0, le=604_800, description="Close a connection idle for this long."
+    )
+    buffer_bytes: int = Field(
+        default=262_144, ge=4096, le=16 * 1024 * 1024, description="Bytes buffered per direction at most."
+    )
+
+
+class KernelSpec(_Spec):
+    """Per-pod MPTCP kernel settings, applied through the pod's securityContext.sysctls."""
+
+    mptcp_checksum: bool = Field(
+        default=True,
+        description="net.mptcp.checksum_enabled=1: DSS checksums catch stream corruption seen on "
+        "two-subflow connections without them. Turn off only after measuring.",
+    )
+
+
+class ServiceSpec(_Spec):
+    """The pool's VIP Service that clients connect to."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.type != 'LoadBalancer' || size(self.addresses) <= 1",
+                    "message": "service.type LoadBalancer takes at most one address (its loadBalancerIP)",
+                }
+            ]
+        }
+    )
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        default="LoadBalancer", description="Service type of the VIP."
+    )
+    addresses: list[IPAddress] = Field(
+        default_factory=list,
+        max_length=8,
+        description="VIP addresses: the loadBalancerIP for LoadBalancer, externalIPs otherwise.",
+    )
+    external_traffic_policy: Literal["Local", "Cluster"] = Field(
+        default="Local",
+        description="For LoadBalancer/NodePort. 'Local' keeps the client's source address, which "
+        "policy.allowedCpes and per-client limits depend on.",
+    )
+    annotations: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict, description="Annotations for the VIP Service (e.g. for a load-balancer controller)."
+    )
+
+    @model_validator(mode="after")
+    def _lb_addresses(self) -> ServiceSpec:
+        if self.type == "LoadBalancer" and len(self.addresses) > 1:
+            raise ValueError("service.type LoadBalancer takes at most one address (its loadBalancerIP)")
+        return self
+
+
+class ResourcesSpec(_Spec):
+    """CPU and memory of each MCP pod (same meaning as core/v1 ResourceRequirements)."""
+
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict, description="Resources reserved per pod, e.g. {cpu: 500m, memory: 256Mi}."
+    )
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Resource limits per pod.")
+
+
+class OpenTelemetrySpec(_Spec):
+    """Where the pods export traces and metrics."""
+
+    endpoint: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="OTLP/HTTP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT), e.g. http://otel-collector:4318; unset: no export.",
+    )
+
+
+class MCPPoolSpec(_Spec):
+    """A pool of MPTCP concentrator proxy (MCP) pods, their Services, configuration and director."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.affinity.mechanism != 'join-address' || size(self.affinity.joinAddresses) >= self.replicas",
+                    "message": "affinity.mechanism join-address needs one affinity.joinAddresses entry per replica",
+                },
+                {
+                    "rule": "self.affinity.mechanism != 'join-address' || self.listeners.convert.enabled || has(self.affinity.joinPort)",
+                    "message": "affinity.mechanism join-address needs affinity.joinPort when the Convert listener is disabled",
+                },
+                {
+                    "rule": "self.affinity.mechanism != 'director' || has(self.redis)",
+                    "message": "affinity.mechanism director needs spec.redis (the director reads the token table from Redis)",
+                },
+                {
+                    "rule": "self.affinity.mechanism != 'director' || has(self.director.vip) || size(self.service.addresses) > 0",
+                    "message": "affinity.mechanism director needs director.vip or service.addresses",
+                },
+            ]
+        }
+    )
+
+    replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS, description="Number of MCP pods.")
+    image: str = Field(
+        default=DEFAULT_IMAGE, min_length=1, max_length=512, description="Container image of mcpool."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Image pull policy of the pool's containers."
+    )
+    listeners: ListenersSpec = Field(default_factory=ListenersSpec, description=ListenersSpec.__doc__)
+    affinity: AffinitySpec = Field(default_factory=AffinitySpec, description=AffinitySpec.__doc__)
+    redis: RedisSpec | None = Field(default=None, description=RedisSpec.__doc__)
+    director: DirectorSpec = Field(default_factory=DirectorSpec, description=DirectorSpec.__doc__)
+    policy: PolicySpec = Field(default_factory=PolicySpec, description=PolicySpec.__doc__)
+    upstream: UpstreamSpec = Field(default_factory=UpstreamSpec, description=UpstreamSpec.__doc__)
+    relay: RelaySpec = Field(default_factory=RelaySpec, description=RelaySpec.__doc__)
+    kernel: KernelSpec = Field(default_factory=KernelSpec, description=KernelSpec.__doc__)
+    service: ServiceSpec = Field(default_factory=ServiceSpec, description=ServiceSpec.__doc__)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description=ResourcesSpec.__doc__)
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict, description="Node labels the MCP pods must run on."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=64, description="Tolerations of the MCP pods."
+    )
+    opentelemetry: OpenTelemetrySpec = Field(
+        default_factory=OpenTelemetrySpec, description=OpenTelemetrySpec.__doc__
+    )
+    drain_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="On shutdown, how long live connections may continue; the pods' "
+        "terminationGracePeriodSeconds is set above it.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Log level of the MCP pods."
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> MCPPoolSpec:
+        mechanism = self.affinity.mechanism
+        if mechanism == "join-address":
+            if len(self.affinity.join_addresses) < self.replicas:
+                raise ValueError(
+                    "affinity.mechanism join-address needs one affinity.joinAddresses entry per "
+                    f"replica: {self.replicas} replicas, {len(self.affinity.join_addresses)} addresses"
+                )
+            if not self.listeners.convert.enabled and self.affinity.join_port is None:
+                raise ValueError(
+                    "affinity.mechanism join-address needs affinity.joinPort when the Convert listener is disabled"
+                )
+        if mechanism == "director":
+            if self.redis is None:
+                raise ValueError(
+                    "affinity.mechanism director needs spec.redis (the director reads the token table from Redis)"
+                )
+            if self.director.vip is None and not self.service.addresses:
+                raise ValueError("affinity.mechanism director needs director.vip or service.addresses")
+        return self
+
+    def listener_ports(self) -> list[int]:
+        """The client-facing ports, Convert first."""
+        ports = []
+        if self.listeners.convert.enabled:
+            ports.append(self.listeners.convert.port)
+        if self.listeners.socks5.enabled:
+            ports.append(self.listeners.socks5.port)
+        return ports
+
+    def effective_join_port(self) -> int:
+        return self.affinity.join_port or self.listeners.convert.port
+
+    def director_vip(self) -> str | None:
+        return self.director.vip or (self.service.addresses[0] if self.service.addresses else None)
+
+
+def _format(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling against `kubectl explain mcppool.spec`)"
+        problems.append(f"spec.{where}: {msg}" if where != "spec" else f"spec: {msg}")
+    return "; ".join(problems)
+
+
+def parse_spec(data: Mapping[str, Any] | None) -> MCPPoolSpec:
+    """Validate an MCPPool's `spec` (camelCase keys); raise SpecError with one clause per problem."""
+    try:
+        return MCPPoolSpec.model_validate(dict(data or {}))
+    except ValidationError as exc:
+        raise SpecError(_format(exc)) from None
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One MCPPool as the builders need it: identity plus the validated spec."""
+
+    name: str
+    namespace: str
+    spec: MCPPoolSpec
+    uid: str = ""
+    generation: int = 0
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Pool:
+        """Parse a whole MCPPool object; raise SpecError if it cannot become a pool."""
+        meta = body.get("metadata") or {}
+        name = str(meta.get("name") or "")
+        if len(name) > MAX_POOL_NAME_LENGTH:
+            raise SpecError(
+                f"metadata.name: {name!r} is longer than {MAX_POOL_NAME_LENGTH} characters "
+                "(child objects are named after it and must stay within Kubernetes' limits)"
+            )
+        return cls(
+            name=name,
+            namespace=str(meta.get("namespace") or "default"),
+            spec=parse_spec(body.get("spec")),
+            uid=str(meta.get("uid") or ""),
+            generation=int(meta.get("generation") or 0),
+        )

@@ -1,0 +1,158 @@
+"""The MCPPool status: pure functions from what was observed to `.status`.
+
+Conditions follow the Kubernetes API conventions (metav1.Condition): `Ready`, `Progressing` and
+`Degraded`, each with `observedGeneration`; `lastTransitionTime` moves only when a condition's
+status flips, so it tells when the pool last became (un)ready, not when it was last checked.
+No `phase` field: the conventions deprecate it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "CONDITION_TYPES",
+    "Observation",
+    "build_status",
+    "find_condition",
+    "set_condition",
+    "sysctl_failure",
+]
+
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
+KUBELET_SYSCTL_HINT = (
+    "start the kubelet with --allowed-unsafe-sysctls='net.mptcp.*,net.ipv4.tcp_fastopen' on the "
+    "nodes that run MCP pods (see docs/operator.md)"
+)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def find_condition(conditions: Sequence[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
+    for condition in conditions:
+        if condition.get("type") == type_:
+            return condition
+    return None
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    now: str,
+) -> list[dict[str, Any]]:
+    """Return `conditions` with `type_` set; lastTransitionTime kept unless the status flips."""
+    text = "True" if status else "False"
+    previous = find_condition(conditions, type_)
+    transition = now
+    if previous is not None and previous.get("status") == text and previous.get("lastTransitionTime"):
+        transition = str(previous["lastTransitionTime"])
+    updated = {
+        "type": type_,
+        "status": text,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": transition,
+        "observedGeneration": generation,
+    }
+    others = [dict(c) for c in conditions if c.get("type") != type_]
+    result = others + [updated]
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    return sorted(result, key=lambda c: order.get(str(c.get("type")), len(order)))
+
+
+def sysctl_failure(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """A message if any pod was rejected by its kubelet for the sysctls, else None."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("reason") == "SysctlForbidden":
+            name = (pod.get("metadata") or {}).get("name", "?")
+            detail = status.get("message") or "forbidden sysctl"
+            return f"pod {name} was rejected by its kubelet: {detail}; {KUBELET_SYSCTL_HINT}"
+    return None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one reconcile saw."""
+
+    generation: int
+    desired_replicas: int
+    selector: str
+    statefulset: Mapping[str, Any] | None = None
+    spec_error: str | None = None
+    sysctl_error: str | None = None
+    apply_error: str | None = None
+
+
+def build_status(previous: Mapping[str, Any] | None, seen: Observation, now: str | None = None) -> dict[str, Any]:
+    """The whole new `.status` from the previous one and an observation."""
+    now = now or now_iso()
+    previous = previous or {}
+    conditions: list[dict[str, Any]] = [dict(c) for c in previous.get("conditions") or []]
+    sts = seen.statefulset or {}
+    sts_status = sts.get("status") or {}
+    replicas = int(sts_status.get("replicas") or 0)
+    ready = int(sts_status.get("readyReplicas") or 0)
+    updated = int(sts_status.get("updatedReplicas") or 0)
+    sts_generation = int((sts.get("metadata") or {}).get("generation") or 0)
+    sts_observed = int(sts_status.get("observedGeneration") or 0)
+    gen = seen.generation
+
+    def put(type_: str, status: bool, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(conditions, type_, status, reason, message, gen, now)
+
+    if seen.spec_error is not None:
+        put("Degraded", True, "InvalidSpec", f"the spec cannot be used: {seen.spec_error}")
+        put("Progressing", False, "InvalidSpec", "waiting for a corrected spec")
+        put("Ready", False, "InvalidSpec", "the spec is invalid; pods keep their last good configuration")
+        return {
+            **{k: v for k, v in previous.items() if k in ("replicas", "readyReplicas", "selector")},
+            "observedGeneration": gen,
+            "conditions": conditions,
+        }
+
+    rolled_out = (
+        seen.statefulset is not None
+        and sts_observed >= sts_generation
+        and updated >= seen.desired_replicas
+        and replicas == seen.desired_replicas
+    )
+    all_ready = ready >= seen.desired_replicas and rolled_out
+    if seen.sysctl_error is not None:
+        put("Degraded", True, "SysctlForbidden", seen.sysctl_error)
+    elif seen.apply_error is not None:
+        put("Degraded", True, "ApplyFailed", seen.apply_error)
+    else:
+        put("Degraded", False, "AsExpected", "all objects of the pool match the spec")
+    if rolled_out and all_ready:
+        put("Progressing", False, "RolloutComplete", f"{seen.desired_replicas} pods run the current spec")
+    else:
+        put(
+            "Progressing",
+            True,
+            "RollingOut",
+            f"{updated} of {seen.desired_replicas} pods updated, {ready} ready",
+        )
+    degraded = seen.sysctl_error is not None or seen.apply_error is not None
+    if all_ready and not degraded:
+        put("Ready", True, "PodsReady", f"{ready} of {seen.desired_replicas} pods ready")
+    else:
+        reason = "SysctlForbidden" if seen.sysctl_error else "PodsNotReady"
+        put("Ready", False, reason, f"{ready} of {seen.desired_replicas} pods ready")
+    return {
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "selector": seen.selector,
+        "observedGeneration": gen,
+        "conditions": conditions,
+    }

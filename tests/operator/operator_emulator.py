@@ -1,0 +1,235 @@
+"""A Kubernetes API emulator for the operator's tests and benchmark: kmock's, plus the API
+server behaviours the operator depends on.
+
+kmock's `KubernetesEmulator` speaks the real HTTP and watch protocol and keeps objects in memory,
+but (by design) treats them as plain JSON. The operator relies on a few server-side semantics,
+added here and nothing more:
+
+- `metadata.uid`, `creationTimestamp`, `resourceVersion` on every write, `generation` bumped
+  when `spec` changes (observedGeneration is meaningless without it);
+- the `status` subresource: writes to the object ignore `.status`, writes to `/status` change
+  only `.status`;
+- the `scale` subresource of MCPPool (`kubectl scale` / HPA): GET and PATCH an autoscaling/v1
+  Scale mapped onto `.spec.replicas` and `.status.replicas`/`.status.selector`;
+- the garbage collector: objects whose every owner reference points to a deleted owner are
+  deleted (what makes "delete the MCPPool, nothing is orphaned" testable);
+- a `labelSelector` on lists (equality terms only);
+- a request log (`log`) that stays cheap for thousands of requests.
+
+Anything the emulator does not model (controllers, defaulting, admission) the tests do
+explicitly, e.g. acting as the StatefulSet controller by writing its status.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import aiohttp.web
+import attrs
+import kmock
+from kmock._internal import dicts as kmock_dicts
+from kmock._internal import enums, rendering
+
+POOLS = "mcp.mptcp.dev/v1alpha1/mcppools"
+
+# The resources the operator (and the tests acting as controllers) use, as discovery shows them.
+RESOURCES: dict[str, dict[str, Any]] = {
+    POOLS: {
+        "kind": "MCPPool",
+        "singular": "mcppool",
+        "shortnames": {"mcpp"},
+        "categories": {"mcp"},
+        "subresources": {"status", "scale"},
+    },
+    "apps/v1/statefulsets": {"kind": "StatefulSet", "singular": "statefulset", "subresources": {"status", "scale"}},
+    "apps/v1/daemonsets": {"kind": "DaemonSet", "singular": "daemonset", "subresources": {"status"}},
+    "v1/services": {"kind": "Service", "singular": "service", "subresources": {"status"}},
+    "v1/configmaps": {"kind": "ConfigMap", "singular": "configmap"},
+    "v1/serviceaccounts": {"kind": "ServiceAccount", "singular": "serviceaccount"},
+    "v1/pods": {"kind": "Pod", "singular": "pod", "subresources": {"status"}},
+    "v1/events": {"kind": "Event", "singular": "event"},
+    "policy/v1/poddisruptionbudgets": {
+        "kind": "PodDisruptionBudget",
+        "singular": "poddisruptionbudget",
+        "subresources": {"status"},
+    },
+}
+# Cluster-scoped resources every real API server has (kopf's discovery expects them).
+CLUSTER_RESOURCES: dict[str, dict[str, Any]] = {
+    "v1/namespaces": {"kind": "Namespace", "singular": "namespace"},
+    "apiextensions.k8s.io/v1/customresourcedefinitions": {
+        "kind": "CustomResourceDefinition",
+        "singular": "customresourcedefinition",
+    },
+}
+VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _matches_selector(obj: Mapping[str, Any], selector: str) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for term in filter(None, selector.split(",")):
+        key, _, value = term.partition("=")
+        if labels.get(key.strip()) != value.strip():
+            return False
+    return True
+
+
+@attrs.define(kw_only=True)
+class ClusterEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator with uid/resourceVersion/generation, status and scale subresources, GC."""
+
+    _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    # Every request served, oldest first (kmock's own log is trimmed, see _handle).
+    log: list[rendering.Request] = attrs.field(factory=list, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for key, info in RESOURCES.items():
+            self.resources[key] = kmock.ResourceInfo(namespaced=True, verbs=VERBS, **info)
+        for key, info in CLUSTER_RESOURCES.items():
+            self.resources[key] = kmock.ResourceInfo(namespaced=False, verbs=VERBS, **info)
+
+    # --- request rewriting ---------------------------------------------------------------------
+
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        # kmock matches each request against its whole request history (quadratic in the number
+        # of requests); keep the history here instead and give kmock only the current request.
+        self.log.append(request)
+        del self._requests[:-1]
+        if request.resource is not None and request.subresource == "scale":
+            return await self._serve_scale(request)
+        if request.resource is not None and isinstance(request.data, dict):
+            if request.action == enums.action.CREATE:
+                self._on_create(request)
+            elif request.action == enums.action.UPDATE:
+                self._on_update(request)
+        response = await super()._handle(request)
+        # Only a deletion (or a released finalizer completing one) can orphan anything, or a
+        # dependent created after its owner is gone (the real collector deletes those too).
+        meta = (request.data.get("metadata") or {}) if isinstance(request.data, dict) else {}
+        # kopf releases its finalizer with a JSON patch (a list), others with a merge patch.
+        releasing = "finalizers" in meta or isinstance(request.data, list)
+        late_child = request.action == enums.action.CREATE and bool(meta.get("ownerReferences"))
+        if request.resource is not None and (request.action == enums.action.DELETE or releasing or late_child):
+            await self._collect_garbage()
+        return response
+
+    def _on_create(self, request: rendering.Request) -> None:
+        meta = request.data.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        if request.namespace and not meta.get("namespace"):
+            meta["namespace"] = request.namespace
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = _now()
+        meta["resourceVersion"] = str(next(self._versions))
+        meta["generation"] = 1
+
+    def _on_update(self, request: rendering.Request) -> None:
+        data = request.data
+        key = (request.resource, request.namespace, request.name)
+        if key not in self._objects or self._objects[key].deleted:
+            return  # the base class answers 404
+        current = self._objects[key].raw
+        if request.subresource == "status":
+            for field in [k for k in data if k not in ("status", "metadata")]:
+                del data[field]
+            data["metadata"] = {}
+        else:
+            data.pop("status", None)
+            data.pop("apiVersion", None)
+            data.pop("kind", None)
+            merged = kmock_dicts.patch_dict(copy.deepcopy(current), dict(data))
+            if merged.get("spec") != current.get("spec"):
+                data.setdefault("metadata", {})["generation"] = int(current["metadata"].get("generation", 1)) + 1
+        data.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
+
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        result = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        if selector and isinstance(result, dict):
+            result["items"] = [o for o in result["items"] if _matches_selector(o, selector)]
+        return result
+
+    # --- scale subresource ---------------------------------------------------------------------
+
+    async def _serve_scale(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self._objects or self._objects[key].deleted:
+                return aiohttp.web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
+            obj = self._objects[key]
+            if request.method == enums.method.PATCH:
+                replicas = int(request.data["spec"]["replicas"])
+                meta = obj.raw["metadata"]
+                changed = obj.raw.get("spec", {}).get("replicas") != replicas
+                obj.patch(
+                    {
+                        "spec": {"replicas": replicas},
+                        "metadata": {
+                            "resourceVersion": str(next(self._versions)),
+                            "generation": int(meta.get("generation", 1)) + (1 if changed else 0),
+                        },
+                    }
+                )
+                assert request.resource is not None
+                await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+            raw = obj.raw
+        status = raw.get("status") or {}
+        return aiohttp.web.json_response(
+            {
+                "apiVersion": "autoscaling/v1",
+                "kind": "Scale",
+                "metadata": {k: raw["metadata"].get(k) for k in ("name", "namespace", "uid", "resourceVersion")},
+                "spec": {"replicas": raw.get("spec", {}).get("replicas", 0)},
+                "status": {"replicas": status.get("replicas", 0), "selector": status.get("selector", "")},
+            }
+        )
+
+    # --- garbage collector ---------------------------------------------------------------------
+
+    async def _collect_garbage(self) -> None:
+        async with self._lock:
+            while True:
+                live_uids = {
+                    obj.raw["metadata"].get("uid") for obj in self._objects.values() if not obj.deleted
+                }
+                orphans = [
+                    (key, obj)
+                    for key, obj in self._objects.items()
+                    if not obj.deleted
+                    and (refs := obj.raw["metadata"].get("ownerReferences"))
+                    and all(ref.get("uid") not in live_uids for ref in refs)
+                ]
+                if not orphans:
+                    return
+                for (resource, _, _), obj in orphans:
+                    raw = obj.raw
+                    obj.delete()
+                    await self._buses[resource].put({"type": "DELETED", "object": raw})
+
+    # --- helpers for tests ---------------------------------------------------------------------
+
+    def live(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Current (not deleted) objects of a resource, e.g. live('apps/v1/statefulsets', 'ns')."""
+        wanted = kmock.resource(resource)
+        return [
+            obj.raw
+            for (res, ns, _), obj in self._objects.items()
+            if res == wanted and not obj.deleted and (namespace is None or ns == namespace)
+        ]
+
+    def get(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
+        key = (kmock.resource(resource), namespace, name)
+        if key not in self._objects or self._objects[key].deleted:
+            return None
+        return self._objects[key].raw

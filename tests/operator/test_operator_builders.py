@@ -1,0 +1,311 @@
+"""Builders: every object produced for the samples and edge cases is valid Kubernetes (strict
+schemas of the oldest and newest supported versions), and the important fields are as designed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+from mcpool_operator import builders
+from mcpool_operator.spec import MCPPoolSpec, Pool, SpecError, parse_spec
+from mcpool_proxy.config import parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "manifests" / "samples"
+# CRD validation rules (CEL) are GA from 1.29; older servers would skip the cross-field checks.
+OLDEST_SUPPORTED = "1.29"
+K8S_VERSIONS = [OLDEST_SUPPORTED, latest_version()]
+
+
+def sample_pools() -> dict[str, dict[str, Any]]:
+    pools = {}
+    for path in sorted(SAMPLES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "MCPPool":
+                pools[path.stem] = doc
+    return pools
+
+
+def pool_of(body: dict[str, Any]) -> Pool:
+    body = {**body, "metadata": {**body["metadata"], "uid": "0b7f5b1e-0000-4000-8000-000000000001", "generation": 1}}
+    return Pool.from_body(body)
+
+
+EDGE_CASES: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "scaled-to-zero": {"replicas": 0},
+    "socks5-only-low-port": {
+        "listeners": {"convert": {"enabled": False}, "socks5": {"enabled": True, "port": 443}, "fastOpen": False},
+        "service": {"type": "ClusterIP", "addresses": ["198.18.0.5", "2001:db8::5"]},
+    },
+    "join-address-v6-custom-port": {
+        "replicas": 3,
+        "affinity": {
+            "mechanism": "join-address",
+            "joinAddresses": ["2001:db8::10", "2001:db8::11", "2001:db8::12", "2001:db8::13"],
+            "joinPort": 5200,
+        },
+        "kernel": {"mptcpChecksum": False},
+    },
+    "director-everything": {
+        "replicas": 5,
+        "affinity": {"mechanism": "director"},
+        "redis": {"url": "rediss://redis:6380/1"},
+        "director": {
+            "nodeSelector": {"node-role.kubernetes.io/edge": ""},
+            "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        "service": {"type": "NodePort", "addresses": ["198.18.0.9"], "externalTrafficPolicy": "Cluster"},
+        "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"cpu": 2, "memory": "1Gi"}},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "value": "mcp", "effect": "NoExecute", "tolerationSeconds": 30}],
+        "opentelemetry": {"endpoint": "http://collector:4318"},
+        "drainTimeoutSeconds": 0.5,
+        "logLevel": "debug",
+    },
+}
+
+
+def all_cases() -> dict[str, Pool]:
+    cases = {f"sample-{name}": pool_of(body) for name, body in sample_pools().items()}
+    for name, spec in EDGE_CASES.items():
+        cases[name] = pool_of({"metadata": {"name": "p" + str(len(name)), "namespace": "mcp"}, "spec": spec})
+    return cases
+
+
+CASES = all_cases()
+
+
+def test_samples_exist() -> None:
+    assert set(sample_pools()) == {"single", "director", "join-address"}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_children_validate_strictly(case: str, version: str) -> None:
+    children = builders.build_children(CASES[case])
+    assert children
+    for obj in children:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{case}: {obj['kind']} {obj['metadata']['name']} invalid for {version}: {path}: {exc.message}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_config_file_is_accepted_by_the_proxy(case: str) -> None:
+    configmap = builders.build_configmap(CASES[case])
+    for text in configmap["data"].values():
+        config = parse_config(yaml.safe_load(text))
+        assert config.admin == "0.0.0.0:9090"
+        assert config.kernel.apply_sysctls is False
+        assert config.affinity.advertise is None and config.affinity.pod_name is None
+
+
+def test_single_sample_golden() -> None:
+    pool = CASES["sample-single"]
+    sts = builders.build_statefulset(pool)
+    pod = sts["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert sts["metadata"]["name"] == "single" and sts["spec"]["serviceName"] == "single-pods"
+    assert sts["spec"]["replicas"] == 1
+    assert sts["spec"]["selector"]["matchLabels"] == builders.selector_labels(pool)
+    assert container["args"] == ["proxy", "--config", "/etc/mcpool/config.yaml"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert container["securityContext"] == {
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["sysctls"] == [
+        {"name": "net.mptcp.enabled", "value": "1"},
+        {"name": "net.mptcp.checksum_enabled", "value": "1"},
+        {"name": "net.ipv4.tcp_fastopen", "value": "3"},
+    ]
+    assert pod["terminationGracePeriodSeconds"] > pool.spec.drain_timeout_seconds
+    assert container["resources"] == {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["OTEL_SERVICE_NAME"]["value"] == "mcpool-proxy"
+    assert env["OTEL_RESOURCE_ATTRIBUTES"]["value"] == (
+        "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),mcpool.pool=single"
+    )
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+    order = [e["name"] for e in container["env"]]
+    assert order.index("POD_NAME") < order.index("OTEL_RESOURCE_ATTRIBUTES")
+    svc = builders.build_service(pool)
+    assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["externalTrafficPolicy"] == "Local"
+    assert svc["spec"]["ports"] == [{"name": "convert", "port": 5124, "targetPort": "convert", "protocol": "TCP"}]
+    assert [c["kind"] for c in builders.build_children(pool)] == [
+        "ServiceAccount", "ConfigMap", "Service", "Service", "StatefulSet", "PodDisruptionBudget"
+    ]
+
+
+def test_director_sample_golden() -> None:
+    pool = CASES["sample-director"]
+    children = builders.build_children(pool)
+    kinds = {(c["kind"], c["metadata"]["name"]) for c in children}
+    assert ("DaemonSet", "steered-director") in kinds and ("ConfigMap", "steered-director") in kinds
+    ds = builders.build_director_daemonset(pool)
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["nodeSelector"] == {"mcp.mptcp.dev/director": "true"}
+    container = pod["containers"][0]
+    assert container["args"] == ["director", "--config", "/etc/mcpool-director/director.yaml"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "mcp-redis", "key": "password"}}} in container["env"]
+    director_config = yaml.safe_load(builders.build_director_configmap(pool)["data"]["director.yaml"])
+    assert director_config == {
+        "vip": "198.18.0.10",
+        "ports": [5124, 1080],
+        "redis_url": "redis://mcp-redis.mcp.svc:6379/0",
+        "pool": "mcp.steered",
+    }
+    proxy = parse_config(yaml.safe_load(builders.build_configmap(pool)["data"]["config.yaml"]))
+    assert proxy.affinity.mechanism == "director" and proxy.affinity.backend == "redis"
+    assert proxy.affinity.pool == "mcp.steered"
+    assert proxy.upstream.protocol == "mptcp" and proxy.listen.socks5 == "[::]:1080"
+    sts_container = builders.build_statefulset(pool)["spec"]["template"]["spec"]["containers"][0]
+    assert sts_container["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    env = {e["name"]: e.get("value") for e in sts_container["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability.svc:4318"
+    assert builders.build_service(pool)["spec"]["loadBalancerIP"] == "198.18.0.10"
+
+
+def test_join_address_sample_golden() -> None:
+    pool = CASES["sample-join-address"]
+    cm = builders.build_configmap(pool)
+    assert sorted(cm["data"]) == ["joined-0.yaml", "joined-1.yaml"]
+    for ordinal, address in enumerate(["198.18.1.10", "198.18.1.11"]):
+        config = parse_config(yaml.safe_load(cm["data"][f"joined-{ordinal}.yaml"]))
+        assert config.affinity.mechanism == "join-address"
+        assert config.affinity.join_address == f"{address}:5124"
+    services = builders.build_join_services(pool)
+    assert [s["metadata"]["name"] for s in services] == ["joined-join-0", "joined-join-1"]
+    assert services[1]["spec"]["loadBalancerIP"] == "198.18.1.11"
+    assert services[1]["spec"]["selector"]["statefulset.kubernetes.io/pod-name"] == "joined-1"
+    sts = builders.build_statefulset(pool)
+    pod = sts["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"] == ["proxy", "--config", "/etc/mcpool/$(POD_NAME).yaml"]
+    assert {"name": "net.mptcp.allow_join_initial_addr_port", "value": "0"} in pod["securityContext"]["sysctls"]
+    # Needs NET_ADMIN for its signal endpoint: runs as uid 0 holding only that capability.
+    security = pod["containers"][0]["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]} and security["runAsUser"] == 0
+
+
+def test_scaling_changes_neither_config_nor_hash() -> None:
+    body = sample_pools()["join-address"]
+    one = pool_of({**body, "spec": {**body["spec"], "replicas": 1}})
+    two = pool_of(body)
+    assert builders.build_configmap(one) == builders.build_configmap(two)
+    hash_one = builders.build_statefulset(one)["spec"]["template"]["metadata"]["annotations"]
+    assert hash_one == builders.build_statefulset(two)["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_spec_change_changes_config_hash() -> None:
+    a = pool_of({"metadata": {"name": "a", "namespace": "n"}, "spec": {}})
+    b = pool_of({"metadata": {"name": "a", "namespace": "n"}, "spec": {"policy": {"allowedCpes": ["198.18.0.0/15"]}}})
+    annotation = builders.CONFIG_HASH_ANNOTATION
+    hashes = {builders.build_statefulset(p)["spec"]["template"]["metadata"]["annotations"][annotation] for p in (a, b)}
+    assert len(hashes) == 2
+
+
+def test_edge_case_details() -> None:
+    socks = CASES["socks5-only-low-port"]
+    container = builders.build_statefulset(socks)["spec"]["template"]["spec"]["containers"][0]
+    assert container["securityContext"]["capabilities"]["add"] == ["NET_BIND_SERVICE"]
+    assert [p["name"] for p in container["ports"]] == ["socks5", "admin"]
+    svc = builders.build_service(socks)
+    assert svc["spec"]["externalIPs"] == ["198.18.0.5", "2001:db8::5"] and "externalTrafficPolicy" not in svc["spec"]
+    sysctls = builders.pod_sysctls(socks)
+    assert {"name": "net.ipv4.tcp_fastopen", "value": "3"} not in sysctls
+    join = CASES["join-address-v6-custom-port"]
+    config = parse_config(yaml.safe_load(builders.build_configmap(join)["data"]["p27-2.yaml"]))
+    assert config.affinity.join_address == "[2001:db8::12]:5200"
+    assert {"name": "net.mptcp.checksum_enabled", "value": "0"} in builders.pod_sysctls(join)
+    assert len(builders.build_configmap(join)["data"]) == 4  # every address, not only replicas
+    everything = CASES["director-everything"]
+    sts = builders.build_statefulset(everything)
+    assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 16
+    assert sts["spec"]["template"]["spec"]["tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "mcp", "effect": "NoExecute", "tolerationSeconds": 30}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"replicas": 3, "affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1"]}}, "one affinity.joinAddresses entry per replica"),
+        ({"affinity": {"mechanism": "director"}}, "needs spec.redis"),
+        ({"affinity": {"mechanism": "director"}, "redis": {"url": "redis://r:6379"}}, "director.vip or service.addresses"),
+        ({"listeners": {"convert": {"enabled": False}}}, "enable at least one"),
+        ({"listeners": {"socks5": {"enabled": True, "port": 5124}}}, "must differ"),
+        ({"service": {"addresses": ["198.18.0.1", "198.18.0.2"]}}, "at most one address"),
+        ({"policy": {"allowedCpes": ["nope"]}}, "spec.policy.allowedCpes.0"),
+        ({"replicass": 1}, "unknown field"),
+        ({"replicas": -1}, "spec.replicas"),
+    ],
+)
+def test_invalid_specs_say_what_to_fix(spec: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(SpecError, match=None) as info:
+        parse_spec(spec)
+    assert fragment in str(info.value)
+
+
+def test_long_names_are_refused() -> None:
+    with pytest.raises(SpecError, match="longer than 40"):
+        Pool.from_body({"metadata": {"name": "a" * 41, "namespace": "n"}, "spec": {}})
+    assert MCPPoolSpec().replicas == 1
+
+
+def test_registry_pool_name_is_bounded() -> None:
+    pool = pool_of({"metadata": {"name": "b" * 40, "namespace": "n" * 60}, "spec": {}})
+    name = builders.registry_pool_name(pool)
+    assert len(name) <= 63 and name != builders.registry_pool_name(
+        pool_of({"metadata": {"name": "c" * 40, "namespace": "n" * 60}, "spec": {}})
+    )
+
+
+def manifest_objects() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for path in [REPO / "manifests" / "rbac.yaml", REPO / "manifests" / "operator.yaml", *sorted(SAMPLES.glob("*.yaml"))]:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") != "MCPPool":
+                found.append((f"{path.name}:{doc['kind']}/{doc['metadata']['name']}", doc))
+    return found
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_validate_strictly(version: str) -> None:
+    objects = manifest_objects()
+    assert {"Deployment", "ClusterRole", "ClusterRoleBinding", "ServiceAccount", "Namespace"} <= {o["kind"] for _, o in objects}
+    for where, obj in objects:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{where} invalid for {version}: {'.'.join(map(str, exc.path))}: {exc.message}")
+
+
+def test_operator_deployment_is_hardened() -> None:
+    docs = {d["kind"]: d for d in yaml.safe_load_all((REPO / "manifests" / "operator.yaml").read_text()) if d}
+    deployment = docs["Deployment"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]

@@ -1,0 +1,249 @@
+"""The CRD: generated from the spec model and committed unchanged, documented on every field,
+valid as a CustomResourceDefinition, and its schema and CEL rules accept the samples and refuse
+bad specs the same way the operator's own model does."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+from mcpool_operator.crd import CRD_PATH, build_crd, crd_yaml
+from mcpool_operator.spec import SpecError, parse_spec
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "manifests" / "samples"
+CRD = build_crd()
+VERSION = CRD["spec"]["versions"][0]
+ROOT_SCHEMA = VERSION["schema"]["openAPIV3Schema"]
+SPEC_SCHEMA = ROOT_SCHEMA["properties"]["spec"]
+
+
+def test_committed_crd_matches_the_generator() -> None:
+    committed = (REPO / CRD_PATH).read_text()
+    assert committed == crd_yaml(), (
+        f"{CRD_PATH} is stale: run `.venv/bin/python -m mcpool_operator.crd > {CRD_PATH}`"
+    )
+
+
+def test_chart_copy_does_not_drift() -> None:
+    # The Helm chart (charts/, another engineer's) copies the CRD; when it exists it must be equal.
+    copies = list((REPO / "charts").glob("**/mcppools.mcp.mptcp.dev.yaml")) if (REPO / "charts").exists() else []
+    for path in copies:
+        assert yaml.safe_load(path.read_text()) == CRD, f"{path} differs from {CRD_PATH}"
+
+
+@pytest.mark.parametrize("version", ["1.29", latest_version()])
+def test_crd_is_a_valid_custom_resource_definition(version: str) -> None:
+    kubernetes_validate.validate(yaml.safe_load((REPO / CRD_PATH).read_text()), version, strict=True)
+
+
+def walk(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    found = [(path, schema)]
+    for name, prop in (schema.get("properties") or {}).items():
+        found += walk(prop, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        found += walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        found += walk(schema["additionalProperties"], f"{path}{{}}")
+    return found
+
+
+def test_every_field_is_described_and_typed() -> None:
+    for path, node in walk(SPEC_SCHEMA, "spec") + walk(ROOT_SCHEMA["properties"]["status"], "status"):
+        if path.endswith("[]") or path.endswith("{}"):
+            continue  # list items and map values are described by their field
+        assert node.get("description"), f"{path} has no description (kubectl explain shows nothing)"
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type (not structural)"
+
+
+def test_crd_shape() -> None:
+    spec = CRD["spec"]
+    assert CRD["metadata"]["name"] == "mcppools.mcp.mptcp.dev"
+    assert spec["names"]["shortNames"] == ["mcpp"] and spec["names"]["categories"] == ["mcp"]
+    assert spec["scope"] == "Namespaced" and VERSION["name"] == "v1alpha1"
+    assert VERSION["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
+    columns = {c["name"]: c["jsonPath"] for c in VERSION["additionalPrinterColumns"]}
+    assert columns == {
+        "Replicas": ".spec.replicas",
+        "Ready": ".status.readyReplicas",
+        "Status": '.status.conditions[?(@.type=="Ready")].status',
+        "Mechanism": ".spec.affinity.mechanism",
+        "Age": ".metadata.creationTimestamp",
+    }
+    mechanism = SPEC_SCHEMA["properties"]["affinity"]["properties"]["mechanism"]
+    assert mechanism["enum"] == ["none", "director", "join-address"] and mechanism["default"] == "none"
+    replicas = SPEC_SCHEMA["properties"]["replicas"]
+    assert (replicas["minimum"], replicas["maximum"], replicas["default"]) == (0, 1000, 1)
+
+
+# --- the schema as the API server applies it ---------------------------------------------------
+
+
+def to_json_schema(node: Any) -> Any:
+    """Structural OpenAPI v3 -> JSON Schema, with unknown fields rejected (kubectl's default
+    --validate=strict; the API server would otherwise prune them)."""
+    if isinstance(node, list):
+        return [to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "default"}
+    for bound in ("Minimum", "Maximum"):
+        if node.get(f"exclusive{bound}") is True:
+            out[f"exclusive{bound}"] = out.pop(bound.lower())
+    if node.get("type") == "object" and "properties" in node:
+        out["additionalProperties"] = False
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+    return out
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting, as the API server does before validation and CEL."""
+    if isinstance(value, dict) and "properties" in schema:
+        value = dict(value)
+        for name, prop in schema["properties"].items():
+            if name not in value and "default" in prop:
+                value[name] = copy.deepcopy(prop["default"])
+            if name in value:
+                value[name] = apply_defaults(prop, value[name])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        value = [apply_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def cel_failures(schema: dict[str, Any], value: Any, env: celpy.Environment) -> list[str]:
+    failures = []
+    for rule in schema.get("x-kubernetes-validations") or []:
+        program = env.program(env.compile(rule["rule"]))
+        if not program.evaluate({"self": celpy.json_to_cel(value)}):
+            failures.append(rule["message"])
+    if isinstance(value, dict):
+        for name, prop in (schema.get("properties") or {}).items():
+            if name in value:
+                failures += cel_failures(prop, value[name], env)
+    return failures
+
+
+def admit(spec: dict[str, Any], name: str = "pool") -> list[str]:
+    """What the API server would say about an MCPPool with this spec: [] means admitted."""
+    body = {"apiVersion": "mcp.mptcp.dev/v1alpha1", "kind": "MCPPool", "metadata": {"name": name}, "spec": spec}
+    validator = jsonschema.Draft202012Validator(to_json_schema(ROOT_SCHEMA))
+    errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(body)]
+    if errors:
+        return errors
+    return cel_failures(ROOT_SCHEMA, apply_defaults(ROOT_SCHEMA, body), celpy.Environment())
+
+
+def sample_specs() -> dict[str, dict[str, Any]]:
+    found = {}
+    for path in sorted(SAMPLES.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "MCPPool":
+                found[path.stem] = doc
+    return found
+
+
+@pytest.mark.parametrize("sample", sorted(sample_specs()))
+def test_schema_and_cel_accept_the_samples(sample: str) -> None:
+    doc = sample_specs()[sample]
+    assert admit(doc["spec"], doc["metadata"]["name"]) == []
+    parse_spec(doc["spec"])
+
+
+def test_defaults_match_the_model() -> None:
+    defaulted = apply_defaults(SPEC_SCHEMA, {})
+    assert parse_spec(defaulted).model_dump() == parse_spec({}).model_dump()
+    assert defaulted["listeners"]["convert"] == {"enabled": True, "port": 5124}
+    assert "redis" not in defaulted  # optional objects stay absent
+
+
+SCHEMA_REJECTS = {
+    "wrong type": {"replicas": "three"},
+    "unknown field": {"replicass": 2},
+    "unknown nested field": {"policy": {"allowedCPEs": ["198.18.0.0/15"]}},
+    "negative replicas": {"replicas": -1},
+    "too many replicas": {"replicas": 1001},
+    "port zero": {"listeners": {"convert": {"port": 0}}},
+    "port too high": {"listeners": {"socks5": {"enabled": True, "port": 70000}}},
+    "bad enum": {"affinity": {"mechanism": "random"}},
+    "bad service type": {"service": {"type": "ExternalName"}},
+    "zero timeout": {"policy": {"handshakeTimeoutSeconds": 0}},
+    "tiny buffer": {"relay": {"bufferBytes": 1}},
+    "redis without url": {"redis": {}},
+    "redis bad scheme": {"redis": {"url": "http://redis:6379"}},
+    "list for map": {"nodeSelector": ["a"]},
+}
+
+CEL_REJECTS = {
+    "join-address short of addresses": {
+        "replicas": 3,
+        "affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1", "198.18.1.2"]},
+    },
+    "join-address without port": {
+        "listeners": {"convert": {"enabled": False}, "socks5": {"enabled": True}},
+        "affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1"]},
+    },
+    "director without redis": {"affinity": {"mechanism": "director"}, "service": {"addresses": ["198.18.0.1"]}},
+    "director without vip": {"affinity": {"mechanism": "director"}, "redis": {"url": "redis://r:6379"}},
+    "no listener": {"listeners": {"convert": {"enabled": False}}},
+    "same ports": {"listeners": {"socks5": {"enabled": True, "port": 5124}}},
+    "two LB addresses": {"service": {"addresses": ["198.18.0.1", "198.18.0.2"]}},
+}
+
+ACCEPTS = {
+    "empty": {},
+    "join-address exact": {"replicas": 2, "affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1", "198.18.1.2"]}},
+    "director with vip": {"affinity": {"mechanism": "director"}, "redis": {"url": "redis://r:6379"}, "director": {"vip": "198.18.0.1"}},
+    "socks only": {"listeners": {"convert": {"enabled": False}, "socks5": {"enabled": True}}},
+    "ClusterIP two addresses": {"service": {"type": "ClusterIP", "addresses": ["198.18.0.1", "2001:db8::1"]}},
+    "quantities": {"resources": {"requests": {"cpu": 1, "memory": "1Gi"}}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCHEMA_REJECTS))
+def test_schema_rejects(case: str) -> None:
+    assert admit(SCHEMA_REJECTS[case]), f"{case} was admitted"
+
+
+@pytest.mark.parametrize("case", sorted(CEL_REJECTS))
+def test_cel_rejects_and_the_model_agrees(case: str) -> None:
+    spec = CEL_REJECTS[case]
+    failures = admit(spec)
+    assert failures, f"{case} was admitted"
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec)
+    # The operator's message for the same spec names the same rule.
+    assert any(f.split(" (")[0] in str(info.value) for f in failures), (failures, str(info.value))
+
+
+@pytest.mark.parametrize("case", sorted(ACCEPTS))
+def test_accepted_by_both(case: str) -> None:
+    assert admit(ACCEPTS[case]) == []
+    parse_spec(ACCEPTS[case])
+
+
+@pytest.mark.parametrize(("name", "ok"), [("edge", True), ("a" * 40, True), ("a" * 41, False), ("1pool", False), ("Pool", False)])
+def test_name_rule(name: str, ok: bool) -> None:
+    assert (admit({}, name) == []) is ok
+
+
+def test_every_cel_rule_compiles() -> None:
+    env = celpy.Environment()
+    rules = [r["rule"] for _, node in walk(ROOT_SCHEMA) for r in node.get("x-kubernetes-validations") or []]
+    assert len(rules) == 8
+    for rule in rules:
+        env.compile(rule)
