@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 from .mptcp import get_mptcp_info, get_subflows
 from .policy import format_endpoint
 from .relay import Relay
+from .telemetry import NOOP_TRACE, ConnectionTrace
 
 __all__ = ["Connection", "ConnectionObserver", "ConnectionTable"]
 
@@ -34,6 +35,8 @@ class Connection:
     relay: Relay
     requested: str | None = None  # the name a SOCKS5 client asked for, when it was a domain
     token: str | None = None  # MPTCP token at open (None: TCP or fallback); describe() reads it live
+    mptcp: bool = False  # the client connection was MPTCP (not TCP, not fallen back) at open
+    trace: ConnectionTrace = NOOP_TRACE  # its span, ended when the relay ends
     started_monotonic: float = field(default_factory=time.monotonic)
     started_unix: float = field(default_factory=time.time)
 

@@ -8,15 +8,23 @@ hot path pays nothing for them.
 Every way a connection can end has a label value (`mcpool_connections_closed_total{reason}`); every
 handshake failure has one (`mcpool_handshake_errors_total{protocol,error}`); every policy refusal
 has one (`mcpool_policy_refusals_total{reason}`).
+
+MPTCP-aware metrics come from the subflow watcher (`telemetry.SubflowWatcher`) and the kernel's
+MP_JOIN counters, tracing metrics from the span accounting (`telemetry.SpanAccounting`); both are
+read at scrape time too (`add_subflow_watch`, `add_tracing`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .telemetry import SpanAccounting, SubflowWatcher
 
 __all__ = ["CONTENT_TYPE", "ProxyMetrics"]
 
@@ -44,6 +52,79 @@ class _LiveCollector(Collector):
         gauge = GaugeMetricFamily("mcpool_connections_active", "Connections being relayed now.")
         gauge.add_metric([], active)
         yield gauge
+
+
+class _SubflowCollector(Collector):
+    """Subflows of live connections and MP_JOIN outcomes, read when scraped."""
+
+    def __init__(self, watcher: SubflowWatcher, join_refusals: Callable[[], dict[str, int]]) -> None:
+        self._watcher = watcher
+        self._join_refusals = join_refusals
+
+    def collect(self) -> Iterable[Metric]:
+        w = self._watcher
+        established = GaugeMetricFamily(
+            "mcpool_mptcp_subflows",
+            "MPTCP subflows established now on client connections (relayed or in their handshake)."
+        )
+        established.add_metric([], w.established)
+        yield established
+        joins = CounterMetricFamily(
+            "mcpool_mptcp_joins_accepted",
+            "Additional subflows (MP_JOIN) the kernel established on the proxy's client connections."
+        )
+        joins.add_metric([], w.joins_accepted)
+        yield joins
+        closed = CounterMetricFamily(
+            "mcpool_mptcp_subflows_closed", "Subflows that closed while their connection was relayed."
+        )
+        closed.add_metric([], w.subflows_closed)
+        yield closed
+        refused = CounterMetricFamily(
+            "mcpool_mptcp_joins_refused",
+            "MP_JOINs the kernel refused in the proxy's network namespace since the proxy started, by "
+            "reason (no_token: no connection with that token here; limit: path-manager limits; "
+            "hmac_failure).",
+            labels=["reason"],
+        )
+        for reason, value in sorted(self._join_refusals().items()):
+            refused.add_metric([reason], value)
+        yield refused
+        source = GaugeMetricFamily(
+            "mcpool_mptcp_subflow_watch_info",
+            "How subflows are watched: netlink events, MPTCP_INFO sampling, or none.",
+            labels=["source"],
+        )
+        source.add_metric([w.source], 1)
+        yield source
+
+
+class _TracingCollector(Collector):
+    """Span export accounting, read when scraped."""
+
+    def __init__(self, accounting: SpanAccounting, enabled: bool) -> None:
+        self._accounting = accounting
+        self._enabled = enabled
+
+    def collect(self) -> Iterable[Metric]:
+        a = self._accounting
+        enabled = GaugeMetricFamily(
+            "mcpool_otel_tracing_enabled", "1 if spans are exported (an OTLP endpoint is configured)."
+        )
+        enabled.add_metric([], int(self._enabled))
+        yield enabled
+        exported = CounterMetricFamily("mcpool_otel_spans_exported", "Spans the collector accepted.")
+        exported.add_metric([], a.exported)
+        yield exported
+        dropped = CounterMetricFamily(
+            "mcpool_otel_spans_dropped",
+            "Spans lost instead of slowing the proxy, by reason (queue_full: the bounded export queue "
+            "was full; export_failed: the collector did not accept the batch).",
+            labels=["reason"],
+        )
+        for reason, value in sorted(a.dropped.items()):
+            dropped.add_metric([reason], value)
+        yield dropped
 
 
 class ProxyMetrics:
@@ -104,9 +185,22 @@ class ProxyMetrics:
             registry=r,
         )
         self.draining = Gauge("mcpool_draining", "1 while the proxy drains (SIGTERM).", registry=r)
+        self.subflows_per_connection = Histogram(
+            "mcpool_mptcp_subflows_per_connection",
+            "Most subflows a relayed connection had at once, observed at close (1 for plain TCP or "
+            "a connection that fell back to TCP).",
+            buckets=(1, 2, 3, 4, 6, 8),
+            registry=r,
+        )
         self.closed_bytes_up = 0
         self.closed_bytes_down = 0
         r.register(_LiveCollector(live, lambda: (self.closed_bytes_up, self.closed_bytes_down)))
+
+    def add_subflow_watch(self, watcher: SubflowWatcher, join_refusals: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_SubflowCollector(watcher, join_refusals))
+
+    def add_tracing(self, accounting: SpanAccounting, enabled: bool) -> None:
+        self.registry.register(_TracingCollector(accounting, enabled))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

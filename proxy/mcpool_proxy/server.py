@@ -26,15 +26,21 @@ forwards them upstream in order.
 
 Every per-connection coroutine catches everything, logs one line, counts and closes: no input
 can stop the proxy.
+
+Observability (issue 3, see docs/operations.md): each accepted connection gets a trace
+(`telemetry.ConnectionTrace`; a no-op unless OTEL_* configures an exporter) with child spans for
+the handshake and the upstream connect and an event per error answer; the subflow watcher follows
+its subflows by token from the kernel's MPTCP events; at close one span and one log line carry the
+same fields (`telemetry.connection_fields`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import errno
 import ipaddress
-import json
 import logging
 import signal
 import socket
@@ -42,9 +48,11 @@ import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .admin import AdminServer
+from .affinity.mptcp_events import MptcpEventListener
 from .config import ConfigError, KernelConfig, ProxyConfig, load_config, split_hostport
 from .connections import Connection, ConnectionObserver, ConnectionTable, Mode
 from .convert import (
@@ -62,6 +70,7 @@ from .convert import (
     message_length,
     validate_client_request,
 )
+from .logs import configure_logging, log_connection_closed
 from .metrics import ProxyMetrics
 from .mptcp import (
     SYSCTL_MPTCP_CHECKSUM,
@@ -87,6 +96,15 @@ from .socks5 import (
     parse_userpass,
     request_length,
     userpass_length,
+)
+from .telemetry import (
+    NOOP_TRACE,
+    ConnectionTrace,
+    SubflowWatcher,
+    Telemetry,
+    connection_fields,
+    initial_subflow,
+    join_refusals,
 )
 from .upstream import UpstreamError, connect_upstream, set_nodelay
 
@@ -123,6 +141,26 @@ class _ClientGone(Exception):
 
 class _Oversize(Exception):
     pass
+
+
+@dataclass(eq=False, slots=True)
+class _Attempt:
+    """What the handshake of one accepted connection learnt, for its span and counters."""
+
+    trace: ConnectionTrace
+    protocol: str
+    error: str | None = None  # the handshake_errors label, once it failed
+    answered: bool = False  # an error answer (Convert Error TLV, SOCKS5 reply) was sent
+    destination: tuple[str, int] | None = None
+    requested: str | None = None
+
+
+_NO_ATTEMPT = _Attempt(NOOP_TRACE, "none")
+# The attempt whose handshake runs in the current task (each accepted connection has its own).
+_attempt: contextvars.ContextVar[_Attempt] = contextvars.ContextVar("mcpool_attempt", default=_NO_ATTEMPT)
+
+# How long exiting waits for the collector to take the last spans (it never blocks the relay).
+_TRACE_FLUSH_S = 2.0
 
 
 # -- kernel settings --------------------------------------------------------------------------------
@@ -224,12 +262,21 @@ class Proxy:
         *,
         own_addresses: Iterable[str | IPAddress] | None = None,
         observers: Iterable[ConnectionObserver] = (),
+        telemetry: Telemetry | None = None,
+        watch_subflows: bool = True,
     ) -> None:
         self.config = config
         self._own_addresses = None if own_addresses is None else list(own_addresses)
         self.policy = Policy(config.policy, self._own_addresses or ())
         self.table = ConnectionTable()
         self.metrics = ProxyMetrics(live=self.table.totals)
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self.metrics.add_tracing(self.telemetry.accounting, self.telemetry.enabled)
+        self.subflows = SubflowWatcher()
+        self._watch_subflows = watch_subflows
+        self._watch_task: asyncio.Task[None] | None = None
+        self._join_refusals_at_start: dict[str, int] = {}
+        self.metrics.add_subflow_watch(self.subflows, self._join_refusals_since_start)
         self.observers: list[ConnectionObserver] = list(observers)
         self.relay_mode: Literal["splice", "buffered"] = resolve_mode(config.relay.mode)
         self.pools = RelayPools(config.relay.buffer_bytes)
@@ -271,6 +318,7 @@ class Proxy:
             await self.stop()
             raise
         self._listening = True
+        self._start_subflow_watch()
         log.info(
             "proxy listening",
             extra={
@@ -317,6 +365,20 @@ class Proxy:
         assert self._loop is not None
         self._loop.add_reader(sock.fileno(), self._on_acceptable, sock, protocol)
 
+    def _start_subflow_watch(self) -> None:
+        # Only MPTCP listeners have subflows to watch; the refusal counters are namespace-wide
+        # and cumulative, so they are reported relative to now.
+        self._join_refusals_at_start = join_refusals()
+        if not self._watch_subflows or not any(self.listeners_mptcp.values()):
+            return
+        self.subflows.listen_ports = frozenset(port for _, port in self.listen_addresses.values())
+        assert self._loop is not None
+        self._watch_task = self._loop.create_task(self.subflows.run(MptcpEventListener))
+
+    def _join_refusals_since_start(self) -> dict[str, int]:
+        now = join_refusals()
+        return {k: v - self._join_refusals_at_start.get(k, 0) for k, v in now.items()}
+
     def _close_listeners(self) -> None:
         for sock in self._listeners.values():
             if self._loop is not None:
@@ -328,15 +390,20 @@ class Proxy:
     async def drain(self, timeout_s: float) -> int:
         """Stop accepting, let live connections finish for up to `timeout_s`, then close the rest.
         Returns how many were closed by the deadline."""
-        self._draining = True
-        self.metrics.draining.set(1)
-        self._close_listeners()
+        self.stop_accepting()
         log.info("draining", extra={"fields": {"live": len(self.table), "timeout_s": timeout_s}})
         try:
             await asyncio.wait_for(self._empty.wait(), timeout_s)
             return 0
         except TimeoutError:
             return self._abort_all()
+
+    def stop_accepting(self) -> None:
+        """The first step of a drain, synchronous so that /readyz answers 503 from the moment
+        the signal or POST /drain is handled: not ready, listeners closed (new SYNs get RST)."""
+        self._draining = True
+        self.metrics.draining.set(1)
+        self._close_listeners()
 
     def _abort_all(self) -> int:
         aborted = 0
@@ -354,6 +421,10 @@ class Proxy:
         self._abort_all()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+            self._watch_task = None
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None
@@ -390,6 +461,7 @@ class Proxy:
         return self.metrics.render()
 
     def request_drain(self) -> None:
+        self.stop_accepting()
         if self.drain_requested is not None:
             self.drain_requested()
         elif self._drain_task is None:
@@ -426,11 +498,16 @@ class Proxy:
         self.metrics.accepted.labels(protocol).inc()
         self.metrics.handshaking.inc()
         handed_over = False
-        client = ("?", 0)
+        try:
+            client = _client_of(peer)
+        except (ValueError, IndexError, TypeError):  # not an IP peer: nothing else to do with it
+            client = ("?", 0)
+        attempt = _Attempt(self.telemetry.connection(protocol, client), protocol)
+        _attempt.set(attempt)
+        started = time.monotonic()
         try:
             sock.setblocking(False)
             set_nodelay(sock)
-            client = _client_of(peer)
             if protocol == "convert":
                 handed_over = await self._convert(sock, client)
             else:
@@ -438,9 +515,9 @@ class Proxy:
         except _HandshakeFailed:
             pass
         except asyncio.CancelledError:
-            self.metrics.handshake_errors.labels(protocol, "cancelled").inc()
+            self._handshake_error(protocol, "cancelled")
         except Exception as exc:  # noqa: BLE001 - never let one client take the proxy down
-            self.metrics.handshake_errors.labels(protocol, "internal").inc()
+            self._handshake_error(protocol, "internal")
             log.error(
                 "handshake failed unexpectedly: %r",
                 exc,
@@ -450,7 +527,29 @@ class Proxy:
         finally:
             self.metrics.handshaking.dec()
             if not handed_over:
+                self._finish_unrelayed(sock, attempt, client, time.monotonic() - started)
                 sock.close()
+
+    def _handshake_error(self, protocol: str, error: str) -> None:
+        """Count a handshake that ended without a relay, and remember why for its span."""
+        self.metrics.handshake_errors.labels(protocol, error).inc()
+        _attempt.get().error = error
+
+    def _finish_unrelayed(self, sock: socket.socket, attempt: _Attempt, client: tuple[str, int],
+                          duration_s: float) -> None:
+        """End the span of a connection that never reached the relay."""
+        if not attempt.trace.recording:
+            return
+        info = get_mptcp_info(sock) if sock.fileno() >= 0 else None
+        error = attempt.error or "handshake_failed"
+        fields = connection_fields(
+            connection_id=0, mode=attempt.protocol, client=client, destination=attempt.destination,
+            requested=attempt.requested, token=None if info is None else info.token_hex,
+            mptcp=info is not None, subflows=1 if info is None else info.subflow_count,
+            max_subflows=1 if info is None else info.subflow_count, bytes_up=0, bytes_down=0,
+            close_reason="refused" if attempt.answered else error, duration_s=duration_s, relay_mode=None,
+        )
+        attempt.trace.finish(fields, error=error)
 
     async def _read_message(
         self, sock: socket.socket, length_of: Callable[[bytes], int], deadline: float
@@ -483,6 +582,9 @@ class Proxy:
             pass
 
     def _log_refusal(self, protocol: str, client: tuple[str, int], error: str, detail: str, **fields: Any) -> None:
+        trace = _attempt.get().trace
+        if trace.trace_id is not None:
+            fields.update(trace_id=trace.trace_id, span_id=trace.span_id)
         log.info(
             "refused: %s",
             detail,
@@ -501,10 +603,13 @@ class Proxy:
         **fields: Any,
     ) -> None:
         error = code.name.lower()
-        self.metrics.handshake_errors.labels("convert", error).inc()
+        self._handshake_error("convert", error)
         if refusal is not None:
             self.metrics.policy_refusals.labels(refusal.reason).inc()
         self._log_refusal("convert", client, error, detail, code=int(code), **fields)
+        attempt = _attempt.get()
+        attempt.answered = True
+        attempt.trace.error_sent("convert", error, int(code), detail)
         try:
             await asyncio.get_running_loop().sock_sendall(sock, error_message(code, value))
         except OSError:
@@ -525,11 +630,11 @@ class Proxy:
             await self._convert_refuse(sock, client, ErrorCode.MALFORMED_MESSAGE, str(exc))
             return False
         except TimeoutError:
-            self.metrics.handshake_errors.labels("convert", "timeout").inc()
+            self._handshake_error("convert", "timeout")
             self._log_refusal("convert", client, "timeout", "no complete Convert message in time")
             return False
         except (_ClientGone, OSError) as exc:
-            self.metrics.handshake_errors.labels("convert", "client_closed").inc()
+            self._handshake_error("convert", "client_closed")
             log.debug("convert client %s gone: %s", format_endpoint(*client), exc)
             return False
 
@@ -555,6 +660,9 @@ class Proxy:
         loop = asyncio.get_running_loop()
         dest = (str(connect.address), connect.port)
         dest_text = format_endpoint(*dest)
+        attempt = _attempt.get()
+        attempt.destination = dest
+        attempt.trace.set_destination(*dest)
         refusal = self.policy.check_destination(connect.address, connect.port)
         if refusal is not None:
             await self._convert_refuse(
@@ -571,6 +679,7 @@ class Proxy:
                 sock, client, ErrorCode.RESOURCE_EXCEEDED, refusal.detail, refusal=refusal, destination=dest_text
             )
             return False
+        attempt.trace.end_handshake()
         try:
             upstream = await self._connect_upstream(dest)
         except UpstreamError as exc:
@@ -594,13 +703,15 @@ class Proxy:
             self.policy.release(client[0])
             upstream.close()
             if isinstance(exc, OSError):
-                self.metrics.handshake_errors.labels("convert", "client_closed").inc()
+                self._handshake_error("convert", "client_closed")
                 return False
             raise
         self._start_relay("convert", sock, upstream, client, dest)
         return True
 
     async def _connect_upstream(self, dest: tuple[str, int]) -> socket.socket:
+        trace = _attempt.get().trace
+        trace.begin_upstream(*dest)
         started = time.monotonic()
         try:
             upstream = await connect_upstream(
@@ -608,8 +719,10 @@ class Proxy:
             )
         except UpstreamError as exc:
             self.metrics.upstream_errors.labels(exc.reason).inc()
+            trace.end_upstream(exc.reason)
             raise
         self.metrics.upstream_latency.observe(time.monotonic() - started)
+        trace.end_upstream()
         return upstream
 
     # -- SOCKS5 --------------------------------------------------------------------------------
@@ -623,11 +736,15 @@ class Proxy:
         refusal: Refusal | None = None,
         **fields: Any,
     ) -> None:
-        self.metrics.handshake_errors.labels("socks5", error).inc()
+        self._handshake_error("socks5", error)
         if refusal is not None:
             self.metrics.policy_refusals.labels(refusal.reason).inc()
         self._log_refusal("socks5", client, error, detail, **fields)
         if answer is not None:
+            attempt = _attempt.get()
+            attempt.answered = True
+            # The code the client reads: the reply field (or the method/auth status byte).
+            attempt.trace.error_sent("socks5", error, answer[1] if len(answer) > 1 else None, detail)
             try:
                 await asyncio.get_running_loop().sock_sendall(sock, answer)
             except OSError:
@@ -677,15 +794,19 @@ class Proxy:
             await self._socks5_refuse(sock, client, answer, "oversize", str(exc))
             return False
         except TimeoutError:
-            self.metrics.handshake_errors.labels("socks5", "timeout").inc()
+            self._handshake_error("socks5", "timeout")
             self._log_refusal("socks5", client, "timeout", f"no complete SOCKS5 {stage} in time")
             return False
         except (_ClientGone, OSError) as exc:
-            self.metrics.handshake_errors.labels("socks5", "client_closed").inc()
+            self._handshake_error("socks5", "client_closed")
             log.debug("socks5 client %s gone during %s: %s", format_endpoint(*client), stage, exc)
             return False
 
         requested = request.host if isinstance(request.host, str) else None
+        attempt = _attempt.get()
+        attempt.requested = requested
+        attempt.destination = (str(request.host), request.port)
+        attempt.trace.set_destination(str(request.host), request.port)
         refusal = self.policy.check_client(client[0])
         if refusal is not None:
             await self._socks5_refuse(
@@ -701,6 +822,7 @@ class Proxy:
                 sock, client, encode_reply(Reply.NOT_ALLOWED), "not_allowed", refusal.detail, refusal=refusal
             )
             return False
+        attempt.trace.end_handshake()
         upstream: socket.socket | None = None
         last_error: UpstreamError | None = None
         try:
@@ -708,6 +830,8 @@ class Proxy:
                 try:
                     upstream = await self._connect_upstream((str(candidate), request.port))
                     dest = (str(candidate), request.port)
+                    attempt.destination = dest
+                    attempt.trace.set_destination(dest[0], dest[1], requested)
                     break
                 except UpstreamError as exc:
                     last_error = exc
@@ -726,7 +850,7 @@ class Proxy:
                 self.policy.release(client[0])
                 upstream.close()
             if isinstance(exc, OSError):
-                self.metrics.handshake_errors.labels("socks5", "client_closed").inc()
+                self._handshake_error("socks5", "client_closed")
                 return False
             raise
         self._start_relay("socks5", sock, upstream, client, dest, requested=requested)
@@ -793,6 +917,11 @@ class Proxy:
         conn = Connection(self.table.next_id(), mode, client, dest, relay, requested=requested)
         info = get_mptcp_info(client_sock)
         conn.token = None if info is None or info.fallback else info.token_hex
+        conn.mptcp = conn.token is not None
+        conn.trace = _attempt.get().trace
+        if info is not None and conn.mptcp:
+            first = initial_subflow(client_sock)
+            self.subflows.attach(info.token, conn.trace, sock=client_sock, initial=[first] if first else [])
         self.table.add(conn)
         self._empty.clear()
         self.metrics.relays.labels(self.relay_mode).inc()
@@ -813,21 +942,30 @@ class Proxy:
         self.metrics.closed_bytes_down += conn.relay.bytes_down
         if len(self.table) == 0:
             self._empty.set()
-        fields: dict[str, Any] = {
-            "id": conn.id,
-            "mode": conn.mode,
-            "client": format_endpoint(*conn.client),
-            "destination": format_endpoint(*conn.destination),
-            "token": conn.token,
-            "bytes_up": conn.relay.bytes_up,
-            "bytes_down": conn.relay.bytes_down,
-            "duration_s": round(time.monotonic() - conn.started_monotonic, 3),
-            "reason": str(reason),
-            "relay": "splice" if conn.relay.spliced else "buffered",
-        }
-        if conn.relay.error:
-            fields["error"] = conn.relay.error
-        log.info("connection closed", extra={"fields": fields})
+        state = self.subflows.detach(int(conn.token, 16)) if conn.token is not None else None
+        # A TCP (or fallen-back) connection is one path: 1 subflow.
+        subflows = state.count if state is not None else 1
+        max_subflows = max(state.max_subflows, 1) if state is not None else 1
+        self.metrics.subflows_per_connection.observe(max_subflows)
+        fields = connection_fields(
+            connection_id=conn.id,
+            mode=conn.mode,
+            client=conn.client,
+            destination=conn.destination,
+            requested=conn.requested,
+            token=conn.token,
+            mptcp=conn.mptcp,
+            subflows=subflows,
+            max_subflows=max_subflows,
+            bytes_up=conn.relay.bytes_up,
+            bytes_down=conn.relay.bytes_down,
+            close_reason=str(reason),
+            duration_s=time.monotonic() - conn.started_monotonic,
+            relay_mode="splice" if conn.relay.spliced else "buffered",
+        )
+        error = conn.relay.error
+        conn.trace.finish(fields, error=None if error is None else str(reason))
+        log_connection_closed(log, fields, trace_id=conn.trace.trace_id, span_id=conn.trace.span_id, error=error)
         for observer in self.observers:
             try:
                 observer.closed(conn, str(reason))
@@ -839,56 +977,17 @@ def _tri(value: bool | None) -> int:
     return -1 if value is None else int(value)
 
 
-# -- logging and main -------------------------------------------------------------------------------
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, plus `extra={"fields": {...}}`."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
-
-
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict) and fields:
-            text += " " + " ".join(f"{k}={v}" for k, v in fields.items())
-        return text
-
-
-def configure_logging(level: str, *, json_logs: bool | None = None) -> None:
-    """Logs go to stderr: JSON lines when stderr is not a terminal, readable text when it is."""
-    handler = logging.StreamHandler(sys.stderr)
-    if json_logs is None:
-        json_logs = not sys.stderr.isatty()
-    handler.setFormatter(
-        JsonFormatter() if json_logs else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
+# -- main -----------------------------------------------------------------------------------------
 async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -> int:
     """Run a proxy until SIGTERM/SIGINT (or POST /drain); the process's exit status."""
     loop = asyncio.get_running_loop()
-    proxy = Proxy(config)
+    telemetry = Telemetry.from_environment(config)
+    proxy = Proxy(config, telemetry=telemetry)
     try:
         await proxy.start()
     except OSError as exc:
         log.error("cannot start: %s", exc)
+        await asyncio.to_thread(telemetry.shutdown, 0.1)
         return 1
     if ready is not None:
         ready()
@@ -900,6 +999,7 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
         if drain_requested.is_set():
             immediate.set()
         else:
+            proxy.stop_accepting()
             drain_requested.set()
 
     def on_sigint() -> None:
@@ -913,6 +1013,8 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
     try:
         await _first_of(drain_requested.wait(), immediate.wait())
         aborted = 0
+        live_at_signal = len(proxy.table)
+        drain_started = time.monotonic()
         if not immediate.is_set():
             drain = asyncio.ensure_future(proxy.drain(config.drain_timeout_s))
             await _first_of(drain, immediate.wait())
@@ -925,8 +1027,13 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
         log.info(
             "stopped",
             extra={"fields": {"drained_in_time": not immediate.is_set() and aborted == 0,
-                              "closed_at_deadline": aborted, "closed_at_exit": live}},
+                              "connections_at_signal": live_at_signal,
+                              "closed_at_deadline": aborted, "closed_at_exit": live,
+                              "drain_s": round(time.monotonic() - drain_started, 3),
+                              "exit_status": exit_status}},
         )
+        # Bounded: a dead collector costs at most this much of the exit, never more.
+        await asyncio.to_thread(telemetry.shutdown, 0.2 if immediate.is_set() else _TRACE_FLUSH_S)
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
         loop.remove_signal_handler(signal.SIGINT)

@@ -267,7 +267,7 @@ def test_drain_deadline_closes_and_counts(run_proxy: RunProxy, netns: str, ns_se
         sock.settimeout(5)
         assert sock.recv(1) == b""
     closed = [e for e in proxy.logs() if e["msg"] == "connection closed"]
-    assert [e["reason"] for e in closed] == ["drained"]
+    assert [e["mcpool.close_reason"] for e in closed] == ["drained"]
     stopped = [e for e in proxy.logs() if e["msg"] == "stopped"]
     assert stopped[0]["closed_at_deadline"] == 1
 
