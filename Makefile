@@ -10,7 +10,7 @@ setup:
 	@scripts/install-deps.sh
 
 demo: setup
-	$(VENV)/bin/mcpool demo
+	$(VENV)/bin/mcpool demo --cluster
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -53,6 +53,7 @@ from typing import Any, Literal
 
 from .admin import AdminServer
 from .affinity.mptcp_events import MptcpEventListener
+from .affinity.podside import PodAffinity
 from .config import ConfigError, KernelConfig, ProxyConfig, load_config, split_hostport
 from .connections import Connection, ConnectionObserver, ConnectionTable, Mode
 from .convert import (
@@ -989,6 +990,11 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
         log.error("cannot start: %s", exc)
         await asyncio.to_thread(telemetry.shutdown, 0.1)
         return 1
+    # Cluster affinity (docs/affinity.md): register the pod, publish tokens, join address.
+    affinity = PodAffinity(config.affinity, [port for _, port in proxy.listen_addresses.values()],
+                           metrics_registry=proxy.metrics.registry)
+    proxy.observers.append(affinity)
+    await affinity.start()
     if ready is not None:
         ready()
     drain_requested = asyncio.Event()
@@ -1016,6 +1022,7 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
         live_at_signal = len(proxy.table)
         drain_started = time.monotonic()
         if not immediate.is_set():
+            await affinity.drain()
             drain = asyncio.ensure_future(proxy.drain(config.drain_timeout_s))
             await _first_of(drain, immediate.wait())
             if drain.done():
@@ -1024,6 +1031,7 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
                 drain.cancel()
         live = len(proxy.table)
         await proxy.stop()
+        await affinity.stop()
         log.info(
             "stopped",
             extra={"fields": {"drained_in_time": not immediate.is_set() and aborted == 0,
