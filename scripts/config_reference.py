@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel
-
 from mcpool_proxy.config import DEFAULT_DENIED_DESTINATIONS, ProxyConfig
+from pydantic import BaseModel
 
 
 def _rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
