@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pools", type=int, nargs="+", default=[25, 100])
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    results = []
+    results: list[dict[str, Any]] = []
     for n in args.pools:
         result = asyncio.run(scenario(n, sequential_pools=10 if not results else 0))
         print(result, flush=True)
