@@ -42,6 +42,7 @@ import contextvars
 import errno
 import ipaddress
 import logging
+import resource
 import signal
 import socket
 import struct
@@ -1058,6 +1059,31 @@ async def _first_of(*aws: Awaitable[Any]) -> None:
                 task.cancel()
 
 
+def raise_open_files_limit(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit and return it.
+
+    Each relayed connection holds two sockets (plus a pipe pair while bytes are in flight), and
+    the default soft limit of 1024 would cap a proxy at a few hundred connections, with the
+    excess reset by the kernel instead of answered with Resource Exceeded.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, exc)
+    needed = 2 * max_connections + 256
+    if soft < needed:
+        log.warning(
+            "open-files limit %d is below the %d that policy.max_connections=%d needs; connections "
+            "beyond it are refused by the kernel: raise the limit or lower max_connections",
+            soft, needed, max_connections,
+        )
+    return soft
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mcpool proxy", description="Run the MPTCP concentrator proxy.")
     parser.add_argument("--config", required=True, help="YAML configuration file (see config.py)")
@@ -1069,6 +1095,7 @@ def main(argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     configure_logging(args.log_level or config.log_level)
+    raise_open_files_limit(config.policy.max_connections)
 
     def announce() -> None:
         print(READY_LINE, flush=True)

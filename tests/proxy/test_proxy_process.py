@@ -283,3 +283,26 @@ def test_bad_config_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     assert any(line.strip().startswith("listen.convert") for line in lines)
     assert any(line.strip().startswith("policy.max_connections") for line in lines)
     assert any(line.strip().startswith("typo") for line in lines)
+
+
+def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    """The default soft limit (1024) would cap the proxy at a few hundred connections."""
+    import resource
+    import subprocess
+    import sys
+
+    code = (
+        "import resource; from mcpool_proxy.server import raise_open_files_limit; "
+        "print(raise_open_files_limit(10), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    soft = min(1024, hard)
+
+    def lower_soft() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], preexec_fn=lower_soft, capture_output=True, text=True, check=True
+    ).stdout.split()
+    expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    assert [int(out[0]), int(out[1])] == [expected, expected]
