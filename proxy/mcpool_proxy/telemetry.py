@@ -216,10 +216,12 @@ def _env_int(name: str, default: int) -> int:
     return value if value > 0 else default
 
 
-def _build_resource(config: ProxyConfig | None) -> Resource:
+def _build_resource(
+    config: ProxyConfig | None, service_name: str = SERVICE_NAME_DEFAULT, pool: str | None = None
+) -> Resource:
     """service.name, k8s.* from the downward API, the pool; OTEL_RESOURCE_ATTRIBUTES and
     OTEL_SERVICE_NAME override these defaults (the operator's settings win)."""
-    defaults: dict[str, AttributeValue] = {"service.name": SERVICE_NAME_DEFAULT}
+    defaults: dict[str, AttributeValue] = {"service.name": service_name}
     for env_name, key in (
         ("POD_NAME", "k8s.pod.name"),
         ("POD_NAMESPACE", "k8s.namespace.name"),
@@ -231,6 +233,8 @@ def _build_resource(config: ProxyConfig | None) -> Resource:
         defaults["service.instance.id"] = defaults["k8s.pod.name"]
     if config is not None:
         defaults["mcpool.pool"] = config.affinity.pool
+    if pool is not None:
+        defaults["mcpool.pool"] = pool
     from_env = OTELResourceDetector().detect()
     return Resource.create({k: v for k, v in defaults.items() if k not in from_env.attributes}).merge(from_env)
 
@@ -451,21 +455,40 @@ class Telemetry:
     def enabled(self) -> bool:
         return self._tracer is not None
 
+    def tracer(self, name: str) -> otel_trace.Tracer | None:
+        """A tracer for another component of this process (the director); None when off."""
+        return self.provider.get_tracer(name) if self.provider is not None else None
+
     @classmethod
-    def from_environment(cls, config: ProxyConfig | None = None) -> Telemetry:
+    def from_environment(
+        cls,
+        config: ProxyConfig | None = None,
+        *,
+        service_name: str = SERVICE_NAME_DEFAULT,
+        pool: str | None = None,
+    ) -> Telemetry:
         """Tracing as the OTEL_* variables say; disabled (no cost) without an OTLP endpoint."""
         exporter = _make_exporter()
         if exporter is None:
             return cls()
-        return cls.with_exporter(exporter, config=config)
+        return cls.with_exporter(exporter, config=config, service_name=service_name, pool=pool)
 
     @classmethod
-    def with_exporter(cls, exporter: SpanExporter, *, config: ProxyConfig | None = None) -> Telemetry:
+    def with_exporter(
+        cls,
+        exporter: SpanExporter,
+        *,
+        config: ProxyConfig | None = None,
+        service_name: str = SERVICE_NAME_DEFAULT,
+        pool: str | None = None,
+    ) -> Telemetry:
         """Tracing to `exporter` through the bounded batch processor (tests use it directly)."""
         accounting = SpanAccounting(_env_int("OTEL_BSP_MAX_QUEUE_SIZE", _BSP_MAX_QUEUE_DEFAULT))
         # The sampler comes from OTEL_TRACES_SAMPLER(_ARG), read by the SDK. No atexit hook: a
         # dead collector must not hold the process at exit; `shutdown()` is bounded instead.
-        provider = TracerProvider(resource=_build_resource(config), shutdown_on_exit=False)
+        provider = TracerProvider(
+            resource=_build_resource(config, service_name, pool), shutdown_on_exit=False
+        )
         batch = BatchSpanProcessor(
             _CountingExporter(exporter, accounting), max_queue_size=accounting.max_queue
         )

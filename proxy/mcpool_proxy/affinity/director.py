@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import ConfigError, HostPort, split_hostport
+from ..telemetry import Telemetry
 from . import kernel
 from .keys import KeySchema
 from .packet import Syn, parse_syn
@@ -158,9 +159,18 @@ class DirectorMetrics:
 class Director:
     """Runs the queue consumer, the Redis feed and the kernel plumbing in one asyncio loop."""
 
-    def __init__(self, config: DirectorConfig, metrics: DirectorMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: DirectorConfig,
+        metrics: DirectorMetrics | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else DirectorMetrics()
+        # A span per steering decision when OTEL_* asks for tracing (sampled by
+        # OTEL_TRACES_SAMPLER); None otherwise, so the hot path pays one attribute test.
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self._tracer = self.telemetry.tracer("mcpool.director")
         self.table = AffinityTable()
         self.keys = KeySchema(config.pool)
         self.slots: dict[str, tuple[int, str]] = {}  # pod -> (slot, address) with plumbing in place
@@ -182,7 +192,7 @@ class Director:
                 return
             decision = decide(syn, self.table)
             if decision.final:
-                self._verdict(packet, decision, started)
+                self._verdict(packet, decision, started, syn=syn)
                 return
             packet.retain()
             self._spawn(self._wait_and_verdict(packet, syn, started))
@@ -193,9 +203,16 @@ class Director:
     async def _wait_and_verdict(self, packet: Any, syn: Syn, started: float) -> None:
         assert syn.join_token is not None
         await self.table.wait_for_token(syn.join_token, self.config.join_wait_ms / 1000)
-        self._verdict(packet, decide(syn, self.table, waited=True), started)
+        self._verdict(packet, decide(syn, self.table, waited=True), started, syn=syn)
 
-    def _verdict(self, packet: Any, decision: Decision, started: float, label: str | None = None) -> None:
+    def _verdict(
+        self,
+        packet: Any,
+        decision: Decision,
+        started: float,
+        label: str | None = None,
+        syn: Syn | None = None,
+    ) -> None:
         outcome = label or decision.outcome
         slot = self.slots.get(decision.pod) if decision.pod is not None else None
         try:
@@ -208,8 +225,31 @@ class Director:
                 packet.drop()
         except (RuntimeError, OSError) as exc:  # queue gone (shutting down)
             log.debug("verdict failed: %r", exc)
+        elapsed_s = time.perf_counter() - started
         self.metrics.decisions.labels(outcome).inc()
-        self.metrics.decision_seconds.observe(time.perf_counter() - started)
+        self.metrics.decision_seconds.observe(elapsed_s)
+        if self._tracer is not None:
+            self._trace_decision(outcome, decision, syn, elapsed_s)
+
+    def _trace_decision(self, outcome: str, decision: Decision, syn: Syn | None, elapsed_s: float) -> None:
+        end_ns = time.time_ns()
+        assert self._tracer is not None
+        span = self._tracer.start_span(
+            "director.steer", start_time=end_ns - int(elapsed_s * 1e9)
+        )
+        span.set_attribute("mcpool.director.outcome", outcome)
+        span.set_attribute("mcpool.director.decision_s", elapsed_s)
+        if decision.pod is not None:
+            span.set_attribute("mcpool.director.pod", decision.pod)
+        if syn is not None:
+            span.set_attribute("client.address", syn.src)
+            span.set_attribute("client.port", syn.sport)
+            span.set_attribute("server.address", syn.dst)
+            span.set_attribute("server.port", syn.dport)
+            span.set_attribute("mcpool.director.syn", "mp_join" if syn.is_join else "initial")
+            if syn.join_token is not None:
+                span.set_attribute("mcpool.mptcp.token", f"{syn.join_token:08x}")
+        span.end(end_time=end_ns)
 
     # -- the table feed -------------------------------------------------------------------------
 
@@ -435,7 +475,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    director = Director(config)
+    telemetry = Telemetry.from_environment(service_name="mcpool-director", pool=config.pool)
+    director = Director(config, telemetry=telemetry)
     if config.metrics_listen is not None:
         host, port = split_hostport(config.metrics_listen)
         start_http_server(port, addr=host, registry=director.metrics.registry)
@@ -454,4 +495,5 @@ def main(argv: list[str]) -> int:
     finally:
         if args.cleanup:
             director.cleanup()
+        telemetry.shutdown(2.0)
     return 0
