@@ -7,12 +7,17 @@
 - `GET /metrics`: Prometheus text from the proxy's own registry.
 - `POST /drain`: start draining, as SIGTERM does (for operators; returns 202).
 
+`/connections` (customer addresses) and `/drain` answer only clients in `trusted` (by default
+loopback: `kubectl exec`, a preStop hook); anyone else gets 403. Probes and metrics stay open.
+
 It reads the proxy through the small `AdminTarget` protocol and holds no state of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -39,10 +44,17 @@ class AdminTarget(Protocol):
 
 
 class AdminServer:
-    def __init__(self, target: AdminTarget, host: str, port: int) -> None:
+    def __init__(
+        self,
+        target: AdminTarget,
+        host: str,
+        port: int,
+        trusted: Iterable[str] = ("127.0.0.0/8", "::1/128"),
+    ) -> None:
         self.target = target
         self.host = host
         self.port = port
+        self.trusted = [ipaddress.ip_network(net) for net in trusted]
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
@@ -73,12 +85,32 @@ class AdminServer:
         body = self.target.readiness()
         return web.json_response(body, status=200 if self.target.ready else 503)
 
+    def _is_trusted(self, request: web.Request) -> bool:
+        try:
+            addr = ipaddress.ip_address((request.remote or "").split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.trusted)
+
+    @staticmethod
+    def _forbidden(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"error": f"{request.path} is only served to admin_trusted_clients (default: loopback)"},
+            status=403,
+        )
+
     async def _connections(self, request: web.Request) -> web.Response:
+        if not self._is_trusted(request):
+            return self._forbidden(request)
         return web.json_response(self.target.connection_list())
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.target.render_metrics(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _drain(self, request: web.Request) -> web.Response:
+        if not self._is_trusted(request):
+            return self._forbidden(request)
         self.target.request_drain()
         return web.json_response({"draining": True}, status=202)

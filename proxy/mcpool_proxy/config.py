@@ -55,6 +55,7 @@ DEFAULT_DENIED_DESTINATIONS: tuple[str, ...] = (
     "255.255.255.255/32",
     "::/128",
     "::1/128",
+    "::/96",  # IPv4-compatible IPv6 (deprecated): ::a9fe:a9fe would be 169.254.169.254
     "fe80::/10",  # link-local
     "ff00::/8",  # multicast
     "fd00:ec2::254/128",  # AWS IPv6 instance metadata
@@ -188,6 +189,12 @@ class PolicyConfig(_Model):
     max_connections_per_cpe: int = Field(
         default=1_000, ge=1, description="Limit of live connections per client address."
     )
+    max_handshakes: int = Field(
+        default=4096,
+        ge=1,
+        description="Connections allowed in their Convert/SOCKS5 handshake at once; beyond, new ones are "
+        "refused at once (Resource Exceeded), so a flood of silent clients cannot exhaust descriptors.",
+    )
     handshake_timeout_s: float = Field(
         default=10.0, gt=0, le=300, description="Time a client has to send a complete Convert/SOCKS5 request."
     )
@@ -263,6 +270,12 @@ class KernelConfig(_Model):
     )
 
 
+# The director's tunnel to the pods (affinity/kernel.py): both ends must agree on the UDP port and
+# on the MAC of the pod's receive device, so the defaults are named once, here, for both configs.
+DEFAULT_VXLAN_PORT = 4789
+DEFAULT_POD_MAC = "02:6d:63:70:00:01"
+
+
 class AffinityConfig(_Model):
     """How subflows of one MPTCP connection find the pod that owns it (see DESIGN.md)."""
 
@@ -288,6 +301,19 @@ class AffinityConfig(_Model):
         description="For 'join-address': the address:port this pod announces with ADD_ADDR (must be on the pod).",
     )
     heartbeat_ttl_s: float = Field(default=10.0, gt=0, le=300, description="Registry entries expire after this.")
+    vip: Annotated[str, AfterValidator(lambda v: str(ipaddress.ip_address(v)))] | None = Field(
+        default=None,
+        description="The pool's VIP when a director forwards to this pod: the pod puts it on lo and "
+        "decapsulates the director's VXLAN (direct server return). Null: this pod sets up no receive side.",
+    )
+    vxlan_port: int = Field(
+        default=DEFAULT_VXLAN_PORT, ge=1, le=65535, description="UDP port of the director's VXLAN tunnel to this pod."
+    )
+    pod_mac: str = Field(
+        default=DEFAULT_POD_MAC,
+        pattern=r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$",
+        description="MAC of this pod's VXLAN receive device; must equal the director's pod_mac.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AffinityConfig:
@@ -308,6 +334,12 @@ class ProxyConfig(_Model):
     admin: AdminAddress | None = Field(
         default="127.0.0.1:9090",
         description="Admin HTTP address (/healthz, /readyz, /connections, /metrics); null disables it.",
+    )
+    admin_trusted_clients: list[CIDR] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="Clients allowed to use the admin endpoints that reveal or change state "
+        "(/connections: customer addresses; POST /drain). Probes and /metrics are open to all: "
+        "otherwise any allowed CPE could relay to a pod's admin port and drain the pool.",
     )
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)

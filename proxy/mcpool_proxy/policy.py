@@ -79,6 +79,23 @@ def normalize_address(addr: str | IPAddress) -> IPAddress:
     return parsed
 
 
+# IPv6 prefixes that carry an IPv4 address a gateway may connect to: NAT64 (RFC 6052 well-known
+# prefix), 6to4 (RFC 3056). Without this check 64:ff9b::a9fe:a9fe would reach 169.254.169.254
+# through a NAT64 gateway in an IPv6-only cluster.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def embedded_ipv4(addr: IPAddress) -> tuple[ipaddress.IPv4Address, ...]:
+    """IPv4 addresses an IPv6 destination stands for through NAT64 or 6to4 (empty otherwise)."""
+    if not isinstance(addr, ipaddress.IPv6Address):
+        return ()
+    if addr in _NAT64:
+        return (ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF),)
+    if addr.sixtofour is not None:
+        return (addr.sixtofour,)
+    return ()
+
+
 def format_endpoint(host: str, port: int) -> str:
     """"ip:port" with IPv6 in brackets; an IPv4-mapped IPv6 address is shown as IPv4."""
     if host.startswith("::ffff:") and "." in host:
@@ -169,9 +186,11 @@ class Policy:
     # -- where -------------------------------------------------------------------------------
     def check_destination(self, addr: str | IPAddress, port: int) -> Refusal | None:
         dest = normalize_address(addr)
-        net = _contains(self._denied, dest)
-        if net is not None:
-            return Refusal(DESTINATION_DENIED, f"destination {dest} is in refused range {net}")
+        for candidate in (dest, *embedded_ipv4(dest)):
+            net = _contains(self._denied, candidate)
+            if net is not None:
+                via = "" if candidate == dest else f" (it embeds {candidate})"
+                return Refusal(DESTINATION_DENIED, f"destination {dest}{via} is in refused range {net}")
         if self._allowed_ports and port not in self._allowed_ports:
             return Refusal(PORT_NOT_ALLOWED, f"destination port {port} is not in policy.allowed_ports")
         return None

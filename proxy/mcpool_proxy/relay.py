@@ -24,7 +24,8 @@ Rules both modes follow:
 - half-close: EOF on one side becomes `shutdown(SHUT_WR)` on the other once everything read has
   been written; the relay ends when both directions are done;
 - idle timeout: no byte moved either way for `idle_timeout_s` closes both sides;
-- a reset on one side is passed on as a reset (SO_LINGER 0) to the other;
+- a reset on one side is passed on as a reset (SO_LINGER 0) to the other; an abort (error,
+  idle timeout, drain deadline) resets both sides;
 - byte counters per direction (delivered bytes) and one close reason from `CloseReason`.
 
 It must not know about protocols, policy or metrics: the server wires those around it.
@@ -432,10 +433,16 @@ class Relay:
             d.user = None
         # Pass a reset on: the other side learns the connection broke instead of seeing a clean
         # end of stream it could mistake for a complete transfer.
+        # Any end other than both sides closing cleanly (an error, the idle timeout, the drain
+        # deadline) is an abort: reset both sides, or a client without length framing would take
+        # a truncated transfer for a complete one.
         if reason == CloseReason.CLIENT_RESET:
             _set_linger_reset(self.server)
         elif reason == CloseReason.SERVER_RESET:
             _set_linger_reset(self.client)
+        elif reason not in (CloseReason.CLIENT_CLOSED, CloseReason.SERVER_CLOSED):
+            _set_linger_reset(self.client)
+            _set_linger_reset(self.server)
         self.client.close()
         self.server.close()
         if not self.done.done():

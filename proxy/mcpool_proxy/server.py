@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
 import errno
 import ipaddress
@@ -123,6 +124,8 @@ SUPPORTED_TCP_OPTION_KINDS: tuple[int, ...] = (2, 3, 4, 8, 30)
 # After a refusal the proxy half-closes and reads (discarding) for this long before closing:
 # closing a socket with unread input sends RST, which can destroy the answer in flight.
 _REFUSAL_LINGER_S = 1.0
+# How long a SOCKS5 client refused at accept may take to send the request it is refused for.
+_REFUSAL_HANDSHAKE_S = 2.0
 
 # How many connections one readiness event of a listener accepts before yielding.
 _ACCEPT_BATCH = 64
@@ -288,6 +291,8 @@ class Proxy:
         self.admin: AdminServer | None = None
         self._listeners: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._handshakes = 0
+        self._idle_handshakes = asyncio.Event()  # set when the last handshake task ends
         self._listening = False
         self._draining = False
         self._empty = asyncio.Event()
@@ -314,7 +319,9 @@ class Proxy:
                     self._listen(protocol, address)
             if self.config.admin is not None:
                 host, port = split_hostport(self.config.admin)
-                self.admin = AdminServer(self, "127.0.0.1" if host == "localhost" else host, port)
+                self.admin = AdminServer(
+                    self, "127.0.0.1" if host == "localhost" else host, port, self.config.admin_trusted_clients
+                )
                 await self.admin.start()
         except BaseException:
             await self.stop()
@@ -395,17 +402,29 @@ class Proxy:
         self.stop_accepting()
         log.info("draining", extra={"fields": {"live": len(self.table), "timeout_s": timeout_s}})
         try:
-            await asyncio.wait_for(self._empty.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                # Connections still in their handshake (e.g. waiting for the upstream connect)
+                # get their answer and, if it succeeds, their relay: wait for both.
+                while self._tasks_pending() or not self._empty.is_set():
+                    self._idle_handshakes.clear()
+                    if self._tasks_pending():
+                        await self._idle_handshakes.wait()
+                    await self._empty.wait()
             return 0
         except TimeoutError:
             return self._abort_all()
 
     def stop_accepting(self) -> None:
         """The first step of a drain, synchronous so that /readyz answers 503 from the moment
-        the signal or POST /drain is handled: not ready, listeners closed (new SYNs get RST)."""
+        the signal or POST /drain is handled: not ready, and new connections are reset.
+
+        The listening sockets stay open until `stop()`: an MP_JOIN SYN is looked up like any
+        SYN and needs the listener on its port, so closing it would leave every live connection
+        unable to add or re-add a subflow during the drain — exactly when a CPE that loses a
+        link needs it (measured on 6.18: with the listener closed, a join from a newly added
+        endpoint never arrived, MPJoinSynRx stayed 0)."""
         self._draining = True
         self.metrics.draining.set(1)
-        self._close_listeners()
 
     def _abort_all(self) -> int:
         aborted = 0
@@ -488,6 +507,14 @@ class Proxy:
                 else:
                     log.warning("accept failed: %s", exc)
                 return
+            if self._draining:
+                # Draining: a new connection is reset at once, so the client retries another
+                # pod instead of waiting on one that is going away.
+                self.metrics.handshake_errors.labels(protocol, "draining").inc()
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                continue
             task = self._loop.create_task(self._handle(sock, peer, protocol))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -507,10 +534,23 @@ class Proxy:
         attempt = _Attempt(self.telemetry.connection(protocol, client), protocol)
         _attempt.set(attempt)
         started = time.monotonic()
+        self._handshakes += 1
         try:
             sock.setblocking(False)
             set_nodelay(sock)
-            if protocol == "convert":
+            # Refuse strangers and floods before reading anything: a client outside
+            # policy.allowed_cpes, or one beyond policy.max_handshakes, must not hold a
+            # descriptor for the whole handshake timeout (nor guess SOCKS5 passwords).
+            refusal = self.policy.check_client(client[0])
+            if refusal is None and self._handshakes > self.config.policy.max_handshakes:
+                refusal = Refusal(
+                    "max_handshakes",
+                    f"{self._handshakes - 1} connections already in their handshake "
+                    f"(policy.max_handshakes={self.config.policy.max_handshakes})",
+                )
+            if refusal is not None:
+                await self._refuse_at_accept(sock, client, protocol, refusal)
+            elif protocol == "convert":
                 handed_over = await self._convert(sock, client)
             else:
                 handed_over = await self._socks5(sock, client)
@@ -527,10 +567,47 @@ class Proxy:
                 extra={"fields": {"protocol": protocol, "client": format_endpoint(*client)}},
             )
         finally:
+            self._handshakes -= 1
             self.metrics.handshaking.dec()
-            if not handed_over:
-                self._finish_unrelayed(sock, attempt, client, time.monotonic() - started)
-                sock.close()
+            try:
+                if not handed_over:
+                    try:
+                        self._finish_unrelayed(sock, attempt, client, time.monotonic() - started)
+                    finally:
+                        sock.close()
+            finally:
+                if not self._tasks_pending():
+                    self._idle_handshakes.set()
+
+    async def _refuse_at_accept(
+        self, sock: socket.socket, client: tuple[str, int], protocol: str, refusal: Refusal
+    ) -> None:
+        """Answer a client refused before its handshake: Convert gets its Error TLV (Not
+        Authorized 32, or Resource Exceeded 64 for a flood); SOCKS5, whose first message is the
+        client's greeting, gets "no acceptable methods" (0xFF) and the close."""
+        if protocol == "convert":
+            code = ErrorCode.RESOURCE_EXCEEDED if refusal.reason == "max_handshakes" else ErrorCode.NOT_AUTHORIZED
+            await self._convert_refuse(sock, client, code, refusal.detail, refusal=refusal)
+            return
+        answer: bytes | None = encode_method_selection(Method.NO_ACCEPTABLE)
+        if refusal.reason != "max_handshakes":
+            # RFC 1928's "connection not allowed by ruleset" (0x02) is an answer to a request:
+            # take the greeting and the request (briefly, never checking credentials), then say it.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(self.config.policy.handshake_timeout_s, _REFUSAL_HANDSHAKE_S)
+            try:
+                methods = parse_greeting(await self._read_message(sock, greeting_length, deadline))
+                if Method.NO_AUTH in methods:
+                    await loop.sock_sendall(sock, encode_method_selection(Method.NO_AUTH))
+                    parse_request(await self._read_message(sock, request_length, deadline))
+                    answer = encode_reply(Reply.NOT_ALLOWED)
+            except (Socks5Error, _Oversize, TimeoutError, _ClientGone, OSError):
+                answer = None
+        await self._socks5_refuse(sock, client, answer, "not_allowed", refusal.detail, refusal=refusal)
+
+    def _tasks_pending(self) -> bool:
+        current = asyncio.current_task()
+        return any(task is not current and not task.done() for task in self._tasks)
 
     def _handshake_error(self, protocol: str, error: str) -> None:
         """Count a handshake that ended without a relay, and remember why for its span."""
@@ -640,10 +717,6 @@ class Proxy:
             log.debug("convert client %s gone: %s", format_endpoint(*client), exc)
             return False
 
-        refusal = self.policy.check_client(client[0])
-        if refusal is not None:
-            await self._convert_refuse(sock, client, ErrorCode.NOT_AUTHORIZED, refusal.detail, refusal=refusal)
-            return False
         refusal = self.policy.check_cookie(message.cookie.cookie if message.cookie is not None else None)
         if refusal is not None:
             await self._convert_refuse(sock, client, ErrorCode.MISSING_COOKIE, refusal.detail, refusal=refusal)
@@ -651,7 +724,11 @@ class Proxy:
         wants_info = any(isinstance(tlv, InfoTLV) for tlv in message.tlvs)
         if connect is None:
             # Info only: say what we support and close; there is nothing to relay.
-            await loop.sock_sendall(sock, encode_message([SupportedTcpExtensionsTLV(SUPPORTED_TCP_OPTION_KINDS)]))
+            try:
+                await loop.sock_sendall(sock, encode_message([SupportedTcpExtensionsTLV(SUPPORTED_TCP_OPTION_KINDS)]))
+            except OSError:
+                self._handshake_error("convert", "client_closed")
+                return False
             await self._close_after_answer(sock)
             return False
         return await self._convert_connect(sock, client, connect, wants_info)
@@ -809,12 +886,6 @@ class Proxy:
         attempt.requested = requested
         attempt.destination = (str(request.host), request.port)
         attempt.trace.set_destination(str(request.host), request.port)
-        refusal = self.policy.check_client(client[0])
-        if refusal is not None:
-            await self._socks5_refuse(
-                sock, client, encode_reply(Reply.NOT_ALLOWED), "not_allowed", refusal.detail, refusal=refusal
-            )
-            return False
         candidates = await self._socks5_candidates(sock, client, request.host, request.port)
         if candidates is None:
             return False
@@ -827,6 +898,7 @@ class Proxy:
         attempt.trace.end_handshake()
         upstream: socket.socket | None = None
         last_error: UpstreamError | None = None
+        released = False
         try:
             for candidate in candidates:
                 try:
@@ -840,6 +912,7 @@ class Proxy:
             if upstream is None:
                 assert last_error is not None
                 self.policy.release(client[0])
+                released = True
                 await self._socks5_refuse(
                     sock, client, encode_reply(last_error.socks5_reply), last_error.socks5_reply.name.lower(),
                     last_error.detail,
@@ -848,8 +921,11 @@ class Proxy:
             bound = upstream.getsockname()
             await loop.sock_sendall(sock, encode_reply(Reply.SUCCEEDED, ipaddress.ip_address(bound[0]), bound[1]))
         except BaseException as exc:
-            if upstream is not None:
+            # The slot was acquired above: give it back on every way out but the relay, or a
+            # CPE loses one slot per failure until it is locked out.
+            if not released:
                 self.policy.release(client[0])
+            if upstream is not None:
                 upstream.close()
             if isinstance(exc, OSError):
                 self._handshake_error("socks5", "client_closed")

@@ -15,7 +15,8 @@ following RFC 8803 section 4.2.8 and RFC 1928 section 6:
 | ICMP host unreachable (EHOSTUNREACH)            | 97 Destination Unreachable (1)  | 0x04 host    |
 | ICMP administratively prohibited (EACCES/EPERM) | 97 Destination Unreachable (13) | 0x02 ruleset |
 | no answer within connect_timeout_s (ETIMEDOUT)  | 65 Network Failure              | 0x04 host    |
-| anything else (ENOBUFS, EADDRNOTAVAIL, ...)     | 65 Network Failure              | 0x01 general |
+| out of fds, memory or ports (EMFILE, ENOBUFS, EADDRNOTAVAIL) | 64 Resource Exceeded   | 0x01 general |
+| anything else                                   | 65 Network Failure              | 0x01 general |
 
 RFC 8803 asks the Destination Unreachable value to echo the ICMP code; the kernel reports only an
 errno, so the value is the ICMP code that errno stands for (0 net, 1 host, 13 prohibited). A
@@ -71,6 +72,9 @@ def classify_errno(err: int | None, detail: str) -> UpstreamError:
         )
     if err is None or err == errno.ETIMEDOUT:
         return UpstreamError("timeout", err, ErrorCode.NETWORK_FAILURE, b"", Reply.HOST_UNREACHABLE, detail)
+    if err in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL):
+        # Out of descriptors, memory or ephemeral ports: the proxy's resources, not the network.
+        return UpstreamError("resources", err, ErrorCode.RESOURCE_EXCEEDED, b"", Reply.GENERAL_FAILURE, detail)
     return UpstreamError("error", err, ErrorCode.NETWORK_FAILURE, b"", Reply.GENERAL_FAILURE, detail)
 
 
@@ -96,7 +100,10 @@ async def connect_upstream(
     addr = normalize_address(address)
     family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
     target = (str(addr), port)
-    sock, _ = create_socket(family, mptcp=(protocol == "mptcp"))
+    try:
+        sock, _ = create_socket(family, mptcp=(protocol == "mptcp"))
+    except OSError as exc:
+        raise classify_errno(exc.errno, f"cannot create a socket: {exc.strerror}") from None
     try:
         sock.setblocking(False)
         set_nodelay(sock)

@@ -86,3 +86,23 @@ def test_normalize_and_local_addresses() -> None:
     assert normalize_address("::ffff:10.0.0.1") == ipaddress.ip_address("10.0.0.1")
     assert normalize_address("fe80::1%lo") == ipaddress.ip_address("fe80::1")
     assert ipaddress.ip_address("127.0.0.1") in local_addresses()
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254 (instance metadata)
+        "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+        "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+        "::a9fe:a9fe",  # IPv4-compatible (deprecated) form
+    ],
+)
+def test_ipv6_forms_of_refused_ipv4_destinations_are_refused(destination: str) -> None:
+    policy = Policy(PolicyConfig(allowed_cpes=["198.18.0.0/15"]), own_addresses=[])
+    refusal = policy.check_destination(destination, 443)
+    assert refusal is not None and refusal.reason == "destination_denied"
+
+
+def test_nat64_of_a_public_address_is_allowed() -> None:
+    policy = Policy(PolicyConfig(allowed_cpes=["198.18.0.0/15"]), own_addresses=[])
+    assert policy.check_destination("64:ff9b::c633:6401", 443) is None  # 198.51.100.1

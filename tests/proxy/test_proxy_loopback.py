@@ -30,6 +30,7 @@ from mcpool_proxy.convert import (
     ExtendedTcpHeaderTLV,
     InfoTLV,
     SupportedTcpExtensionsTLV,
+    decode_message,
     encode_message,
 )
 from mcpool_proxy.socks5 import Reply, Socks5Refused, socks5_connect
@@ -394,8 +395,10 @@ def test_drain_stops_accepting_and_lets_live_connections_finish(start_proxy: Sta
         assert proxy.admin("/drain", method="POST")[0] == 202
         proxy.wait_for(lambda: proxy.proxy.draining)
         assert proxy.admin("/readyz")[0] == 503
-        with pytest.raises(ConnectionRefusedError):
+        # New connections are reset (the listener stays open for the live ones' MP_JOINs).
+        with pytest.raises(ConnectionResetError):
             convert_connect(proxy.convert, data_server.address)
+        assert metric(proxy, "mcpool_handshake_errors_total", protocol="convert", error="draining") == 1
         echo_roundtrip(sock, 500_000)  # the live connection still works, byte-exact
     proxy.wait_for(lambda: len(proxy.proxy.table) == 0)
 
@@ -428,3 +431,78 @@ def test_random_input_never_stops_the_proxy(start_proxy: StartProxy, data_server
     with sock:
         sock.sendall(b"ECHO\n")
         echo_roundtrip(sock, 10_000)
+
+
+def test_refused_cpe_is_answered_before_it_sends_anything(start_proxy: StartProxy, data_server: DataServer) -> None:
+    """A stranger is refused at accept: it cannot hold a descriptor for the handshake timeout."""
+    proxy = start_proxy(policy={"allowed_cpes": ["127.0.0.1/32"], "handshake_timeout_s": 60})
+    s = socket.create_connection(proxy.convert, source_address=("127.0.0.2", 0))
+    with s:
+        s.settimeout(5)
+        reply = decode_message(recv_exact(s, 8))  # header + Error TLV, unasked
+        assert reply.error is not None and reply.error.code == ErrorCode.NOT_AUTHORIZED
+        assert recv_all(s) == b""
+    convert_echo(proxy, data_server)
+
+
+def test_socks5_credentials_are_not_checked_for_strangers(start_proxy: StartProxy, data_server: DataServer) -> None:
+    proxy = start_proxy(
+        policy={"allowed_cpes": ["127.0.0.1/32"], "socks5_users": [{"username": "u", "password": "p"}]}
+    )
+    s = socket.create_connection(proxy.socks5, source_address=("127.0.0.2", 0))
+    with s:
+        s.settimeout(5)
+        s.sendall(b"\x05\x01\x02")  # offers only username/password
+        assert recv_exact(s, 2) == b"\x05\xff"  # no method acceptable: no password oracle
+    assert metric(proxy, "mcpool_policy_refusals_total", reason="client_not_allowed") == 1
+    assert metric(proxy, "mcpool_handshake_errors_total", protocol="socks5", error="auth_failed") == 0
+
+
+def test_handshake_flood_is_refused_with_resource_exceeded(start_proxy: StartProxy, data_server: DataServer) -> None:
+    proxy = start_proxy(policy={"max_handshakes": 2, "handshake_timeout_s": 60})
+    silent = [socket.create_connection(proxy.convert) for _ in range(2)]
+    try:
+        # The two silent clients hold both handshake slots; wait until the proxy counts them.
+        deadline = time.monotonic() + 5
+        while metric(proxy, "mcpool_handshakes_in_progress") < 2:
+            assert time.monotonic() < deadline, "the proxy never saw the two silent clients"
+            time.sleep(0.02)
+        s = socket.create_connection(proxy.convert)
+        with s:
+            s.settimeout(5)
+            reply = decode_message(recv_exact(s, 8))
+            assert reply.error is not None and reply.error.code == ErrorCode.RESOURCE_EXCEEDED
+        assert metric(proxy, "mcpool_policy_refusals_total", reason="max_handshakes") == 1
+    finally:
+        for sock in silent:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while metric(proxy, "mcpool_handshakes_in_progress") > 0:
+        assert time.monotonic() < deadline, "the silent clients were never released"
+        time.sleep(0.02)
+    convert_echo(proxy, data_server)
+
+
+def test_admin_state_endpoints_only_for_trusted_clients(start_proxy: StartProxy) -> None:
+    """/connections (customer addresses) and POST /drain answer only admin_trusted_clients; a CPE
+    relaying to a pod's admin port must not be able to drain it. Probes and metrics stay open."""
+    import http.client
+
+    proxy = start_proxy(admin_trusted_clients=["127.0.0.1/32"])
+    assert proxy.config.admin is not None
+    port = int(proxy.config.admin.rsplit(":", 1)[1])
+
+    def request(method: str, path: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=("127.0.0.2", 0))
+        try:
+            conn.request(method, path)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    assert request("GET", "/connections") == 403
+    assert request("POST", "/drain") == 403
+    assert request("GET", "/healthz") == 200
+    assert request("GET", "/readyz") == 200  # not drained by the refused POST
+    assert request("GET", "/metrics") == 200
+    assert proxy.admin("/connections")[0] == 200  # from 127.0.0.1: trusted

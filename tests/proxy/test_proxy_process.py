@@ -246,7 +246,7 @@ def test_sigterm_drains_then_exits_zero(run_proxy: RunProxy, netns: str, ns_serv
         while proxy.admin("/readyz")[0] != 503:
             assert time.monotonic() < deadline, "readyz never turned 503"
             time.sleep(0.02)
-        with pytest.raises(ConnectionRefusedError):
+        with pytest.raises(ConnectionResetError):  # reset: the listener stays open for joins
             ns_convert(netns, ns_server.address)
         data = pattern(41, 1_000_000)
         sender = threading.Thread(target=send_and_shut, args=(sock, data))
@@ -265,7 +265,8 @@ def test_drain_deadline_closes_and_counts(run_proxy: RunProxy, netns: str, ns_se
         proxy.proc.send_signal(signal.SIGTERM)
         assert proxy.proc.wait(10) == 0
         sock.settimeout(5)
-        assert sock.recv(1) == b""
+        with pytest.raises(ConnectionResetError):  # aborted at the deadline: never a clean EOF
+            sock.recv(1)
     closed = [e for e in proxy.logs() if e["msg"] == "connection closed"]
     assert [e["mcpool.close_reason"] for e in closed] == ["drained"]
     stopped = [e for e in proxy.logs() if e["msg"] == "stopped"]
