@@ -126,6 +126,8 @@ SUPPORTED_TCP_OPTION_KINDS: tuple[int, ...] = (2, 3, 4, 8, 30)
 _REFUSAL_LINGER_S = 1.0
 # How long a SOCKS5 client refused at accept may take to send the request it is refused for.
 _REFUSAL_HANDSHAKE_S = 2.0
+# Resolved addresses of a SOCKS5 domain name tried in turn, at most.
+_SOCKS5_MAX_CANDIDATES = 3
 
 # How many connections one readiness event of a listener accepts before yielding.
 _ACCEPT_BATCH = 64
@@ -973,7 +975,9 @@ class Proxy:
                 refusal=first_refusal, destination=str(host),
             )
             return None
-        return allowed
+        # Each candidate may take connect_timeout_s: a name with dozens of unroutable addresses
+        # must not hold a client (and its connection slot) for minutes.
+        return allowed[:_SOCKS5_MAX_CANDIDATES]
 
     # -- relaying ------------------------------------------------------------------------------
     def _start_relay(
