@@ -35,6 +35,9 @@ __all__ = [
     "SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT",
     "SYSCTL_MPTCP_CHECKSUM",
     "SYSCTL_MPTCP_ENABLED",
+    "SYSCTL_IPV4_FORWARD",
+    "SYSCTL_IPV6_FORWARDING",
+    "SYSCTL_RP_FILTER",
     "SYSCTL_TCP_FASTOPEN",
     "TCPI_OPT_SYN_DATA",
     "TCP_FASTOPEN",
@@ -114,6 +117,13 @@ SYSCTL_MPTCP_CHECKSUM = "net.mptcp.checksum_enabled"
 SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT = "net.mptcp.allow_join_initial_addr_port"
 # TCP Fast Open bitmask (see TFO_* above); 3.7+.
 SYSCTL_TCP_FASTOPEN = "net.ipv4.tcp_fastopen"
+# Routing sysctls of cluster affinity (affinity/kernel.py): the director forwards the VIP's
+# packets; a pod decapsulating the director's tunnel must not drop packets whose source (the CPE)
+# routes out of another interface (strict reverse-path filter, value 1). Per interface:
+# `net.ipv4.conf.<dev>.rp_filter`, effective value max(all, <dev>).
+SYSCTL_IPV4_FORWARD = "net.ipv4.ip_forward"
+SYSCTL_IPV6_FORWARDING = "net.ipv6.conf.all.forwarding"
+SYSCTL_RP_FILTER = "net.ipv4.conf.{scope}.rp_filter"
 
 # Errors that mean "this kernel/namespace cannot make an MPTCP socket" (see IPPROTO_MPTCP above).
 _NO_MPTCP_ERRNOS = frozenset(
@@ -584,7 +594,16 @@ def read_sysctl(name: str) -> str | None:
 
 
 def write_sysctl(name: str, value: str | int) -> bool:
-    """Set a sysctl; False (logged) if it does not exist or may not be written. Never raises."""
+    """Make sysctl `name` hold `value`; True when it does (already or after writing). Never raises.
+
+    Reads first and writes only when the value differs: in a non-privileged container /proc/sys is
+    read-only, yet the kubelet may already have set the value (pod `securityContext.sysctls`), and
+    that must count as success. False (logged) when the value is still different afterwards: the
+    sysctl does not exist, or may not be written.
+    """
+    current = read_sysctl(name)
+    if current is not None and current.split() == str(value).split():
+        return True
     path = _sysctl_path(name)
     try:
         path.write_text(f"{value}\n")
@@ -594,7 +613,7 @@ def write_sysctl(name: str, value: str | int) -> bool:
             name,
             value,
             exc.strerror,
-            read_sysctl(name),
+            current,
         )
         return False
     return True

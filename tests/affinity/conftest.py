@@ -1,4 +1,4 @@
-"""Fixtures for the affinity tests: a real redis-server, and network namespaces named `mtf-*`.
+"""Fixtures for the affinity tests: a real redis-server, and network namespaces named `mtk-*`.
 
 redis-server runs with persistence off in a temporary directory on a free port, optionally
 inside a network namespace, and is killed at teardown whatever happened.

@@ -1,14 +1,14 @@
 """The director in real network namespaces, against the real kernel and a real redis-server.
 
-Topology (all `mtf-*`, removed at teardown):
+Topology (all `mtk-*`, removed at teardown):
 
-    mtf-cli (198.18.1.2 + 198.18.1.3, MPTCP subflow endpoint on .3)
+    mtk-cli (198.18.1.2 + 198.18.1.3, MPTCP subflow endpoint on .3)
        |  198.18.1.0/24
-    mtf-dir (director: VIP 198.19.255.1 is routed here; redis-server; NFQUEUE; VXLAN per pod)
+    mtk-dir (director: VIP 198.19.255.1 is routed here; redis-server; NFQUEUE; VXLAN per pod)
        |  198.18.10.0/24 (MTU 1600)    198.18.11.0/24 (MTU 1600)
-    mtf-pod0                         mtf-pod1      (VIP on lo, VXLAN receive, echo server)
+    mtk-pod0                         mtk-pod1      (VIP on lo, VXLAN receive, echo server)
 
-The pods' replies are routed back through mtf-dir as plain IP forwarding; nothing in the
+The pods' replies are routed back through mtk-dir as plain IP forwarding; nothing in the
 director depends on seeing them (flow map, notrack). Each test shows initial SYNs hashed by the
 CPE address and MP_JOIN SYNs steered by token, both subflows on one pod, byte-exact transfers,
 and that only SYNs reached userspace.
@@ -37,7 +37,7 @@ HERE = Path(__file__).parent
 VIP = "198.19.255.1"
 PORT = 5124
 CPE_MAIN, CPE_SECOND = "198.18.1.2", "198.18.1.3"
-CLI, DIR = "mtf-cli", "mtf-dir"
+CLI, DIR = "mtk-cli", "mtk-dir"
 
 
 def sh(*cmd: str, ns: str | None = None, check: bool = True) -> str:
@@ -122,7 +122,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     redis = RedisServer(tmp_path, free_port(), netns=DIR, bind="0.0.0.0")
     lab = Lab(tmp_path, redis, pods)
     try:
-        for ns in (CLI, DIR, "mtf-pod0", "mtf-pod1"):
+        for ns in (CLI, DIR, "mtk-pod0", "mtk-pod1"):
             lab.ns_add(ns)
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=DIR)
         lab.link(CLI, "cpe0", f"{CPE_MAIN}/24", DIR, "dcli", "198.18.1.1/24")
@@ -132,7 +132,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         sh("ip", "mptcp", "limits", "set", "subflows", "2", "add_addr_accepted", "2", ns=CLI)
         sh("ip", "mptcp", "endpoint", "add", CPE_SECOND, "dev", "cpe0", "subflow", ns=CLI)
         for i in range(2):
-            pod = f"mtf-pod{i}"
+            pod = f"mtk-pod{i}"
             lab.link(DIR, f"dp{i}", f"198.18.{10 + i}.1/24", pod, "eth0", f"198.18.{10 + i}.2/24", mtu=1600)
             sh("ip", "route", "add", "default", "via", f"198.18.{10 + i}.1", ns=pod)
             sh("ip", "mptcp", "limits", "set", "subflows", "4", ns=pod)
@@ -160,7 +160,7 @@ def start_director(lab: Lab, join_wait_ms: int = 200) -> tuple[subprocess.Popen[
 def start_pods(lab: Lab, register_delay_ms: int = 0, join_wait_s: float = 5.0) -> None:
     for i, name in enumerate(lab.pods):
         proc = lab.spawn(
-            f"mtf-pod{i}", sys.executable, str(HERE / "echo_pod.py"), "--name", name,
+            f"mtk-pod{i}", sys.executable, str(HERE / "echo_pod.py"), "--name", name,
             "--advertise", f"198.18.{10 + i}.2", "--vip", VIP, "--port", str(PORT),
             "--redis", f"redis://198.18.{10 + i}.1:{lab.redis.port}/0", "--pool", "mtf",
             "--record", str(lab.tmp / f"{name}.jsonl"), "--register-delay-ms", str(register_delay_ms),

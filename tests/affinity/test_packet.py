@@ -93,3 +93,38 @@ def test_join_token_survives_other_options(token: int, junk: bytes) -> None:
     # Valid options before the join (junk wrapped as an unknown option of correct length).
     unknown = bytes([254, len(junk) + 2]) + junk
     assert mptcp_join_token(unknown + NOP + mp_join(token)) == token
+
+
+def ipv6_with_ext(src: str, dst: str, payload: bytes, headers: list[tuple[int, bytes]]) -> bytes:
+    """IPv6 packet with extension headers (type, body after next-header/length) before TCP."""
+    chain = b""
+    types = [t for t, _ in headers] + [6]
+    for i, (kind, body) in enumerate(headers):
+        nxt = types[i + 1]
+        if kind == 51:  # AH: length in 4-octet units minus 2
+            chain += bytes([nxt, (len(body) + 2) // 4 - 2]) + body
+        else:  # 8-octet units minus 1
+            chain += bytes([nxt, (len(body) + 2) // 8 - 1]) + body
+    header = struct.pack("!IHBB", 6 << 28, len(chain) + len(payload), types[0], 64)
+    return header + ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed + chain + payload
+
+
+def test_ipv6_extension_headers_are_walked_to_the_join() -> None:
+    hop_by_hop = (0, bytes([1, 4, 0, 0, 0, 0]))  # PadN: 8 bytes in all
+    dest_opts = (60, bytes([1, 12]) + b"\0" * 12)  # 16 bytes
+    ah = (51, b"\0" * 22)  # 24 bytes
+    packet = ipv6_with_ext("2001:db8::3", "2001:db8:ff::1", tcp_syn(MSS + mp_join(0xCAFEF00D), 41001),
+                           [hop_by_hop, dest_opts, ah])  # fmt: skip
+    syn = parse_syn(packet)
+    assert syn is not None
+    assert (syn.src, syn.dst, syn.sport, syn.join_token) == ("2001:db8::3", "2001:db8:ff::1", 41001, 0xCAFEF00D)
+
+
+def test_ipv6_fragment_or_truncated_extension_headers_are_unparsable() -> None:
+    fragment = ipv6_with_ext("2001:db8::3", "2001:db8:ff::1", tcp_syn(MSS), [(0, b"\0" * 6)])
+    fragment = fragment[:40] + bytes([44]) + fragment[41:]  # hop-by-hop says: a fragment follows
+    assert parse_syn(fragment) is None
+    long_chain = ipv6_with_ext("2001:db8::3", "2001:db8:ff::1", tcp_syn(MSS), [(60, b"\0" * 254)] * 2)
+    assert parse_syn(long_chain) is None  # beyond what the director copies from the queue
+    cut = ipv6_with_ext("2001:db8::3", "2001:db8:ff::1", tcp_syn(MSS), [(60, b"\0" * 14)])
+    assert parse_syn(cut[:60]) is None

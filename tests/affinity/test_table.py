@@ -108,3 +108,44 @@ async def test_wait_for_token_times_out() -> None:
     table = AffinityTable()
     await table.wait_for_token(0x1234, 0.05)
     assert 0x1234 not in table.tokens
+
+
+async def test_a_waiter_timing_out_does_not_strand_the_others() -> None:
+    # Two joins wait for one token; the first gives up early. The token's arrival must still
+    # wake the second at once, not after its own (long) timeout.
+    table = table_with(("a", "ready"))
+    loop = asyncio.get_running_loop()
+    long_wait = asyncio.ensure_future(table.wait_for_token(0xFEED, 30.0))
+    await table.wait_for_token(0xFEED, 0.05)  # the short waiter times out first
+    assert not long_wait.done()
+    started = loop.time()
+    table.apply_event({"t": "token", "op": "add", "token": "0000feed", "pod": "a"})
+    await asyncio.wait_for(long_wait, 5.0)
+    assert loop.time() - started < 1.0
+    assert not table._token_waiters  # nothing left behind
+
+
+async def test_waiters_that_all_time_out_leave_nothing_behind() -> None:
+    table = AffinityTable()
+    await asyncio.gather(*(table.wait_for_token(7, 0.02) for _ in range(3)))
+    assert not table._token_waiters
+
+
+def test_snapshot_lacking_entries_keeps_them_for_the_grace_period() -> None:
+    # A restarted Redis is empty: the full read lacks everything until the pods re-register.
+    table = table_with(("a", "ready"))
+    table.apply_event({"t": "token", "op": "add", "token": "00000011", "pod": "a"})
+    table.apply_event({"t": "cpe", "op": "add", "cpe": "198.18.1.2", "pod": "a"})
+    version = table.version
+    table.replace({}, {}, {}, now=100.0, keep_missing_s=3.0)
+    assert set(table.pods) == {"a"} and table.tokens == {0x11: "a"} and table.cpes == {"198.18.1.2": "a"}
+    assert table.version == version
+    assert decide(join(0x11), table).pod == "a" and decide(initial(), table).pod == "a"
+    # Re-registered in time: the entry is simply present again and no longer counted as missing.
+    table.replace(dict(table.pods), {}, {}, now=102.0, keep_missing_s=3.0)
+    table.replace(dict(table.pods), {}, {}, now=104.0, keep_missing_s=3.0)
+    assert set(table.pods) == {"a"}
+    assert table.tokens == {}  # missing since 100.0, grace of 3 s over at 104.0
+    # Without a grace period (normal operation) a missing entry goes at once.
+    table.replace({}, {}, {}, now=105.0, keep_missing_s=0.0)
+    assert table.pods == {} and table.version == version + 1

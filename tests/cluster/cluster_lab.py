@@ -136,13 +136,15 @@ class Cluster:
 
     def start(self, mechanism: str = "director", register_delay_ms: int = 0,
               director: dict[str, Any] | None = None, **affinity: Any) -> None:
-        self.lab.start_director(**(director or {}))
+        # A restarted Redis is refilled by the pods within their heartbeat TTL (3 s in the lab).
+        self.lab.start_director(**{"snapshot_grace_s": 3.0, **(director or {})})
         old = os.environ.get(REGISTER_DELAY_ENV)
         if register_delay_ms:
             os.environ[REGISTER_DELAY_ENV] = str(register_delay_ms)
         try:
             for i, name in enumerate(self.names):
-                config = self.lab.cluster_proxy_config(i, name, mechanism, **affinity)
+                # Each pod's proxy holds the VIP and decapsulates the director's tunnel itself.
+                config = self.lab.cluster_proxy_config(i, name, mechanism, **{"vip": self.lab.vip, **affinity})
                 config["log_level"] = "debug"
                 self.proxies[name] = self.lab.start_proxy(config, pod=i, name=name)
         finally:

@@ -1,7 +1,7 @@
 """Cluster affinity end to end: real `mcpool proxy` pods behind the real director, real Redis.
 
-Topology (`Lab(Topology(prefix="mth", pods=2, director=True))`): the CPE (DSL + LTE) reaches the
-VIP through the router, which routes the VIP to `mth-dir` (director, redis-server); the director
+Topology (`Lab(Topology(prefix="mtkc", pods=2, director=True))`): the CPE (DSL + LTE) reaches the
+VIP through the router, which routes the VIP to `mtkc-dir` (director, redis-server); the director
 sends each SYN's subflow by VXLAN to a pod, and the pod answers the CPE directly (DSR). Pod names
 are chosen so the CPE's two addresses hash to different pods: only token steering (or the join
 address) can put a join on its connection's pod. Every transfer is checked by content.
@@ -80,6 +80,9 @@ def check_on_one_pod(lab: Lab, cluster: Cluster, conns: list[CpeConn], want: set
 def test_50_connections_all_subflows_on_one_pod_then_dsl_cut(lab: Lab, cluster: Cluster) -> None:
     cluster.start()
     wait_ready_pods(lab, 2)
+    # Nothing but the proxies (affinity.vip) made the pods able to receive the tunnel.
+    for name, proxy in cluster.proxies.items():
+        assert "mcpool_affinity_pod_receive_ready 1.0" in proxy.admin_get("/metrics"), name
     before = decisions(lab)
     counters_before = lab.director_counters()
 

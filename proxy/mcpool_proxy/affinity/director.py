@@ -30,11 +30,11 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import ConfigError, HostPort, split_hostport
+from ..config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT, ConfigError, HostPort, split_hostport
 from ..telemetry import Telemetry
 from . import kernel
 from .keys import KeySchema
-from .packet import Syn, parse_syn
+from .packet import MAX_IPV6_EXT_BYTES, Syn, parse_syn
 from .redisconn import REDIS_ERRORS, Backoff, open_redis
 from .table import AffinityTable, Decision, PodEntry, decide
 
@@ -42,8 +42,9 @@ __all__ = ["Director", "DirectorConfig", "DirectorMetrics", "load_director_confi
 
 log = logging.getLogger("mcpool.director")
 
-# Bytes of each queued packet copied to userspace: IPv6 header (40) + the largest TCP header (60).
-QUEUE_COPY_BYTES = 128
+# Bytes of each queued packet copied to userspace: IPv6 header (40), extension headers (packet.py
+# walks up to MAX_IPV6_EXT_BYTES of them) and the largest TCP header (60). Only SYNs are queued.
+QUEUE_COPY_BYTES = 40 + MAX_IPV6_EXT_BYTES + 60
 
 
 class DirectorConfig(BaseModel):
@@ -55,12 +56,25 @@ class DirectorConfig(BaseModel):
     ports: list[int] = Field(min_length=1, description="TCP ports of the VIP to steer (the proxy's listeners).")
     redis_url: str = Field(description="redis://[:password@]host:port/db of the pool's affinity table.")
     pool: str = Field(default="default", min_length=1, max_length=63, description="Pool name (key prefix).")
-    queue_num: int = Field(default=4242, ge=0, le=65535, description="NFQUEUE number the SYNs go to.")
+    queue_num: int = Field(
+        default=4242, ge=0, le=65535, description="NFQUEUE number the SYNs go to (unique per pool on a node)."
+    )
     queue_max_len: int = Field(default=4096, ge=16, description="SYNs the kernel holds for us at most.")
     mark_base: int = Field(
         default=0x4D430000,
         description="Packet marks used: mark_base|1 and |2 queue SYNs, mark_base|slot<<8 names a pod. "
-        "Low 16 bits must be 0; pick a value no other component of the node uses.",
+        "Low 16 bits must be 0; pick a value no other component of the node uses (and unique per pool).",
+    )
+    nft_table: str = Field(
+        default=kernel.NFT_TABLE,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
+        description="Name of this director's nftables table (inet family; unique per pool on a node).",
+    )
+    device_prefix: str = Field(
+        default=kernel.SLOT_DEVICE_PREFIX,
+        pattern=r"^[a-z][a-z0-9_-]{0,10}[a-z_-]$",
+        description="Prefix of the per-pod tunnel devices (prefix + slot number, at most 15 characters, "
+        "so at most 12; must not end in a digit; unique per pool on a node).",
     )
     join_wait_ms: int = Field(
         default=50,
@@ -74,8 +88,16 @@ class DirectorConfig(BaseModel):
         description="'vxlan': encapsulate to the pod, VIP on the pod's lo, direct server return "
         "(production). 'dnat': NAT to the pod address; correct only when replies pass the director.",
     )
-    vxlan_port: int = Field(default=4789, ge=1, le=65535, description="UDP port of the VXLAN tunnels.")
-    vxlan_vni_base: int = Field(default=7700, ge=1, le=0xFFFF00, description="VNI = base + pod slot.")
+    vxlan_port: int = Field(
+        default=DEFAULT_VXLAN_PORT, ge=1, le=65535, description="UDP port of the VXLAN tunnels (the pods' vxlan_port)."
+    )
+    vxlan_vni_base: int = Field(
+        default=7700,
+        ge=1,
+        le=0xFFFF00,
+        description="VNI = base + pod slot. Two tunnel devices with one VNI and port cannot coexist in a "
+        "namespace: unique per pool on a node.",
+    )
     tunnel_mtu: int = Field(
         default=1450,
         ge=1280,
@@ -83,14 +105,23 @@ class DirectorConfig(BaseModel):
         description="MTU of the tunnel to each pod; the underlay must carry tunnel_mtu + 50 bytes.",
     )
     pod_mac: str = Field(
-        default="02:6d:63:70:00:01",
+        default=DEFAULT_POD_MAC,
         description="MAC address of every pod's VXLAN receive device (kernel.setup_pod_receive).",
     )
-    route_table_base: int = Field(default=4300, ge=1, le=2**31 - 300, description="Table = base + slot.")
+    route_table_base: int = Field(
+        default=4300, ge=256, le=2**31 - 300, description="Table = base + slot (unique range per pool on a node)."
+    )
     flow_idle_timeout_s: int = Field(
         default=3600, ge=10, description="A subflow idle this long is forgotten by the kernel flow map."
     )
     resync_interval_s: float = Field(default=2.0, gt=0, description="Full read of the table from Redis.")
+    snapshot_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="For this long after (re)connecting to Redis, pods, tokens and CPEs missing from a full "
+        "read are kept (a restarted Redis is empty until the pods re-register): set it to the pods' "
+        "heartbeat_ttl_s.",
+    )
     redis_timeout_s: float = Field(default=0.5, gt=0, description="Timeout of one Redis operation.")
     pod_grace_s: float = Field(
         default=300.0,
@@ -112,6 +143,11 @@ class DirectorConfig(BaseModel):
         if self.mark_base & 0xFFFF or not self.mark_base:
             raise ValueError("mark_base must be non-zero with its low 16 bits clear, e.g. 0x4d430000")
         return self
+
+    @property
+    def owner(self) -> str:
+        """Who owns this director's node resources (the nft table's comment)."""
+        return f"mcpool director pool={self.pool} vip={self.vip}"
 
 
 def load_director_config(path: str | Path) -> DirectorConfig:
@@ -154,6 +190,22 @@ class DirectorMetrics:
         self.resyncs = Counter(
             "mcpool_director_resyncs", "Full reads of the table from Redis.", registry=self.registry
         )
+        self.malformed = Counter(
+            "mcpool_director_malformed_entries",
+            "Table events (source=event) or Redis keys (source=key) that could not be parsed and were skipped.",
+            ["source"],
+            registry=self.registry,
+        )
+
+
+def _parse_token(text: str) -> int | None:
+    """A token key's suffix (8 hex digits) as an int; None if it is not one."""
+    if len(text) != 8:
+        return None
+    try:
+        return int(text, 16)
+    except ValueError:
+        return None
 
 
 class Director:
@@ -180,6 +232,7 @@ class Director:
         self._tasks: set[asyncio.Task[None]] = set()
         self._queue: Any = None
         self._redis_up = True  # optimistic, so the first failure is logged
+        self._connected_at = float("-inf")  # loop time of the last (re)connection to Redis
 
     # -- decisions (the hot path: one call per SYN) --------------------------------------------
 
@@ -262,6 +315,7 @@ class Director:
                 pubsub = redis.pubsub()
                 try:
                     await asyncio.wait_for(pubsub.subscribe(self.keys.events), self.config.redis_timeout_s)
+                    self._connected_at = loop.time()
                     # Subscribe first, then read: no event can fall between the two.
                     await self._resync(redis)
                     self._redis_up = True
@@ -291,13 +345,18 @@ class Director:
                 await redis.aclose()
 
     def _apply(self, data: str) -> None:
+        # One bad event (a bug, a foreign publisher, a hand-typed PUBLISH) costs itself only: the
+        # feed, and with it the table, must keep following.
         try:
             event = json.loads(data)
-        except ValueError:
-            return
-        if isinstance(event, dict):
+            if not isinstance(event, dict):
+                raise ValueError("not a JSON object")
             self.table.apply_event(event)
-            self._table_changed()
+        except (ValueError, TypeError, KeyError) as exc:
+            self.metrics.malformed.labels("event").inc()
+            log.warning("skipping a malformed table event %.200r: %s", data, exc)
+            return
+        self._table_changed()
 
     async def _resync(self, redis: Any) -> None:
         timeout = self.config.redis_timeout_s * 8
@@ -312,12 +371,21 @@ class Director:
                 if fields:
                     name = self.keys.suffix(key, "pod")
                     pods[name] = PodEntry(name, fields.get("addr", ""), fields.get("state", "ready"))
-        tokens = {
-            int(self.keys.suffix(k, "token"), 16): v
-            for k, v in (await self._read_all(redis, self.keys.token_pattern, timeout)).items()
-        }
+        tokens: dict[int, str] = {}
+        for key, owner in (await self._read_all(redis, self.keys.token_pattern, timeout)).items():
+            token = _parse_token(self.keys.suffix(key, "token"))
+            if token is None:
+                self.metrics.malformed.labels("key").inc()
+                log.warning("skipping malformed token key %r", key)
+                continue
+            tokens[token] = owner
         cpes = {self.keys.suffix(k, "cpe"): v for k, v in (await self._read_all(redis, self.keys.cpe_pattern, timeout)).items()}
-        self.table.replace(pods, tokens, cpes)
+        loop = asyncio.get_running_loop()
+        # Right after (re)connecting, Redis may have restarted empty: keep what the snapshot lacks
+        # until the pods have re-registered (one heartbeat TTL), rather than drop every SYN.
+        recent = loop.time() - self._connected_at < self.config.snapshot_grace_s
+        self.table.replace(pods, tokens, cpes, now=loop.time(),
+                           keep_missing_s=self.config.snapshot_grace_s if recent else 0.0)  # fmt: skip
         self.metrics.resyncs.inc()
         self._table_changed()
 
@@ -375,7 +443,8 @@ class Director:
                 slot, _ = self.slots.pop(name)
                 del self._departed[name]
                 kernel.remove_slot(slot, vip=cfg.vip, mark_base=cfg.mark_base, forward=cfg.forward,
-                                   route_table_base=cfg.route_table_base)  # fmt: skip
+                                   route_table_base=cfg.route_table_base, table=cfg.nft_table,
+                                   device_prefix=cfg.device_prefix)  # fmt: skip
                 log.info("pod %s gone for %.0fs: released slot %d", name, cfg.pod_grace_s, slot)
         used = {slot for slot, _ in self.slots.values()}
         for name, addr in wanted.items():
@@ -392,6 +461,7 @@ class Director:
                 slot, addr, vip=cfg.vip, mark_base=cfg.mark_base, forward=cfg.forward,
                 route_table_base=cfg.route_table_base, vxlan_port=cfg.vxlan_port,
                 vxlan_vni_base=cfg.vxlan_vni_base, tunnel_mtu=cfg.tunnel_mtu, pod_mac=cfg.pod_mac,
+                table=cfg.nft_table, device_prefix=cfg.device_prefix,
             )  # fmt: skip
             used.add(slot)
             self.slots[name] = (slot, addr)
@@ -406,11 +476,13 @@ class Director:
 
     def install(self) -> None:
         cfg = self.config
-        kernel.install_director(cfg.vip, cfg.ports, cfg.mark_base, cfg.queue_num, cfg.forward, cfg.flow_idle_timeout_s)
+        kernel.install_director(cfg.vip, cfg.ports, cfg.mark_base, cfg.queue_num, cfg.forward,
+                                cfg.flow_idle_timeout_s, table=cfg.nft_table, owner=cfg.owner)  # fmt: skip
 
     def cleanup(self) -> None:
         cfg = self.config
-        kernel.remove_director(cfg.vip, cfg.mark_base, cfg.queue_num, cfg.route_table_base)
+        kernel.remove_director(cfg.vip, cfg.mark_base, cfg.queue_num, cfg.route_table_base,
+                               table=cfg.nft_table, device_prefix=cfg.device_prefix, owner=cfg.owner)  # fmt: skip
 
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         """Install the kernel side, consume the queue and follow the table until cancelled."""

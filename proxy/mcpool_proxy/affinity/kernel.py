@@ -26,21 +26,43 @@ Only SYNs to the VIP reach userspace. The packet path in the director's namespac
      pod's replies are routed back through the director's namespace (conntrack must un-NAT
      them); the pods then see the CPE's real source address but not the VIP.
 
-All functions here run commands (`nft`, `iptables`, `ip`) or write /proc/sys; they are called
-at start and when the set of pods changes, never per packet.
+Per-node resources are named by the director's configuration (nft table, device prefix, NFQUEUE
+number, mark base, route tables), so several pools' directors share a node; the operator derives
+them from a hash of namespace/pool (docs/affinity.md). The table carries a comment naming its
+owner, and `install_director` refuses a table another pool owns (a hash collision) rather than
+rewrite it under that pool's feet.
+
+All functions here run commands (`nft`, `iptables`, `ip`) or set sysctls (through
+`mptcp.write_sysctl`, which reads first: /proc/sys is read-only in a non-privileged container);
+they are called at start and when the set of pods changes, never per packet.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT
+from ..mptcp import (
+    SYSCTL_IPV4_FORWARD,
+    SYSCTL_IPV6_FORWARDING,
+    SYSCTL_RP_FILTER,
+    read_sysctl,
+    write_sysctl,
+)
+
 __all__ = [
+    "DEFAULT_POD_MAC",
+    "DEFAULT_VXLAN_PORT",
     "NFT_TABLE",
     "POD_RX_DEVICE",
+    "RULE_PREF",
+    "SLOT_DEVICE_PREFIX",
+    "table_owner",
     "director_ruleset",
     "install_director",
     "remove_director",
@@ -51,15 +73,17 @@ __all__ = [
     "setup_pod_receive",
     "teardown_pod_receive",
     "nft_counters",
-    "write_sysctl",
     "run",
 ]
 
 log = logging.getLogger("mcpool.affinity.kernel")
 
-NFT_TABLE = "mcpool_director"
+NFT_TABLE = "mcpool_director"  # default; each pool's director gets its own (DirectorConfig.nft_table)
 POD_RX_DEVICE = "mcpvx"  # the pod's VXLAN receive device (collect-metadata: any VNI)
-SLOT_DEVICE_PREFIX = "mcpv"  # director side: mcpv1, mcpv2, ... one per pod slot
+SLOT_DEVICE_PREFIX = "mcpv"  # default director side: mcpv1, mcpv2, ... one per pod slot
+# Priority of the fwmark rules: before the main table's rule (32766), which would otherwise route
+# the VIP by the default route. Rules of several pools share it; their marks differ.
+RULE_PREF = 4300
 VXLAN_OVERHEAD = 50  # outer IPv4 + UDP + VXLAN + inner Ethernet
 MARK_INITIAL = 0x1
 MARK_JOIN = 0x2
@@ -72,10 +96,6 @@ def run(cmd: Sequence[str], stdin: str | None = None, check: bool = True) -> str
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
-
-
-def write_sysctl(name: str, value: str) -> None:
-    Path("/proc/sys", *name.split(".")).write_text(value)
 
 
 def slot_mark(mark_base: int, slot: int) -> int:
@@ -101,6 +121,8 @@ def director_ruleset(
     forward: str,
     flow_idle_timeout_s: int,
     max_flows: int = 1_048_576,
+    table: str = NFT_TABLE,
+    owner: str = "",
 ) -> str:
     """The director's nftables table (an `nft -f` script). Pure; re-applying it keeps the flows.
 
@@ -111,23 +133,24 @@ def director_ruleset(
     initial, join = queue_marks(mark_base)
     match = f"{fam} daddr {vip} tcp dport {{ {', '.join(str(p) for p in sorted(set(ports)))} }}"
     owned = f"meta mark & 0xffff0000 == {mark_base:#010x}"
+    comment = owner.replace('"', "")
     lines = [
-        f"add table inet {NFT_TABLE}",
-        f"add map inet {NFT_TABLE} flows {{ type {addr_type} . inet_service . inet_service : mark; "
+        f'add table inet {table} {{ comment "{comment}"; }}' if comment else f"add table inet {table}",
+        f"add map inet {table} flows {{ type {addr_type} . inet_service . inet_service : mark; "
         f"flags dynamic,timeout; timeout {flow_idle_timeout_s}s; size {max_flows}; }}",
-        f"add map inet {NFT_TABLE} pod_addrs {{ type mark : {addr_type}; }}",
-        f"add counter inet {NFT_TABLE} restored",
-        f"add counter inet {NFT_TABLE} queued_initial",
-        f"add counter inet {NFT_TABLE} queued_join",
-        f"add counter inet {NFT_TABLE} unknown_flow",
+        f"add map inet {table} pod_addrs {{ type mark : {addr_type}; }}",
+        f"add counter inet {table} restored",
+        f"add counter inet {table} queued_initial",
+        f"add counter inet {table} queued_join",
+        f"add counter inet {table} unknown_flow",
     ]
     # "add" then "delete" each chain: valid whether or not it exists, and the whole script is one
     # transaction, so packets never see a half-installed table.
     for chain in ("raw", "steer", "remember", "nat"):
-        lines.append(f"add chain inet {NFT_TABLE} {chain}")
-        lines.append(f"delete chain inet {NFT_TABLE} {chain}")
+        lines.append(f"add chain inet {table} {chain}")
+        lines.append(f"delete chain inet {table} {chain}")
     lines += [
-        f"table inet {NFT_TABLE} {{",
+        f"table inet {table} {{",
         "  chain steer {",
         "    type filter hook prerouting priority -200; policy accept;",
         # Every SYN is decided afresh, even one whose 4-tuple is still in `flows`: a CPE port
@@ -173,6 +196,15 @@ def _queue_rule(mark_base: int, queue_num: int) -> list[str]:
     ]  # fmt: skip
 
 
+def table_owner(table: str = NFT_TABLE) -> str | None:
+    """The owner comment of nft table `table`: None if the table does not exist, "" if unnamed."""
+    proc = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return None
+    match = re.search(r'^\s*comment "(.*)"\s*$', proc.stdout, re.MULTILINE)
+    return match.group(1) if match else ""
+
+
 def install_director(
     vip: str,
     ports: Sequence[int],
@@ -180,29 +212,63 @@ def install_director(
     queue_num: int,
     forward: str,
     flow_idle_timeout_s: int,
+    table: str = NFT_TABLE,
+    owner: str = "",
 ) -> None:
-    """Install (idempotently) the nft table, the NFQUEUE rule and forwarding sysctls."""
+    """Install (idempotently) the nft table, the NFQUEUE rule and forwarding sysctls.
+
+    `owner` names the pool (it becomes the table's comment); a table that another owner already
+    holds is left alone and RuntimeError is raised: two pools whose derived resources collide
+    must fail loudly, not steer each other's SYNs.
+    """
     if mark_base & 0xFFFF:
         raise ValueError("mark_base must have its low 16 bits clear")
+    existing = table_owner(table)
+    if existing and owner and existing != owner.replace('"', ""):
+        raise RuntimeError(
+            f"nft table inet {table} belongs to {existing!r}, not {owner!r}: two directors on this node "
+            "derived the same resources (see docs/affinity.md, 'Per-node resources'); rename one pool "
+            "or set nft_table/device_prefix/queue_num/mark_base/route_table_base explicitly"
+        )
     v6 = ipaddress.ip_address(vip).version == 6
-    write_sysctl("net.ipv6.conf.all.forwarding" if v6 else "net.ipv4.ip_forward", "1")
-    run(["nft", "-f", "-"], stdin=director_ruleset(vip, ports, mark_base, forward, flow_idle_timeout_s))
+    forwarding = SYSCTL_IPV6_FORWARDING if v6 else SYSCTL_IPV4_FORWARD
+    if not write_sysctl(forwarding, 1):
+        # Fatal only because the value is still wrong (write_sysctl reads first).
+        raise RuntimeError(f"{forwarding} is not 1 and cannot be set: the director cannot forward")
+    run(["nft", "-f", "-"], stdin=director_ruleset(vip, ports, mark_base, forward, flow_idle_timeout_s,
+                                                   table=table, owner=owner))  # fmt: skip
     rule = _queue_rule(mark_base, queue_num)
     xt = _xtables(vip)
     if subprocess.run([xt, rule[0], rule[1], "-C", *rule[2:]], capture_output=True).returncode != 0:
         run([xt, rule[0], rule[1], "-A", *rule[2:]])
 
 
-def remove_director(vip: str, mark_base: int, queue_num: int, route_table_base: int) -> None:
-    """Remove everything install_director and add_slot created (ignores what is already gone)."""
+def remove_director(
+    vip: str,
+    mark_base: int,
+    queue_num: int,
+    route_table_base: int,
+    table: str = NFT_TABLE,
+    device_prefix: str = SLOT_DEVICE_PREFIX,
+    owner: str = "",
+) -> None:
+    """Remove everything install_director and add_slot created (ignores what is already gone).
+
+    Nothing is removed when the table belongs to another owner (a collision that made our
+    install_director fail): those resources are the other pool's.
+    """
+    existing = table_owner(table)
+    if existing and owner and existing != owner.replace('"', ""):
+        log.error("not removing nft table %s and its tunnels: they belong to %r", table, existing)
+        return
     rule = _queue_rule(mark_base, queue_num)
     run([_xtables(vip), rule[0], rule[1], "-D", *rule[2:]], check=False)
-    run(["nft", "delete", "table", "inet", NFT_TABLE], check=False)
+    run(["nft", "delete", "table", "inet", table], check=False)
     for dev in Path("/sys/class/net").iterdir():
-        suffix = dev.name.removeprefix(SLOT_DEVICE_PREFIX)
-        if dev.name.startswith(SLOT_DEVICE_PREFIX) and suffix.isdigit():
+        suffix = dev.name.removeprefix(device_prefix)
+        if dev.name.startswith(device_prefix) and suffix.isdigit():
             remove_slot(int(suffix), vip=vip, mark_base=mark_base, forward="vxlan",
-                        route_table_base=route_table_base)  # fmt: skip
+                        route_table_base=route_table_base, device_prefix=device_prefix)  # fmt: skip
 
 
 def add_slot(
@@ -217,46 +283,61 @@ def add_slot(
     vxlan_vni_base: int,
     tunnel_mtu: int,
     pod_mac: str,
+    table: str = NFT_TABLE,
+    device_prefix: str = SLOT_DEVICE_PREFIX,
 ) -> None:
     """Make packets carrying this slot's mark reach `pod_addr` (idempotent)."""
     mark = slot_mark(mark_base, slot)
     if forward == "dnat":
-        run(["nft", "add", "element", "inet", NFT_TABLE, "pod_addrs", f"{{ {mark:#x} : {pod_addr} }}"])
+        run(["nft", "add", "element", "inet", table, "pod_addrs", f"{{ {mark:#x} : {pod_addr} }}"])
         return
-    remove_slot(slot, vip=vip, mark_base=mark_base, forward=forward, route_table_base=route_table_base)
-    dev = f"{SLOT_DEVICE_PREFIX}{slot}"
-    table = str(route_table_base + slot)
+    remove_slot(slot, vip=vip, mark_base=mark_base, forward=forward, route_table_base=route_table_base,
+                table=table, device_prefix=device_prefix)  # fmt: skip
+    dev = f"{device_prefix}{slot}"
+    route_table = str(route_table_base + slot)
     v6 = ["-6"] if ipaddress.ip_address(vip).version == 6 else []
     run(["ip", "link", "add", dev, "type", "vxlan", "id", str(vxlan_vni_base + slot),
          "remote", pod_addr, "dstport", str(vxlan_port), "nolearning"])  # fmt: skip
     run(["ip", "link", "set", dev, "mtu", str(tunnel_mtu), "up"])
     # The pod decapsulates with rp_filter off; here the route only carries the VIP, so the
     # tunnel's own outer packets (same skb mark) fall through to the main table.
-    run(["ip", *v6, "route", "replace", vip, "dev", dev, "table", table])
+    run(["ip", *v6, "route", "replace", vip, "dev", dev, "table", route_table])
     run(["ip", *v6, "neigh", "replace", vip, "lladdr", pod_mac, "dev", dev, "nud", "permanent"])
-    run(["ip", *v6, "rule", "add", "fwmark", f"{mark:#x}", "lookup", table, "pref", table])
+    run(["ip", *v6, "rule", "add", "fwmark", f"{mark:#x}", "lookup", route_table, "pref", str(RULE_PREF)])
 
 
-def remove_slot(slot: int, *, vip: str, mark_base: int, forward: str, route_table_base: int) -> None:
+def remove_slot(
+    slot: int,
+    *,
+    vip: str,
+    mark_base: int,
+    forward: str,
+    route_table_base: int,
+    table: str = NFT_TABLE,
+    device_prefix: str = SLOT_DEVICE_PREFIX,
+) -> None:
     mark = slot_mark(mark_base, slot)
     if forward == "dnat":
-        run(["nft", "delete", "element", "inet", NFT_TABLE, "pod_addrs", f"{{ {mark:#x} }}"], check=False)
+        run(["nft", "delete", "element", "inet", table, "pod_addrs", f"{{ {mark:#x} }}"], check=False)
         return
     v6 = ["-6"] if ipaddress.ip_address(vip).version == 6 else []
-    table = str(route_table_base + slot)
+    route_table = str(route_table_base + slot)
     for _ in range(MAX_SLOTS):  # a crashed run may have left duplicates
-        rule = ["ip", *v6, "rule", "del", "fwmark", f"{mark:#x}", "lookup", table]
+        rule = ["ip", *v6, "rule", "del", "fwmark", f"{mark:#x}", "lookup", route_table]
         if subprocess.run(rule, capture_output=True).returncode != 0:
             break
-    run(["ip", *v6, "route", "flush", "table", table], check=False)
-    run(["ip", "link", "del", f"{SLOT_DEVICE_PREFIX}{slot}"], check=False)
+    run(["ip", *v6, "route", "flush", "table", route_table], check=False)
+    run(["ip", "link", "del", f"{device_prefix}{slot}"], check=False)
 
 
-def setup_pod_receive(vip: str, vxlan_port: int, pod_mac: str, mtu: int = 1500) -> None:
+def setup_pod_receive(
+    vip: str, vxlan_port: int = DEFAULT_VXLAN_PORT, pod_mac: str = DEFAULT_POD_MAC, mtu: int = 1500
+) -> None:
     """In a pod's namespace: hold the VIP on lo and decapsulate the director's VXLAN (any VNI).
 
     The receive device's MAC is the fixed `pod_mac` every director neighbours the VIP to, so no
-    ARP crosses the tunnel and the pod never sends anything back through it (DSR).
+    ARP crosses the tunnel and the pod never sends anything back through it (DSR). Needs
+    CAP_NET_ADMIN; raises RuntimeError when something is missing (the caller reports it).
     """
     v6 = ipaddress.ip_address(vip).version == 6
     prefix = "128" if v6 else "32"
@@ -265,9 +346,19 @@ def setup_pod_receive(vip: str, vxlan_port: int, pod_mac: str, mtu: int = 1500) 
     if not Path(f"/sys/class/net/{POD_RX_DEVICE}").exists():
         run(["ip", "link", "add", POD_RX_DEVICE, "type", "vxlan", "external", "dstport", str(vxlan_port)])
     run(["ip", "link", "set", POD_RX_DEVICE, "address", pod_mac, "mtu", str(mtu), "up"])
-    # Decapsulated packets come from the CPE's address, which routes out another interface.
+    # Decapsulated packets come from the CPE's address, which routes out another interface: a
+    # strict reverse-path filter (1) drops them, loose (2) or off (0) lets them in. The effective
+    # value is max(all, device); /proc/sys may be read-only (then the pod's sysctls must say 0).
+    effective = 0
     for scope in ("all", POD_RX_DEVICE):
-        write_sysctl(f"net.ipv4.conf.{scope}.rp_filter", "0")
+        name = SYSCTL_RP_FILTER.format(scope=scope)
+        if not write_sysctl(name, 0):
+            effective = max(effective, int(read_sysctl(name) or 0))
+    if effective == 1:
+        raise RuntimeError(
+            "strict rp_filter drops the director's decapsulated packets and /proc/sys is read-only: "
+            "set net.ipv4.conf.all.rp_filter=0 and net.ipv4.conf.default.rp_filter=0 in the pod's sysctls"
+        )
 
 
 def teardown_pod_receive(vip: str) -> None:
@@ -276,9 +367,9 @@ def teardown_pod_receive(vip: str) -> None:
     run(["ip", "link", "del", POD_RX_DEVICE], check=False)
 
 
-def nft_counters() -> dict[str, tuple[int, int]]:
+def nft_counters(table: str = NFT_TABLE) -> dict[str, tuple[int, int]]:
     """The director table's named counters: name -> (packets, bytes)."""
-    out = run(["nft", "list", "counters", "table", "inet", NFT_TABLE], check=False)
+    out = run(["nft", "list", "counters", "table", "inet", table], check=False)
     counters: dict[str, tuple[int, int]] = {}
     name = ""
     for line in out.splitlines():

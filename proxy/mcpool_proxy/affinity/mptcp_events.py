@@ -243,6 +243,10 @@ class MptcpEventListener:
                 yield event
 
 
+# publish_tokens prunes its set of own tokens once per this many new connections (amortised O(1)).
+MINE_PRUNE_EVERY = 4096
+
+
 async def publish_tokens(
     registry: AffinityRegistry,
     listener: MptcpEventListener,
@@ -261,6 +265,7 @@ async def publish_tokens(
     enough to exceed a 200 ms `join_wait_ms`).
     """
     mine: set[int] = set()
+    created = 0
     pending: dict[int, asyncio.Task[Any]] = {}
 
     def forget(token: int, task: asyncio.Task[Any]) -> None:
@@ -285,6 +290,11 @@ async def publish_tokens(
                 if local_ports is not None and event.sport not in local_ports:
                     continue
                 mine.add(token)
+                created += 1
+                if created % MINE_PRUNE_EVERY == 0:
+                    # A lost CLOSED event leaves a token here forever: keep only what the
+                    # registry still holds or is registering (it forgets stale tokens itself).
+                    mine &= set(registry.live_connections()) | set(pending) | {token}
                 task = asyncio.ensure_future(registry.register_connection(token, event.daddr))
             elif event.kind == "closed" and token in mine:
                 mine.discard(token)

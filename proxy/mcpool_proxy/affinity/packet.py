@@ -12,7 +12,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-__all__ = ["Syn", "MptcpOption", "parse_syn", "parse_tcp_options", "mptcp_join_token"]
+__all__ = ["MAX_IPV6_EXT_BYTES", "Syn", "MptcpOption", "parse_syn", "parse_tcp_options", "mptcp_join_token"]
 
 TCPOPT_EOL = 0
 TCPOPT_NOP = 1
@@ -21,6 +21,14 @@ MPTCP_SUB_CAPABLE = 0
 MPTCP_SUB_JOIN = 1
 # MP_JOIN in a SYN: kind, length=12, subtype|B flag, address id, receiver's token, sender's nonce.
 MP_JOIN_SYN_LEN = 12
+IPPROTO_TCP = 6
+# IPv6 extension headers walked to reach TCP: hop-by-hop, routing, destination options (length in
+# 8-octet units after the first 8) and AH (in 4-octet units after the first 8). A fragment header
+# (44) or ESP (50) ends the walk: a fragmented or encrypted SYN cannot be steered.
+IPV6_EXT_8 = frozenset({0, 43, 60})
+IPV6_EXT_AH = 51
+# Extension-header bytes walked at most (the director copies this much more of each SYN).
+MAX_IPV6_EXT_BYTES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +97,33 @@ def _has_mp_capable(options: bytes) -> bool:
     )
 
 
+def _ipv6_tcp_offset(packet: bytes) -> int | None:
+    """Offset of the TCP header in an IPv6 packet, past hop-by-hop, routing, destination
+    options and AH headers (at most MAX_IPV6_EXT_BYTES of them); None if TCP is not reached."""
+    next_header, offset = packet[6], 40
+    while next_header != IPPROTO_TCP:
+        if offset + 8 > len(packet) or offset - 40 > MAX_IPV6_EXT_BYTES:
+            return None
+        if next_header in IPV6_EXT_8:
+            length = (packet[offset + 1] + 1) * 8
+        elif next_header == IPV6_EXT_AH:
+            length = (packet[offset + 1] + 2) * 4
+        else:
+            return None  # fragment, ESP, no next header, or not TCP at all
+        next_header = packet[offset]
+        offset += length
+    if offset - 40 > MAX_IPV6_EXT_BYTES:
+        return None
+    return offset
+
+
 def parse_syn(packet: bytes) -> Syn | None:
     """Parse an IPv4 or IPv6 packet carrying a TCP segment; None if it is anything else.
 
-    IPv6 extension headers are not walked (a SYN to the VIP with extension headers is not
-    steered: None), which keeps the parser small and bounded.
+    IPv6 extension headers (hop-by-hop, routing, destination options, AH; up to
+    MAX_IPV6_EXT_BYTES) are walked, so such a SYN is steered like any other, as nftables (which
+    walks them too) queued it. A SYN that cannot be parsed (fragmented, ESP, truncated, longer
+    headers) gives None: the director drops it and counts it as `unparsable`.
     """
     if not packet:
         return None
@@ -108,11 +138,14 @@ def parse_syn(packet: bytes) -> Syn | None:
         dst = str(ipaddress.IPv4Address(packet[16:20]))
         tcp = packet[ihl:]
     elif version == 6:
-        if len(packet) < 40 or packet[6] != 6 or len(packet) < 60:
+        if len(packet) < 60:
+            return None
+        tcp_offset = _ipv6_tcp_offset(packet)
+        if tcp_offset is None or len(packet) < tcp_offset + 20:
             return None
         src = str(ipaddress.IPv6Address(packet[8:24]))
         dst = str(ipaddress.IPv6Address(packet[24:40]))
-        tcp = packet[40:]
+        tcp = packet[tcp_offset:]
     else:
         return None
     sport, dport = struct.unpack_from("!HH", tcp, 0)

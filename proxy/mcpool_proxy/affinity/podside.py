@@ -13,6 +13,18 @@ started after the listeners are bound and stopped last. By mechanism:
   publishes no tokens (joins never pass a director).
 - `none`: nothing.
 
+With `affinity.vip` set (the operator renders it for `director` pools), the pod also sets up the
+receive side of the director's tunnel at start (`kernel.setup_pod_receive`: the VIP on lo and a
+VXLAN device that decapsulates; needs CAP_NET_ADMIN) and removes it at stop. Without it no
+subflow forwarded by a director can reach this pod. A failure is logged as an error, counted, and
+shown by the gauge `mcpool_affinity_pod_receive_ready` (0); the proxy keeps serving.
+
+Tokens can outlive their connection when the kernel's CLOSED event is lost (ENOBUFS) for a
+connection the proxy never relayed (refused, or reset before accept): nothing else unregisters
+it, and the heartbeat would re-claim it forever. Once per heartbeat TTL the pod lists the
+kernel's MPTCP connections (`ss -M`, iproute2) and unregisters a token absent from two listings
+in a row (counted in `mcpool_affinity_stale_tokens_dropped`).
+
 On drain the pod re-registers as `draining` (directors send it no new initial subflows but keep
 steering joins of its live connections to it); at stop it deregisters everything it owns.
 
@@ -26,12 +38,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
+import subprocess
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..config import AffinityConfig
+from . import kernel
 from .join_address import JoinAddress
 from .mptcp_events import MptcpEventListener, publish_tokens
 from .registry import (
@@ -45,13 +60,29 @@ from .registry import (
 if TYPE_CHECKING:
     from ..connections import Connection
 
-__all__ = ["PodAffinity", "REGISTER_DELAY_ENV", "resolve_advertise"]
+__all__ = ["PodAffinity", "REGISTER_DELAY_ENV", "kernel_tokens", "resolve_advertise"]
 
 log = logging.getLogger("mcpool.affinity.pod")
 
 # Test hook only: delay every token registration by this many milliseconds, to provoke the
 # join-before-registration race (and to let a test claim a token first: a forced collision).
 REGISTER_DELAY_ENV = "MCPOOL_TEST_AFFINITY_REGISTER_DELAY_MS"
+
+
+_SS_TOKEN = re.compile(r"\btoken:([0-9a-f]+)")
+
+
+def kernel_tokens() -> set[int] | None:
+    """Tokens of every MPTCP connection in this network namespace (`ss -M`); None if unknown."""
+    try:
+        proc = subprocess.run(["ss", "-MHni"], capture_output=True, text=True, check=False, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("cannot list MPTCP connections with ss: %r", exc)
+        return None
+    if proc.returncode != 0:
+        log.warning("ss -M failed (%d): %s", proc.returncode, proc.stderr.strip())
+        return None
+    return {int(m, 16) for m in _SS_TOKEN.findall(proc.stdout)}
 
 
 def resolve_advertise(config: AffinityConfig) -> str:
@@ -120,6 +151,23 @@ class PodAffinity:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.errors = 0
         self.state: PodState | None = None
+        self.receive_vip = config.vip if self.enabled else None
+        self.receive_ready = False
+        self._receive_set_up = False
+        self._reconciler: asyncio.Task[None] | None = None
+        self._absent_once: set[int] = set()  # tokens missing from the last kernel listing
+        metrics = metrics_registry if metrics_registry is not None else CollectorRegistry()
+        self.receive_gauge = Gauge(
+            "mcpool_affinity_pod_receive_ready",
+            "1 when this pod holds the VIP and decapsulates the director's tunnel; 0 when that "
+            "failed or is not set up (affinity.vip unset).",
+            registry=metrics,
+        )
+        self.stale_tokens = Counter(
+            "mcpool_affinity_stale_tokens_dropped",
+            "Registered tokens unregistered because the kernel no longer had their connection.",
+            registry=metrics,
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -127,6 +175,8 @@ class PodAffinity:
         """Announce the join address / register the pod / start publishing tokens."""
         if not self.enabled:
             return
+        if self.receive_vip is not None:
+            await self._setup_receive(self.receive_vip)
         try:
             if self.join is not None:
                 await asyncio.to_thread(self.join.start)
@@ -139,6 +189,7 @@ class PodAffinity:
                 listener.open()
                 self.listener = listener
                 self._publisher = asyncio.get_running_loop().create_task(self._publish(listener, self._tokens))
+                self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
         except Exception:  # noqa: BLE001 - never into the proxy
             self.errors += 1
             log.exception("affinity: start failed; the pod serves, but its joins may not be steered")
@@ -146,8 +197,58 @@ class PodAffinity:
             "affinity started",
             extra={"fields": {"mechanism": self.config.mechanism, "pod": self.pod_name,
                               "backend": self.config.backend, "publishing_tokens": self._publisher is not None,
-                              "join_address": self.join.active if self.join else None}},
+                              "join_address": self.join.active if self.join else None,
+                              "vip_receive": self.receive_ready if self.receive_vip else None}},
         )  # fmt: skip
+
+    async def _setup_receive(self, vip: str) -> None:
+        cfg = self.config
+        try:
+            self._receive_set_up = True  # whatever part succeeded is undone at stop
+            await asyncio.to_thread(kernel.setup_pod_receive, vip, cfg.vxlan_port, cfg.pod_mac)
+        except Exception as exc:  # noqa: BLE001 - never into the proxy
+            self.errors += 1
+            self.receive_ready = False
+            log.error(
+                "affinity: cannot receive the director's tunnel for VIP %s (%s): no subflow the "
+                "director forwards will reach this pod. Needs CAP_NET_ADMIN and rp_filter 0/2.",
+                vip, exc,
+            )  # fmt: skip
+        else:
+            self.receive_ready = True
+        self.receive_gauge.set(1 if self.receive_ready else 0)
+
+    async def _reconcile_loop(self) -> None:
+        interval_s = self.config.heartbeat_ttl_s
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                if not await self.reconcile_tokens():
+                    return  # no way to list the kernel's connections: nothing to compare with
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("affinity: reconciling tokens with the kernel failed")
+
+    async def reconcile_tokens(self) -> bool:
+        """Unregister tokens that the kernel has not had in two listings in a row; False if the
+        kernel's connections cannot be listed."""
+        registry = self.registry
+        if registry is None or self.state is None:
+            return True
+        # Snapshot the registry first: a token registered after `ss` ran must not look stale.
+        live = dict(registry.live_connections())
+        in_kernel = await asyncio.to_thread(kernel_tokens)
+        if in_kernel is None:
+            return False
+        absent = {t for t in live if t not in in_kernel}
+        for token in absent & self._absent_once:
+            self.stale_tokens.inc()
+            log.warning("affinity: token %08x is gone from the kernel (lost CLOSED event): unregistering", token)
+            await registry.unregister_connection(token, live[token])
+        self._absent_once = absent - self._absent_once
+        return True
 
     async def _publish(self, listener: MptcpEventListener, registry: AffinityRegistry) -> None:
         # publish_tokens runs forever; if it dies on an unexpected error, restart it after a pause
@@ -175,11 +276,12 @@ class PodAffinity:
 
     async def stop(self) -> None:
         """Deregister the pod and its connections; remove the join address. Idempotent."""
-        if self._publisher is not None:
-            self._publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._publisher
-            self._publisher = None
+        for task in (self._publisher, self._reconciler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._publisher = self._reconciler = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.listener is not None:
@@ -198,6 +300,15 @@ class PodAffinity:
             except Exception:  # noqa: BLE001
                 self.errors += 1
                 log.exception("affinity: removing the join address failed")
+        if self._receive_set_up and self.receive_vip is not None:
+            self._receive_set_up = False
+            self.receive_ready = False
+            self.receive_gauge.set(0)
+            try:
+                await asyncio.to_thread(kernel.teardown_pod_receive, self.receive_vip)
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("affinity: removing the VIP receive side failed")
 
     # -- ConnectionObserver ---------------------------------------------------------------------
 

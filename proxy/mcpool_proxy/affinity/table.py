@@ -3,7 +3,13 @@
 The director must decide a SYN without a network round trip, so it keeps pods, tokens and CPEs
 in memory, fed by the registry's pub/sub events (`apply_event`) and replaced wholesale by a
 periodic full read of Redis (`replace`). `decide` is a pure function of a SYN and this table.
-Nothing here does I/O; waiting for a late token is an asyncio.Event per awaited token.
+Nothing here does I/O; waiting for a late token is an asyncio.Event per awaited token, shared by
+every join waiting for it and removed when the last of them leaves.
+
+A full read right after Redis restarted is empty until the pods re-register (within one heartbeat
+TTL): `replace(..., keep_missing_s=TTL)` keeps what such a snapshot lacks for that long, so
+initial SYNs are not dropped and joins not missed meanwhile. Explicit `del` events still remove
+entries at once.
 """
 
 from __future__ import annotations
@@ -48,6 +54,14 @@ class Decision:
         return self.outcome != "wait"
 
 
+class _TokenWaiter(asyncio.Event):
+    """The event the joins waiting for one token share, and how many of them wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+
 class AffinityTable:
     """Pods, token owners, CPE owners and known collisions, as last learned from Redis."""
 
@@ -56,7 +70,9 @@ class AffinityTable:
         self.tokens: dict[int, str] = {}
         self.cpes: dict[str, str] = {}
         self.collided: set[int] = set()
-        self._token_waiters: dict[int, asyncio.Event] = {}
+        self._token_waiters: dict[int, _TokenWaiter] = {}
+        # (kind, key) -> time it was first missing from a snapshot while kept (see replace)
+        self._missing_since: dict[tuple[str, object], float] = {}
         self.version = 0  # bumped whenever the pod set changes (the kernel plumbing follows it)
 
     def ready_pods(self) -> list[str]:
@@ -67,17 +83,40 @@ class AffinityTable:
         pods: Mapping[str, PodEntry],
         tokens: Mapping[int, str],
         cpes: Mapping[str, str],
+        *,
+        now: float = 0.0,
+        keep_missing_s: float = 0.0,
     ) -> None:
-        """Install a full snapshot (periodic resync); collisions seen so far are kept."""
-        if dict(pods) != self.pods:
+        """Install a full snapshot (periodic resync); collisions seen so far are kept.
+
+        With `keep_missing_s` > 0, an entry this table has but the snapshot lacks stays until it
+        has been missing for `keep_missing_s` (clock: `now`); with 0 it goes at once.
+        """
+        new_pods = self._merge("pod", self.pods, pods, now, keep_missing_s)
+        if new_pods != self.pods:
             self.version += 1
-        self.pods = dict(pods)
-        self.tokens = dict(tokens)
-        self.cpes = dict(cpes)
+        self.pods = new_pods
+        self.tokens = self._merge("token", self.tokens, tokens, now, keep_missing_s)
+        self.cpes = self._merge("cpe", self.cpes, cpes, now, keep_missing_s)
         self.collided &= set(self.tokens)
         for token in list(self._token_waiters):
             if token in self.tokens:
                 self._token_waiters.pop(token).set()
+
+    def _merge(self, kind: str, old: Mapping[Any, Any], snapshot: Mapping[Any, Any], now: float,
+               keep_missing_s: float) -> dict[Any, Any]:  # fmt: skip
+        merged = dict(snapshot)
+        for key in snapshot:
+            self._missing_since.pop((kind, key), None)
+        for key, value in old.items():
+            if key in merged:
+                continue
+            since = self._missing_since.setdefault((kind, key), now)
+            if keep_missing_s > 0 and now - since < keep_missing_s:
+                merged[key] = value
+            else:
+                del self._missing_since[(kind, key)]
+        return merged
 
     def apply_event(self, event: Mapping[str, Any]) -> None:
         """Apply one registry event (JSON from the pool's events channel); ignore unknown ones."""
@@ -120,11 +159,17 @@ class AffinityTable:
         """Return when `token` is in the table or `timeout_s` has passed."""
         if token in self.tokens or timeout_s <= 0:
             return
-        waiter = self._token_waiters.setdefault(token, asyncio.Event())
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(waiter.wait(), timeout_s)
-        if not waiter.is_set() and self._token_waiters.get(token) is waiter:
-            del self._token_waiters[token]
+        waiter = self._token_waiters.setdefault(token, _TokenWaiter())
+        waiter.count += 1
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waiter.wait(), timeout_s)
+        finally:
+            # The event is shared: only the last join to stop waiting may remove it, or the
+            # token's arrival would no longer wake the joins still waiting.
+            waiter.count -= 1
+            if waiter.count == 0 and self._token_waiters.get(token) is waiter:
+                del self._token_waiters[token]
 
 
 def decide(syn: Syn, table: AffinityTable, *, waited: bool = False) -> Decision:

@@ -1,0 +1,128 @@
+"""The director's table feed against a real redis-server (no kernel plumbing needed).
+
+A malformed event or key costs only itself (the feed keeps following), and a Redis that
+restarts empty does not empty the director's table before the pods had time to re-register.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+from conftest import RedisServer
+from mcpool_proxy.affinity.director import Director, DirectorConfig
+from mcpool_proxy.affinity.keys import KeySchema
+
+POOL = "mtk"
+KEYS = KeySchema(POOL)
+
+
+async def until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Poll the director's in-memory state (the feed signals nothing a test can await)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def sample(director: Director, name: str, label: str | None = None) -> float:
+    labels = {"source": label} if label else {}
+    value = director.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+async def running_feed(director: Director) -> asyncio.Task[None]:
+    task: asyncio.Task[None] = asyncio.ensure_future(director._feed())
+    await until(lambda: sample(director, "mcpool_director_redis_up") == 1, "the feed to reach Redis")
+    return task
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def config(redis_server: RedisServer, **overrides: object) -> DirectorConfig:
+    return DirectorConfig.model_validate({
+        "vip": "198.19.255.1", "ports": [5124], "redis_url": redis_server.url, "pool": POOL,
+        "resync_interval_s": 0.2, "metrics_listen": None, **overrides,
+    })  # fmt: skip
+
+
+async def test_malformed_events_and_keys_are_skipped(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    director = Director(config(redis_server))
+    feed = await running_feed(director)
+    try:
+        for bad in ('{"t": "token", "op": "add", "token": "not-hex", "pod": "a"}', "[1, 2]", "{not json",
+                    '{"t": "collision", "token": {"x": 1}}'):  # fmt: skip
+            await redis_client.publish(KEYS.events, bad)
+        await redis_client.publish(KEYS.events, '{"t": "token", "op": "add", "token": "0000abcd", "pod": "a"}')
+        await until(lambda: director.table.tokens.get(0xABCD) == "a", "the good event after the bad ones")
+        assert sample(director, "mcpool_director_malformed_entries_total", "event") == 4
+
+        await redis_client.set(f"{KEYS.prefix}token:zzzzzzzz", "a")
+        await redis_client.set(f"{KEYS.prefix}token:123", "a")
+        await redis_client.set(KEYS.token(0x1234), "b")
+        await redis_client.hset(KEYS.pod("b"), mapping={"addr": "198.18.10.2", "state": "ready"})
+        await until(lambda: director.table.tokens.get(0x1234) == "b", "a resync past the bad keys")
+        assert sample(director, "mcpool_director_malformed_entries_total", "key") >= 2
+        assert set(director.table.pods) == {"b"}
+        assert not feed.done()
+    finally:
+        await stop(feed)
+
+
+async def test_redis_restarting_empty_keeps_the_table_until_pods_reregister(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    grace_s = 1.5
+    director = Director(config(redis_server, snapshot_grace_s=grace_s))
+    await redis_client.hset(KEYS.pod("a"), mapping={"addr": "198.18.10.2", "state": "ready"})
+    await redis_client.set(KEYS.token(0x51), "a")
+    feed = await running_feed(director)
+    try:
+        await until(lambda: 0x51 in director.table.tokens and "a" in director.table.pods, "the table")
+        # Outlive the grace window of the first connection: from now on, missing entries would go.
+        await asyncio.sleep(grace_s)  # noqa: ASYNC110 - waiting out a configured period, not an event
+        redis_server.kill()
+        await until(lambda: sample(director, "mcpool_director_redis_up") == 0, "the feed to see Redis down")
+        redis_server.start()  # empty: persistence is off
+        resyncs = sample(director, "mcpool_director_resyncs_total")
+        await until(lambda: sample(director, "mcpool_director_redis_up") == 1, "the feed back on Redis")
+        await until(lambda: sample(director, "mcpool_director_resyncs_total") >= resyncs + 2, "two resyncs")
+        # Several empty snapshots later the pod and its token are still steerable...
+        assert "a" in director.table.pods and director.table.tokens.get(0x51) == "a"
+        # ...and once the grace period has passed without the pod re-registering, they go.
+        await until(lambda: not director.table.pods and not director.table.tokens, "the entries to go", 3 * grace_s)
+    finally:
+        await stop(feed)
+
+
+async def test_entries_missing_in_normal_operation_go_at_once(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    # The grace period applies only after (re)connecting: a pod whose keys expire in steady
+    # state leaves at the next resync.
+    director = Director(config(redis_server, snapshot_grace_s=0.5))
+    await redis_client.hset(KEYS.pod("a"), mapping={"addr": "198.18.10.2", "state": "ready"})
+    feed = await running_feed(director)
+    try:
+        await until(lambda: "a" in director.table.pods, "the pod")
+        await asyncio.sleep(0.6)  # noqa: ASYNC110 - past the post-connect grace window
+        await redis_client.delete(KEYS.pod("a"))  # as an expiry would: no event published
+        started = time.monotonic()
+        await until(lambda: not director.table.pods, "the pod to leave")
+        assert time.monotonic() - started < 0.2 + 0.3  # one resync interval, plus slack
+    finally:
+        await stop(feed)
