@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 from mcpool_proxy.config import (
+    DEFAULT_POD_MAC,
+    DEFAULT_VXLAN_PORT,
     AffinityConfig,
     KernelConfig,
     ListenConfig,
@@ -170,6 +172,11 @@ def build_proxy_config(pool: Pool, ordinal: int | None = None) -> ProxyConfig:
         pod_name=None,
         advertise=None,
         join_address=join_address,
+        # director: the pod holds the VIP and decapsulates the director's tunnel itself (the
+        # tunnel parameters are the ones director_config renders).
+        vip=spec.director_vip() if mechanism == "director" else None,
+        vxlan_port=DEFAULT_VXLAN_PORT,
+        pod_mac=DEFAULT_POD_MAC,
     )
     return ProxyConfig(
         listen=listen,
@@ -503,14 +510,47 @@ def build_pdb(pool: Pool) -> dict[str, Any]:
 # --- director ----------------------------------------------------------------------------------
 
 
+# Per-node resources of a pool's director (docs/affinity.md, "Per-node resources"): directors of
+# several pools share a node (host network), so each pool gets its own nft table, tunnel device
+# prefix, NFQUEUE, mark range, VNI range, route tables and metrics port, all derived from one
+# index in [0, DIRECTOR_SLOTS) taken from a stable hash of namespace/name. Two pools with the same
+# index collide: the second director finds the first one's table (its comment names the owner),
+# refuses to start and says so; renaming either pool picks another index.
+DIRECTOR_SLOTS = 4096
+DIRECTOR_QUEUE_BASE = 8192  # NFQUEUE numbers 8192..12287
+DIRECTOR_MARK_BASE = 0x4000  # marks 0x4000_0000..0x4fff_ffff: high 16 bits = 0x4000 + index
+DIRECTOR_VNI_BASE = 0x10000  # VNI = base + index * 256 + pod slot (slots 1..255)
+DIRECTOR_ROUTE_TABLE_BASE = 0x100000  # table = base + index * 256 + pod slot
+DIRECTOR_METRICS_PORT_BASE = 19000  # 127.0.0.1:19000..23095 on the node
+
+
+def director_index(pool: Pool) -> int:
+    """The pool's stable index among directors on a node (see the scheme above)."""
+    digest = hashlib.sha256(f"{pool.namespace}/{pool.name}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % DIRECTOR_SLOTS
+
+
 def director_config(pool: Pool) -> dict[str, Any]:
     """The keys of `mcpool director --config FILE`."""
     redis = pool.spec.redis
+    index = director_index(pool)
     return {
         "vip": pool.spec.director_vip(),
         "ports": pool.spec.listener_ports(),
         "redis_url": redis.url if redis is not None else None,
         "pool": registry_pool_name(pool),
+        "nft_table": f"mcpool_{index:03x}",
+        "device_prefix": f"mcp{index:03x}v",  # + slot: at most 9 characters
+        "queue_num": DIRECTOR_QUEUE_BASE + index,
+        "mark_base": (DIRECTOR_MARK_BASE + index) << 16,
+        "vxlan_vni_base": DIRECTOR_VNI_BASE + index * 256,
+        "route_table_base": DIRECTOR_ROUTE_TABLE_BASE + index * 256,
+        "metrics_listen": f"127.0.0.1:{DIRECTOR_METRICS_PORT_BASE + index}",
+        # The pods' side of the tunnel (build_proxy_config renders the same values).
+        "vxlan_port": DEFAULT_VXLAN_PORT,
+        "pod_mac": DEFAULT_POD_MAC,
+        # Keep table entries a restarted Redis lacks until the pods have re-registered.
+        "snapshot_grace_s": AffinityConfig.model_fields["heartbeat_ttl_s"].default,
     }
 
 
@@ -523,7 +563,8 @@ def build_director_configmap(pool: Pool) -> dict[str, Any]:
     }
 
 
-def build_director_daemonset(pool: Pool) -> dict[str, Any]:
+def build_director_daemonset(pool: Pool, *, image: str | None = None) -> dict[str, Any]:
+    """`image`: the operator's `--director-image`, overriding spec.image."""
     spec = pool.spec
     env: list[dict[str, Any]] = [
         {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}},
@@ -534,7 +575,7 @@ def build_director_daemonset(pool: Pool) -> dict[str, Any]:
         env.append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": spec.opentelemetry.endpoint})
     container = {
         "name": "director",
-        "image": spec.image,
+        "image": image or spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["mcpool"],
         "args": ["director", "--config", f"{DIRECTOR_CONFIG_DIR}/director.yaml"],
@@ -584,7 +625,7 @@ def build_director_daemonset(pool: Pool) -> dict[str, Any]:
 # --- everything --------------------------------------------------------------------------------
 
 
-def build_children(pool: Pool) -> list[dict[str, Any]]:
+def build_children(pool: Pool, *, director_image: str | None = None) -> list[dict[str, Any]]:
     """Every object of the pool, in creation order (config before the pods that mount it)."""
     children = [
         build_service_account(pool),
@@ -594,6 +635,6 @@ def build_children(pool: Pool) -> list[dict[str, Any]]:
         *build_join_services(pool),
     ]
     if pool.spec.affinity.mechanism == "director":
-        children += [build_director_configmap(pool), build_director_daemonset(pool)]
+        children += [build_director_configmap(pool), build_director_daemonset(pool, image=director_image)]
     children += [build_statefulset(pool), build_pdb(pool)]
     return children

@@ -9,7 +9,9 @@ process and the timer interval can come from the command line.
   deleted or edited away from the spec, or a StatefulSet whose pods changed, reconciles its pool
   at once instead of waiting for the timer.
 - Events of the pool's pods: a pod the kubelet rejected with `SysctlForbidden` (or one going
-  away) reconciles the pool, which surfaces it as `Degraded=True`.
+  away) reconciles the pool, which surfaces it as `Degraded=True`; while the pool says so, a pod
+  becoming Ready reconciles it too (that is what clears the condition).
+- A pool gone for good: the reconciler forgets its per-pool state.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class OperatorOptions:
     worker_idle_timeout_s: float = 5.0
     log_format: str = "json"
     verbose: bool = False
+    # Image of every director DaemonSet, overriding spec.image (None: spec.image).
+    director_image: str | None = None
 
 
 def configure_settings(settings: kopf.OperatorSettings, options: OperatorOptions) -> None:
@@ -103,9 +107,9 @@ def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     return {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec", "status") if key in body}
 
 
-def _desired_child(pool_body: Mapping[str, Any], kind: str, name: str) -> dict[str, Any] | None:
+def _desired_child(reconciler: Reconciler, pool_body: Mapping[str, Any], kind: str, name: str) -> dict[str, Any] | None:
     try:
-        children = builders.build_children(Pool.from_body(pool_body))
+        children = reconciler.desired_children(Pool.from_body(pool_body))
     except (SpecError, ValueError):
         return None
     for child in children:
@@ -113,6 +117,18 @@ def _desired_child(pool_body: Mapping[str, Any], kind: str, name: str) -> dict[s
             kopf.adopt(child, owner=as_body(pool_body))
             return child
     return None
+
+
+def _is_ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _sysctl_degraded(pool_body: Mapping[str, Any]) -> bool:
+    for condition in (pool_body.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Degraded":
+            return bool(condition.get("status") == "True" and condition.get("reason") == "SysctlForbidden")
+    return False
 
 
 def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.OperatorRegistry:
@@ -189,7 +205,7 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
             return
         kind = KIND_OF_PLURAL[resource.plural]
         deleted = type == "DELETED"
-        desired = _desired_child(pool_body, kind, name)
+        desired = _desired_child(reconciler, pool_body, kind, name)
         drifted = desired is None or not is_subset(desired, dict(body))
         # A StatefulSet's status carries the ready count the pool's status reports.
         if deleted or drifted or kind == "StatefulSet":
@@ -210,10 +226,21 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
         **kwargs: Any,
     ) -> None:
         rejected = (body.get("status") or {}).get("reason") == "SysctlForbidden"
-        if not (rejected or type == "DELETED"):
+        ready = _is_ready(body)
+        if not (rejected or ready or type == "DELETED"):
             return
         pool_body = pool_of(kwargs["pool_index"], namespace, labels)
-        if pool_body is not None:
-            await reconciler.reconcile(pool_body, logger)
+        if pool_body is None:
+            return
+        # A Ready pod matters only to a pool degraded by rejected pods (the StatefulSet's own
+        # status change reconciles the rest); skipping the others keeps pod churn cheap.
+        if ready and not (rejected or type == "DELETED") and not _sysctl_degraded(pool_body):
+            return
+        await reconciler.reconcile(pool_body, logger)
+
+    @kopf.on.event(*pools, registry=registry, id="forget")
+    def pool_gone(type: str, namespace: str | None, name: str, **_: Any) -> None:
+        if type == "DELETED":
+            reconciler.forget(str(namespace), name)
 
     return registry

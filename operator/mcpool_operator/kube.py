@@ -5,8 +5,11 @@ objects; the official `kubernetes` package is synchronous. This module reuses th
 package only to *find* the credentials (in-cluster service account or kubeconfig, the same way
 kopf's default login does) and talks JSON over aiohttp, so reconciles never block the event loop.
 
-Only the verbs the operator needs exist (get, list, create, merge-patch, delete): the RBAC in
-`manifests/rbac.yaml` lists exactly those, and `tests/operator/test_rbac.py` checks the two agree.
+Only the verbs the operator needs exist (get, list, server-side apply, merge-patch, delete); the
+RBAC in `manifests/rbac.yaml` lists exactly those (an apply that creates is authorised as
+"create"), and `tests/operator/test_operator_rbac.py` checks the two agree. There is no POST on
+purpose: an object created by POST is owned by an "Update" manager, whose fields an apply never
+prunes.
 """
 
 from __future__ import annotations
@@ -228,12 +231,6 @@ class KubeClient:
         items: list[dict[str, Any]] = result.get("items", []) if isinstance(result, dict) else []
         return items
 
-    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        ref = ref_of(obj)
-        collection = ObjectRef(ref.api_version, ref.kind, ref.namespace)
-        result: dict[str, Any] = await self._request("POST", collection.path(), json=obj)
-        return result
-
     async def patch(
         self, ref: ObjectRef, patch: Mapping[str, Any], subresource: str | None = None
     ) -> dict[str, Any]:
@@ -244,8 +241,9 @@ class KubeClient:
         return result
 
     async def apply(self, ref: ObjectRef, obj: Mapping[str, Any], field_manager: str) -> dict[str, Any]:
-        """Server-side apply, forcing ownership: the object ends up exactly as the operator wants
-        the fields it manages, and fields it stopped setting are removed."""
+        """Server-side apply, forcing ownership: creates the object if it is missing; otherwise the
+        fields the operator manages end up as applied and those it stopped setting are removed.
+        An apply that changes nothing leaves `resourceVersion` as it was."""
         result: dict[str, Any] = await self._request(
             "PATCH",
             ref.path(),

@@ -52,6 +52,13 @@ def parse_args(argv: Sequence[str]) -> OperatorOptions:
                         help="give up on a watch connection after this long")
     parser.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
                         help="timeout of each API request")
+    parser.add_argument(
+        "--director-image",
+        default=None,
+        metavar="IMAGE",
+        help="image of every director DaemonSet, whatever the pool's spec.image says (the director "
+        "runs as root with NET_ADMIN on the host network; see docs/operator.md)",
+    )
     parser.add_argument("--log-format", choices=("json", "plain", "full"), default="json")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     args = parser.parse_args(list(argv))
@@ -72,6 +79,7 @@ def parse_args(argv: Sequence[str]) -> OperatorOptions:
         request_timeout_s=args.request_timeout,
         log_format=args.log_format,
         verbose=bool(args.verbose),
+        director_image=args.director_image or None,
     )
 
 
@@ -102,7 +110,7 @@ async def run(
 ) -> None:
     """Run the operator until `stop_flag` is set (or forever)."""
     client = KubeClient(connection, request_timeout_s=options.request_timeout_s)
-    reconciler = Reconciler(client, post_event=post_event)
+    reconciler = Reconciler(client, post_event=post_event, director_image=options.director_image)
     registry = build_registry(options, reconciler)
     try:
         await kopf.operator(

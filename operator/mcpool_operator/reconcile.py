@@ -1,11 +1,17 @@
 """The one idempotent reconcile of an MCPPool: make the cluster match the builders' output.
 
 Called from kopf's create/update/resume handlers, a slow timer, and the watches on the pool's
-children and pods. Each call: builds the desired children (pure), creates what is missing
-(a 409 means somebody was faster: read it and compare), patches what drifted (server-side apply,
-so fields the operator stopped setting are removed), leaves equal objects alone, deletes
-children the spec no longer asks for, and writes `.status` only when it changed. An invalid spec
-becomes a `Degraded=True` condition and an Event, never an exception loop.
+children and pods. Each call: builds the desired children (pure), server-side applies every one
+of them (field manager `mcpool-operator`, forced), deletes children the spec no longer asks for,
+and writes `.status` only when it differs from the live one. An invalid spec becomes a
+`Degraded=True` condition and an Event, never an exception loop.
+
+Why always apply, and never POST or compare client-side: an apply is the only write whose field
+ownership lets the API server *remove* what the operator stopped setting (a dropped nodeSelector,
+the director's capabilities after a mechanism switch); fields of an object created by POST belong
+to an "Update" manager and an apply never prunes them. And only the API server can tell whether
+its normalised form ("1" vs 1, 1Gi vs 1024Mi) differs from ours: a no-op apply is cheap and does
+not change `resourceVersion`, which is what decides whether an "Updated" Event is posted.
 """
 
 from __future__ import annotations
@@ -23,9 +29,18 @@ from opentelemetry import trace
 from . import builders
 from .kube import ApiError, KubeClient, ObjectRef, ref_of
 from .spec import GROUP, KIND, VERSION, MCPPoolSpec, Pool, SpecError
-from .status import Observation, build_status, find_condition, sysctl_failure
+from .status import Observation, build_status, find_condition, revision_ready, sysctl_failure
 
-__all__ = ["EventPoster", "Outcome", "Reconciler", "as_body", "is_subset", "kopf_event"]
+__all__ = [
+    "FIELD_MANAGER",
+    "EventPoster",
+    "Outcome",
+    "Reconciler",
+    "as_body",
+    "is_subset",
+    "kopf_event",
+    "upgrade_managed_fields",
+]
 
 FIELD_MANAGER = "mcpool-operator"
 POOL_API_VERSION = f"{GROUP}/{VERSION}"
@@ -50,7 +65,11 @@ def kopf_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -
 
 
 def is_subset(desired: Any, live: Any) -> bool:
-    """True if every value the operator sets is in the live object (the server may add more)."""
+    """True if every value the operator sets is in the live object (the server may add more).
+
+    Only a cheap filter for child watch events (is this event worth a reconcile?): never a
+    reason to skip an apply, since it cannot see fields the operator stopped setting nor
+    values the server normalised."""
     if isinstance(desired, Mapping):
         if not isinstance(live, Mapping):
             return False
@@ -74,20 +93,30 @@ class Outcome:
 
 
 class Reconciler:
-    """Holds the API client and one lock per pool (reconciles of a pool never overlap)."""
+    """Holds the API client, the operator-wide build options and one lock per pool (reconciles
+    of a pool never overlap)."""
 
-    def __init__(self, client: KubeClient, post_event: EventPoster = kopf_event) -> None:
+    def __init__(
+        self,
+        client: KubeClient,
+        post_event: EventPoster = kopf_event,
+        *,
+        director_image: str | None = None,
+    ) -> None:
         self.client = client
         self.post_event = post_event
+        # `--director-image`: the image the director DaemonSet runs whatever spec.image says
+        # (the director runs as uid 0 with NET_ADMIN on the host network; see docs/operator.md).
+        self.director_image = director_image
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        # The operator is the only writer of .status: what it wrote last is fresher than a
-        # body from a watch event or an index that has not caught up yet.
-        self._written: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+    def desired_children(self, pool: Pool) -> list[dict[str, Any]]:
+        """Every child object of the pool as the operator wants it (before adoption)."""
+        return builders.build_children(pool, director_image=self.director_image)
 
     def forget(self, namespace: str, name: str) -> None:
+        """Drop what is kept per pool; called when the pool is gone."""
         self._locks.pop((namespace, name), None)
-        for key in [k for k in self._written if k[:2] == (namespace, name)]:
-            del self._written[key]
 
     async def reconcile(self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]) -> Outcome:
         meta = body.get("metadata") or {}
@@ -118,7 +147,7 @@ class Reconciler:
         generation = int(meta.get("generation") or 0)
         try:
             pool = Pool.from_body(body)
-            desired = builders.build_children(pool)
+            desired = self.desired_children(pool)
         except (SpecError, ValueError) as exc:
             outcome.spec_error = str(exc)
             await self._write_invalid(body, generation, outcome, logger)
@@ -146,6 +175,7 @@ class Reconciler:
             statefulset=statefulset,
             sysctl_error=sysctl_failure(pods),
             apply_error=apply_error,
+            revision_ready=revision_ready(pods, statefulset),
         )
         await self._write_status(body, seen, outcome, logger)
         return outcome
@@ -159,32 +189,47 @@ class Reconciler:
     ) -> dict[str, Any]:
         ref = ref_of(obj)
         live = await self.client.get(ref)
+        if live is not None:
+            owner_uid = (owner.get("metadata") or {}).get("uid")
+            for reference in (live.get("metadata") or {}).get("ownerReferences") or []:
+                if reference.get("controller") and reference.get("uid") != owner_uid:
+                    raise ApiError(
+                        409, "Conflict", f"{ref} is controlled by {reference.get('kind')} {reference.get('name')}"
+                    )
+            live = await self._upgrade_ownership(ref, live, logger)
+        # Creates a missing object too (the API server authorises that as "create").
+        applied = await self.client.apply(ref, _apply_body(obj), FIELD_MANAGER)
         if live is None:
-            try:
-                created = await self.client.create(obj)
-            except ApiError as exc:
-                if exc.status != 409:
-                    raise
-                # Created meanwhile (another reconcile, a restart): read it and compare below.
-                live = await self.client.get(ref)
-                if live is None:
-                    raise
-            else:
-                outcome.created.append(str(ref))
-                logger.info("created %s", ref)
-                self.post_event(owner, "Normal", "Created", f"created {ref.kind} {ref.name}")
-                return created
-        if is_subset(obj, live):
+            outcome.created.append(str(ref))
+            logger.info("created %s", ref)
+            self.post_event(owner, "Normal", "Created", f"created {ref.kind} {ref.name}")
+        elif _resource_version(applied) != _resource_version(live):
+            outcome.updated.append(str(ref))
+            logger.info("restored %s to the spec", ref)
+            self.post_event(owner, "Normal", "Updated", f"updated {ref.kind} {ref.name} to match the spec")
+        return applied
+
+    async def _upgrade_ownership(
+        self, ref: ObjectRef, live: dict[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]
+    ) -> dict[str, Any]:
+        """Hand fields the operator once set by POST/merge-patch to its apply identity, so that
+        applies can prune them (children created by operator versions before 0.2)."""
+        meta = live.get("metadata") or {}
+        upgraded = upgrade_managed_fields(meta.get("managedFields") or [], FIELD_MANAGER)
+        if upgraded is None:
             return live
-        owner_uid = (owner.get("metadata") or {}).get("uid")
-        for reference in (live.get("metadata") or {}).get("ownerReferences") or []:
-            if reference.get("controller") and reference.get("uid") != owner_uid:
-                raise ApiError(409, "Conflict", f"{ref} is controlled by {reference.get('kind')} {reference.get('name')}")
-        patched = await self.client.apply(ref, _apply_body(obj), FIELD_MANAGER)
-        outcome.updated.append(str(ref))
-        logger.info("restored %s to the spec", ref)
-        self.post_event(owner, "Normal", "Updated", f"updated {ref.kind} {ref.name} to match the spec")
-        return patched
+        # resourceVersion makes the merge patch conditional: a concurrent writer wins, and the
+        # next reconcile tries again.
+        patch = {"metadata": {"managedFields": upgraded, "resourceVersion": meta.get("resourceVersion")}}
+        try:
+            result = await self.client.patch(ref, patch)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            logger.info("%s changed while taking over its fields; retrying on the next reconcile", ref)
+            return live
+        logger.info("took over the fields of %s for server-side apply", ref)
+        return result
 
     async def _prune(
         self,
@@ -218,11 +263,11 @@ class Reconciler:
             Pool(name=str(meta.get("name")), namespace=str(meta.get("namespace")), spec=MCPPoolSpec())
         )
         seen = Observation(generation=generation, desired_replicas=0, selector=selector, spec_error=outcome.spec_error)
-        key = (str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid")))
-        previous = self._written.get(key) or body.get("status") or {}
-        before = find_condition(previous.get("conditions") or [], "Degraded")
         logger.error("invalid spec: %s", outcome.spec_error)
-        await self._write_status(body, seen, outcome, logger)
+        previous = await self._write_status(body, seen, outcome, logger)
+        if previous is None:
+            return  # the pool is gone
+        before = find_condition(previous.get("conditions") or [], "Degraded")
         already_reported = (
             before is not None
             and before.get("reason") == "InvalidSpec"
@@ -237,16 +282,20 @@ class Reconciler:
         seen: Observation,
         outcome: Outcome,
         logger: logging.Logger | logging.LoggerAdapter[Any],
-    ) -> None:
-        meta = body.get("metadata") or {}
-        key = (str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid")))
-        previous = self._written.get(key) or dict(body.get("status") or {})
+    ) -> dict[str, Any] | None:
+        """Write the status built from `seen` if it differs from the live one; return the live
+        status it was compared with (None if the pool no longer exists)."""
+        ref = ref_of({**body, "apiVersion": POOL_API_VERSION, "kind": KIND})
+        # The live object, not `body`: a watch event or index entry may lag behind the last
+        # write, and a status cleared or edited by somebody else must be rewritten.
+        live = await self.client.get(ref)
+        if live is None:
+            return None
+        previous: dict[str, Any] = dict(live.get("status") or {})
         new = build_status(previous, seen)
         if _same_status(previous, new):
-            return
-        ref = ref_of({**body, "apiVersion": POOL_API_VERSION, "kind": KIND})
+            return previous
         await self.client.patch(ref, {"status": new}, subresource="status")
-        self._written[key] = new
         outcome.status_written = True
         for type_ in ("Ready", "Degraded"):
             old_c = find_condition(previous.get("conditions") or [], type_)
@@ -255,6 +304,7 @@ class Reconciler:
                 logger.info("condition %s=%s (%s): %s", type_, new_c["status"], new_c["reason"], new_c["message"])
                 if type_ == "Degraded" and new_c["status"] == "True" and new_c["reason"] != "InvalidSpec":
                     self.post_event(body, "Warning", str(new_c["reason"]), str(new_c["message"]))
+        return previous
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
@@ -270,6 +320,47 @@ def _apply_body(obj: Mapping[str, Any]) -> dict[str, Any]:
         k: v for k, v in meta.items() if k in ("name", "namespace", "labels", "annotations", "ownerReferences")
     }
     return body
+
+
+def _resource_version(obj: Mapping[str, Any]) -> str | None:
+    value = (obj.get("metadata") or {}).get("resourceVersion")
+    return None if value is None else str(value)
+
+
+def _merge_fieldsets(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Union of two managedFields `fieldsV1` tries."""
+    merged = dict(a)
+    for key, value in b.items():
+        if isinstance(merged.get(key), Mapping) and isinstance(value, Mapping):
+            merged[key] = _merge_fieldsets(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def upgrade_managed_fields(entries: Sequence[Mapping[str, Any]], manager: str) -> list[dict[str, Any]] | None:
+    """`entries` with `manager`'s "Update" ownership of the main resource merged into its
+    "Apply" entry (what client-go's csaupgrade does), or None if it owns nothing by Update.
+
+    The API server names the manager of a POST or PATCH without `fieldManager` after the
+    User-Agent ("mcpool-operator/0.1" -> "mcpool-operator"), so children created by older
+    versions of the operator are owned by ("mcpool-operator", "Update"); without this upgrade an
+    apply would never remove the fields that ownership covers.
+    """
+    def is_ours(entry: Mapping[str, Any], operation: str) -> bool:
+        return entry.get("manager") == manager and entry.get("operation") == operation and not entry.get("subresource")
+
+    updates = [e for e in entries if is_ours(e, "Update")]
+    if not updates:
+        return None
+    applies = [e for e in entries if is_ours(e, "Apply")]
+    fields: dict[str, Any] = {}
+    for entry in applies + updates:
+        fields = _merge_fieldsets(fields, entry.get("fieldsV1") or {})
+    template = dict(applies[0] if applies else updates[0])
+    template.update(operation="Apply", fieldsType="FieldsV1", fieldsV1=fields)
+    others = [dict(e) for e in entries if not (is_ours(e, "Update") or is_ours(e, "Apply"))]
+    return others + [template]
 
 
 def _same_status(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

@@ -66,6 +66,13 @@ MAX_REPLICAS = 1000
 POOL_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
+JOIN_ADDRESSES_UNIQUE_MESSAGE = "affinity.joinAddresses must not repeat an address (each pod announces its own)"
+REDIS_URL_CREDENTIALS_MESSAGE = (
+    "redis.url must not carry credentials ('user:password@host'): it is stored in plain text in "
+    "ConfigMaps; put the password in a Secret and reference it with redis.passwordSecretRef"
+)
+
+
 class SpecError(ValueError):
     """An MCPPool spec the operator cannot turn into a pool; the message says what to fix."""
 
@@ -165,14 +172,23 @@ class AffinitySpec(_Spec):
     join_addresses: list[IPAddress] = Field(
         default_factory=list,
         max_length=MAX_REPLICAS,
+        # Two pods announcing one address would steal each other's subflows.
+        json_schema_extra={"x-kubernetes-list-type": "set"},
         description="For 'join-address': the address pod N announces is entry N; each gets its own "
-        "LoadBalancer Service '<pool>-join-N' with that loadBalancerIP.",
+        "LoadBalancer Service '<pool>-join-N' with that loadBalancerIP. No duplicates.",
     )
     join_port: Port | None = Field(
         default=None,
         description="For 'join-address': the port pods announce and their join Services expose; "
         "default: listeners.convert.port.",
     )
+
+    @model_validator(mode="after")
+    def _unique_join_addresses(self) -> AffinitySpec:
+        # Addresses are normalised by _ip, so '2001:DB8::1' and '2001:db8::1' count as one.
+        if len(set(self.join_addresses)) != len(self.join_addresses):
+            raise ValueError(JOIN_ADDRESSES_UNIQUE_MESSAGE)
+        return self
 
 
 class SecretKeyRef(_Spec):
@@ -185,15 +201,28 @@ class SecretKeyRef(_Spec):
 class RedisSpec(_Spec):
     """The Redis holding the affinity table (soft state the pods rebuild by re-registering)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": "!self.url.contains('@')", "message": REDIS_URL_CREDENTIALS_MESSAGE}]
+        }
+    )
+
     url: str = Field(
         min_length=9,
         max_length=1024,
         pattern=r"^rediss?://",
-        description="redis://host:port/db or rediss:// for TLS, without the password.",
+        description="redis://host:port/db or rediss:// for TLS, without credentials (no '@': the URL "
+        "is rendered into ConfigMaps in plain text; use passwordSecretRef).",
     )
     password_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key holding the Redis password (given to pods as REDIS_PASSWORD)."
     )
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> RedisSpec:
+        if "@" in self.url:
+            raise ValueError(REDIS_URL_CREDENTIALS_MESSAGE)
+        return self
 
 
 class Toleration(_Spec):

@@ -18,6 +18,7 @@ __all__ = [
     "Observation",
     "build_status",
     "find_condition",
+    "revision_ready",
     "set_condition",
     "sysctl_failure",
 ]
@@ -80,6 +81,25 @@ def sysctl_failure(pods: Sequence[Mapping[str, Any]]) -> str | None:
     return None
 
 
+REVISION_LABEL = "controller-revision-hash"
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def revision_ready(pods: Sequence[Mapping[str, Any]], statefulset: Mapping[str, Any] | None) -> bool:
+    """True if a pod of the StatefulSet's current revision (its `status.updateRevision`; any
+    revision while the controller has not reported one) is Ready."""
+    revision = ((statefulset or {}).get("status") or {}).get("updateRevision")
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        if _pod_ready(pod) and (revision is None or labels.get(REVISION_LABEL) == revision):
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class Observation:
     """What one reconcile saw."""
@@ -91,6 +111,8 @@ class Observation:
     spec_error: str | None = None
     sysctl_error: str | None = None
     apply_error: str | None = None
+    # A pod of the current revision is Ready (what ends a SysctlForbidden failure).
+    revision_ready: bool = False
 
 
 def build_status(previous: Mapping[str, Any] | None, seen: Observation, now: str | None = None) -> dict[str, Any]:
@@ -128,8 +150,22 @@ def build_status(previous: Mapping[str, Any] | None, seen: Observation, now: str
         and replicas == seen.desired_replicas
     )
     all_ready = ready >= seen.desired_replicas and rolled_out
-    if seen.sysctl_error is not None:
-        put("Degraded", True, "SysctlForbidden", seen.sysctl_error)
+    sysctl_error = seen.sysctl_error
+    before = find_condition(conditions, "Degraded")
+    if (
+        sysctl_error is None
+        and not seen.revision_ready
+        and before is not None
+        and before.get("status") == "True"
+        and before.get("reason") == "SysctlForbidden"
+    ):
+        # The StatefulSet controller deletes a rejected pod and creates it again, which the
+        # kubelet rejects again: between the two no rejected pod exists. Only a Ready pod of
+        # the current revision proves the nodes were fixed; until then the failure stands
+        # (otherwise Degraded flaps, with a Warning Event and a new lastTransitionTime each time).
+        sysctl_error = str(before.get("message") or "")
+    if sysctl_error is not None:
+        put("Degraded", True, "SysctlForbidden", sysctl_error)
     elif seen.apply_error is not None:
         put("Degraded", True, "ApplyFailed", seen.apply_error)
     else:
@@ -143,11 +179,11 @@ def build_status(previous: Mapping[str, Any] | None, seen: Observation, now: str
             "RollingOut",
             f"{updated} of {seen.desired_replicas} pods updated, {ready} ready",
         )
-    degraded = seen.sysctl_error is not None or seen.apply_error is not None
+    degraded = sysctl_error is not None or seen.apply_error is not None
     if all_ready and not degraded:
         put("Ready", True, "PodsReady", f"{ready} of {seen.desired_replicas} pods ready")
     else:
-        reason = "SysctlForbidden" if seen.sysctl_error else "PodsNotReady"
+        reason = "SysctlForbidden" if sysctl_error is not None else "PodsNotReady"
         put("Ready", False, reason, f"{ready} of {seen.desired_replicas} pods ready")
     return {
         "replicas": replicas,

@@ -13,6 +13,14 @@ added here and nothing more:
   Scale mapped onto `.spec.replicas` and `.status.replicas`/`.status.selector`;
 - the garbage collector: objects whose every owner reference points to a deleted owner are
   deleted (what makes "delete the MCPPool, nothing is orphaned" testable);
+- server-side apply (`PATCH` with `application/apply-patch+yaml`, `fieldManager` required):
+  creates a missing object; on an existing one the applied object *replaces* everything but the
+  server's metadata (uid, resourceVersion, generation, finalizers, ...) and `.status` — labels,
+  annotations, owner references and every other top-level field (spec, data, ...) become exactly
+  what was applied. That is the real server's behaviour for a sole, forcing field manager that
+  owns every field it sets (fields it stopped setting are removed); it does not model several
+  managers sharing an object. An apply that changes nothing keeps `resourceVersion` and sends no
+  watch event, as on a real server;
 - a `labelSelector` on lists (equality terms only);
 - a request log (`log`) that stays cheap for thousands of requests.
 
@@ -107,6 +115,13 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         del self._requests[:-1]
         if request.resource is not None and request.subresource == "scale":
             return await self._serve_scale(request)
+        if (
+            request.resource is not None
+            and request.method == enums.method.PATCH
+            and request.subresource is None
+            and request.headers.get("Content-Type", "").startswith("application/apply-patch")
+        ):
+            return await self._serve_apply(request)
         if request.resource is not None and isinstance(request.data, dict):
             if request.action == enums.action.CREATE:
                 self._on_create(request)
@@ -159,6 +174,64 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if selector and isinstance(result, dict):
             result["items"] = [o for o in result["items"] if _matches_selector(o, selector)]
         return result
+
+    # --- server-side apply ---------------------------------------------------------------------
+
+    async def _serve_apply(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        def status(code: int, reason: str, message: str) -> aiohttp.web.StreamResponse:
+            body = {"kind": "Status", "status": "Failure", "code": code, "reason": reason, "message": message}
+            return aiohttp.web.json_response(body, status=code)
+
+        applied = request.data
+        if not request.params.get("fieldManager"):
+            return status(400, "BadRequest", "PATCH with apply-patch requires fieldManager")
+        if not isinstance(applied, dict) or (applied.get("metadata") or {}).get("name") != request.name:
+            return status(400, "BadRequest", "the applied object's metadata.name must match the URL")
+        assert request.resource is not None
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            exists = key in self._objects and not self._objects[key].deleted
+            if not exists:
+                new = copy.deepcopy(applied)
+                new.pop("status", None)
+                meta = new.setdefault("metadata", {})
+                meta["namespace"] = request.namespace
+                meta.update(
+                    uid=str(uuid.uuid4()),
+                    creationTimestamp=_now(),
+                    resourceVersion=str(next(self._versions)),
+                    generation=1,
+                )
+                if key in self._objects:
+                    self._objects[key].create(new)
+                else:
+                    self._objects[key] = new
+                raw = self._objects[key].raw
+                await self._buses[request.resource].put({"type": "ADDED", "object": raw})
+            else:
+                obj = self._objects[key]
+                current = copy.deepcopy(obj.raw)
+                new = {k: copy.deepcopy(v) for k, v in applied.items() if k not in ("metadata", "status")}
+                meta = {
+                    k: v for k, v in current["metadata"].items() if k not in ("labels", "annotations", "ownerReferences")
+                }
+                for k in ("labels", "annotations", "ownerReferences"):
+                    if k in (applied.get("metadata") or {}):
+                        meta[k] = copy.deepcopy(applied["metadata"][k])
+                new["metadata"] = meta
+                if "status" in current:
+                    new["status"] = current["status"]
+                if new != current:
+                    if new.get("spec") != current.get("spec"):
+                        meta["generation"] = int(current["metadata"].get("generation", 1)) + 1
+                    meta["resourceVersion"] = str(next(self._versions))
+                    # kmock merges on patch(); an apply replaces: a new version of the object.
+                    obj.create(new)
+                    await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+                raw = obj.raw
+        if not exists and (raw.get("metadata") or {}).get("ownerReferences"):
+            await self._collect_garbage()  # created after its owner was deleted
+        return aiohttp.web.json_response(raw, status=200 if exists else 201)
 
     # --- scale subresource ---------------------------------------------------------------------
 

@@ -163,12 +163,28 @@ def test_director_sample_golden() -> None:
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
     assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "mcp-redis", "key": "password"}}} in container["env"]
     director_config = yaml.safe_load(builders.build_director_configmap(pool)["data"]["director.yaml"])
+    index = builders.director_index(pool)  # per-pool node resources (docs/affinity.md)
     assert director_config == {
         "vip": "198.18.0.10",
         "ports": [5124, 1080],
         "redis_url": "redis://mcp-redis.mcp.svc:6379/0",
         "pool": "mcp.steered",
+        "nft_table": f"mcpool_{index:03x}",
+        "device_prefix": f"mcp{index:03x}v",
+        "queue_num": director_config["queue_num"],
+        "mark_base": director_config["mark_base"],
+        "vxlan_vni_base": director_config["vxlan_vni_base"],
+        "route_table_base": director_config["route_table_base"],
+        "metrics_listen": director_config["metrics_listen"],
+        "vxlan_port": 4789,
+        "pod_mac": "02:6d:63:70:00:01",
+        "snapshot_grace_s": 10.0,
     }
+    # The director and the pods agree on the tunnel: same VIP, port and receive MAC.
+    pod_affinity = parse_config(yaml.safe_load(builders.build_configmap(pool)["data"]["config.yaml"])).affinity
+    assert (pod_affinity.vip, pod_affinity.vxlan_port, pod_affinity.pod_mac) == (
+        director_config["vip"], director_config["vxlan_port"], director_config["pod_mac"]
+    )
     proxy = parse_config(yaml.safe_load(builders.build_configmap(pool)["data"]["config.yaml"]))
     assert proxy.affinity.mechanism == "director" and proxy.affinity.backend == "redis"
     assert proxy.affinity.pool == "mcp.steered"

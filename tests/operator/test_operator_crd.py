@@ -108,6 +108,8 @@ def to_json_schema(node: Any) -> Any:
         out["additionalProperties"] = False
     if node.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
+    if node.get("x-kubernetes-list-type") == "set":
+        out["uniqueItems"] = True  # what the API server enforces for a set
     return out
 
 
@@ -171,7 +173,7 @@ def test_defaults_match_the_model() -> None:
     assert "redis" not in defaulted  # optional objects stay absent
 
 
-SCHEMA_REJECTS = {
+SCHEMA_REJECTS: dict[str, dict[str, Any]] = {
     "wrong type": {"replicas": "three"},
     "unknown field": {"replicass": 2},
     "unknown nested field": {"policy": {"allowedCPEs": ["198.18.0.0/15"]}},
@@ -186,9 +188,13 @@ SCHEMA_REJECTS = {
     "redis without url": {"redis": {}},
     "redis bad scheme": {"redis": {"url": "http://redis:6379"}},
     "list for map": {"nodeSelector": ["a"]},
+    "duplicate join addresses": {
+        "replicas": 2,
+        "affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1", "198.18.1.1"]},
+    },
 }
 
-CEL_REJECTS = {
+CEL_REJECTS: dict[str, dict[str, Any]] = {
     "join-address short of addresses": {
         "replicas": 3,
         "affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1", "198.18.1.2"]},
@@ -202,9 +208,11 @@ CEL_REJECTS = {
     "no listener": {"listeners": {"convert": {"enabled": False}}},
     "same ports": {"listeners": {"socks5": {"enabled": True, "port": 5124}}},
     "two LB addresses": {"service": {"addresses": ["198.18.0.1", "198.18.0.2"]}},
+    "redis url with password": {"redis": {"url": "redis://:s3cret@redis:6379/0"}},
+    "redis url with user and password": {"redis": {"url": "rediss://mcp:s3cret@redis:6380"}},
 }
 
-ACCEPTS = {
+ACCEPTS: dict[str, dict[str, Any]] = {
     "empty": {},
     "join-address exact": {"replicas": 2, "affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1", "198.18.1.2"]}},
     "director with vip": {"affinity": {"mechanism": "director"}, "redis": {"url": "redis://r:6379"}, "director": {"vip": "198.18.0.1"}},
@@ -244,6 +252,23 @@ def test_name_rule(name: str, ok: bool) -> None:
 def test_every_cel_rule_compiles() -> None:
     env = celpy.Environment()
     rules = [r["rule"] for _, node in walk(ROOT_SCHEMA) for r in node.get("x-kubernetes-validations") or []]
-    assert len(rules) == 8
+    assert len(rules) == 9
     for rule in rules:
         env.compile(rule)
+
+
+def test_join_addresses_are_a_set() -> None:
+    join = SPEC_SCHEMA["properties"]["affinity"]["properties"]["joinAddresses"]
+    assert join["x-kubernetes-list-type"] == "set"
+    # The model refuses the same duplicates, also when they differ only in spelling.
+    for addresses in (["198.18.1.1", "198.18.1.1"], ["2001:db8::1", "2001:DB8:0::1"]):
+        with pytest.raises(SpecError, match="must not repeat an address"):
+            parse_spec({"replicas": 2, "affinity": {"mechanism": "join-address", "joinAddresses": addresses}})
+
+
+def test_redis_url_with_credentials_points_at_the_secret() -> None:
+    failures = admit({"redis": {"url": "redis://:s3cret@redis:6379/0"}})
+    assert len(failures) == 1 and "passwordSecretRef" in failures[0] and "plain text" in failures[0]
+    with pytest.raises(SpecError, match="passwordSecretRef"):
+        parse_spec({"redis": {"url": "redis://:s3cret@redis:6379/0"}})
+    assert admit({"redis": {"url": "redis://redis:6379/0", "passwordSecretRef": {"name": "redis"}}}) == []

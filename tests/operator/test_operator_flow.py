@@ -2,13 +2,16 @@
 
 Each test drives the cluster the way a user or a controller would (HTTP to the emulator) and
 waits for the operator to converge: create, spec update (pods roll), child deleted or edited
-(restored), scale subresource, invalid spec (Degraded, no crash loop), SysctlForbidden pods,
-mechanism switch (pruning), delete (nothing orphaned) and operator restart (no duplicates).
+(restored), scale subresource, invalid spec (Degraded, no crash loop), SysctlForbidden pods
+(Degraded without flapping), fields dropped from the spec (removed from the children), an
+unchanged pool (no writes, no Events), `--director-image`, mechanism switch (pruning), delete
+(nothing orphaned) and operator restart (no duplicates).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from conftest import NAMESPACE, Cluster, OperatorRunner, condition_of, eventually
@@ -193,28 +196,60 @@ async def test_invalid_spec_is_degraded_without_crash_loop(cluster: Cluster, ope
     )
 
 
+def operator_requests(cluster: Cluster, start: int = 0) -> list[Any]:
+    return [r for r in cluster.emulator.log[start:] if r.headers.get("User-Agent", "").startswith("mcpool-operator/")]
+
+
+async def reconciled_since(cluster: Cluster, start: int, name: str) -> None:
+    """Wait for a reconcile that began after log entry `start` to reach its last step (reading the
+    pool's live status), then give a status write that would follow it the time to arrive."""
+    await eventually(
+        lambda: any(
+            r.method == "GET" and r.resource.plural == "mcppools" and r.name == name and r.subresource is None
+            for r in operator_requests(cluster, start)
+            if r.resource is not None
+        ),
+        what="a reconcile",
+    )
+    # A status PATCH follows that GET within milliseconds; none arriving in 0.5 s means none.
+    await asyncio.sleep(0.5)
+
+
+def status_writes(cluster: Cluster, start: int = 0) -> int:
+    return len([r for r in operator_requests(cluster, start) if r.method == "PATCH" and r.subresource == "status"])
+
+
+def warnings(cluster: Cluster, reason: str) -> int:
+    return len([e for e in cluster.children(EVENTS) if e.get("reason") == reason and e.get("type") == "Warning"])
+
+
 async def test_sysctl_forbidden_pods_surface_as_degraded(cluster: Cluster, operator_runner: OperatorRunner) -> None:
     await cluster.create_pool("edge", BASIC)
     sts = await eventually(lambda: cluster.child(STS, "edge"), what="StatefulSet")
     labels = sts["spec"]["template"]["metadata"]["labels"]
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "edge-0", "namespace": NAMESPACE, "labels": labels},
-        "spec": {"containers": [{"name": "proxy", "image": "x"}]},
-    }
-    await cluster.request("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", pod)
+    pods = f"/api/v1/namespaces/{NAMESPACE}/pods"
+
+    async def make_pod(revision: str, status: dict[str, Any]) -> None:
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "edge-0", "namespace": NAMESPACE, "labels": {**labels, "controller-revision-hash": revision}},
+            "spec": {"containers": [{"name": "proxy", "image": "x"}]},
+        }
+        await cluster.request("POST", pods, pod)
+        await cluster.patch(f"{pods}/edge-0/status", {"status": status})
+
     # What the kubelet writes when --allowed-unsafe-sysctls does not cover net.mptcp.*.
+    rejected = {
+        "phase": "Failed",
+        "reason": "SysctlForbidden",
+        "message": "Pod forbidden sysctl: \"net.mptcp.enabled\" not allowlisted",
+    }
+    # The StatefulSet controller's current revision.
     await cluster.patch(
-        f"/api/v1/namespaces/{NAMESPACE}/pods/edge-0/status",
-        {
-            "status": {
-                "phase": "Failed",
-                "reason": "SysctlForbidden",
-                "message": "Pod forbidden sysctl: \"net.mptcp.enabled\" not allowlisted",
-            }
-        },
+        f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets/edge/status", {"status": {"updateRevision": "edge-new"}}
     )
+    await make_pod("edge-new", rejected)
     pool = await eventually(
         lambda: (condition_of(cluster.pool("edge"), "Degraded") or {}).get("reason") == "SysctlForbidden"
         and cluster.pool("edge"),
@@ -223,11 +258,124 @@ async def test_sysctl_forbidden_pods_surface_as_degraded(cluster: Cluster, opera
     degraded = condition_of(pool, "Degraded")
     assert degraded is not None and degraded["status"] == "True"
     assert "--allowed-unsafe-sysctls" in degraded["message"] and "edge-0" in degraded["message"]
-    # The kubelet was fixed and the pod replaced: the condition clears.
-    await cluster.delete(f"/api/v1/namespaces/{NAMESPACE}/pods/edge-0")
+    await eventually(lambda: warnings(cluster, "SysctlForbidden") == 1, what="one Warning event")
+
+    # The StatefulSet controller deletes the rejected pod and creates it again, twice: between
+    # deletion and rejection no rejected pod exists, yet the failure must not flap.
+    for _ in range(2):
+        mark = len(cluster.emulator.log)
+        await cluster.delete(f"{pods}/edge-0")
+        await reconciled_since(cluster, mark, "edge")
+        await make_pod("edge-new", rejected)
+        await reconciled_since(cluster, mark, "edge")
+        assert status_writes(cluster, mark) == 0
+        assert condition_of(cluster.pool("edge"), "Degraded") == degraded
+    assert warnings(cluster, "SysctlForbidden") == 1
+
+    # A Ready pod of an older revision proves nothing about the current one.
+    await cluster.delete(f"{pods}/edge-0")
+    mark = len(cluster.emulator.log)
+    await make_pod("edge-old", {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]})
+    await reconciled_since(cluster, mark, "edge")
+    assert condition_of(cluster.pool("edge"), "Degraded") == degraded
+    # The kubelet was fixed: a pod of the current revision runs and is Ready; the condition clears.
+    await cluster.delete(f"{pods}/edge-0")
+    await make_pod("edge-new", {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]})
     await eventually(
         lambda: (condition_of(cluster.pool("edge"), "Degraded") or {}).get("status") == "False", what="Degraded cleared"
     )
+    assert warnings(cluster, "SysctlForbidden") == 1
+
+
+async def test_fields_removed_from_the_spec_leave_the_children(cluster: Cluster, operator_runner: OperatorRunner) -> None:
+    await cluster.create_pool(
+        "steer",
+        {
+            **DIRECTOR,
+            "nodeSelector": {"mcp.mptcp.dev/edge": "true"},
+            "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
+            "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}},
+            "service": {"addresses": ["198.18.0.10"], "annotations": {"lb.example/pool": "edge"}},
+            "opentelemetry": {"endpoint": "http://otel:4318"},
+        },
+    )
+    sts = await eventually(lambda: cluster.child(STS, "steer"), what="StatefulSet")
+    pod_spec = sts["spec"]["template"]["spec"]
+    assert pod_spec["nodeSelector"] == {"mcp.mptcp.dev/edge": "true"} and pod_spec["tolerations"]
+    (container,) = pod_spec["containers"]
+    assert container["securityContext"]["runAsUser"] == 0
+    assert container["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in {e["name"] for e in container["env"]}
+    assert "REDIS_PASSWORD" in {e["name"] for e in container["env"]}
+    assert cluster.child(SVC, "steer")["metadata"]["annotations"] == {"lb.example/pool": "edge"}  # type: ignore[index]
+
+    # Drop every optional field and switch the director off (a merge patch's null deletes).
+    await cluster.patch(
+        cluster.pool_path("steer"),
+        {
+            "spec": {
+                "affinity": {"mechanism": "none"},
+                "redis": None,
+                "nodeSelector": None,
+                "tolerations": None,
+                "resources": None,
+                "service": {"annotations": None},
+                "opentelemetry": None,
+            }
+        },
+    )
+    await eventually(lambda: "nodeSelector" not in cluster.child(STS, "steer")["spec"]["template"]["spec"], what="nodeSelector gone")  # type: ignore[index]
+    await eventually(lambda: names(cluster, DS) == set(), what="director pruned")
+    pod_spec = cluster.child(STS, "steer")["spec"]["template"]["spec"]  # type: ignore[index]
+    assert "tolerations" not in pod_spec
+    (container,) = pod_spec["containers"]
+    assert not container.get("resources")
+    security = container["securityContext"]
+    assert "runAsUser" not in security or security["runAsUser"] != 0
+    assert "add" not in security["capabilities"]
+    env = {e["name"] for e in container["env"]}
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env and "REDIS_PASSWORD" not in env
+    assert not (cluster.child(SVC, "steer")["metadata"].get("annotations"))  # type: ignore[index]
+    updated = [e for e in cluster.children(EVENTS) if e.get("reason") == "Updated"]
+    assert any("StatefulSet steer" in e.get("message", "") for e in updated)
+
+
+async def test_unchanged_pool_is_left_alone(cluster: Cluster, operator_runner: OperatorRunner) -> None:
+    await cluster.create_pool("steer", DIRECTOR)
+    await wait_ready_pool(cluster, "steer")
+    kinds = (STS, DS, SVC, CM, SA, PDB)
+
+    def versions() -> dict[str, str]:
+        return {
+            f"{res}/{c['metadata']['name']}": c["metadata"]["resourceVersion"] for res in kinds for c in cluster.children(res)
+        }
+
+    # Reconciles of an unchanged pool: a StatefulSet status change and an operator restart.
+    await cluster.set_statefulset_ready("steer", 2)
+    await eventually(lambda: (condition_of(cluster.pool("steer"), "Ready") or {}).get("status") == "True", what="Ready")
+    before = versions()
+    mark = len(cluster.emulator.log)
+    await operator_runner.stop()
+    await operator_runner.start()
+    await reconciled_since(cluster, mark, "steer")
+    applies = [r for r in operator_requests(cluster, mark) if r.headers.get("Content-Type", "").startswith("application/apply")]
+    # Everything was applied again (the resume reconcile, and more) ...
+    applied = {f"{r.resource.group + '/' if r.resource.group else ''}{r.resource.version}/{r.resource.plural}/{r.name}" for r in applies}
+    assert applied == set(before)
+    assert versions() == before  # ... and nothing changed
+    assert status_writes(cluster, mark) == 0
+    assert not [e for e in cluster.children(EVENTS) if e.get("reason") == "Updated"]
+
+
+async def test_director_image_flag_overrides_the_spec(cluster: Cluster, operator_runner: OperatorRunner) -> None:
+    await operator_runner.stop()
+    operator_runner.options = dataclasses.replace(operator_runner.options, director_image="registry.example/mcpool:pinned")
+    await operator_runner.start()
+    await cluster.create_pool("steer", {**DIRECTOR, "image": "attacker.example/anything:latest"})
+    ds = await eventually(lambda: cluster.child(DS, "steer-director"), what="director DaemonSet")
+    assert [c["image"] for c in ds["spec"]["template"]["spec"]["containers"]] == ["registry.example/mcpool:pinned"]
+    sts = await eventually(lambda: cluster.child(STS, "steer"), what="StatefulSet")
+    assert [c["image"] for c in sts["spec"]["template"]["spec"]["containers"]] == ["attacker.example/anything:latest"]
 
 
 async def test_mechanism_switch_prunes_children(cluster: Cluster, operator_runner: OperatorRunner) -> None:

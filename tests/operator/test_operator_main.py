@@ -56,6 +56,9 @@ async def test_reconcile_emits_a_span_for_an_invalid_spec() -> None:
     written: list[tuple[object, ...]] = []
 
     class FakeStatusClient(KubeClient):
+        async def get(self, ref, subresource=None):  # type: ignore[no-untyped-def]
+            return body  # the live pool, no status yet
+
         async def patch(self, ref, patch, subresource=None):  # type: ignore[no-untyped-def]
             written.append((ref, patch, subresource))
             return {}
