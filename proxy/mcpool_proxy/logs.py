@@ -21,6 +21,11 @@ __all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "log_connectio
 
 CONNECTION_CLOSED = "connection closed"
 
+# What json.dumps(entry, default=str, separators=(",", ":")) would build on every call; one
+# encoder serves every line (it keeps no state between calls). default=str: an address object or
+# enum in a field must not lose the whole line.
+_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts (Unix seconds), level, logger, msg, then the record's fields."""
@@ -37,8 +42,7 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        # default=str: an address object or enum in a field must not lose the whole line.
-        return json.dumps(entry, default=str, separators=(",", ":"))
+        return _ENCODER.encode(entry)
 
 
 class TextFormatter(logging.Formatter):

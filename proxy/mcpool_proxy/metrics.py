@@ -17,7 +17,7 @@ read at scrape time too (`add_subflow_watch`, `add_tracing`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -194,7 +194,19 @@ class ProxyMetrics:
         )
         self.closed_bytes_up = 0
         self.closed_bytes_down = 0
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         r.register(_LiveCollector(live, lambda: (self.closed_bytes_up, self.closed_bytes_down)))
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set: `.labels()` takes a lock and
+        builds its key on every call, which showed in the per-connection profile. Like
+        `.labels()`, the series appears in the exposition on first use only."""
+        key = (metric, labels)
+        try:
+            return self._children[key]
+        except KeyError:
+            child = self._children[key] = metric.labels(*labels)
+            return child
 
     def add_subflow_watch(self, watcher: SubflowWatcher, join_refusals: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_SubflowCollector(watcher, join_refusals))

@@ -20,6 +20,7 @@ This module must not open sockets or wait on anything: the server calls it inlin
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import logging
@@ -35,6 +36,7 @@ __all__ = [
     "Policy",
     "Refusal",
     "local_addresses",
+    "address_text",
     "normalize_address",
 ]
 
@@ -67,9 +69,11 @@ def normalize_address(addr: str | IPAddress) -> IPAddress:
     Accepts a scope suffix ("fe80::1%eth0"), which is dropped: scopes do not change policy.
     """
     if isinstance(addr, str):
-        parsed: IPAddress = ipaddress.ip_address(addr.split("%", 1)[0])
-    else:
-        parsed = addr
+        return _normalize_text(addr)
+    return _normalize_parsed(addr)
+
+
+def _normalize_parsed(parsed: IPAddress) -> IPAddress:
     if isinstance(parsed, ipaddress.IPv6Address):
         if parsed.scope_id is not None:
             parsed = ipaddress.IPv6Address(str(parsed).split("%", 1)[0])
@@ -77,6 +81,24 @@ def normalize_address(addr: str | IPAddress) -> IPAddress:
         if mapped is not None:
             return mapped
     return parsed
+
+
+# The same few client and destination addresses come back on every connection, and parsing one
+# with ipaddress costs more than the rest of a policy check; address objects are immutable, so a
+# bounded cache of the parse is safe (invalid input raises every time: exceptions are not cached).
+_ADDRESS_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=_ADDRESS_CACHE_SIZE)
+def _normalize_text(addr: str) -> IPAddress:
+    return _normalize_parsed(ipaddress.ip_address(addr.split("%", 1)[0]))
+
+
+@functools.lru_cache(maxsize=_ADDRESS_CACHE_SIZE)
+def address_text(addr: str) -> str:
+    """`str(normalize_address(addr))`, cached: the canonical text of an address (raises ValueError
+    if it is not one)."""
+    return str(_normalize_text(addr))
 
 
 # IPv6 prefixes that carry an IPv4 address a gateway may connect to: NAT64 (RFC 6052 well-known
@@ -151,13 +173,26 @@ class Policy:
         self._users: dict[str, str] = {u.username: u.password for u in config.socks5_users}
         self._per_client: dict[IPAddress, int] = {}
         self.active = 0
+        # check_client's answers by address: the configuration is frozen, so an answer never
+        # changes; bounded by clearing, since every client address may be new.
+        self._client_verdicts: dict[IPAddress, Refusal | None] = {}
+        self._destination_verdicts: dict[IPAddress, Refusal | None] = {}
 
     # -- who ---------------------------------------------------------------------------------
     def check_client(self, addr: str | IPAddress) -> Refusal | None:
         client = normalize_address(addr)
+        verdicts = self._client_verdicts
+        try:
+            return verdicts[client]
+        except KeyError:
+            pass
+        verdict = None
         if _contains(self._allowed_cpes, client) is None:
-            return Refusal(CLIENT_NOT_ALLOWED, f"client {client} is not in policy.allowed_cpes")
-        return None
+            verdict = Refusal(CLIENT_NOT_ALLOWED, f"client {client} is not in policy.allowed_cpes")
+        if len(verdicts) >= _ADDRESS_CACHE_SIZE:
+            verdicts.clear()
+        verdicts[client] = verdict
+        return verdict
 
     @property
     def cookies_required(self) -> bool:
@@ -186,13 +221,27 @@ class Policy:
     # -- where -------------------------------------------------------------------------------
     def check_destination(self, addr: str | IPAddress, port: int) -> Refusal | None:
         dest = normalize_address(addr)
+        verdicts = self._destination_verdicts
+        try:
+            refusal = verdicts[dest]
+        except KeyError:
+            refusal = self._judge_destination(dest)
+            if len(verdicts) >= _ADDRESS_CACHE_SIZE:
+                verdicts.clear()
+            verdicts[dest] = refusal
+        if refusal is not None:
+            return refusal
+        if self._allowed_ports and port not in self._allowed_ports:
+            return Refusal(PORT_NOT_ALLOWED, f"destination port {port} is not in policy.allowed_ports")
+        return None
+
+    def _judge_destination(self, dest: IPAddress) -> Refusal | None:
+        """The address part of `check_destination` (cached per address: the config is frozen)."""
         for candidate in (dest, *embedded_ipv4(dest)):
             net = _contains(self._denied, candidate)
             if net is not None:
                 via = "" if candidate == dest else f" (it embeds {candidate})"
                 return Refusal(DESTINATION_DENIED, f"destination {dest}{via} is in refused range {net}")
-        if self._allowed_ports and port not in self._allowed_ports:
-            return Refusal(PORT_NOT_ALLOWED, f"destination port {port} is not in policy.allowed_ports")
         return None
 
     # -- how many ----------------------------------------------------------------------------

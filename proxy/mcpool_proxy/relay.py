@@ -210,8 +210,10 @@ class Relay:
         self.mode = mode
         self.idle_timeout_s = idle_timeout_s
         self.pools = pools
-        client.setblocking(False)
-        server.setblocking(False)
+        # The server hands over non-blocking sockets already: skip the syscall then.
+        for sock in (client, server):
+            if sock.gettimeout() != 0.0:
+                sock.setblocking(False)
         splice = mode == "splice"
         self._up = _Direction("up", client, server, "client", "server", splice)
         self._down = _Direction("down", server, client, "server", "client", splice)
@@ -245,8 +247,13 @@ class Relay:
 
     def start(self) -> None:
         self._idle_handle = self.loop.call_later(self.idle_timeout_s, self._check_idle)
-        for d in (self._up, self._down):
-            self._pump(d)
+        # The client may have sent bytes behind its handshake (or the handshake left some in
+        # initial_up): move them now. The server has usually sent nothing yet (it has only just
+        # accepted), so its direction waits for readiness (level-triggered: bytes already there
+        # are reported at once) instead of a read that would mostly find nothing.
+        self._pump(self._up)
+        if self.reason is None and not self._down.done:
+            self._want_reading(self._down)
 
     async def wait(self) -> CloseReason:
         return await asyncio.shield(self.done)
@@ -403,13 +410,16 @@ class Relay:
         self._stop_reading(d)
         self._stop_writing(d)
         self._release_idle(d)
+        if self._up.done and self._down.done:
+            # Both sides have ended: the close that follows sends dst its FIN (or the RST that
+            # unread data calls for) exactly as shutdown-then-close would, one syscall fewer.
+            self._finish(CloseReason(f"{self._first_eof or 'client'}_closed"))
+            return
         try:
             d.dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
             if exc.errno != errno.ENOTCONN:
                 raise _SideError(d.dst_side, exc) from None
-        if self._up.done and self._down.done:
-            self._finish(CloseReason(f"{self._first_eof or 'client'}_closed"))
 
     # -- the end -------------------------------------------------------------------------------
     def _finish(self, reason: CloseReason) -> None:

@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import contextvars
 import errno
+import functools
 import ipaddress
 import logging
 import resource
@@ -81,10 +82,19 @@ from .mptcp import (
     create_socket,
     enable_fastopen_listener,
     get_mptcp_info,
+    get_mptcp_token,
     read_sysctl,
     write_sysctl,
 )
-from .policy import IPAddress, Policy, Refusal, format_endpoint, local_addresses, normalize_address
+from .policy import (
+    IPAddress,
+    Policy,
+    Refusal,
+    address_text,
+    format_endpoint,
+    local_addresses,
+    normalize_address,
+)
 from .relay import CloseReason, Relay, RelayPools, resolve_mode
 from .socks5 import (
     Method,
@@ -255,8 +265,12 @@ def _convert_length(prefix: bytes) -> int:
 
 
 def _client_of(peer: Any) -> tuple[str, int]:
-    host = str(normalize_address(str(peer[0])))
-    return host, int(peer[1])
+    return address_text(str(peer[0])), int(peer[1])
+
+
+# str() of an ipaddress object is slow (it formats from the integer each time) and the same
+# destinations recur; address objects are immutable, so their text is cached.
+_address_str: Callable[[IPAddress], str] = functools.lru_cache(maxsize=4096)(str)
 
 
 # -- the proxy --------------------------------------------------------------------------------------
@@ -512,7 +526,7 @@ class Proxy:
             if self._draining:
                 # Draining: a new connection is reset at once, so the client retries another
                 # pod instead of waiting on one that is going away.
-                self.metrics.handshake_errors.labels(protocol, "draining").inc()
+                self.metrics.child(self.metrics.handshake_errors, protocol, "draining").inc()
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
@@ -526,7 +540,7 @@ class Proxy:
             self._loop.add_reader(listener.fileno(), self._on_acceptable, listener, protocol)
 
     async def _handle(self, sock: socket.socket, peer: Any, protocol: str) -> None:
-        self.metrics.accepted.labels(protocol).inc()
+        self.metrics.child(self.metrics.accepted, protocol).inc()
         self.metrics.handshaking.inc()
         handed_over = False
         try:
@@ -613,7 +627,7 @@ class Proxy:
 
     def _handshake_error(self, protocol: str, error: str) -> None:
         """Count a handshake that ended without a relay, and remember why for its span."""
-        self.metrics.handshake_errors.labels(protocol, error).inc()
+        self.metrics.child(self.metrics.handshake_errors, protocol, error).inc()
         _attempt.get().error = error
 
     def _finish_unrelayed(self, sock: socket.socket, attempt: _Attempt, client: tuple[str, int],
@@ -636,9 +650,25 @@ class Proxy:
         self, sock: socket.socket, length_of: Callable[[bytes], int], deadline: float
     ) -> bytes:
         """Read exactly one message whose length `length_of` reveals as its prefix arrives."""
-        loop = asyncio.get_running_loop()
         buf = b""
         limit = self.config.policy.max_handshake_bytes
+        # The message is usually in the socket already (it came with or right after the SYN):
+        # read what is there without a timeout context and an awaited recv, which cost more than
+        # the reads themselves; only a message still on its way takes the awaiting path.
+        while True:
+            need = length_of(buf)
+            if need > limit:
+                raise _Oversize(f"handshake message of {need} bytes exceeds policy.max_handshake_bytes ({limit})")
+            if len(buf) >= need:
+                return buf
+            try:
+                chunk = sock.recv(need - len(buf))
+            except (BlockingIOError, InterruptedError):
+                break
+            if not chunk:
+                raise _ClientGone(f"client closed after {len(buf)} handshake bytes")
+            buf += chunk
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout_at(deadline):
             while True:
                 need = length_of(buf)
@@ -686,7 +716,7 @@ class Proxy:
         error = code.name.lower()
         self._handshake_error("convert", error)
         if refusal is not None:
-            self.metrics.policy_refusals.labels(refusal.reason).inc()
+            self.metrics.child(self.metrics.policy_refusals, refusal.reason).inc()
         self._log_refusal("convert", client, error, detail, code=int(code), **fields)
         attempt = _attempt.get()
         attempt.answered = True
@@ -739,7 +769,7 @@ class Proxy:
         self, sock: socket.socket, client: tuple[str, int], connect: ConnectTLV, wants_info: bool
     ) -> bool:
         loop = asyncio.get_running_loop()
-        dest = (str(connect.address), connect.port)
+        dest = (_address_str(connect.address), connect.port)
         dest_text = format_endpoint(*dest)
         attempt = _attempt.get()
         attempt.destination = dest
@@ -799,7 +829,7 @@ class Proxy:
                 dest[0], dest[1], self.config.upstream.protocol, self.config.upstream.connect_timeout_s
             )
         except UpstreamError as exc:
-            self.metrics.upstream_errors.labels(exc.reason).inc()
+            self.metrics.child(self.metrics.upstream_errors, exc.reason).inc()
             trace.end_upstream(exc.reason)
             raise
         self.metrics.upstream_latency.observe(time.monotonic() - started)
@@ -819,7 +849,7 @@ class Proxy:
     ) -> None:
         self._handshake_error("socks5", error)
         if refusal is not None:
-            self.metrics.policy_refusals.labels(refusal.reason).inc()
+            self.metrics.child(self.metrics.policy_refusals, refusal.reason).inc()
         self._log_refusal("socks5", client, error, detail, **fields)
         if answer is not None:
             attempt = _attempt.get()
@@ -997,16 +1027,16 @@ class Proxy:
             pools=self.pools,
         )
         conn = Connection(self.table.next_id(), mode, client, dest, relay, requested=requested)
-        info = get_mptcp_info(client_sock)
-        conn.token = None if info is None or info.fallback else info.token_hex
-        conn.mptcp = conn.token is not None
+        token = get_mptcp_token(client_sock)
+        conn.token = None if token is None else f"{token:08x}"
+        conn.mptcp = token is not None
         conn.trace = _attempt.get().trace
-        if info is not None and conn.mptcp:
+        if token is not None:
             first = initial_subflow(client_sock)
-            self.subflows.attach(info.token, conn.trace, sock=client_sock, initial=[first] if first else [])
+            self.subflows.attach(token, conn.trace, sock=client_sock, initial=[first] if first else [])
         self.table.add(conn)
         self._empty.clear()
-        self.metrics.relays.labels(self.relay_mode).inc()
+        self.metrics.child(self.metrics.relays, self.relay_mode).inc()
         for observer in self.observers:
             try:
                 observer.opened(conn)
@@ -1019,7 +1049,7 @@ class Proxy:
         reason = conn.relay.reason or CloseReason.ERROR
         self.table.remove(conn)
         self.policy.release(conn.client[0])
-        self.metrics.closed.labels(str(reason)).inc()
+        self.metrics.child(self.metrics.closed, str(reason)).inc()
         self.metrics.closed_bytes_up += conn.relay.bytes_up
         self.metrics.closed_bytes_down += conn.relay.bytes_down
         if len(self.table) == 0:

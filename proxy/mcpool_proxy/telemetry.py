@@ -692,7 +692,8 @@ class SubflowWatcher:
         if token is None:
             return
         kind = event.kind
-        now = time.time_ns()
+        # Most events are about connections not tracked here (the proxy's own upstream side,
+        # closes of untracked tokens): they return before anything is allocated.
         if kind == "created" or kind == "established":
             # Server-side connections accepted on our listeners only: the proxy's own upstream
             # MPTCP connections (client side) are not the subject of these metrics.
@@ -705,17 +706,21 @@ class SubflowWatcher:
                 state = self.states[token] = SubflowState(token)
             local, remote = _event_endpoints(event)
             if local is not None and remote is not None:
-                self._add(state, local, remote, join=False, when_ns=now)
+                self._add(state, local, remote, join=False, when_ns=time.time_ns())
         elif kind == "sub_established":
             state = self.states.get(token)
+            if state is None:
+                return
             local, remote = _event_endpoints(event)
-            if state is not None and local is not None and remote is not None:
-                self._add(state, local, remote, join=True, when_ns=now)
+            if local is not None and remote is not None:
+                self._add(state, local, remote, join=True, when_ns=time.time_ns())
         elif kind == "sub_closed":
             state = self.states.get(token)
+            if state is None:
+                return
             local, remote = _event_endpoints(event)
-            if state is not None and local is not None and remote is not None:
-                self._remove(state, local, remote, now)
+            if local is not None and remote is not None:
+                self._remove(state, local, remote, time.time_ns())
         elif kind == "closed":
             self._forget(token)
 
