@@ -11,6 +11,7 @@ import concurrent.futures
 import hashlib
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -164,7 +165,14 @@ class Cluster:
         director = self.lab.director
         if director is not None and director.poll() is None:
             director.terminate()
-            director.wait(10)
+            try:
+                director.wait(15)
+            except subprocess.TimeoutExpired:
+                # A stuck director must not take the following tests down with it (it would keep
+                # its queue number): kill it, then fail this test's teardown loudly.
+                director.kill()
+                director.wait(10)
+                raise
         if self.lab.redis is None or self.lab.redis.poll() is not None:
             self.lab.start_redis()
         self.lab.redis_cli("flushall")

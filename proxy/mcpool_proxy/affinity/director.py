@@ -208,6 +208,10 @@ def _parse_token(text: str) -> int | None:
         return None
 
 
+# How long a stopping director waits for its own tasks (Redis feed, plumbing) to finish.
+_STOP_TIMEOUT_S = 3.0
+
+
 class Director:
     """Runs the queue consumer, the Redis feed and the kernel plumbing in one asyncio loop."""
 
@@ -341,8 +345,8 @@ class Director:
                     with contextlib.suppress(*REDIS_ERRORS):
                         await asyncio.wait_for(pubsub.aclose(), self.config.redis_timeout_s)  # type: ignore[no-untyped-call]
         finally:
-            with contextlib.suppress(*REDIS_ERRORS):
-                await redis.aclose()
+            with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
+                await asyncio.wait_for(redis.aclose(), self.config.redis_timeout_s)
 
     def _apply(self, data: str) -> None:
         # One bad event (a bug, a foreign publisher, a hand-typed PUBLISH) costs itself only: the
@@ -512,9 +516,10 @@ class Director:
             self._loop.remove_reader(fd)
             for task in list(self._tasks):
                 task.cancel()
-            for task in list(self._tasks):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            # Bounded: a stop must never hang on a half-dead Redis connection (the pod's
+            # terminationGracePeriod, or the next director waiting for this queue number).
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=_STOP_TIMEOUT_S)
             queue.unbind()
 
     def _drain_queue(self) -> None:
