@@ -47,6 +47,7 @@ from mcpool_proxy.mptcp import (
     fastopen_used,
     get_mptcp_info,
     get_subflows,
+    wait_writable,
 )
 
 __all__ = [
@@ -237,20 +238,6 @@ def convert_connect(
 # --- asyncio client ------------------------------------------------------------------------------
 
 
-async def _wait_writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def on_writable() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(sock.fileno(), on_writable)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(sock.fileno())
-
-
 async def open_convert_connection(
     converter: tuple[str, int],
     destination: tuple[str, int],
@@ -280,7 +267,7 @@ async def open_convert_connection(
             family, address = int(infos[0][0]), infos[0][4]
             sock = _open_socket(family, mptcp=mptcp, source=source)
             sent = _start_connect(sock, address, payload, fastopen)  # type: ignore[arg-type]
-            await _wait_writable(loop, sock)
+            await wait_writable(sock)  # bounded by the asyncio.timeout around it
             _check_connected(sock, converter)
             if sent < len(payload):
                 await loop.sock_sendall(sock, payload[sent:])

@@ -11,6 +11,7 @@ from any thread and never raises for "the kernel cannot tell us" (it returns Non
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import functools
@@ -206,6 +207,32 @@ def create_socket(family: int, *, mptcp: bool = True, blocking: bool = True) -> 
                 raise
             _warn_fallback_once(exc)
     return socket.socket(family, kind, socket.IPPROTO_TCP), False
+
+
+async def wait_writable(sock: socket.socket, timeout_s: float | None = None) -> bool:
+    """Wait until a non-blocking `connect_ex` on `sock` has finished; False if `timeout_s` passed.
+
+    The asyncio way (`loop.sock_connect`) cannot open an outgoing MPTCP socket: glibc's
+    getaddrinfo rejects protocol 262. A bare future and one timer rather than asyncio.wait_for,
+    whose extra future showed in the proxy's per-connection profile; cancelling the caller
+    cancels the wait. The caller reads SO_ERROR for the outcome.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bool] = loop.create_future()
+    fd = sock.fileno()
+
+    def finish(connected: bool) -> None:
+        if not done.done():
+            done.set_result(connected)
+
+    loop.add_writer(fd, finish, True)
+    timer = loop.call_later(timeout_s, finish, False) if timeout_s is not None else None
+    try:
+        return await done
+    finally:
+        if timer is not None:
+            timer.cancel()
+        loop.remove_writer(fd)
 
 
 def is_mptcp_socket(sock: socket.socket) -> bool:

@@ -868,14 +868,17 @@ class Proxy:
         stage = "greeting"
         try:
             methods = parse_greeting(await self._read_message(sock, greeting_length, deadline))
-            if self.policy.socks5_auth_required:
-                if Method.USERNAME_PASSWORD not in methods:
-                    await self._socks5_refuse(
-                        sock, client, encode_method_selection(Method.NO_ACCEPTABLE), "no_acceptable_method",
-                        "client does not offer username/password authentication",
-                    )
-                    return False
-                await loop.sock_sendall(sock, encode_method_selection(Method.USERNAME_PASSWORD))
+            auth = self.policy.socks5_auth_required
+            method = Method.USERNAME_PASSWORD if auth else Method.NO_AUTH
+            if method not in methods:
+                wanted = "username/password authentication" if auth else "the no-authentication method"
+                await self._socks5_refuse(
+                    sock, client, encode_method_selection(Method.NO_ACCEPTABLE), "no_acceptable_method",
+                    f"client does not offer {wanted}",
+                )
+                return False
+            await loop.sock_sendall(sock, encode_method_selection(method))
+            if auth:
                 stage = "authentication"
                 username, password = parse_userpass(await self._read_message(sock, userpass_length, deadline))
                 refusal = self.policy.check_socks5_credentials(username, password)
@@ -885,14 +888,6 @@ class Proxy:
                     )
                     return False
                 await loop.sock_sendall(sock, encode_userpass_status(True))
-            else:
-                if Method.NO_AUTH not in methods:
-                    await self._socks5_refuse(
-                        sock, client, encode_method_selection(Method.NO_ACCEPTABLE), "no_acceptable_method",
-                        "client does not offer the no-authentication method",
-                    )
-                    return False
-                await loop.sock_sendall(sock, encode_method_selection(Method.NO_AUTH))
             stage = "request"
             request = parse_request(await self._read_message(sock, request_length, deadline))
         except Socks5Error as exc:

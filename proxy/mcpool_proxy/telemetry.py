@@ -51,6 +51,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .mptcp import get_mptcp_info, get_subflows
+from .policy import address_text
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -97,10 +98,6 @@ def network_type(address: str) -> str:
     if ":" not in address or (address.lower().startswith("::ffff:") and "." in address):
         return "ipv4"
     return "ipv6"
-
-
-def _endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # -- export accounting ------------------------------------------------------------------------------
@@ -707,19 +704,16 @@ class SubflowWatcher:
             local, remote = _event_endpoints(event)
             if local is not None and remote is not None:
                 self._add(state, local, remote, join=False, when_ns=time.time_ns())
-        elif kind == "sub_established":
+        elif kind == "sub_established" or kind == "sub_closed":
             state = self.states.get(token)
             if state is None:
                 return
             local, remote = _event_endpoints(event)
-            if local is not None and remote is not None:
+            if local is None or remote is None:
+                return
+            if kind == "sub_established":
                 self._add(state, local, remote, join=True, when_ns=time.time_ns())
-        elif kind == "sub_closed":
-            state = self.states.get(token)
-            if state is None:
-                return
-            local, remote = _event_endpoints(event)
-            if local is not None and remote is not None:
+            else:
                 self._remove(state, local, remote, time.time_ns())
         elif kind == "closed":
             self._forget(token)
@@ -785,10 +779,8 @@ class SubflowWatcher:
 
 
 def _unmap(endpoint: tuple[str, int]) -> tuple[str, int]:
-    host, port = endpoint
-    if host.lower().startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host, port
+    """The endpoint as events spell it (IPv4-mapped shown as IPv4): the policy's canonical text."""
+    return address_text(endpoint[0]), endpoint[1]
 
 
 def _event_endpoints(event: MptcpEvent) -> tuple[tuple[str, int] | None, tuple[str, int] | None]:

@@ -26,13 +26,12 @@ Failure.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import socket
 from dataclasses import dataclass
 
 from .convert import ErrorCode
-from .mptcp import create_socket
+from .mptcp import create_socket, wait_writable
 from .policy import IPAddress, address_text, format_endpoint, normalize_address
 from .socks5 import Reply
 
@@ -108,29 +107,7 @@ async def connect_upstream(
         set_nodelay(sock)
         err = sock.connect_ex(target)
         if err in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN):
-            loop = asyncio.get_running_loop()
-            # True: writable; False: timed out. A bare future and one timer instead of
-            # asyncio.wait_for, whose extra future and callbacks showed in the per-connection
-            # profile; cancellation of the caller still cancels the wait.
-            writable: asyncio.Future[bool] = loop.create_future()
-            fd = sock.fileno()
-
-            def on_writable() -> None:
-                if not writable.done():
-                    writable.set_result(True)
-
-            def on_timeout() -> None:
-                if not writable.done():
-                    writable.set_result(False)
-
-            loop.add_writer(fd, on_writable)
-            timer = loop.call_later(timeout_s, on_timeout)
-            try:
-                connected = await writable
-            finally:
-                timer.cancel()
-                loop.remove_writer(fd)
-            if not connected:
+            if not await wait_writable(sock, timeout_s):
                 raise classify_errno(
                     None, f"connect to {format_endpoint(*target)} timed out after {timeout_s:g}s"
                 )
