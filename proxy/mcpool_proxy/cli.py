@@ -11,10 +11,10 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "proxy": ("mcpool_proxy.server", "run the MPTCP concentrator proxy (--config FILE)"),
-    "convert-client": ("mcpool_proxy.client", "open a connection through an RFC 8803 converter"),
-    "lab": ("mcpool_proxy.lab", "build or remove the network-namespace lab topology"),
-    "demo": ("mcpool_proxy.demo", "bond two links through the proxy and cut one mid-transfer"),
-    "director": ("mcpool_proxy.affinity.director", "steer SYNs to the pod owning each connection (--config FILE)"),
+    "convert-client": ("mcpool_proxy.cpe.convert_client", "open a connection through an RFC 8803 converter"),
+    "lab": ("mcpool_tools.lab", "build or remove the network-namespace lab topology"),
+    "demo": ("mcpool_tools.demo", "bond two links through the proxy and cut one mid-transfer"),
+    "director": ("mcpool_proxy.cluster.director", "steer SYNs to the pod owning each connection (--config FILE)"),
     "operator": ("mcpool_operator.main", "run the kopf operator for MCPPool resources"),
     "check-config": ("mcpool_proxy.checkconfig", "validate a proxy configuration file"),
 }

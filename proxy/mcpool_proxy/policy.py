@@ -27,8 +27,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .codec.convert import pad32
 from .config import DEFAULT_DENIED_DESTINATIONS, PolicyConfig
-from .convert import pad32
 
 __all__ = [
     "IPAddress",

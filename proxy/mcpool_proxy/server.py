@@ -54,12 +54,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .admin import AdminServer
-from .affinity.mptcp_events import MptcpEventListener
-from .affinity.podside import PodAffinity
-from .config import ConfigError, KernelConfig, ProxyConfig, load_config, split_hostport
-from .connections import Connection, ConnectionObserver, ConnectionTable, Mode
-from .convert import (
+from .cluster.podside import PodAffinity
+from .codec.convert import (
     HEADER_BYTES,
     ConnectTLV,
     ConvertError,
@@ -74,29 +70,7 @@ from .convert import (
     message_length,
     validate_client_request,
 )
-from .logs import configure_logging, log_connection_closed
-from .metrics import ProxyMetrics
-from .mptcp import (
-    SYSCTL_MPTCP_CHECKSUM,
-    SYSCTL_TCP_FASTOPEN,
-    create_socket,
-    enable_fastopen_listener,
-    get_mptcp_info,
-    get_mptcp_token,
-    read_sysctl,
-    write_sysctl,
-)
-from .policy import (
-    IPAddress,
-    Policy,
-    Refusal,
-    address_text,
-    format_endpoint,
-    local_addresses,
-    normalize_address,
-)
-from .relay import CloseReason, Relay, RelayPools, resolve_mode
-from .socks5 import (
+from .codec.socks5 import (
     Method,
     Reply,
     Socks5Error,
@@ -110,7 +84,23 @@ from .socks5 import (
     request_length,
     userpass_length,
 )
-from .telemetry import (
+from .config import ConfigError, KernelConfig, ProxyConfig, load_config, split_hostport
+from .connections import Connection, ConnectionObserver, ConnectionTable, Mode
+from .kernel.mptcp import (
+    SYSCTL_MPTCP_CHECKSUM,
+    SYSCTL_TCP_FASTOPEN,
+    create_socket,
+    enable_fastopen_listener,
+    get_mptcp_info,
+    get_mptcp_token,
+    read_sysctl,
+    write_sysctl,
+)
+from .kernel.mptcp_events import MptcpEventListener
+from .observe.admin import AdminServer
+from .observe.logs import configure_logging, log_connection_closed
+from .observe.metrics import ProxyMetrics
+from .observe.telemetry import (
     NOOP_TRACE,
     ConnectionTrace,
     SubflowWatcher,
@@ -119,6 +109,16 @@ from .telemetry import (
     initial_subflow,
     join_refusals,
 )
+from .policy import (
+    IPAddress,
+    Policy,
+    Refusal,
+    address_text,
+    format_endpoint,
+    local_addresses,
+    normalize_address,
+)
+from .relay import CloseReason, Relay, RelayPools, resolve_mode
 from .upstream import UpstreamError, connect_upstream, set_nodelay
 
 __all__ = ["Proxy", "apply_kernel_settings", "configure_logging", "main"]

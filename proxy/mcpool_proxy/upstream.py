@@ -30,10 +30,10 @@ import errno
 import socket
 from dataclasses import dataclass
 
-from .convert import ErrorCode
-from .mptcp import create_socket, wait_writable
+from .codec.convert import ErrorCode
+from .codec.socks5 import Reply
+from .kernel.mptcp import create_socket, wait_writable
 from .policy import IPAddress, address_text, format_endpoint, normalize_address
-from .socks5 import Reply
 
 __all__ = ["UpstreamError", "connect_upstream", "classify_errno", "set_nodelay"]
 

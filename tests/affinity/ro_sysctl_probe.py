@@ -10,11 +10,10 @@ import subprocess
 import sys
 from typing import Any
 
-from mcpool_proxy import mptcp
-from mcpool_proxy.affinity import kernel
-from mcpool_proxy.affinity.join_address import JoinAddress
-from mcpool_proxy.affinity.podside import PodAffinity
+from mcpool_proxy.cluster.join_address import JoinAddress
+from mcpool_proxy.cluster.podside import PodAffinity
 from mcpool_proxy.config import AffinityConfig
+from mcpool_proxy.kernel import mptcp, steering
 from prometheus_client import CollectorRegistry
 
 VIP = "198.19.255.7"
@@ -51,12 +50,12 @@ def main() -> None:
                                              text=True).stdout  # fmt: skip
         join.stop()
         try:
-            kernel.install_director(VIP, [5124], 0x4D7B0000, 4399, "vxlan", 60, table="mtk_ro", owner="mtk ro")
-            result["director_installed"] = kernel.table_owner("mtk_ro") == "mtk ro"
+            steering.install_director(VIP, [5124], 0x4D7B0000, 4399, "vxlan", 60, table="mtk_ro", owner="mtk ro")
+            result["director_installed"] = steering.table_owner("mtk_ro") == "mtk ro"
         except RuntimeError as exc:
             result["director_installed"] = str(exc)
         finally:
-            kernel.remove_director(VIP, 0x4D7B0000, 4399, 4300, table="mtk_ro", owner="mtk ro")
+            steering.remove_director(VIP, 0x4D7B0000, 4399, 4300, table="mtk_ro", owner="mtk ro")
     result["pod"] = asyncio.run(pod_affinity())
     print(json.dumps(result))
 

@@ -13,13 +13,13 @@ import struct
 from collections.abc import Callable
 
 from conftest import free_port
-from mcpool_proxy.affinity import (
+from mcpool_proxy.cluster import (
     MemoryRegistry,
     MptcpEventListener,
     RegistrationResult,
     publish_tokens,
 )
-from mcpool_proxy.affinity.mptcp_events import parse_messages
+from mcpool_proxy.kernel.mptcp_events import parse_messages
 from support import requires_netns
 
 pytestmark = requires_netns

@@ -7,10 +7,10 @@ from __future__ import annotations
 import socket
 
 import pytest
-from mcpool_proxy.client import ConvertRefused
-from mcpool_proxy.convert import decode_message
-from mcpool_proxy.lab import Lab
-from mcpool_proxy.socks5 import Socks5Refused
+from mcpool_proxy.codec.convert import decode_message
+from mcpool_proxy.codec.socks5 import Socks5Refused
+from mcpool_proxy.cpe.convert_client import ConvertRefused
+from mcpool_tools.lab import Lab
 from ops_helpers import (
     SERVER_PORT,
     cpe_convert,

@@ -1,4 +1,4 @@
-"""mcpool_proxy.mptcp: struct decoding on hand-built bytes, then the kernel's own view of real
+"""mcpool_proxy.kernel.mptcp: struct decoding on hand-built bytes, then the kernel's own view of real
 loopback MPTCP and TCP connections, fallback to TCP, and sysctls in a private namespace."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import textwrap
 from collections.abc import Iterator
 
 import pytest
-from mcpool_proxy import mptcp
-from mcpool_proxy.mptcp import (
+from mcpool_proxy.kernel import mptcp
+from mcpool_proxy.kernel.mptcp import (
     MPTCP_INFO_FLAG_FALLBACK,
     MptcpInfo,
     create_socket,
@@ -274,7 +274,7 @@ def test_create_socket_falls_back_when_mptcp_is_disabled() -> None:
     out = run_in_private_netns(
         """
         import logging, socket
-        from mcpool_proxy import mptcp
+        from mcpool_proxy.kernel import mptcp
         logging.basicConfig(level=logging.WARNING, format="LOG %(message)s")
         assert mptcp.write_sysctl(mptcp.SYSCTL_MPTCP_ENABLED, 0)
         assert mptcp.read_sysctl(mptcp.SYSCTL_MPTCP_ENABLED) == "0"
@@ -293,7 +293,7 @@ def test_create_socket_falls_back_when_mptcp_is_disabled() -> None:
 def test_write_sysctl_in_own_namespace() -> None:
     out = run_in_private_netns(
         """
-        from mcpool_proxy import mptcp
+        from mcpool_proxy.kernel import mptcp
         assert mptcp.read_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM) == "0"
         assert mptcp.write_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM, 1)
         assert mptcp.read_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM) == "1"

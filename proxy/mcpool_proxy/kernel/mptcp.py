@@ -119,7 +119,7 @@ SYSCTL_MPTCP_CHECKSUM = "net.mptcp.checksum_enabled"
 SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT = "net.mptcp.allow_join_initial_addr_port"
 # TCP Fast Open bitmask (see TFO_* above); 3.7+.
 SYSCTL_TCP_FASTOPEN = "net.ipv4.tcp_fastopen"
-# Routing sysctls of cluster affinity (affinity/kernel.py): the director forwards the VIP's
+# Routing sysctls of cluster affinity (kernel/steering.py): the director forwards the VIP's
 # packets; a pod decapsulating the director's tunnel must not drop packets whose source (the CPE)
 # routes out of another interface (strict reverse-path filter, value 1). Per interface:
 # `net.ipv4.conf.<dev>.rp_filter`, effective value max(all, <dev>).

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .registry import AffinityRegistry
+    from ..cluster.registry import AffinityRegistry
 
 __all__ = [
     "MptcpEvent",

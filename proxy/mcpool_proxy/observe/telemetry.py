@@ -50,14 +50,14 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from .mptcp import get_mptcp_info, get_subflows
-from .policy import address_text
+from ..kernel.mptcp import get_mptcp_info, get_subflows
+from ..policy import address_text
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
-    from .affinity.mptcp_events import MptcpEvent, MptcpEventListener
-    from .config import ProxyConfig
+    from ..config import ProxyConfig
+    from ..kernel.mptcp_events import MptcpEvent, MptcpEventListener
 
 __all__ = [
     "ConnectionTrace",

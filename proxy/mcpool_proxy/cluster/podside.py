@@ -14,7 +14,7 @@ started after the listeners are bound and stopped last. By mechanism:
 - `none`: nothing.
 
 With `affinity.vip` set (the operator renders it for `director` pools), the pod also sets up the
-receive side of the director's tunnel at start (`kernel.setup_pod_receive`: the VIP on lo and a
+receive side of the director's tunnel at start (`steering.setup_pod_receive`: the VIP on lo and a
 VXLAN device that decapsulates; needs CAP_NET_ADMIN) and removes it at stop. Without it no
 subflow forwarded by a director can reach this pod. A failure is logged as an error, counted, and
 shown by the gauge `mcpool_affinity_pod_receive_ready` (0); the proxy keeps serving.
@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..config import AffinityConfig
-from . import kernel
+from ..kernel import steering
+from ..kernel.mptcp_events import MptcpEventListener, publish_tokens
 from .join_address import JoinAddress
-from .mptcp_events import MptcpEventListener, publish_tokens
 from .registry import (
     AffinityRegistry,
     PodState,
@@ -205,7 +205,7 @@ class PodAffinity:
         cfg = self.config
         try:
             self._receive_set_up = True  # whatever part succeeded is undone at stop
-            await asyncio.to_thread(kernel.setup_pod_receive, vip, cfg.vxlan_port, cfg.pod_mac)
+            await asyncio.to_thread(steering.setup_pod_receive, vip, cfg.vxlan_port, cfg.pod_mac)
         except Exception as exc:  # noqa: BLE001 - never into the proxy
             self.errors += 1
             self.receive_ready = False
@@ -305,7 +305,7 @@ class PodAffinity:
             self.receive_ready = False
             self.receive_gauge.set(0)
             try:
-                await asyncio.to_thread(kernel.teardown_pod_receive, self.receive_vip)
+                await asyncio.to_thread(steering.teardown_pod_receive, self.receive_vip)
             except Exception:  # noqa: BLE001
                 self.errors += 1
                 log.exception("affinity: removing the VIP receive side failed")

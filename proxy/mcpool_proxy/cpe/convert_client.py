@@ -30,8 +30,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from mcpool_proxy.config import split_hostport
-from mcpool_proxy.convert import (
+from mcpool_proxy.codec.convert import (
     TLV,
     ConnectTLV,
     ConvertError,
@@ -41,7 +40,8 @@ from mcpool_proxy.convert import (
     encode_message,
     split_message,
 )
-from mcpool_proxy.mptcp import (
+from mcpool_proxy.config import split_hostport
+from mcpool_proxy.kernel.mptcp import (
     MSG_FASTOPEN,
     create_socket,
     fastopen_used,

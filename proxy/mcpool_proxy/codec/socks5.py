@@ -330,7 +330,7 @@ def socks5_connect(
     proxy). MPTCP is used when the kernel has it (`mptcp=False` forces TCP). Raises
     `Socks5Refused` with the proxy's reply code on any refusal, OSError on network errors.
     """
-    from .mptcp import create_socket
+    from ..kernel.mptcp import create_socket
 
     family = socket.AF_INET6 if ":" in proxy[0] else socket.AF_INET
     sock, _ = create_socket(family, mptcp=mptcp)

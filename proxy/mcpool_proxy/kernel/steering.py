@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT
-from ..mptcp import (
+from .mptcp import (
     SYSCTL_IPV4_FORWARD,
     SYSCTL_IPV6_FORWARDING,
     SYSCTL_RP_FILTER,

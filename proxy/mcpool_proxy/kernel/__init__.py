@@ -1,0 +1,9 @@
+"""Every kernel interface of mcpool, each named once, next to the kernel version it needs and
+what happens without it.
+
+- `mptcp`: MPTCP sockets, MPTCP_INFO and the subflow list, TCP Fast Open, TCP_INFO.
+- `mptcp_events`: the `mptcp_pm` generic netlink events (one subscription per process).
+- `steering`: nftables, xtables, routes and VXLAN tunnels of the director and its pods.
+
+Nothing outside this package opens a netlink socket, writes a sysctl or runs `nft`.
+"""
