@@ -36,6 +36,7 @@ __all__ = [
     "Policy",
     "Refusal",
     "local_addresses",
+    "address_str",
     "address_text",
     "normalize_address",
 ]
@@ -99,6 +100,13 @@ def address_text(addr: str) -> str:
     """`str(normalize_address(addr))`, cached: the canonical text of an address (raises ValueError
     if it is not one)."""
     return str(_normalize_text(addr))
+
+
+@functools.lru_cache(maxsize=_ADDRESS_CACHE_SIZE)
+def address_str(addr: IPAddress) -> str:
+    """`str(addr)`, cached: str() of an ipaddress object formats from the integer each time, and
+    the same destinations recur."""
+    return str(addr)
 
 
 # IPv6 prefixes that carry an IPv4 address a gateway may connect to: NAT64 (RFC 6052 well-known

@@ -13,7 +13,7 @@ from typing import Any
 from mcpool_proxy.cluster.join_address import JoinAddress
 from mcpool_proxy.cluster.podside import PodAffinity
 from mcpool_proxy.config import AffinityConfig
-from mcpool_proxy.kernel import mptcp, steering
+from mcpool_proxy.kernel import steering, sysctl
 from prometheus_client import CollectorRegistry
 
 VIP = "198.19.255.7"
@@ -41,9 +41,9 @@ def main() -> None:
     scenario = sys.argv[1]
     result: dict[str, Any] = {"scenario": scenario}
     if scenario == "ok":
-        result["already_set"] = mptcp.write_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM, 1)
-        result["change_refused"] = not mptcp.write_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM, 0)
-        result["checksum_now"] = mptcp.read_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM)
+        result["already_set"] = sysctl.write_sysctl(sysctl.SYSCTL_MPTCP_CHECKSUM, 1)
+        result["change_refused"] = not sysctl.write_sysctl(sysctl.SYSCTL_MPTCP_CHECKSUM, 0)
+        result["checksum_now"] = sysctl.read_sysctl(sysctl.SYSCTL_MPTCP_CHECKSUM)
         join = JoinAddress("198.18.77.1:5124", [5124])
         result["join_started"] = join.start()
         result["endpoints"] = subprocess.run(["ip", "mptcp", "endpoint", "show"], capture_output=True,

@@ -293,7 +293,7 @@ def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
     import sys
 
     code = (
-        "import resource; from mcpool_proxy.server import raise_open_files_limit; "
+        "import resource; from mcpool_proxy.cli import raise_open_files_limit; "
         "print(raise_open_files_limit(10), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

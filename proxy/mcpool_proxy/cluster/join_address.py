@@ -25,7 +25,7 @@ import subprocess
 from collections.abc import Collection
 
 from ..config import split_hostport
-from ..kernel.mptcp import SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT, read_sysctl, write_sysctl
+from ..kernel.sysctl import SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT, read_sysctl, write_sysctl
 
 __all__ = ["JoinAddress", "endpoint_command"]
 

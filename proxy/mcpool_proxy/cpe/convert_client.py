@@ -58,7 +58,8 @@ __all__ = [
     "open_convert_connection",
 ]
 
-log = logging.getLogger(__name__)
+# Named as before the move to cpe/, so log lines keep their logger field.
+log = logging.getLogger("mcpool_proxy.client")
 
 _RECV_BYTES = 65536
 _PUMP_BYTES = 65536
