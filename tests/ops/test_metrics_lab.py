@@ -8,8 +8,8 @@ import socket
 
 import pytest
 from mcpool_proxy.codec.convert import decode_message
-from mcpool_proxy.codec.socks5 import Socks5Refused
 from mcpool_proxy.cpe.convert_client import ConvertRefused
+from mcpool_proxy.cpe.socks5_client import Socks5Refused
 from mcpool_tools.lab import Lab
 from ops_helpers import (
     SERVER_PORT,

@@ -32,8 +32,9 @@ from mcpool_proxy.codec.convert import (
     decode_message,
     encode_message,
 )
-from mcpool_proxy.codec.socks5 import Reply, Socks5Refused, socks5_connect
+from mcpool_proxy.codec.socks5 import Reply
 from mcpool_proxy.cpe.convert_client import ConvertRefused, convert_connect
+from mcpool_proxy.cpe.socks5_client import Socks5Refused, socks5_connect
 from prometheus_client.parser import text_string_to_metric_families
 from support import requires_mptcp
 

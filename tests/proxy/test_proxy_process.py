@@ -26,8 +26,9 @@ import pytest
 import yaml
 from helpers import DataServer, in_netns, pattern, recv_all, recv_exact, send_and_shut, sha256
 from mcpool_proxy.codec.convert import ConvertMessage, ErrorCode
-from mcpool_proxy.codec.socks5 import Reply, Socks5Refused, socks5_connect
+from mcpool_proxy.codec.socks5 import Reply
 from mcpool_proxy.cpe.convert_client import ConvertRefused, convert_connect
+from mcpool_proxy.cpe.socks5_client import Socks5Refused, socks5_connect
 from support import requires_netns
 
 MCPOOL = [sys.executable, "-m", "mcpool_proxy.cli"]
