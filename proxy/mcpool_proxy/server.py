@@ -48,7 +48,7 @@ from .kernel.mptcp import (
     reset_on_close,
     set_nodelay,
 )
-from .kernel.mptcp_events import MptcpEventListener
+from .kernel.mptcp_events import MptcpEventHub
 from .kernel.sysctl import apply_kernel_settings
 from .observe.admin import AdminServer
 from .observe.logs import log_connection_closed
@@ -73,7 +73,7 @@ from .policy import (
 from .relay import CloseReason, Relay, RelayPools, resolve_mode
 from .upstream import UpstreamError, connect_upstream
 
-__all__ = ["READY_LINE", "Proxy", "run"]
+__all__ = ["READY_LINE", "Proxy", "run", "start_affinity"]
 
 log = logging.getLogger("mcpool.proxy")
 
@@ -102,8 +102,12 @@ class Proxy:
         observers: Iterable[ConnectionObserver] = (),
         telemetry: Telemetry | None = None,
         watch_subflows: bool = True,
+        mptcp_events: MptcpEventHub | None = None,
     ) -> None:
         self.config = config
+        # The process's one mptcp_pm subscription: the subflow watcher's, and the pod affinity's
+        # token publisher's when `run()` wires it in.
+        self.mptcp_events = mptcp_events if mptcp_events is not None else MptcpEventHub()
         self._own_addresses = None if own_addresses is None else list(own_addresses)
         self.policy = Policy(config.policy, self._own_addresses or ())
         self.table = ConnectionTable()
@@ -204,7 +208,7 @@ class Proxy:
             return
         self.subflows.listen_ports = frozenset(port for _, port in self.listen_addresses.values())
         assert self._loop is not None
-        self._watch_task = self._loop.create_task(self.subflows.run(MptcpEventListener))
+        self._watch_task = self._loop.create_task(self.subflows.run(self.mptcp_events))
 
     def _join_refusals_since_start(self) -> dict[str, int]:
         now = join_refusals()
@@ -572,11 +576,7 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
         log.error("cannot start: %s", exc)
         await asyncio.to_thread(telemetry.shutdown, 0.1)
         return 1
-    # Cluster affinity (docs/affinity.md): register the pod, publish tokens, join address.
-    affinity = PodAffinity(config.affinity, [port for _, port in proxy.listen_addresses.values()],
-                           metrics_registry=proxy.metrics.registry)
-    proxy.observers.append(affinity)
-    await affinity.start()
+    affinity = await start_affinity(proxy)
     if ready is not None:
         ready()
     drain_requested = asyncio.Event()
@@ -628,6 +628,17 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
         loop.remove_signal_handler(signal.SIGTERM)
         loop.remove_signal_handler(signal.SIGINT)
     return exit_status
+
+
+async def start_affinity(proxy: Proxy) -> PodAffinity:
+    """Cluster affinity (docs/affinity.md) for a started proxy: register the pod, publish tokens
+    (over the proxy's own mptcp_pm subscription), join address; it observes the proxy's
+    connections from now on."""
+    affinity = PodAffinity(proxy.config.affinity, [port for _, port in proxy.listen_addresses.values()],
+                           metrics_registry=proxy.metrics.registry, mptcp_events=proxy.mptcp_events)
+    proxy.observers.append(affinity)
+    await affinity.start()
+    return affinity
 
 
 async def _first_of(*aws: Awaitable[Any]) -> None:

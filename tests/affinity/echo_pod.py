@@ -15,13 +15,10 @@ import socket
 import struct
 from typing import Any
 
-from mcpool_proxy.cluster import (
-    MptcpEventListener,
-    RedisRegistry,
-    RegistrationResult,
-    publish_tokens,
-)
+from mcpool_proxy.cluster import RedisRegistry, RegistrationResult
+from mcpool_proxy.cluster.podside import publish_tokens
 from mcpool_proxy.kernel import steering
+from mcpool_proxy.kernel.mptcp_events import MptcpEventListener
 
 IPPROTO_MPTCP = 262
 SOL_MPTCP = 284

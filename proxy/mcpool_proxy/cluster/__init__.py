@@ -7,7 +7,6 @@
 See docs/affinity.md.
 """
 
-from ..kernel.mptcp_events import MptcpEvent, MptcpEventListener, publish_tokens
 from .registry import (
     AffinityRegistry,
     MemoryRegistry,
@@ -24,13 +23,10 @@ __all__ = [
     "AffinityRegistry",
     "MemoryRegistry",
     "MemoryStore",
-    "MptcpEvent",
-    "MptcpEventListener",
     "PodState",
     "RedisRegistry",
     "RegistrationResult",
     "RegistryMetrics",
     "make_registry",
-    "publish_tokens",
     "resolve_pod_name",
 ]
