@@ -112,36 +112,37 @@ class Handshake:
 
         Never reads past it: bytes the client sent after its handshake belong to the relay."""
         sock = self.sock
-        buf = b""
         limit = self.config.policy.max_handshake_bytes
-        # The message is usually in the socket already (it came with or right after the SYN):
-        # read what is there without a timeout context and an awaited recv, which cost more than
-        # the reads themselves; only a message still on its way takes the awaiting path.
-        while True:
+
+        def missing(buf: bytes) -> int:
+            """How many more bytes the message needs (0: complete)."""
             need = length_of(buf)
             if need > limit:
                 raise Oversize(f"handshake message of {need} bytes exceeds policy.max_handshake_bytes ({limit})")
-            if len(buf) >= need:
-                return buf
-            try:
-                chunk = sock.recv(need - len(buf))
-            except (BlockingIOError, InterruptedError):
-                break
+            return max(need - len(buf), 0)
+
+        def append(buf: bytes, chunk: bytes) -> bytes:
             if not chunk:
                 raise ClientGone(f"client closed after {len(buf)} handshake bytes")
-            buf += chunk
+            return buf + chunk
+
+        buf = b""
+        # The message is usually in the socket already (it came with or right after the SYN):
+        # read what is there without a timeout context and an awaited recv, which cost more than
+        # the reads themselves; only a message still on its way takes the awaiting path.
+        while want := missing(buf):
+            try:
+                chunk = sock.recv(want)
+            except (BlockingIOError, InterruptedError):
+                break
+            buf = append(buf, chunk)
+        else:
+            return buf
         loop = asyncio.get_running_loop()
         async with asyncio.timeout_at(deadline):
-            while True:
-                need = length_of(buf)
-                if need > limit:
-                    raise Oversize(f"handshake message of {need} bytes exceeds policy.max_handshake_bytes ({limit})")
-                if len(buf) >= need:
-                    return buf
-                chunk = await loop.sock_recv(sock, need - len(buf))
-                if not chunk:
-                    raise ClientGone(f"client closed after {len(buf)} handshake bytes")
-                buf += chunk
+            while want := missing(buf):
+                buf = append(buf, await loop.sock_recv(sock, want))
+        return buf
 
     async def close_after_answer(self) -> None:
         """Half-close, discard what the client still sends (briefly); the pipeline closes."""
