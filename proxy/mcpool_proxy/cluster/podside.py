@@ -39,8 +39,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
-import subprocess
 from collections.abc import AsyncIterable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +47,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ..config import AffinityConfig
 from ..kernel import steering
 from ..kernel.mptcp_events import MptcpEvent, MptcpEventHub, MptcpSubscription
+from ..kernel.path_manager import kernel_tokens
 from .join_address import JoinAddress
 from .registry import (
     AffinityRegistry,
@@ -61,29 +60,13 @@ from .registry import (
 if TYPE_CHECKING:
     from ..connections import Connection
 
-__all__ = ["MINE_PRUNE_EVERY", "PodAffinity", "REGISTER_DELAY_ENV", "kernel_tokens", "publish_tokens", "resolve_advertise"]
+__all__ = ["MINE_PRUNE_EVERY", "PodAffinity", "REGISTER_DELAY_ENV", "publish_tokens", "resolve_advertise"]
 
 log = logging.getLogger("mcpool.affinity.pod")
 
 # Test hook only: delay every token registration by this many milliseconds, to provoke the
 # join-before-registration race (and to let a test claim a token first: a forced collision).
 REGISTER_DELAY_ENV = "MCPOOL_TEST_AFFINITY_REGISTER_DELAY_MS"
-
-
-_SS_TOKEN = re.compile(r"\btoken:([0-9a-f]+)")
-
-
-def kernel_tokens() -> set[int] | None:
-    """Tokens of every MPTCP connection in this network namespace (`ss -M`); None if unknown."""
-    try:
-        proc = subprocess.run(["ss", "-MHni"], capture_output=True, text=True, check=False, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("cannot list MPTCP connections with ss: %r", exc)
-        return None
-    if proc.returncode != 0:
-        log.warning("ss -M failed (%d): %s", proc.returncode, proc.stderr.strip())
-        return None
-    return {int(m, 16) for m in _SS_TOKEN.findall(proc.stdout)}
 
 
 # publish_tokens prunes its set of own tokens once per this many new connections (amortised O(1)).
