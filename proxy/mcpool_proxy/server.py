@@ -109,7 +109,7 @@ class Proxy:
         # token publisher's when `run()` wires it in.
         self.mptcp_events = mptcp_events if mptcp_events is not None else MptcpEventHub()
         self._own_addresses = None if own_addresses is None else list(own_addresses)
-        self.policy = Policy(config.policy, self._own_addresses or ())
+        self.policy = Policy(config.policy, self._with_vip(self._own_addresses or ()))
         self.table = ConnectionTable()
         self.metrics = ProxyMetrics(live=self.table.totals)
         self.telemetry = telemetry if telemetry is not None else Telemetry()
@@ -138,6 +138,14 @@ class Proxy:
         self._drain_task: asyncio.Task[int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def _with_vip(self, own: Iterable[str | IPAddress]) -> list[str | IPAddress]:
+        """The proxy's own addresses plus the pool's VIP: the pod affinity puts the VIP on lo only
+        after the listeners (and this list) exist, and a CPE must not reach the pod through it."""
+        addresses = list(own)
+        if self.config.affinity.vip is not None:
+            addresses.append(self.config.affinity.vip)
+        return addresses
+
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Apply kernel settings, bind listeners and the admin server. Raises OSError on bind
@@ -146,7 +154,7 @@ class Proxy:
         self.kernel_state = apply_kernel_settings(self.config.kernel)
         if self._own_addresses is None:
             own = await asyncio.to_thread(local_addresses)
-            self.policy = Policy(self.config.policy, own)
+            self.policy = Policy(self.config.policy, self._with_vip(own))
         self.metrics.mptcp_checksum.set(_tri(self.kernel_state["mptcp_checksum"]))
         self.metrics.fastopen_server.set(_tri(self.kernel_state["tcp_fastopen_server"]))
         self.metrics.relay_mode.labels(self.relay_mode).set(1)

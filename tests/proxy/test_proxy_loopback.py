@@ -507,3 +507,24 @@ def test_admin_state_endpoints_only_for_trusted_clients(start_proxy: StartProxy)
     assert request("GET", "/readyz") == 200  # not drained by the refused POST
     assert request("GET", "/metrics") == 200
     assert proxy.admin("/connections")[0] == 200  # from 127.0.0.1: trusted
+
+
+def test_private_ranges_and_the_vip_are_refused_and_allowed_destinations_open_one(
+    start_proxy: StartProxy, data_server: DataServer
+) -> None:
+    # own_addresses=None: the proxy lists its namespace's addresses itself, as in production;
+    # the VIP is not on any interface yet (the pod affinity adds it to lo later) and must be
+    # refused all the same.
+    proxy = start_proxy(
+        own_addresses=None,
+        policy={"deny_default_destinations": True, "allowed_destinations": ["127.0.0.1/32"]},
+        affinity={"vip": "198.18.77.7"},
+    )
+    for dest in (("10.0.0.1", 10250), ("192.168.1.1", 6379), ("100.64.0.1", 443), ("fd00::1", 443),
+                 ("198.18.77.7", 5124)):  # fmt: skip
+        assert _refused_convert(proxy, dest).code == ErrorCode.NOT_AUTHORIZED, dest
+        with pytest.raises(Socks5Refused) as info:
+            socks5_connect(proxy.socks5, dest)
+        assert info.value.reply == Reply.NOT_ALLOWED, dest
+    assert metric(proxy, "mcpool_policy_refusals_total", reason="destination_denied") == 10
+    convert_echo(proxy, data_server)  # 127.0.0.1, refused by default, opened by allowed_destinations
