@@ -186,7 +186,10 @@ def build_proxy_config(pool: Pool, ordinal: int | None = None) -> ProxyConfig:
         ),
         policy=PolicyConfig(
             allowed_cpes=list(spec.policy.allowed_cpes),
-            denied_destinations=list(spec.policy.denied_destinations),
+            # The cluster's own ranges join the refused ones (more specific than the private
+            # ranges they sit in, so an allowedDestinations entry for 10/8 leaves them refused).
+            denied_destinations=[*spec.policy.denied_destinations, *spec.cluster.refused()],
+            allowed_destinations=list(spec.policy.allowed_destinations),
             deny_default_destinations=spec.policy.deny_default_destinations,
             allowed_ports=list(spec.policy.allowed_ports),
             max_connections=spec.policy.max_connections,

@@ -74,6 +74,8 @@ class OperatorOptions:
     verbose: bool = False
     # Image of every director DaemonSet, overriding spec.image (None: spec.image).
     director_image: str | None = None
+    # `--allowed-images`: repositories spec.image may name (empty: any).
+    allowed_images: tuple[str, ...] = ()
 
 
 def configure_settings(settings: kopf.OperatorSettings, options: OperatorOptions) -> None:

@@ -102,8 +102,12 @@ class Reconciler:
         post_event: EventPoster = kopf_event,
         *,
         director_image: str | None = None,
+        allowed_images: Sequence[str] = (),
     ) -> None:
         self.client = client
+        # `--allowed-images`: repositories spec.image may name (empty: any). The pods run with
+        # NET_ADMIN, so whoever may create a pool must not be able to pick their code.
+        self.allowed_images = tuple(allowed_images)
         self.post_event = post_event
         # `--director-image`: the image the director DaemonSet runs whatever spec.image says
         # (the director runs as uid 0 with NET_ADMIN on the host network; see docs/operator.md).
@@ -152,6 +156,12 @@ class Reconciler:
             outcome.spec_error = str(exc)
             await self._write_invalid(body, generation, outcome, logger)
             return outcome
+        refused_image = image_refusal(pool.spec.image, self.allowed_images)
+        if refused_image is not None:
+            # Nothing is created or updated: the children keep their last allowed image.
+            outcome.spec_error = refused_image
+            await self._write_invalid(body, generation, outcome, logger, reason=IMAGE_NOT_ALLOWED)
+            return outcome
 
         apply_error: str | None = None
         statefulset: Mapping[str, Any] | None = None
@@ -176,6 +186,7 @@ class Reconciler:
             sysctl_error=sysctl_failure(pods),
             apply_error=apply_error,
             revision_ready=revision_ready(pods, statefulset),
+            cluster_defaulted=tuple(pool.spec.cluster.defaulted()),
         )
         await self._write_status(body, seen, outcome, logger)
         return outcome
@@ -256,13 +267,15 @@ class Reconciler:
         generation: int,
         outcome: Outcome,
         logger: logging.Logger | logging.LoggerAdapter[Any],
+        reason: str = "InvalidSpec",
     ) -> None:
         assert outcome.spec_error is not None
         meta = body.get("metadata") or {}
         selector = builders.status_selector(
             Pool(name=str(meta.get("name")), namespace=str(meta.get("namespace")), spec=MCPPoolSpec())
         )
-        seen = Observation(generation=generation, desired_replicas=0, selector=selector, spec_error=outcome.spec_error)
+        seen = Observation(generation=generation, desired_replicas=0, selector=selector,
+                           spec_error=outcome.spec_error, spec_error_reason=reason)  # fmt: skip
         logger.error("invalid spec: %s", outcome.spec_error)
         previous = await self._write_status(body, seen, outcome, logger)
         if previous is None:
@@ -270,11 +283,11 @@ class Reconciler:
         before = find_condition(previous.get("conditions") or [], "Degraded")
         already_reported = (
             before is not None
-            and before.get("reason") == "InvalidSpec"
+            and before.get("reason") == reason
             and before.get("observedGeneration") == generation
         )
         if not already_reported:
-            self.post_event(body, "Warning", "InvalidSpec", outcome.spec_error)
+            self.post_event(body, "Warning", reason, outcome.spec_error)
 
     async def _write_status(
         self,
@@ -302,9 +315,43 @@ class Reconciler:
             new_c = find_condition(new["conditions"], type_)
             if new_c is not None and (old_c is None or old_c.get("status") != new_c.get("status")):
                 logger.info("condition %s=%s (%s): %s", type_, new_c["status"], new_c["reason"], new_c["message"])
-                if type_ == "Degraded" and new_c["status"] == "True" and new_c["reason"] != "InvalidSpec":
+                if type_ == "Degraded" and new_c["status"] == "True" and new_c["reason"] != seen.spec_error_reason:
                     self.post_event(body, "Warning", str(new_c["reason"]), str(new_c["message"]))
+        old_r = find_condition(previous.get("conditions") or [], "ClusterRanges")
+        new_r = find_condition(new["conditions"], "ClusterRanges")
+        if new_r is not None and new_r["status"] == "False" and (old_r is None or old_r.get("status") != "False"):
+            self.post_event(body, "Warning", "ClusterRangesDefaulted", str(new_r["message"]))
         return previous
+
+
+IMAGE_NOT_ALLOWED = "ImageNotAllowed"
+
+
+def image_repository(image: str) -> str:
+    """The repository of an image reference: without its digest ('@sha256:...') and its tag (a
+    ':' after the last '/'; a ':' before it is a registry port)."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def image_refusal(image: str, allowed: Sequence[str]) -> str | None:
+    """Why `image` is outside `allowed` (`--allowed-images`), or None if it may run.
+
+    An entry names a repository exactly ('ghcr.io/mptcp-dev/mcpool'), or, ending in '/', every
+    repository under that prefix ('registry.example.net/mcpool/'). No entries: any image.
+    """
+    if not allowed:
+        return None
+    repository = image_repository(image)
+    for entry in allowed:
+        if repository == entry or (entry.endswith("/") and repository.startswith(entry)):
+            return None
+    return (
+        f"spec.image {image!r}: repository {repository!r} is not in the operator's --allowed-images "
+        f"({', '.join(allowed)}); no child object is created or updated until it is"
+    )
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:

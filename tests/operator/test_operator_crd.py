@@ -158,6 +158,11 @@ CEL_REJECTS: dict[str, dict[str, Any]] = {
     },
     "director without redis": {"affinity": {"mechanism": "director"}, "service": {"addresses": ["198.18.0.1"]}},
     "director without vip": {"affinity": {"mechanism": "director"}, "redis": {"url": "redis://r:6379"}},
+    # One forwarding slot per pod in each director (issue 10): 256 pods would leave one unsteered.
+    "director with more replicas than slots": {
+        "replicas": 256, "affinity": {"mechanism": "director"}, "redis": {"url": "redis://r:6379"},
+        "director": {"vip": "198.18.0.1"},
+    },
     "no listener": {"listeners": {"convert": {"enabled": False}}},
     "same ports": {"listeners": {"socks5": {"enabled": True, "port": 5124}}},
     "two LB addresses": {"service": {"addresses": ["198.18.0.1", "198.18.0.2"]}},
@@ -169,6 +174,13 @@ ACCEPTS: dict[str, dict[str, Any]] = {
     "empty": {},
     "join-address exact": {"replicas": 2, "affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1", "198.18.1.2"]}},
     "director with vip": {"affinity": {"mechanism": "director"}, "redis": {"url": "redis://r:6379"}, "director": {"vip": "198.18.0.1"}},
+    "director with as many replicas as slots": {
+        "replicas": 255, "affinity": {"mechanism": "director"}, "redis": {"url": "redis://r:6379"},
+        "director": {"vip": "198.18.0.1"},
+    },
+    "1000 replicas without a director": {"replicas": 1000},
+    "cluster ranges": {"cluster": {"podCIDRs": ["10.244.0.0/16", "fd00:10:244::/56"], "serviceCIDRs": ["10.96.0.0/12"]}},
+    "allowed destinations": {"policy": {"allowedDestinations": ["10.20.0.0/16"]}},
     "socks only": {"listeners": {"convert": {"enabled": False}, "socks5": {"enabled": True}}},
     "ClusterIP two addresses": {"service": {"type": "ClusterIP", "addresses": ["198.18.0.1", "2001:db8::1"]}},
     "quantities": {"resources": {"requests": {"cpu": 1, "memory": "1Gi"}}},
@@ -205,7 +217,7 @@ def test_name_rule(name: str, ok: bool) -> None:
 def test_every_cel_rule_compiles() -> None:
     env = celpy.Environment()
     rules = [r["rule"] for _, node in walk(ROOT_SCHEMA) for r in node.get("x-kubernetes-validations") or []]
-    assert len(rules) == 9
+    assert len(rules) == 10
     for rule in rules:
         env.compile(rule)
 
