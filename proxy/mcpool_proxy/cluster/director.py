@@ -35,7 +35,7 @@ from ..kernel import steering
 from ..observe.telemetry import Telemetry
 from .keys import KeySchema
 from .packet import MAX_IPV6_EXT_BYTES, Syn, parse_syn
-from .redisconn import REDIS_ERRORS, Backoff, open_redis
+from .redisconn import REDIS_ERRORS, Backoff, open_redis, redacted_url, redis_error_text
 from .table import AffinityTable, Decision, PodEntry, decide
 
 __all__ = ["Director", "DirectorConfig", "DirectorMetrics", "load_director_config", "main"]
@@ -190,6 +190,15 @@ class DirectorMetrics:
         self.resyncs = Counter(
             "mcpool_director_resyncs", "Full reads of the table from Redis.", registry=self.registry
         )
+        # --- drops made visible (issue 10) ---
+        self.dropped = Counter(
+            "mcpool_director_dropped_syns",
+            "SYNs the director dropped because no pod could take them, by outcome (no_ready_pod, "
+            "pod_not_plumbed, token_miss_after_wait, unparsable, error); a warning is logged at "
+            "most every DROP_WARNING_INTERVAL_S while they go on.",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.malformed = Counter(
             "mcpool_director_malformed_entries",
             "Table events (source=event) or Redis keys (source=key) that could not be parsed and were skipped.",
@@ -207,6 +216,10 @@ def _parse_token(text: str) -> int | None:
     except ValueError:
         return None
 
+
+# At most one "dropping SYNs" warning per this many seconds (a pool without ready pods drops every
+# SYN: one line per SYN would drown the log, none would leave the operator guessing).
+DROP_WARNING_INTERVAL_S = 10.0
 
 # How long a stopping director waits for its own tasks (Redis feed, plumbing) to finish.
 _STOP_TIMEOUT_S = 3.0
@@ -236,7 +249,11 @@ class Director:
         self._tasks: set[asyncio.Task[None]] = set()
         self._queue: Any = None
         self._redis_up = True  # optimistic, so the first failure is logged
+        self._redis_error: str | None = None  # the reason logged for the current outage
         self._connected_at = float("-inf")  # loop time of the last (re)connection to Redis
+        self._now: Callable[[], float] = time.monotonic  # the drop warning's clock (tests replace it)
+        self._drops_unreported: dict[str, int] = {}
+        self._drop_warned_at = float("-inf")
 
     # -- decisions (the hot path: one call per SYN) --------------------------------------------
 
@@ -280,6 +297,7 @@ class Director:
                 if decision.pod is not None:
                     outcome = "pod_not_plumbed"  # in the table, tunnel not built yet: retry
                 packet.drop()
+                self._dropped(outcome)
         except (RuntimeError, OSError) as exc:  # queue gone (shutting down)
             log.debug("verdict failed: %r", exc)
         elapsed_s = time.perf_counter() - started
@@ -287,6 +305,23 @@ class Director:
         self.metrics.decision_seconds.observe(elapsed_s)
         if self._tracer is not None:
             self._trace_decision(outcome, decision, syn, elapsed_s)
+
+    def _dropped(self, outcome: str) -> None:
+        """Count a dropped SYN; warn at once, then at most every DROP_WARNING_INTERVAL_S."""
+        self.metrics.dropped.labels(outcome).inc()
+        self._drops_unreported[outcome] = self._drops_unreported.get(outcome, 0) + 1
+        now = self._now()
+        if now - self._drop_warned_at < DROP_WARNING_INTERVAL_S:
+            return
+        since = "" if self._drop_warned_at == float("-inf") else f" in the last {now - self._drop_warned_at:.0f}s"
+        self._drop_warned_at = now
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(self._drops_unreported.items()))
+        self._drops_unreported = {}
+        log.warning(
+            "dropping SYNs to %s%s (%s): the table has %d pods, %d ready, %d with forwarding; redis %s",
+            self.config.vip, since, counts, len(self.table.pods), len(self.table.ready_pods()),
+            len(self.slots), "reachable" if self._redis_up else f"unreachable ({self._redis_error})",
+        )  # fmt: skip
 
     def _trace_decision(self, outcome: str, decision: Decision, syn: Syn | None, elapsed_s: float) -> None:
         end_ns = time.time_ns()
@@ -323,6 +358,7 @@ class Director:
                     # Subscribe first, then read: no event can fall between the two.
                     await self._resync(redis)
                     self._redis_up = True
+                    self._redis_error = None
                     self.metrics.redis_up.set(1)
                     backoff.reset()
                     next_resync = loop.time() + self.config.resync_interval_s
@@ -335,8 +371,13 @@ class Director:
                             await self._resync(redis)
                             next_resync = loop.time() + self.config.resync_interval_s
                 except REDIS_ERRORS as exc:
-                    if self._redis_up:  # log once per outage
-                        log.warning("redis unreachable (%r): keeping the last table, retrying", exc)
+                    text = redis_error_text(exc)
+                    if self._redis_up or text != self._redis_error:  # once per outage and reason
+                        # The server's own words: "server:ResponseError" (repr) hides a
+                        # protected-mode or password refusal.
+                        log.warning("redis %s unreachable: %s; keeping the last table, retrying",
+                                    redacted_url(self.config.redis_url), text)  # fmt: skip
+                    self._redis_error = text
                     self._redis_up = False
                     self.metrics.redis_up.set(0)
                     self.metrics.redis_errors.inc()
@@ -506,7 +547,7 @@ class Director:
         log.info(
             "director for %s ports %s: queue %d, forward %s, redis %s pool %s",
             self.config.vip, self.config.ports, self.config.queue_num, self.config.forward,
-            self.config.redis_url, self.config.pool,
+            redacted_url(self.config.redis_url), self.config.pool,
         )  # fmt: skip
         if ready is not None:
             ready()

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..config import AffinityConfig
 from .keys import KeySchema, token_hex
-from .redisconn import REDIS_ERRORS, Backoff, open_redis
+from .redisconn import REDIS_ERRORS, Backoff, open_redis, redacted_url, redis_error_text
 
 __all__ = [
     "AffinityRegistry",
@@ -364,6 +364,7 @@ class RedisRegistry:
         self._reconnecting: asyncio.Task[None] | None = None
         self._backoff = Backoff()
         self._stopped = False
+        self._logged_error: str | None = None  # the last Redis failure logged above debug
 
     @property
     def ttl_ms(self) -> int:
@@ -387,6 +388,15 @@ class RedisRegistry:
         try:
             await asyncio.wait_for(self._redis.ping(), self.op_timeout_s)
         except REDIS_ERRORS as exc:
+            # The registry begins "down", so _mark_down would not warn: say it now, once, in
+            # the server's own words (a protected-mode or password refusal explains itself).
+            self._logged_error = redis_error_text(exc)
+            log.error(
+                "redis %s unreachable at start: %s. This pod serves, but directors cannot steer to "
+                "it until it registers; retrying",
+                redacted_url(self._url),
+                self._logged_error,
+            )
             self._mark_down("connect", exc)
         else:
             self._set_up(True)
@@ -551,19 +561,27 @@ class RedisRegistry:
                 len(self._local.live),
             )
             self._set_up(True)
+            self._logged_error = None
             return
 
     def _mark_down(self, op: str, exc: BaseException) -> None:
         self._count_error(op, exc)
         if self._up:
-            log.warning("redis unreachable (%s: %r): keeping local state, retrying", op, exc)
+            self._logged_error = redis_error_text(exc)
+            log.warning("redis unreachable (%s: %s): keeping local state, retrying", op, self._logged_error)
         self._set_up(False)
         if not self._stopped and (self._reconnecting is None or self._reconnecting.done()):
             self._reconnecting = self._spawn(self._reconnect_loop())
 
     def _count_error(self, op: str, exc: BaseException) -> None:
         self.metrics.redis_errors.labels(op).inc()
-        log.debug("redis %s failed: %r", op, exc)
+        text = redis_error_text(exc)
+        if op == "reconnect" and text != self._logged_error:
+            # A new reason while retrying (e.g. the server now answers, but refuses us).
+            self._logged_error = text
+            log.warning("redis %s still unreachable: %s", redacted_url(self._url), text)
+        else:
+            log.debug("redis %s failed: %s", op, text)
 
     def _set_up(self, up: bool) -> None:
         self._up = up
