@@ -114,6 +114,22 @@ class DirectorConfig(BaseModel):
     flow_idle_timeout_s: int = Field(
         default=3600, ge=10, description="A subflow idle this long is forgotten by the kernel flow map."
     )
+    # --- the SYN queue's admission in the kernel (issue 10) ---
+    syn_rate_per_source: int = Field(
+        default=200,
+        ge=0,
+        description="SYNs per second one source address (IPv6: one /64) may send to the VIP before "
+        "nftables drops them (counter syn_over_source); 0: no per-source limit. Raise it for "
+        "sources that are big NATs.",
+    )
+    syn_burst_per_source: int = Field(default=400, ge=1, description="Burst allowed above syn_rate_per_source.")
+    syn_rate_total: int = Field(
+        default=20_000,
+        ge=0,
+        description="SYNs per second to the VIP that may reach the queue in total (counter "
+        "syn_over_total); 0: no limit.",
+    )
+    syn_burst_total: int = Field(default=4096, ge=1, description="Burst allowed above syn_rate_total.")
     resync_interval_s: float = Field(default=2.0, gt=0, description="Full read of the table from Redis.")
     snapshot_grace_s: float = Field(
         default=10.0,
@@ -143,6 +159,12 @@ class DirectorConfig(BaseModel):
         if self.mark_base & 0xFFFF or not self.mark_base:
             raise ValueError("mark_base must be non-zero with its low 16 bits clear, e.g. 0x4d430000")
         return self
+
+    def syn_limits(self) -> steering.SynLimits:
+        return steering.SynLimits(
+            per_source=self.syn_rate_per_source, per_source_burst=self.syn_burst_per_source,
+            total=self.syn_rate_total, total_burst=self.syn_burst_total,
+        )  # fmt: skip
 
     @property
     def owner(self) -> str:
@@ -522,7 +544,8 @@ class Director:
     def install(self) -> None:
         cfg = self.config
         steering.install_director(cfg.vip, cfg.ports, cfg.mark_base, cfg.queue_num, cfg.forward,
-                                cfg.flow_idle_timeout_s, table=cfg.nft_table, owner=cfg.owner)  # fmt: skip
+                                cfg.flow_idle_timeout_s, table=cfg.nft_table, owner=cfg.owner,
+                                syn_limits=cfg.syn_limits())  # fmt: skip
 
     def cleanup(self) -> None:
         cfg = self.config
