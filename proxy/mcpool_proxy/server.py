@@ -137,6 +137,7 @@ class Proxy:
         self.drain_requested: Callable[[], None] | None = None
         self._drain_task: asyncio.Task[int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.failure: str | None = None  # set by fail(): why this pod is not ready for good
 
     def _with_vip(self, own: Iterable[str | IPAddress]) -> list[str | IPAddress]:
         """The proxy's own addresses plus the pool's VIP: the pod affinity puts the VIP on lo only
@@ -288,7 +289,14 @@ class Proxy:
     # -- admin target --------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self._listening and not self._draining
+        return self._listening and not self._draining and self.failure is None
+
+    def fail(self, reason: str) -> None:
+        """A part the pod depends on died (e.g. the affinity's heartbeat): not ready from now on,
+        with `reason` in /readyz; the caller drains and exits non-zero."""
+        if self.failure is None:
+            self.failure = reason
+        self.stop_accepting()
 
     @property
     def draining(self) -> bool:
@@ -310,6 +318,7 @@ class Proxy:
             "mptcp_checksum": self.kernel_state.get("mptcp_checksum"),
             "tcp_fastopen_server": self.kernel_state.get("tcp_fastopen_server"),
             "relay_mode": self.relay_mode,
+            "failure": self.failure,
         }
 
     def render_metrics(self) -> bytes:
@@ -607,7 +616,13 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     proxy.drain_requested = drain_requested.set
     try:
-        await _first_of(drain_requested.wait(), immediate.wait())
+        await _first_of(drain_requested.wait(), immediate.wait(), affinity.died.wait())
+        if affinity.died.is_set() and not (drain_requested.is_set() or immediate.is_set()):
+            # Never a healthy-looking pod that no longer steers: unready, drain, exit non-zero
+            # so the StatefulSet restarts it.
+            proxy.fail(f"affinity: {affinity.failure}")
+            log.critical("stopping: %s", proxy.failure)
+            exit_status = 1
         aborted = 0
         live_at_signal = len(proxy.table)
         drain_started = time.monotonic()

@@ -38,7 +38,7 @@ from .packet import MAX_IPV6_EXT_BYTES, Syn, parse_syn
 from .redisconn import REDIS_ERRORS, Backoff, open_redis, redacted_url, redis_error_text
 from .table import AffinityTable, Decision, PodEntry, decide
 
-__all__ = ["Director", "DirectorConfig", "DirectorMetrics", "load_director_config", "main"]
+__all__ = ["Director", "DirectorConfig", "DirectorMetrics", "DirectorTaskDied", "load_director_config", "main"]
 
 log = logging.getLogger("mcpool.director")
 
@@ -170,6 +170,10 @@ class DirectorConfig(BaseModel):
     def owner(self) -> str:
         """Who owns this director's node resources (the nft table's comment)."""
         return f"mcpool director pool={self.pool} vip={self.vip}"
+
+
+class DirectorTaskDied(RuntimeError):
+    """A task the director needs (the Redis feed, the plumbing) ended: the process must exit."""
 
 
 def load_director_config(path: str | Path) -> DirectorConfig:
@@ -565,8 +569,9 @@ class Director:
         self._queue = queue
         fd = queue.get_fd()
         self._loop.add_reader(fd, self._drain_queue)
-        self._spawn(self._feed())
-        self._spawn(self._plumbing())
+        self._died: asyncio.Future[None] = self._loop.create_future()
+        self._spawn_critical(self._feed(), "redis feed")
+        self._spawn_critical(self._plumbing(), "plumbing")
         log.info(
             "director for %s ports %s: queue %d, forward %s, redis %s pool %s",
             self.config.vip, self.config.ports, self.config.queue_num, self.config.forward,
@@ -575,7 +580,7 @@ class Director:
         if ready is not None:
             ready()
         try:
-            await asyncio.Future()  # until cancelled
+            await self._died  # until cancelled, or until a task it cannot steer without dies
         finally:
             self._loop.remove_reader(fd)
             for task in list(self._tasks):
@@ -592,10 +597,27 @@ class Director:
         except OSError as exc:
             log.warning("reading the queue failed: %r", exc)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn_critical(self, coro: Any, name: str) -> None:
+        """A task the director cannot steer without: if it ends (it never should), `run` raises
+        DirectorTaskDied and the process exits non-zero, so the DaemonSet restarts it, rather
+        than keep a healthy-looking process whose table or tunnels no longer follow the pods."""
+        task = self._spawn(coro)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or self._died.done():
+                return
+            exc = t.exception()
+            log.critical("director task %s ended: %s", name, "returned" if exc is None else repr(exc),
+                         exc_info=exc)  # fmt: skip
+            self._died.set_exception(DirectorTaskDied(f"{name}: {exc!r}"))
+
+        task.add_done_callback(done)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 def main(argv: list[str]) -> int:
@@ -631,10 +653,14 @@ def main(argv: list[str]) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await director.run(ready=lambda: print("director ready", flush=True))
 
+    status = 0
     try:
         asyncio.run(_run())
+    except DirectorTaskDied as exc:
+        log.critical("director stopping: %s", exc)
+        status = 1
     finally:
         if args.cleanup:
             director.cleanup()
         telemetry.shutdown(2.0)
-    return 0
+    return status

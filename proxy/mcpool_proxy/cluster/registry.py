@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections import Counter as Multiset
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -365,6 +365,9 @@ class RedisRegistry:
         self._backoff = Backoff()
         self._stopped = False
         self._logged_error: str | None = None  # the last Redis failure logged above debug
+        # Called when a background loop (heartbeat, reconnect) dies of an unexpected error: the
+        # pod would look healthy while its registrations silently expire (PodAffinity wires it).
+        self.on_task_failure: Callable[[str, BaseException], None] | None = None
 
     @property
     def ttl_ms(self) -> int:
@@ -591,7 +594,18 @@ class RedisRegistry:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        name = getattr(task.get_coro(), "__qualname__", "registry task")
+        log.critical("registry background task %s died: %s", name, exc, exc_info=exc)
+        if self.on_task_failure is not None:
+            self.on_task_failure(f"registry {name}", exc)
 
 
 def make_registry(
