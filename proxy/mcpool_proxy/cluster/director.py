@@ -629,12 +629,29 @@ def main(argv: list[str]) -> int:
         help="remove the director's nftables table, queue rule and tunnels at exit "
         "(by default they stay, so a restart keeps live subflows flowing)",
     )
+    parser.add_argument(
+        "--cleanup-only",
+        action="store_true",
+        help="do not steer: remove what a director with this configuration leaves on the node (nft "
+        "table with its VIP drop rule, NFQUEUE rule, fwmark ip rules and route tables, tunnel "
+        "devices) and exit; for a pool that was deleted or left mechanism 'director'",
+    )
     args = parser.parse_args(argv)
     try:
         config = load_director_config(args.config)
     except ConfigError as exc:
         print(exc)
         return 2
+    if args.cleanup_only:
+        logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            Director(config).cleanup()
+        except (RuntimeError, OSError) as exc:
+            log.error("cleanup failed: %s", exc)
+            return 1
+        log.info("removed the kernel objects of %s (table %s, devices %s*)", config.owner, config.nft_table,
+                 config.device_prefix)  # fmt: skip
+        return 0
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -321,11 +321,42 @@ def remove_director(
     rule = _queue_rule(mark_base, queue_num)
     run([_xtables(vip), rule[0], rule[1], "-D", *rule[2:]], check=False)
     run(["nft", "delete", "table", "inet", table], check=False)
-    for dev in Path("/sys/class/net").iterdir():
-        suffix = dev.name.removeprefix(device_prefix)
-        if dev.name.startswith(device_prefix) and suffix.isdigit():
+    # The devices from netlink, not /sys/class/net: a sysfs mounted for another namespace (a
+    # container, `unshare -n`) would list the wrong ones.
+    for name in _link_names():
+        suffix = name.removeprefix(device_prefix)
+        if name.startswith(device_prefix) and suffix.isdigit():
             remove_slot(int(suffix), vip=vip, mark_base=mark_base, forward="vxlan",
                         route_table_base=route_table_base, device_prefix=device_prefix)  # fmt: skip
+    _remove_leftover_routing(vip, mark_base, route_table_base)
+
+
+def _link_names() -> list[str]:
+    names = []
+    for line in run(["ip", "-o", "link", "show"], check=False).splitlines():
+        parts = line.split(":", 2)
+        if len(parts) >= 2:
+            names.append(parts[1].strip().split("@", 1)[0])
+    return names
+
+
+def _remove_leftover_routing(vip: str, mark_base: int, route_table_base: int) -> None:
+    """fwmark rules and route tables of this director whose tunnel device is already gone (a
+    crash between the steps of add_slot, or a device deleted by hand)."""
+    v6 = ["-6"] if ipaddress.ip_address(vip).version == 6 else []
+    ours = range(route_table_base + 1, route_table_base + MAX_SLOTS + 1)
+    for line in run(["ip", *v6, "rule", "show", "pref", str(RULE_PREF)], check=False).splitlines():
+        match = re.search(r"fwmark (0x[0-9a-f]+)(?:/0x[0-9a-f]+)? lookup (\d+)", line)
+        if match and int(match.group(1), 16) & 0xFFFF0000 == mark_base and int(match.group(2)) in ours:
+            run(["ip", *v6, "rule", "del", "pref", str(RULE_PREF), "fwmark", match.group(1),
+                 "lookup", match.group(2)], check=False)  # fmt: skip
+    tables = set()
+    for line in run(["ip", *v6, "route", "show", "table", "all"], check=False).splitlines():
+        match = re.search(r"\btable (\d+)\b", line)
+        if match and int(match.group(1)) in ours:
+            tables.add(match.group(1))
+    for table in sorted(tables):
+        run(["ip", *v6, "route", "flush", "table", table], check=False)
 
 
 def add_slot(
