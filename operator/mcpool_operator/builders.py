@@ -625,6 +625,40 @@ def build_director_daemonset(pool: Pool, *, image: str | None = None) -> dict[st
     }
 
 
+def director_cleanup_name(pool: Pool) -> str:
+    return f"{pool.name}-director-cleanup"
+
+
+def build_director_cleanup_daemonset(pool: Pool, *, image: str | None = None) -> dict[str, Any]:
+    """Runs `mcpool director --cleanup-only` on every node a director of the pool may have run
+    on (same nodeSelector and tolerations), with the director's own ConfigMap, in an init
+    container: a Ready pod means its node holds nothing of the pool any more. Made when the pool
+    is deleted or leaves mechanism 'director', deleted once every pod is Ready."""
+    ds = build_director_daemonset(pool, image=image)
+    ds["metadata"]["name"] = director_cleanup_name(pool)
+    ds["metadata"]["labels"] = labels(pool, "director-cleanup")
+    ds["spec"]["selector"] = {"matchLabels": selector_labels(pool, "director-cleanup")}
+    template = ds["spec"]["template"]
+    template["metadata"] = {"labels": labels(pool, "director-cleanup")}
+    pod_spec = template["spec"]
+    director = pod_spec["containers"][0]
+    cleanup = {**director, "name": "cleanup",
+               "args": ["director", "--config", f"{DIRECTOR_CONFIG_DIR}/director.yaml", "--cleanup-only"]}  # fmt: skip
+    idle = {
+        "name": "done",
+        "image": director["image"],
+        "imagePullPolicy": director["imagePullPolicy"],
+        "command": ["mcpool"],
+        "args": ["director", "--config", f"{DIRECTOR_CONFIG_DIR}/director.yaml", "--idle"],
+        "securityContext": _container_security([]),
+        "resources": {"requests": {"cpu": "1m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+    }
+    pod_spec["initContainers"] = [cleanup]
+    pod_spec["containers"] = [idle]
+    pod_spec["terminationGracePeriodSeconds"] = 5
+    return ds
+
+
 # --- everything --------------------------------------------------------------------------------
 
 

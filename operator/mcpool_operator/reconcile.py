@@ -90,6 +90,8 @@ class Outcome:
     deleted: list[str] = field(default_factory=list)
     spec_error: str | None = None
     status_written: bool = False
+    # Why the node cleanup of a pool that left mechanism 'director' is not finished (None: done).
+    cleanup_pending: str | None = None
 
 
 class Reconciler:
@@ -175,7 +177,13 @@ class Reconciler:
                 continue
             if obj["kind"] == "StatefulSet":
                 statefulset = live
-        await self._prune(pool, {ref_of(obj) for obj in desired}, body, outcome, logger)
+        wanted = {ref_of(obj) for obj in desired}
+        if pool.spec.affinity.mechanism != "director":
+            # The director's ConfigMap and the cleanup DaemonSet belong to the node cleanup until
+            # it has finished (the cleanup pods mount that ConfigMap).
+            outcome.cleanup_pending = await self._node_cleanup(body, logger, pool=pool)
+            wanted |= {self._director_configmap_ref(pool), self._cleanup_ref(pool)}
+        await self._prune(pool, wanted, body, outcome, logger)
 
         pods = await self.client.list("v1", "Pod", pool.namespace, builders.status_selector(pool))
         seen = Observation(
@@ -190,6 +198,75 @@ class Reconciler:
         )
         await self._write_status(body, seen, outcome, logger)
         return outcome
+
+    # -- node cleanup (issue 10): nothing of a pool left on the director nodes --------------------
+
+    @staticmethod
+    def _director_configmap_ref(pool: Pool) -> ObjectRef:
+        return ObjectRef("v1", "ConfigMap", pool.namespace, builders.director_name(pool))
+
+    @staticmethod
+    def _cleanup_ref(pool: Pool) -> ObjectRef:
+        return ObjectRef("apps/v1", "DaemonSet", pool.namespace, builders.director_cleanup_name(pool))
+
+    async def node_cleanup(
+        self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]
+    ) -> str | None:
+        """`_node_cleanup` for a deleted pool, under the pool's lock (no reconcile in between)."""
+        meta = body.get("metadata") or {}
+        lock = self._locks.setdefault((str(meta.get("namespace")), str(meta.get("name"))), asyncio.Lock())
+        async with lock:
+            return await self._node_cleanup(body, logger)
+
+    async def _node_cleanup(
+        self,
+        body: Mapping[str, Any],
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        *,
+        pool: Pool | None = None,
+    ) -> str | None:
+        """Remove what the pool's directors left on their nodes (nft table and VIP drop rule,
+        NFQUEUE rule, ip rules, tunnels) after the pool was deleted or left mechanism 'director':
+        stop the directors, run `mcpool director --cleanup-only` on their nodes (a DaemonSet with
+        the directors' own ConfigMap), and when every node has run it, delete both. Returns why
+        it is not finished, or None (done, or the pool never had a director)."""
+        if pool is None:
+            meta = body.get("metadata") or {}
+            try:
+                pool = Pool.from_body(body)
+            except (SpecError, ValueError):
+                # Placement and image of a spec that no longer parses: the defaults.
+                pool = Pool(name=str(meta.get("name")), namespace=str(meta.get("namespace")),
+                            spec=MCPPoolSpec(), uid=str(meta.get("uid") or ""))  # fmt: skip
+        config_ref = self._director_configmap_ref(pool)
+        cleanup_ref = self._cleanup_ref(pool)
+        if await self.client.get(config_ref) is None:
+            # Nothing to clean, or cleaned already (a leftover cleanup DaemonSet cannot work).
+            if await self.client.delete(cleanup_ref):
+                logger.info("deleted %s", cleanup_ref)
+            return None
+        director_ref = ObjectRef("apps/v1", "DaemonSet", pool.namespace, builders.director_name(pool))
+        if await self.client.delete(director_ref):
+            logger.info("deleted %s: its nodes are cleaned up next", director_ref)
+        cleanup = builders.build_director_cleanup_daemonset(pool, image=self.director_image)
+        kopf.adopt(cleanup, owner=as_body(body))
+        live = await self.client.get(cleanup_ref)
+        if live is None:
+            live = await self.client.apply(cleanup_ref, _apply_body(cleanup), FIELD_MANAGER)
+            logger.info("created %s", cleanup_ref)
+            self.post_event(body, "Normal", "NodeCleanup",
+                            f"removing the directors' kernel objects from their nodes ({cleanup_ref.name})")  # fmt: skip
+        status = live.get("status") or {}
+        generation = int((live.get("metadata") or {}).get("generation") or 0)
+        desired = status.get("desiredNumberScheduled")
+        ready = int(status.get("numberReady") or 0)
+        if desired is None or int(status.get("observedGeneration") or 0) < generation or ready < int(desired):
+            return f"node cleanup: {ready} of {desired if desired is not None else '?'} director nodes clean"
+        for ref in (cleanup_ref, config_ref):
+            await self.client.delete(ref)
+        logger.info("node cleanup done on %s nodes", desired)
+        self.post_event(body, "Normal", "NodeCleanupDone", f"the directors' nodes are clean ({desired} nodes)")
+        return None
 
     async def _apply(
         self,

@@ -386,7 +386,11 @@ async def test_mechanism_switch_prunes_children(cluster: Cluster, operator_runne
         cluster.pool_path("steer"),
         {"spec": {"affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.10", "198.18.1.11"]}}},
     )
-    await eventually(lambda: names(cluster, DS) == set(), what="director removed")
+    # The director goes at once; its nodes are cleaned by a DaemonSet using its ConfigMap.
+    await eventually(lambda: names(cluster, DS) == {"steer-director-cleanup"}, what="director replaced by its cleanup")
+    assert names(cluster, CM) == {"steer-config", "steer-director"}
+    await cluster.set_daemonset_ready("steer-director-cleanup", 3, 3)
+    await eventually(lambda: names(cluster, DS) == set(), what="cleanup finished")
     await eventually(lambda: names(cluster, CM) == {"steer-config"}, what="director config removed")
     await eventually(lambda: {"steer-join-0", "steer-join-1"} <= names(cluster, SVC), what="join Services")
     await cluster.patch(cluster.pool_path("steer", sub="scale"), {"spec": {"replicas": 1}})
@@ -399,7 +403,23 @@ async def test_delete_leaves_no_orphans(cluster: Cluster, operator_runner: Opera
     pool = cluster.pool("steer")
     assert pool is not None and "mcp.mptcp.dev/finalizer" in pool["metadata"]["finalizers"]
     await cluster.delete(cluster.pool_path("steer"))
-    await eventually(lambda: cluster.pool("steer") is None, what="pool deleted (finalizer released)")
+    # The finalizer holds the pool until the directors' nodes are clean (issue 10).
+    cleanup = await eventually(lambda: cluster.child(DS, "steer-director-cleanup"), what="node cleanup DaemonSet")
+    # Retried every 2 s: also removes a director a reconcile still in flight applied again.
+    await eventually(lambda: cluster.child(DS, "steer-director") is None, what="director stopped")
+    pod_spec = cleanup["spec"]["template"]["spec"]
+    assert pod_spec["hostNetwork"] is True
+    assert pod_spec["initContainers"][0]["args"] == [
+        "director", "--config", "/etc/mcpool-director/director.yaml", "--cleanup-only"
+    ]
+    assert pod_spec["initContainers"][0]["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+    assert pod_spec["containers"][0]["args"][-1] == "--idle"
+    assert {"name": "config", "configMap": {"name": "steer-director"}} in pod_spec["volumes"]
+    await cluster.set_daemonset_ready("steer-director-cleanup", 2, 1)
+    await asyncio.sleep(2.5)  # a kopf retry (delay 2 s) sees one node still to clean
+    assert cluster.pool("steer") is not None
+    await cluster.set_daemonset_ready("steer-director-cleanup", 2, 2)
+    await eventually(lambda: cluster.pool("steer") is None, limit_s=15, what="pool deleted (finalizer released)")
     for resource in (STS, DS, SVC, CM, SA, PDB):
         assert cluster.children(resource) == [], resource
 

@@ -636,7 +636,18 @@ def main(argv: list[str]) -> int:
         "table with its VIP drop rule, NFQUEUE rule, fwmark ip rules and route tables, tunnel "
         "devices) and exit; for a pool that was deleted or left mechanism 'director'",
     )
+    parser.add_argument(
+        "--idle",
+        action="store_true",
+        help="do nothing until SIGTERM (the operator's cleanup DaemonSet runs this after "
+        "--cleanup-only in an init container, so a Ready pod means its node is clean)",
+    )
     args = parser.parse_args(argv)
+    if args.idle:
+        stop = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
+        return 0
     try:
         config = load_director_config(args.config)
     except ConfigError as exc:
