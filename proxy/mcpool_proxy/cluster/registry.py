@@ -125,6 +125,13 @@ class RegistryMetrics:
             "Connections this pod has registered and not closed.",
             registry=registry,
         )
+        # --- collisions made visible (issue 10) ---
+        self.collided = Gauge(
+            "mcpool_affinity_collided_connections",
+            "Live connections of this pod whose token another pod owns: single-path (their joins go "
+            "to the owner and are reset) until the owner's connection closes. See docs/affinity.md.",
+            registry=registry,
+        )
         self.resyncs = Counter(
             "mcpool_affinity_reregistrations",
             "Full re-registrations of this pod's state after Redis came back.",
@@ -229,6 +236,7 @@ class MemoryRegistry:
     async def unregister_connection(self, token: int, cpe: str | None = None) -> None:
         cpe, last = self._local.remove(token, cpe)
         self.metrics.live.set(len(self._local.live))
+        self.metrics.collided.set(len(self._local.collided))
         if self.store.tokens.get(token) == self.pod_name:
             del self.store.tokens[token]
         if last and cpe is not None and self.store.cpes.get(cpe) == self.pod_name:
@@ -467,6 +475,7 @@ class RedisRegistry:
             self.metrics.registrations.labels("registered").inc()
             return RegistrationResult("registered", owner)
         self._local.collided[token] = owner
+        self.metrics.collided.set(len(self._local.collided))
         self.metrics.collisions.inc()
         self.metrics.registrations.labels("collision").inc()
         log.warning(
@@ -482,6 +491,7 @@ class RedisRegistry:
         was_collided = token in self._local.collided
         cpe, last = self._local.remove(token, cpe)
         self.metrics.live.set(len(self._local.live))
+        self.metrics.collided.set(len(self._local.collided))
         if self._up and cpe is not None and not was_collided:
             await self._release(token, cpe, last)
 
@@ -536,6 +546,7 @@ class RedisRegistry:
                 collided[int(pairs[i], 16)] = str(pairs[i + 1])
         # A token's collision ends when its first owner releases it and we claim it here.
         self._local.collided = {t: o for t, o in collided.items() if t in self._local.live}
+        self.metrics.collided.set(len(self._local.collided))
 
     async def _heartbeat_loop(self) -> None:
         while not self._stopped:
