@@ -10,6 +10,7 @@ DEB_PACKAGES=(
   redis-server                                            # affinity table (tests start their own)
   iperf3 mptcpd curl haproxy                              # demo, SOCKS5 test (mptcpize), bench
   libnetfilter-queue-dev gcc                              # netfilterqueue (director) builds against it
+  unzip                                                   # scripts/install-helm.sh (chart tests)
 )
 
 missing=()
@@ -37,3 +38,6 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
 fi
+
+# Helm 4 and Helm 3 for the chart tests (tests/chart/), in .tools/ (git-ignored).
+scripts/install-helm.sh
