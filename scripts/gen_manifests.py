@@ -194,7 +194,7 @@ def main(argv: list[str]) -> int:
     for path, text in generated_files(args.helm).items():
         if path.exists() and path.read_text() == text:
             continue
-        stale.append(path.relative_to(REPO))
+        stale.append(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
         if not args.check:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
