@@ -1,0 +1,101 @@
+"""The chart's pre-delete hook script (charts/mcpool/files/cleanup.py), run for real against the
+Kubernetes API emulator of the operator tests: with the real operator running it deletes every
+pool and returns once the operator has released them; with no operator to release the
+finalizer it fails after its timeout, naming the pools left."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+import pytest
+import pytest_asyncio
+import yaml
+from chart_support import CHART, REPO, load_module
+
+# The operator tests' emulator, Cluster client and OperatorRunner (loaded under their own name).
+oc = load_module(REPO / "tests" / "operator" / "conftest.py", "mcpool_operator_test_conftest")
+SCRIPT = CHART / "files" / "cleanup.py"
+FINALIZER = "mcp.mptcp.dev/finalizer"
+
+
+@pytest_asyncio.fixture()
+async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    async with oc.ClusterEmulator() as emulator, kmock.Server(emulator) as server:
+        url = str(server.url).rstrip("/")
+        kubeconfig = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+            "users": [{"name": "cleanup", "user": {"token": "emulator-token"}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "cleanup"}}],
+            "current-context": "emulator",
+        }
+        (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
+        monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: use the kubeconfig
+        async with aiohttp.ClientSession(headers={"User-Agent": oc.TEST_USER_AGENT}) as session:
+            yield oc.Cluster(emulator, url, session)
+
+
+async def run_cleanup(namespaces: str, timeout_s: float) -> tuple[int, str, str]:
+    env = {**os.environ, "WATCH_NAMESPACES": namespaces, "TIMEOUT_SECONDS": str(timeout_s), "POLL_SECONDS": "0.1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SCRIPT.read_text(), env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout_s + 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize("namespaces", ["", oc.NAMESPACE], ids=["all-namespaces", "namespaced"])
+async def test_cleanup_deletes_every_pool_while_the_operator_runs(cluster: Any, namespaces: str) -> None:
+    options = oc.OperatorOptions(
+        namespaces=(oc.NAMESPACE,), liveness_endpoint=None, resync_interval_s=3600.0,
+        watch_server_timeout_s=60, watch_client_timeout_s=90.0, request_timeout_s=10.0, worker_idle_timeout_s=0.3,
+    )
+    runner = oc.OperatorRunner(cluster, options)
+    await runner.start()
+    try:
+        for name in ("first", "second"):
+            await cluster.create_pool(name, {"replicas": 1})
+            # The operator has taken the pool: its finalizer is on it (what makes deletion wait).
+            await oc.eventually(
+                lambda n=name: FINALIZER in ((cluster.pool(n) or {}).get("metadata", {}).get("finalizers") or []),
+                what=f"the finalizer on {name}",
+            )
+        code, out, err = await run_cleanup(namespaces, 60)
+        assert code == 0, err
+        assert f"deleting MCPPool {oc.NAMESPACE}/first" in out and "every MCPPool is gone" in out
+        assert cluster.pool("first") is None and cluster.pool("second") is None
+    finally:
+        await runner.stop()
+
+
+async def test_cleanup_fails_naming_the_pools_no_operator_releases(cluster: Any) -> None:
+    await cluster.request(
+        "POST",
+        cluster.pool_path(),
+        {
+            "apiVersion": "mcp.mptcp.dev/v1alpha1",
+            "kind": "MCPPool",
+            "metadata": {"name": "stuck", "namespace": oc.NAMESPACE, "finalizers": [FINALIZER]},
+            "spec": {},
+        },
+    )
+    code, _, err = await run_cleanup(oc.NAMESPACE, 1)
+    assert code == 1
+    assert f"MCPPools still present after 1s: {oc.NAMESPACE}/stuck" in err and "Is the operator running?" in err
+    # Deleted (marked) but still there, held by the finalizer.
+    assert (cluster.pool("stuck") or {}).get("metadata", {}).get("deletionTimestamp")
+
+
+async def test_cleanup_with_no_pools_returns_at_once(cluster: Any) -> None:
+    code, out, err = await run_cleanup("", 5)
+    assert code == 0 and "every MCPPool is gone" in out, err
