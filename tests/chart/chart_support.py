@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import aiohttp
+import kmock
 import pytest
 import yaml
 
@@ -114,3 +118,44 @@ def pod_templates(docs: list[Doc]) -> list[tuple[str, Doc]]:
         elif doc["kind"] == "Pod":
             found.append((where, doc["spec"]))
     return found
+
+
+def operator_tests() -> ModuleType:
+    """The operator tests' emulator, Cluster client and OperatorRunner (their conftest, loaded
+    under its own module name so that pytest's own import of it is untouched)."""
+    return load_module(REPO / "tests" / "operator" / "conftest.py", "mcpool_operator_test_conftest")
+
+
+@contextlib.asynccontextmanager
+async def emulated_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    """The API emulator on a loopback port, with a kubeconfig in KUBECONFIG for the operator and
+    for subprocesses (as outside a cluster); yields the operator tests' `Cluster` client."""
+    oc = operator_tests()
+    async with oc.ClusterEmulator() as emulator, kmock.Server(emulator) as server:
+        url = str(server.url).rstrip("/")
+        kubeconfig = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+            "users": [{"name": "user", "user": {"token": "emulator-token"}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "user"}}],
+            "current-context": "emulator",
+        }
+        (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
+        monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod
+        async with aiohttp.ClientSession(headers={"User-Agent": oc.TEST_USER_AGENT}) as session:
+            yield oc.Cluster(emulator, url, session)
+
+
+def operator_options(oc: ModuleType, *, all_namespaces: bool) -> Any:
+    return oc.OperatorOptions(
+        namespaces=() if all_namespaces else (oc.NAMESPACE,),
+        all_namespaces=all_namespaces,
+        liveness_endpoint=None,
+        resync_interval_s=3600.0,
+        watch_server_timeout_s=60,
+        watch_client_timeout_s=90.0,
+        request_timeout_s=10.0,
+        worker_idle_timeout_s=0.3,
+    )

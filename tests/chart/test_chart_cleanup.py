@@ -12,36 +12,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import kmock
 import pytest
 import pytest_asyncio
-import yaml
-from chart_support import CHART, REPO, load_module
+from chart_support import CHART, emulated_cluster, operator_options, operator_tests
 
-# The operator tests' emulator, Cluster client and OperatorRunner (loaded under their own name).
-oc = load_module(REPO / "tests" / "operator" / "conftest.py", "mcpool_operator_test_conftest")
+oc = operator_tests()
 SCRIPT = CHART / "files" / "cleanup.py"
 FINALIZER = "mcp.mptcp.dev/finalizer"
 
 
 @pytest_asyncio.fixture()
 async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    async with oc.ClusterEmulator() as emulator, kmock.Server(emulator) as server:
-        url = str(server.url).rstrip("/")
-        kubeconfig = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "emulator", "cluster": {"server": url}}],
-            "users": [{"name": "cleanup", "user": {"token": "emulator-token"}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "cleanup"}}],
-            "current-context": "emulator",
-        }
-        (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
-        monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: use the kubeconfig
-        async with aiohttp.ClientSession(headers={"User-Agent": oc.TEST_USER_AGENT}) as session:
-            yield oc.Cluster(emulator, url, session)
+    async with emulated_cluster(tmp_path, monkeypatch) as cluster:
+        yield cluster
 
 
 async def run_cleanup(namespaces: str, timeout_s: float) -> tuple[int, str, str]:
@@ -56,11 +39,7 @@ async def run_cleanup(namespaces: str, timeout_s: float) -> tuple[int, str, str]
 
 @pytest.mark.parametrize("namespaces", ["", oc.NAMESPACE], ids=["all-namespaces", "namespaced"])
 async def test_cleanup_deletes_every_pool_while_the_operator_runs(cluster: Any, namespaces: str) -> None:
-    options = oc.OperatorOptions(
-        namespaces=(oc.NAMESPACE,), liveness_endpoint=None, resync_interval_s=3600.0,
-        watch_server_timeout_s=60, watch_client_timeout_s=90.0, request_timeout_s=10.0, worker_idle_timeout_s=0.3,
-    )
-    runner = oc.OperatorRunner(cluster, options)
+    runner = oc.OperatorRunner(cluster, operator_options(oc, all_namespaces=False))
     await runner.start()
     try:
         for name in ("first", "second"):
