@@ -4,6 +4,8 @@ and newest supported Kubernetes, the strict values schema, and the values the ch
 
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -197,3 +199,16 @@ def test_helm_binaries_fail_loudly_when_missing(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setitem(chart_support.HELMS, "helm4", tmp_path / "nowhere" / "helm")
     with pytest.raises(pytest.fail.Exception, match="missing: run scripts/install-helm.sh"):
         helm_binary("helm4")
+
+
+@pytest.mark.parametrize("helm", sorted(HELMS))
+def test_package_holds_what_the_templates_read(helm: str, tmp_path: Path) -> None:
+    result = run_helm(helm, "package", "CHART", "--destination", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (archive,) = tmp_path.glob("mcpool-*.tgz")
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {"mcpool/Chart.yaml", "mcpool/values.schema.json", "mcpool/files/cleanup.py", "mcpool/templates/crds/mcppools.yaml"} <= names
+    assert not [n for n in names if n.endswith("README.md") and n != "mcpool/README.md"]
+    # The packaged chart renders like the source tree.
+    assert run_helm(helm, "template", "mcpool", str(archive)).returncode == 0
