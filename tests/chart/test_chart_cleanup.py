@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from chart_support import CHART, emulated_cluster, operator_options, operator_tests
+from mcpool_operator.handlers import FINALIZER
 
 oc = operator_tests()
 SCRIPT = CHART / "files" / "cleanup.py"
-FINALIZER = "mcp.mptcp.dev/finalizer"
+
 
 
 @pytest_asyncio.fixture()
