@@ -5,16 +5,19 @@ finalizer it fails after its timeout, naming the pools left."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
+import re
 import sys
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from chart_support import CHART, emulated_cluster, operator_options, operator_tests
+from chart_support import CHART, REPO, emulated_cluster, operator_options, operator_tests
 from mcpool_operator.handlers import FINALIZER
 
 oc = operator_tests()
@@ -79,3 +82,13 @@ async def test_cleanup_fails_naming_the_pools_no_operator_releases(cluster: Any)
 async def test_cleanup_with_no_pools_returns_at_once(cluster: Any) -> None:
     code, out, err = await run_cleanup("", 5)
     assert code == 0 and "every MCPPool is gone" in out, err
+
+
+def test_the_operator_image_has_what_the_script_imports() -> None:
+    # The hook runs in the operator image, which installs mcpool[operator] only.
+    tree = ast.parse(SCRIPT.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["operator"]
+    installed = {re.split(r"[<>=\[ ]", requirement)[0] for requirement in extra}
+    assert imported - sys.stdlib_module_names == {"kubernetes"} and "kubernetes" in installed

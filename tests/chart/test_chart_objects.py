@@ -150,7 +150,7 @@ def test_operator_deployment() -> None:
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     digest = "sha256:" + "0" * 64
-    assert container["image"] == f"ghcr.io/mptcp-dev/mcpool:0.1.0@{digest}"
+    assert container["image"] == f"ghcr.io/mptcp-dev/mcpool-operator:0.1.0@{digest}"
     assert "--director-image=ghcr.io/mptcp-dev/mcpool:0.1.0" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
@@ -168,7 +168,7 @@ def test_operator_deployment() -> None:
 def test_image_tag_override() -> None:
     docs = render("helm4", "--set", "operator.image.tag=9.9.9", "--set", "director.image.repository=example.com/d")
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/mptcp-dev/mcpool:9.9.9"
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/mptcp-dev/mcpool-operator:9.9.9"
     assert "--director-image=example.com/d:0.1.0" in args
 
 

@@ -5,6 +5,7 @@ and newest supported Kubernetes, the strict values schema, and the values the ch
 from __future__ import annotations
 
 import tarfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,10 @@ def test_package_holds_what_the_templates_read(helm: str, tmp_path: Path) -> Non
     assert not [n for n in names if n.endswith("README.md") and n != "mcpool/README.md"]
     # The packaged chart renders like the source tree.
     assert run_helm(helm, "template", "mcpool", str(archive)).returncode == 0
+
+
+def test_app_version_is_the_project_version() -> None:
+    # The image tags default to appVersion; the images are built with the project's version.
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((CHART.parents[1] / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]
