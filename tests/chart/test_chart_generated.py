@@ -50,8 +50,11 @@ def test_manifests_carry_no_helm_labels_and_no_hooks() -> None:
         for doc in yaml.safe_load_all((REPO / "manifests" / name).read_text()):
             text = json.dumps(doc)
             assert "helm.sh/" not in text and '"Helm"' not in text, f"{name}: {doc['kind']}"
-    kinds = [d["kind"] for d in yaml.safe_load_all((REPO / "manifests" / "operator.yaml").read_text())]
-    assert kinds == ["Namespace", "Service", "Deployment"]
+    # Applied in this order (crds/, rbac.yaml, operator.yaml): the namespace comes first.
+    rbac = [d["kind"] for d in yaml.safe_load_all((REPO / "manifests" / "rbac.yaml").read_text())]
+    operator = [d["kind"] for d in yaml.safe_load_all((REPO / "manifests" / "operator.yaml").read_text())]
+    assert rbac == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
+    assert operator == ["Service", "Deployment"]
 
 
 def test_readme_values_table_is_generated() -> None:
