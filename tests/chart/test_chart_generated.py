@@ -136,19 +136,22 @@ def test_defaults_and_scenarios_satisfy_the_schema() -> None:
         jsonschema.Draft7Validator(schema).validate(merged(defaults, yaml.safe_load(path.read_text()) or {}))
 
 
-def readme_installs() -> list[list[str]]:
-    text = (CHART / "README.md").read_text().replace("\\\n", " ")
-    return [shlex.split(line) for line in text.splitlines() if line.startswith("helm install ")]
+def helm_commands(path: Path, verb: str) -> list[list[str]]:
+    """Every `helm <verb> ...` command line of a document (continuation lines joined)."""
+    text = path.read_text().replace("\\\n", " ")
+    return [shlex.split(line.strip(), comments=True) for line in text.splitlines() if line.strip().startswith(f"helm {verb} ")]
 
 
-def test_readme_install_commands_render() -> None:
-    commands = readme_installs()
-    assert len(commands) == 3
+@pytest.mark.parametrize(("doc", "count"), [("charts/mcpool/README.md", 3), ("docs/install.md", 4), ("README.md", 1)])
+def test_documented_install_commands_render(doc: str, count: int) -> None:
+    # The chart's README and the install guide show real commands: each must render as written.
+    commands = helm_commands(REPO / doc, "install") + helm_commands(REPO / doc, "upgrade")
+    assert len(commands) >= count, commands
     for argv in commands:
-        assert argv[:4] == ["helm", "install", "mcpool", "charts/mcpool"], argv
-        args = [a for a in argv[4:] if a != "--create-namespace"]
+        assert argv[2:4] == ["mcpool", "charts/mcpool"], argv
+        args = [a for a in argv[4:] if a not in ("--create-namespace", "--reuse-values")]
         result = run_helm("helm4", "template", "mcpool", "CHART", *args)
-        assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr}"
+        assert result.returncode == 0, f"{doc}: {' '.join(argv)}: {result.stderr}"
 
 
 def test_readme_states_the_validated_kubernetes_range() -> None:
