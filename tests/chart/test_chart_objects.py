@@ -152,6 +152,7 @@ def test_operator_deployment() -> None:
     digest = "sha256:" + "0" * 64
     assert container["image"] == f"ghcr.io/mptcp-dev/mcpool-operator:0.1.0@{digest}"
     assert "--director-image=ghcr.io/mptcp-dev/mcpool:0.1.0" in container["args"]
+    assert "--allowed-images=ghcr.io/mptcp-dev/mcpool" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
     assert {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel-collector.observability.svc:4318"} in container["env"]
@@ -170,6 +171,19 @@ def test_image_tag_override() -> None:
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/mptcp-dev/mcpool-operator:9.9.9"
     assert "--director-image=example.com/d:0.1.0" in args
+
+
+def test_allowed_images_reach_the_operator_and_can_be_opened() -> None:
+    docs = render("helm4", "--set", "operator.allowedImages={registry.example/mcp/,ghcr.io/mptcp-dev/mcpool}")
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--allowed-images=registry.example/mcp/,ghcr.io/mptcp-dev/mcpool" in args
+    from mcpool_operator.main import parse_args
+
+    options = parse_args([a for a in args if a.startswith(("--allowed-images", "--namespace", "--all-namespaces"))])
+    assert options.allowed_images == ("registry.example/mcp/", "ghcr.io/mptcp-dev/mcpool")
+    docs = render("helm4", "--set", "operator.allowedImages=null")
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("--allowed-images")]
 
 
 def test_chart_selectors_never_match_pool_pods() -> None:

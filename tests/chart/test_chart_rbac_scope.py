@@ -74,6 +74,10 @@ async def exercise(cluster: Any, all_namespaces: bool) -> list[tuple[str | None,
             {"spec": {"affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1", "198.18.1.2"]}}},
         )
         await oc.eventually(lambda: cluster.child("apps/v1/daemonsets", "rbac-director") is None, what="prune")
+        # The former director's nodes are cleaned by a DaemonSet the operator removes when done.
+        await oc.eventually(lambda: cluster.child("apps/v1/daemonsets", "rbac-director-cleanup"), what="cleanup")
+        await cluster.set_daemonset_ready("rbac-director-cleanup", 1, 1)
+        await oc.eventually(lambda: cluster.child("v1/configmaps", "rbac-director") is None, what="cleanup done")
         await cluster.delete(cluster.pool_path("rbac"))
         await oc.eventually(lambda: cluster.pool("rbac") is None, what="deletion")
     finally:
