@@ -73,6 +73,8 @@ class OperatorOptions:
     verbose: bool = False
     # Image of every director DaemonSet, overriding spec.image (None: spec.image).
     director_image: str | None = None
+    # HOST:PORT of the Prometheus metrics endpoint (None: not served).
+    metrics_listen: str | None = None
 
 
 def configure_settings(settings: kopf.OperatorSettings, options: OperatorOptions) -> None:

@@ -75,7 +75,7 @@ from .convert import (
     validate_client_request,
 )
 from .logs import configure_logging, log_connection_closed
-from .metrics import ProxyMetrics
+from .metrics import PathSample, ProxyMetrics, observe
 from .mptcp import (
     SYSCTL_MPTCP_CHECKSUM,
     SYSCTL_TCP_FASTOPEN,
@@ -83,6 +83,7 @@ from .mptcp import (
     enable_fastopen_listener,
     get_mptcp_info,
     get_mptcp_token,
+    get_subflows,
     read_sysctl,
     write_sysctl,
 )
@@ -118,6 +119,7 @@ from .telemetry import (
     connection_fields,
     initial_subflow,
     join_refusals,
+    mptcp_counters,
 )
 from .upstream import UpstreamError, connect_upstream, set_nodelay
 
@@ -170,6 +172,7 @@ class _Attempt:
     answered: bool = False  # an error answer (Convert Error TLV, SOCKS5 reply) was sent
     destination: tuple[str, int] | None = None
     requested: str | None = None
+    started: float = 0.0  # time.monotonic() at accept
 
 
 _NO_ATTEMPT = _Attempt(NOOP_TRACE, "none")
@@ -297,7 +300,11 @@ class Proxy:
         self._watch_subflows = watch_subflows
         self._watch_task: asyncio.Task[None] | None = None
         self._join_refusals_at_start: dict[str, int] = {}
-        self.metrics.add_subflow_watch(self.subflows, self._join_refusals_since_start)
+        self._mptcp_counters_at_start: dict[str, int] = {}
+        self.metrics.add_subflow_watch(self.subflows, self._join_refusals_since_start,
+                                       self._mptcp_counters_since_start)
+        self.metrics.add_access_paths(config.access_paths, self._path_samples)
+        self.metrics.drain_timeout.set(config.drain_timeout_s)
         self.observers: list[ConnectionObserver] = list(observers)
         self.relay_mode: Literal["splice", "buffered"] = resolve_mode(config.relay.mode)
         self.pools = RelayPools(config.relay.buffer_bytes)
@@ -394,6 +401,7 @@ class Proxy:
         # Only MPTCP listeners have subflows to watch; the refusal counters are namespace-wide
         # and cumulative, so they are reported relative to now.
         self._join_refusals_at_start = join_refusals()
+        self._mptcp_counters_at_start = mptcp_counters()
         if not self._watch_subflows or not any(self.listeners_mptcp.values()):
             return
         self.subflows.listen_ports = frozenset(port for _, port in self.listen_addresses.values())
@@ -403,6 +411,28 @@ class Proxy:
     def _join_refusals_since_start(self) -> dict[str, int]:
         now = join_refusals()
         return {k: v - self._join_refusals_at_start.get(k, 0) for k, v in now.items()}
+
+    def _mptcp_counters_since_start(self) -> dict[str, int]:
+        now = mptcp_counters()
+        return {k: v - self._mptcp_counters_at_start.get(k, 0) for k, v in now.items()}
+
+    def _path_samples(self) -> Iterable[PathSample]:
+        """Per-subflow bytes of live connections, for the access-path metric (read when scraped:
+        one getsockopt per MPTCP connection)."""
+        for conn in self.table:
+            sock = conn.relay.client
+            if conn.mptcp and sock.fileno() >= 0:
+                try:
+                    subflows = get_subflows(sock)
+                except OSError:
+                    subflows = []
+                if subflows:
+                    for sf in subflows:
+                        yield ((conn.id, sf.local, sf.remote), sf.local[0], sf.remote[0],
+                               sf.bytes_received or 0, sf.bytes_sent or 0)
+                    continue
+            # Plain TCP (or subflows unreadable): one path, the client's address, both ends alike.
+            yield (conn.id,), conn.client[0], conn.client[0], conn.relay.bytes_up, conn.relay.bytes_down
 
     def _close_listeners(self) -> None:
         for sock in self._listeners.values():
@@ -439,6 +469,8 @@ class Proxy:
         unable to add or re-add a subflow during the drain — exactly when a CPE that loses a
         link needs it (measured on 6.18: with the listener closed, a join from a newly added
         endpoint never arrived, MPJoinSynRx stayed 0)."""
+        if not self._draining:
+            self.metrics.drain_started.set(time.time())
         self._draining = True
         self.metrics.draining.set(1)
 
@@ -494,8 +526,8 @@ class Proxy:
             "relay_mode": self.relay_mode,
         }
 
-    def render_metrics(self) -> bytes:
-        return self.metrics.render()
+    def render_metrics(self, openmetrics: bool = False) -> bytes:
+        return self.metrics.render(openmetrics)
 
     def request_drain(self) -> None:
         self.stop_accepting()
@@ -547,9 +579,9 @@ class Proxy:
             client = _client_of(peer)
         except (ValueError, IndexError, TypeError):  # not an IP peer: nothing else to do with it
             client = ("?", 0)
-        attempt = _Attempt(self.telemetry.connection(protocol, client), protocol)
-        _attempt.set(attempt)
         started = time.monotonic()
+        attempt = _Attempt(self.telemetry.connection(protocol, client), protocol, started=started)
+        _attempt.set(attempt)
         self._handshakes += 1
         try:
             sock.setblocking(False)
@@ -832,7 +864,7 @@ class Proxy:
             self.metrics.child(self.metrics.upstream_errors, exc.reason).inc()
             trace.end_upstream(exc.reason)
             raise
-        self.metrics.upstream_latency.observe(time.monotonic() - started)
+        observe(self.metrics.upstream_latency, time.monotonic() - started, trace.trace_id)
         trace.end_upstream()
         return upstream
 
@@ -1025,7 +1057,14 @@ class Proxy:
         token = get_mptcp_token(client_sock)
         conn.token = None if token is None else f"{token:08x}"
         conn.mptcp = token is not None
-        conn.trace = _attempt.get().trace
+        attempt = _attempt.get()
+        conn.trace = attempt.trace
+        transport = "mptcp" if conn.mptcp else "tcp"
+        if not conn.mptcp:
+            self.metrics.child(self.metrics.fallbacks, mode).inc()
+        self.metrics.child(self.metrics.active_by_mode, mode, transport).inc()
+        observe(self.metrics.child(self.metrics.handshake_latency, mode),
+                time.monotonic() - attempt.started, conn.trace.trace_id)
         if token is not None:
             first = initial_subflow(client_sock)
             self.subflows.attach(token, conn.trace, sock=client_sock, initial=[first] if first else [])
@@ -1045,6 +1084,7 @@ class Proxy:
         self.table.remove(conn)
         self.policy.release(conn.client[0])
         self.metrics.child(self.metrics.closed, str(reason)).inc()
+        self.metrics.child(self.metrics.active_by_mode, conn.mode, "mptcp" if conn.mptcp else "tcp").dec()
         self.metrics.closed_bytes_up += conn.relay.bytes_up
         self.metrics.closed_bytes_down += conn.relay.bytes_down
         if len(self.table) == 0:

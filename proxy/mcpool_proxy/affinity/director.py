@@ -190,6 +190,24 @@ class DirectorMetrics:
         self.resyncs = Counter(
             "mcpool_director_resyncs", "Full reads of the table from Redis.", registry=self.registry
         )
+        self.packets = Counter(
+            "mcpool_director_queued_packets",
+            "Packets that reached the director in userspace (NFQUEUE), by kind (initial, join, "
+            "unparsable); everything else is forwarded by the kernel.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.joins_waiting = Gauge(
+            "mcpool_director_joins_waiting",
+            "MP_JOIN SYNs held now until their token is registered (up to join_wait_ms).",
+            registry=self.registry,
+        )
+        self.join_wait_seconds = Histogram(
+            "mcpool_director_join_wait_seconds",
+            "How long MP_JOIN SYNs were held for their token before their verdict.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
         self.malformed = Counter(
             "mcpool_director_malformed_entries",
             "Table events (source=event) or Redis keys (source=key) that could not be parsed and were skipped.",
@@ -244,6 +262,7 @@ class Director:
         started = time.perf_counter()
         try:
             syn = parse_syn(packet.get_payload())
+            self.metrics.packets.labels("unparsable" if syn is None else "join" if syn.is_join else "initial").inc()
             if syn is None:
                 self._verdict(packet, Decision("no_ready_pod", None), started, "unparsable")
                 return
@@ -259,7 +278,13 @@ class Director:
 
     async def _wait_and_verdict(self, packet: Any, syn: Syn, started: float) -> None:
         assert syn.join_token is not None
-        await self.table.wait_for_token(syn.join_token, self.config.join_wait_ms / 1000)
+        held = time.perf_counter()
+        self.metrics.joins_waiting.inc()
+        try:
+            await self.table.wait_for_token(syn.join_token, self.config.join_wait_ms / 1000)
+        finally:
+            self.metrics.joins_waiting.dec()
+            self.metrics.join_wait_seconds.observe(time.perf_counter() - held)
         self._verdict(packet, decide(syn, self.table, waited=True), started, syn=syn)
 
     def _verdict(
