@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "director": ("mcpool_proxy.affinity.director", "steer SYNs to the pod owning each connection (--config FILE)"),
     "operator": ("mcpool_operator.main", "run the kopf operator for MCPPool resources"),
     "check-config": ("mcpool_proxy.checkconfig", "validate a proxy configuration file"),
+    "top": ("mcpool_proxy.top", "live connections and per-subflow rates of a proxy (admin API)"),
 }
 
 
