@@ -10,6 +10,7 @@ DEB_PACKAGES=(
   redis-server                                            # affinity table (tests start their own)
   iperf3 mptcpd curl haproxy                              # demo, SOCKS5 test (mptcpize), bench
   libnetfilter-queue-dev gcc                              # netfilterqueue (director) builds against it
+  prometheus                                              # dashboards/alerts proof (prometheus, promtool)
 )
 
 missing=()
@@ -26,6 +27,14 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # The Debian redis-server package starts a system instance; tests start their own on free ports.
+# The Debian prometheus package starts a system instance on :9090 (also the proxy's default admin
+# port); the tests run their own, so stop and disable that one when it was just installed.
+if [[ " ${missing[*]:-} " == *" prometheus "* ]]; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
+fi
+for cmd in prometheus promtool; do
+  command -v "$cmd" >/dev/null || { echo "install-deps: $cmd not found after installing prometheus" >&2; exit 1; }
+done
 
 PYTHON=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then

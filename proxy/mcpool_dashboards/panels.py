@@ -162,7 +162,7 @@ POOL = Dashboard(
                 "Failovers",
                 "Subflows lost while their connection lived on: 'stale' is the kernel moving data "
                 "off a subflow after repeated losses, 'closed' a subflow that ended while others "
-                "carried on. A few are what bonding is for (a line lost sync); many, steadily, "
+                "carried on. A few are what bonding is for (a line lost sync). Bad: many, steadily, "
                 "mean one access network is flapping: check Bytes per access path and the access "
                 "network's own monitoring.",
                 (Query(f"sum by (kind) (increase(mcpool_mptcp_failovers_total{{{NS}}}[{RATE}]))", "{{kind}}"),),
@@ -170,7 +170,7 @@ POOL = Dashboard(
             Panel(
                 "DSS checksum errors",
                 "DSS checksum failures the kernel counted in the pods (MPTcpExtDataCsumErr). "
-                "Anything above 0 means a middlebox alters payload on some path; MPTCP falls back "
+                "Bad: anything above 0 means a middlebox alters payload on some path; MPTCP falls back "
                 "or resets those connections. Find the path from the CPEs involved (traces of "
                 "reset connections) and the access network's NAT/ALG devices.",
                 (Query(f"sum by (pod) (increase(mcpool_mptcp_dss_checksum_errors_total{{{NS}}}[{RATE}]))",
@@ -178,7 +178,7 @@ POOL = Dashboard(
             ),
             Panel(
                 "Subflows per MPTCP connection",
-                "Average subflows of live MPTCP connections. Near 1 means clients are MPTCP but only "
+                "Average subflows of live MPTCP connections. Bad: near 1 means clients are MPTCP but only "
                 "one path joins (CPE endpoints, one link down, joins refused); the lab's CPEs "
                 "with two links show 2.",
                 (Query(f"sum(mcpool_mptcp_subflows{{{NS}}}) / "
@@ -267,7 +267,7 @@ DIRECTOR = Dashboard(
             ),
             Panel(
                 "Packets that reached userspace",
-                "Packets the kernel queued to the director, by kind. Only SYNs should: anything "
+                "Packets the kernel queued to the director, by kind. Only SYNs should. Bad: anything "
                 "growing with traffic volume (not connection rate) means the nftables flow "
                 "offload is not in place (check `nft list table inet mcpool_director`).",
                 (Query(f"sum by (kind) (rate(mcpool_director_queued_packets_total{{{NS}}}[{RATE}]))", "{{kind}}"),),
@@ -294,7 +294,7 @@ DIRECTOR = Dashboard(
             Panel(
                 "Resyncs and re-registrations",
                 "Full reads of the table by the director, and pods re-registering their state "
-                "after Redis came back. Bursts follow Redis restarts; steady re-registrations "
+                "after Redis came back. Bursts follow Redis restarts. Bad: steady re-registrations "
                 "mean Redis keeps dropping connections.",
                 (Query(f"sum(increase(mcpool_director_resyncs_total{{{NS}}}[{RATE}]))", "director resyncs"),
                  Query(f"sum(increase(mcpool_affinity_reregistrations_total{{{NS}}}[{RATE}]))",
@@ -303,7 +303,7 @@ DIRECTOR = Dashboard(
             Panel(
                 "Token collisions",
                 "Tokens a pod accepted that another live pod already owned. Rare by design (32-bit "
-                "tokens); a steady rate means stale registrations (heartbeat_ttl_s too long) or "
+                "tokens). Bad: a steady rate means stale registrations (heartbeat_ttl_s too long) or "
                 "clock or Redis trouble (alert McpoolTokenCollisions).",
                 (Query(f"sum by (pod) (increase(mcpool_affinity_token_collisions_total{{{NS}}}[{RATE}]))",
                        "{{pod}}"),),
@@ -329,7 +329,7 @@ OPERATOR = Dashboard(
             ),
             Panel(
                 "Reconcile errors",
-                "Reconciles that did not bring a pool to its spec, by reason. invalid_spec: read "
+                "Reconciles that did not bring a pool to its spec, by reason. Bad: any. invalid_spec: read "
                 "the pool's Degraded condition and Events; apply_error: the API refused a child "
                 "(RBAC, admission webhooks): see the operator's log; exception: the API server is "
                 "unreachable or a bug (alert McpoolOperatorReconcileErrors).",

@@ -173,6 +173,17 @@ class Prometheus:
         result: list[float] = self.wait(check, timeout_s, what)
         return result[0]
 
+    def wait_scrapes(self, count: int, timeout_s: float = 20.0) -> None:
+        """Wait until every target has been scraped `count` more times: a rate over the last
+        seconds then covers what the test did last."""
+
+        def scrapes() -> dict[str, float]:
+            return {r["metric"]["instance"]: float(r["value"][1]) for r in self.query("count_over_time(up[1h])")}
+
+        before = scrapes()
+        self.wait(lambda: all(v >= before.get(k, 0) + count for k, v in scrapes().items()), timeout_s,
+                  f"{count} more scrapes of every target")
+
     def wait_targets_up(self, count: int, timeout_s: float = 20.0) -> None:
         def check() -> bool:
             targets = self.api("targets")["activeTargets"]

@@ -208,6 +208,7 @@ def test_every_panel_of_pool_and_director_dashboards_has_data(pool: Pool) -> Non
     for sock in [*conns, after]:
         sock.close()
     prom.wait_value("sum(mcpool_connections_active)", lambda v: v == 0, 20, "every connection closed")
+    prom.wait_scrapes(3)
     end = time.time()
 
     # What the scenario did, as Prometheus saw it.
