@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test unit lint bench clean lab-up lab-down
+.PHONY: setup demo test unit lint bench image clean lab-up lab-down
 
 setup:
 	@scripts/install-deps.sh
@@ -24,6 +24,14 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# Both images from the one Dockerfile's named stages (needs a Docker engine with BuildKit).
+IMAGE_REPO ?= ghcr.io/mptcp-dev/mcpool
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	@command -v docker >/dev/null || { echo "make image: needs docker (no engine here? the build steps are tested by tests/unit/test_image_build.py)" >&2; exit 1; }
+	docker build --target proxy -t $(IMAGE_REPO):$(IMAGE_TAG) .
+	docker build --target operator -t $(IMAGE_REPO)-operator:$(IMAGE_TAG) .
 
 lab-up: setup
 	$(VENV)/bin/mcpool lab up

@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(
   iproute2 nftables iptables kmod procps psmisc ethtool   # namespaces, veth, nft, NFQUEUE
   redis-server                                            # affinity table (tests start their own)
-  iperf3 mptcpd curl haproxy                              # demo, SOCKS5 test (mptcpize), bench
+  iperf3 curl haproxy                                     # demo, SOCKS5 test, bench
+  mptcpize                                                # curl under MPTCP (its own package on Debian 12, not in mptcpd)
+  util-linux                                              # taskset, unshare
   libnetfilter-queue-dev gcc                              # netfilterqueue (director) builds against it
   prometheus                                              # dashboards/alerts proof (prometheus, promtool)
 )
@@ -32,9 +34,6 @@ fi
 if [[ " ${missing[*]:-} " == *" prometheus "* ]]; then
   systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
 fi
-for cmd in prometheus promtool; do
-  command -v "$cmd" >/dev/null || { echo "install-deps: $cmd not found after installing prometheus" >&2; exit 1; }
-done
 
 PYTHON=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
@@ -45,4 +44,30 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
+fi
+
+# Every command the demo, the tests and the benchmarks call, with the package that brings it.
+# A package can be installed while its command is not (a renamed or split package: Debian 12
+# moved mptcpize out of mptcpd), so check the commands themselves and name what is missing.
+REQUIRED_COMMANDS=(
+  ip:iproute2 ss:iproute2 tc:iproute2 nft:nftables iptables:iptables ip6tables:iptables
+  sysctl:procps taskset:util-linux unshare:util-linux ethtool:ethtool
+  redis-server:redis-server redis-cli:redis-tools
+  curl:curl mptcpize:mptcpize iperf3:iperf3 haproxy:haproxy
+  prometheus:prometheus promtool:prometheus
+)
+VENV_COMMANDS=(python pytest ruff mypy hadolint py-spy mcpool)
+
+missing_cmds=()
+for entry in "${REQUIRED_COMMANDS[@]}"; do
+  cmd=${entry%%:*}
+  command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 \
+    || missing_cmds+=("$cmd (Debian package ${entry#*:})")
+done
+for cmd in "${VENV_COMMANDS[@]}"; do
+  [[ -x .venv/bin/$cmd ]] || missing_cmds+=("$cmd (in .venv, from pyproject.toml's [test] extra)")
+done
+if ((${#missing_cmds[@]})); then
+  printf 'install-deps: missing command: %s\n' "${missing_cmds[@]}" >&2
+  exit 1
 fi

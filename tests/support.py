@@ -42,3 +42,12 @@ requires_mptcp = pytest.mark.skipif(
 )
 _NETNS_REASON = _why_no_netns()
 requires_netns = pytest.mark.skipif(_NETNS_REASON is not None, reason=_NETNS_REASON or "")
+
+
+def require_command(name: str, package: str) -> str:
+    """The path of `name`, or fail the test: scripts/install-deps.sh installs every command the
+    tests call, so a missing one is a broken install, never a reason to skip."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"`{name}` is not installed (Debian package {package}); run scripts/install-deps.sh")
+    return path

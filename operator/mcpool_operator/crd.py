@@ -192,7 +192,9 @@ def build_crd() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object (mcp.mptcp.dev/v1alpha1)."},
             "kind": {"type": "string", "description": "Kind of this object (MCPPool)."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            # The API server refuses any word about metadata beyond name/generateName, even a
+            # description: it owns ObjectMeta's schema.
+            "metadata": {"type": "object"},
             "spec": spec,
             "status": status_schema(),
         },

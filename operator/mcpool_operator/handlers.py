@@ -63,7 +63,8 @@ class OperatorOptions:
     liveness_endpoint: str | None = "http://0.0.0.0:8080/healthz"
     resync_interval_s: float = 300.0
     # Kubernetes silently stalls long watches; ask the server to end them and reconnect.
-    watch_server_timeout_s: float = 300.0
+    # Whole seconds: sent as ?timeoutSeconds=, which the API server parses as an integer.
+    watch_server_timeout_s: int = 300
     watch_client_timeout_s: float = 360.0
     watch_connect_timeout_s: float = 10.0
     request_timeout_s: float = 30.0
@@ -84,7 +85,7 @@ def configure_settings(settings: kopf.OperatorSettings, options: OperatorOptions
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
-    settings.watching.server_timeout = options.watch_server_timeout_s
+    settings.watching.server_timeout = int(options.watch_server_timeout_s)
     settings.watching.client_timeout = options.watch_client_timeout_s
     settings.watching.connect_timeout = options.watch_connect_timeout_s
     settings.networking.request_timeout = options.request_timeout_s

@@ -27,6 +27,16 @@ from .reconcile import EventPoster, Reconciler, kopf_event
 __all__ = ["main", "parse_args", "run"]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 def parse_args(argv: Sequence[str]) -> OperatorOptions:
     parser = argparse.ArgumentParser(
         prog="mcpool operator", description="Reconcile MCPPool resources into running MCP pools."
@@ -56,8 +66,11 @@ def parse_args(argv: Sequence[str]) -> OperatorOptions:
     )
     parser.add_argument("--resync-interval", type=float, default=300.0, metavar="S",
                         help="reconcile every pool at least this often (seconds)")
-    parser.add_argument("--watch-server-timeout", type=float, default=300.0, metavar="S",
-                        help="ask the API server to end watches after this long (they silently stall otherwise)")
+    # An integer: it reaches the API as ?timeoutSeconds=N, which the server parses with ParseInt
+    # (a float such as 300.0 is refused with HTTP 400 and no watch ever starts).
+    parser.add_argument("--watch-server-timeout", type=_positive_int, default=300, metavar="S",
+                        help="ask the API server to end watches after this many whole seconds "
+                        "(they silently stall otherwise)")
     parser.add_argument("--watch-client-timeout", type=float, default=360.0, metavar="S",
                         help="give up on a watch connection after this long")
     parser.add_argument("--request-timeout", type=float, default=30.0, metavar="S",

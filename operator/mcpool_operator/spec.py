@@ -73,6 +73,38 @@ REDIS_URL_CREDENTIALS_MESSAGE = (
 )
 
 
+# --- CEL rules that hold on every shape the API server feeds them --------------------------------
+# The API server evaluates each rule not only on stored objects (fully defaulted) but also on
+# every `default` in the schema when the CRD is created, and those defaults are NOT defaulted
+# further: the rule on `service` sees the bare `{}`. A rule that reads `self.type` there fails
+# with "no such key" and the whole CRD is refused. So every rule reads optional fields through
+# these helpers, which fall back to the model's own default when a field is absent.
+DEFAULT_CONVERT_PORT = 5124
+DEFAULT_SOCKS5_PORT = 1080
+
+
+def _cel_has(path: str) -> str:
+    """`has()` for every step of a dotted path: `(has(self.a) && has(self.a.b))`."""
+    parts = path.split(".")
+    return "(" + " && ".join(f"has(self.{'.'.join(parts[: i + 1])})" for i in range(len(parts))) + ")"
+
+
+def _cel_get(path: str, default: str) -> str:
+    """`self.<path>`, or the CEL literal `default` when any step of the path is absent."""
+    return f"({_cel_has(path)} ? self.{path} : {default})"
+
+
+def _cel_size(path: str) -> str:
+    """`size(self.<path>)`, or 0 when any step of the path is absent."""
+    return f"({_cel_has(path)} ? size(self.{path}) : 0)"
+
+
+_CONVERT_ON = _cel_get("convert.enabled", "true")
+_SOCKS5_ON = _cel_get("socks5.enabled", "false")
+_MECHANISM = _cel_get("affinity.mechanism", "'none'")
+_SERVICE_TYPE = _cel_get("type", "'LoadBalancer'")
+
+
 class SpecError(ValueError):
     """An MCPPool spec the operator cannot turn into a pool; the message says what to fix."""
 
@@ -110,14 +142,14 @@ class ConvertListenerSpec(_Spec):
     """The RFC 8803 (0-RTT TCP Convert) listener."""
 
     enabled: bool = Field(default=True, description="Accept RFC 8803 Convert clients.")
-    port: Port = Field(default=5124, description="TCP port of the Convert listener (RFC 8803 uses 5124).")
+    port: Port = Field(default=DEFAULT_CONVERT_PORT, description="TCP port of the Convert listener (RFC 8803 uses 5124).")
 
 
 class Socks5ListenerSpec(_Spec):
     """The SOCKS5 (RFC 1928) CONNECT listener, for clients that already speak SOCKS5 over MPTCP."""
 
     enabled: bool = Field(default=False, description="Accept SOCKS5 clients.")
-    port: Port = Field(default=1080, description="TCP port of the SOCKS5 listener.")
+    port: Port = Field(default=DEFAULT_SOCKS5_PORT, description="TCP port of the SOCKS5 listener.")
 
 
 class ListenersSpec(_Spec):
@@ -127,11 +159,13 @@ class ListenersSpec(_Spec):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.convert.enabled || self.socks5.enabled",
+                    "rule": f"{_CONVERT_ON} || {_SOCKS5_ON}",
                     "message": "enable at least one of listeners.convert and listeners.socks5",
                 },
                 {
-                    "rule": "!(self.convert.enabled && self.socks5.enabled) || self.convert.port != self.socks5.port",
+                    "rule": f"!({_CONVERT_ON} && {_SOCKS5_ON}) || "
+                    f"{_cel_get('convert.port', str(DEFAULT_CONVERT_PORT))} != "
+                    f"{_cel_get('socks5.port', str(DEFAULT_SOCKS5_PORT))}",
                     "message": "listeners.convert.port and listeners.socks5.port must differ",
                 },
             ]
@@ -330,7 +364,7 @@ class ServiceSpec(_Spec):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.type != 'LoadBalancer' || size(self.addresses) <= 1",
+                    "rule": f"{_SERVICE_TYPE} != 'LoadBalancer' || {_cel_size('addresses')} <= 1",
                     "message": "service.type LoadBalancer takes at most one address (its loadBalancerIP)",
                 }
             ]
@@ -387,19 +421,22 @@ class MCPPoolSpec(_Spec):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.affinity.mechanism != 'join-address' || size(self.affinity.joinAddresses) >= self.replicas",
+                    "rule": f"{_MECHANISM} != 'join-address' || "
+                    f"{_cel_size('affinity.joinAddresses')} >= {_cel_get('replicas', '1')}",
                     "message": "affinity.mechanism join-address needs one affinity.joinAddresses entry per replica",
                 },
                 {
-                    "rule": "self.affinity.mechanism != 'join-address' || self.listeners.convert.enabled || has(self.affinity.joinPort)",
+                    "rule": f"{_MECHANISM} != 'join-address' || "
+                    f"{_cel_get('listeners.convert.enabled', 'true')} || {_cel_has('affinity.joinPort')}",
                     "message": "affinity.mechanism join-address needs affinity.joinPort when the Convert listener is disabled",
                 },
                 {
-                    "rule": "self.affinity.mechanism != 'director' || has(self.redis)",
+                    "rule": f"{_MECHANISM} != 'director' || has(self.redis)",
                     "message": "affinity.mechanism director needs spec.redis (the director reads the token table from Redis)",
                 },
                 {
-                    "rule": "self.affinity.mechanism != 'director' || has(self.director.vip) || size(self.service.addresses) > 0",
+                    "rule": f"{_MECHANISM} != 'director' || {_cel_has('director.vip')} || "
+                    f"{_cel_size('service.addresses')} > 0",
                     "message": "affinity.mechanism director needs director.vip or service.addresses",
                 },
             ]

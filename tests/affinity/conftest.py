@@ -6,7 +6,6 @@ inside a network namespace, and is killed at teardown whatever happened.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -14,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import require_command
 
 
 def free_port() -> int:
@@ -76,8 +76,7 @@ class RedisServer:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("needs redis-server (apt-get install redis-server)")
+    require_command("redis-server", "redis-server")
     server = RedisServer(tmp_path, free_port())
     server.start()
     try:

@@ -9,6 +9,7 @@ way it would outside a cluster. Nothing here needs a cluster, root or the networ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import threading
 import time
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from mcpool_operator.handlers import OperatorOptions  # noqa: E402
 from mcpool_operator.kube import Connection  # noqa: E402
-from mcpool_operator.main import run  # noqa: E402
+from mcpool_operator.main import parse_args, run  # noqa: E402
 from operator_emulator import POOLS, ClusterEmulator  # noqa: E402
 
 NAMESPACE = "mcp-test"
@@ -189,12 +190,11 @@ class OperatorRunner:
 
 @pytest.fixture()
 def operator_options() -> OperatorOptions:
-    return OperatorOptions(
-        namespaces=(NAMESPACE,),
-        liveness_endpoint=None,
+    # The command line's own defaults (what a real deployment runs, watch timeouts included:
+    # they reach the API as query parameters), made quicker where a test would only wait.
+    return dataclasses.replace(
+        parse_args(["--namespace", NAMESPACE, "--liveness", ""]),
         resync_interval_s=3600.0,
-        watch_server_timeout_s=60.0,
-        watch_client_timeout_s=90.0,
         request_timeout_s=10.0,
         worker_idle_timeout_s=0.3,
     )

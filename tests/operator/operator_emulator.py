@@ -22,6 +22,9 @@ added here and nothing more:
   managers sharing an object. An apply that changes nothing keeps `resourceVersion` and sends no
   watch event, as on a real server;
 - a `labelSelector` on lists (equality terms only);
+- integer query parameters (`timeoutSeconds`, `limit`, `gracePeriodSeconds`) parsed as the real
+  server parses them (Go's `strconv.ParseInt`): `timeoutSeconds=300.0` is a 400 with the real
+  server's words, as kube-apiserver answers it;
 - a request log (`log`) that stays cheap for thousands of requests.
 
 Anything the emulator does not model (controllers, defaulting, admission) the tests do
@@ -76,6 +79,37 @@ CLUSTER_RESOURCES: dict[str, dict[str, Any]] = {
     },
 }
 VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
+# Query parameters that the API server decodes into int64 fields (ListOptions, DeleteOptions).
+INTEGER_PARAMS = ("timeoutSeconds", "limit", "gracePeriodSeconds")
+
+
+def status_response(code: int, reason: str, message: str) -> aiohttp.web.StreamResponse:
+    """A metav1.Status failure, as the API server sends it."""
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    return aiohttp.web.json_response(body, status=code)
+
+
+def integer_param_error(params: Mapping[str, str]) -> str | None:
+    """The API server's words for the first integer parameter Go's ParseInt refuses, or None."""
+    for name in INTEGER_PARAMS:
+        value = params.get(name)
+        if value is None:
+            continue
+        text = value.strip()
+        digits = text[1:] if text[:1] in "+-" else text
+        if not digits.isascii() or not digits.isdigit():
+            return f'strconv.ParseInt: parsing "{value}": invalid syntax'
+        if not -(2**63) <= int(text) < 2**63:
+            return f'strconv.ParseInt: parsing "{value}": value out of range'
+    return None
 
 
 def _now() -> str:
@@ -113,6 +147,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         # of requests); keep the history here instead and give kmock only the current request.
         self.log.append(request)
         del self._requests[:-1]
+        bad_integer = integer_param_error(request.params)
+        if bad_integer is not None:
+            return status_response(400, "BadRequest", bad_integer)
         if request.resource is not None and request.subresource == "scale":
             return await self._serve_scale(request)
         if (
@@ -178,10 +215,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     # --- server-side apply ---------------------------------------------------------------------
 
     async def _serve_apply(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
-        def status(code: int, reason: str, message: str) -> aiohttp.web.StreamResponse:
-            body = {"kind": "Status", "status": "Failure", "code": code, "reason": reason, "message": message}
-            return aiohttp.web.json_response(body, status=code)
-
+        status = status_response
         applied = request.data
         if not request.params.get("fieldManager"):
             return status(400, "BadRequest", "PATCH with apply-patch requires fieldManager")

@@ -4,7 +4,6 @@ bad specs the same way the operator's own model does."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from apiserver_rules import apply_defaults, cel_failures, to_json_schema
 from kubernetes_validate.utils import latest_version
 from mcpool_operator.crd import CRD_PATH, build_crd, crd_yaml
 from mcpool_operator.spec import SpecError, parse_spec
@@ -91,53 +91,6 @@ def test_crd_shape() -> None:
 
 
 # --- the schema as the API server applies it ---------------------------------------------------
-
-
-def to_json_schema(node: Any) -> Any:
-    """Structural OpenAPI v3 -> JSON Schema, with unknown fields rejected (kubectl's default
-    --validate=strict; the API server would otherwise prune them)."""
-    if isinstance(node, list):
-        return [to_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "default"}
-    for bound in ("Minimum", "Maximum"):
-        if node.get(f"exclusive{bound}") is True:
-            out[f"exclusive{bound}"] = out.pop(bound.lower())
-    if node.get("type") == "object" and "properties" in node:
-        out["additionalProperties"] = False
-    if node.get("x-kubernetes-int-or-string"):
-        out.pop("type", None)
-    if node.get("x-kubernetes-list-type") == "set":
-        out["uniqueItems"] = True  # what the API server enforces for a set
-    return out
-
-
-def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
-    """Structural defaulting, as the API server does before validation and CEL."""
-    if isinstance(value, dict) and "properties" in schema:
-        value = dict(value)
-        for name, prop in schema["properties"].items():
-            if name not in value and "default" in prop:
-                value[name] = copy.deepcopy(prop["default"])
-            if name in value:
-                value[name] = apply_defaults(prop, value[name])
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        value = [apply_defaults(schema["items"], v) for v in value]
-    return value
-
-
-def cel_failures(schema: dict[str, Any], value: Any, env: celpy.Environment) -> list[str]:
-    failures = []
-    for rule in schema.get("x-kubernetes-validations") or []:
-        program = env.program(env.compile(rule["rule"]))
-        if not program.evaluate({"self": celpy.json_to_cel(value)}):
-            failures.append(rule["message"])
-    if isinstance(value, dict):
-        for name, prop in (schema.get("properties") or {}).items():
-            if name in value:
-                failures += cel_failures(prop, value[name], env)
-    return failures
 
 
 def admit(spec: dict[str, Any], name: str = "pool") -> list[str]:

@@ -83,3 +83,20 @@ async def test_reconcile_emits_a_span_for_an_invalid_spec() -> None:
     status_patch = [w for w in written if len(w) == 3 and w[2] == "status"]
     assert status_patch and status_patch[0][1]["status"]["observedGeneration"] == 3  # type: ignore[index]
     assert any(len(w) == 4 and w[1] == "Warning" and w[2] == "InvalidSpec" for w in written)
+
+
+def test_watch_server_timeout_reaches_the_api_as_an_integer() -> None:
+    # kopf sends str(server_timeout) as ?timeoutSeconds=; a real API server parses it with
+    # ParseInt and answers "300.0" with HTTP 400, so no watch would ever start.
+    settings = kopf.OperatorSettings()
+    configure_settings(settings, parse_args(["--all-namespaces"]))
+    assert str(settings.watching.server_timeout) == "300"
+    configure_settings(settings, parse_args(["-A", "--watch-server-timeout", "45"]))
+    assert str(settings.watching.server_timeout) == "45"
+
+
+@pytest.mark.parametrize("value", ["2.5", "0", "-3", "soon"])
+def test_watch_server_timeout_must_be_whole_positive_seconds(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["-A", "--watch-server-timeout", value])
+    assert "--watch-server-timeout" in capsys.readouterr().err
