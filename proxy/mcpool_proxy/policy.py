@@ -31,6 +31,7 @@ from .config import DEFAULT_DENIED_DESTINATIONS, PolicyConfig
 from .convert import pad32
 
 __all__ = [
+    "REFUSAL_REASONS",
     "IPAddress",
     "format_endpoint",
     "Policy",
@@ -53,6 +54,9 @@ PORT_NOT_ALLOWED = "port_not_allowed"
 GLOBAL_LIMIT = "global_limit"
 CPE_LIMIT = "cpe_limit"
 AUTH_FAILED = "auth_failed"
+# Every reason a Policy refuses with (the server adds "max_handshakes").
+REFUSAL_REASONS = (CLIENT_NOT_ALLOWED, MISSING_COOKIE, DESTINATION_DENIED, PORT_NOT_ALLOWED, GLOBAL_LIMIT,
+                   CPE_LIMIT, AUTH_FAILED)
 
 
 @dataclass(frozen=True)

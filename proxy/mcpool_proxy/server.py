@@ -88,6 +88,7 @@ from .mptcp import (
     write_sysctl,
 )
 from .policy import (
+    REFUSAL_REASONS,
     IPAddress,
     Policy,
     Refusal,
@@ -305,6 +306,15 @@ class Proxy:
                                        self._mptcp_counters_since_start)
         self.metrics.add_access_paths(config.access_paths, self._path_samples)
         self.metrics.drain_timeout.set(config.drain_timeout_s)
+        # These series exist from the start, at 0: a counter's first increment is then a visible
+        # rate (a series born at 1 shows no increase), and dashboards show 0 rather than nothing.
+        for reason in (*REFUSAL_REASONS, "max_handshakes"):
+            self.metrics.child(self.metrics.policy_refusals, reason)
+        for protocol in ("convert", "socks5"):
+            self.metrics.child(self.metrics.fallbacks, protocol)
+            self.metrics.child(self.metrics.handshake_latency, protocol)
+            for transport in ("mptcp", "tcp"):
+                self.metrics.child(self.metrics.active_by_mode, protocol, transport)
         self.observers: list[ConnectionObserver] = list(observers)
         self.relay_mode: Literal["splice", "buffered"] = resolve_mode(config.relay.mode)
         self.pools = RelayPools(config.relay.buffer_bytes)
