@@ -214,7 +214,8 @@ def test_every_panel_of_pool_and_director_dashboards_has_data(pool: Pool) -> Non
     # What the scenario did, as Prometheus saw it.
     paths = {r["metric"]["path"]: float(r["value"][1])
              for r in prom.query("sum by (path) (mcpool_access_path_bytes_total)")}
-    assert paths.get("dsl", 0) > 256 * KB and paths.get("lte", 0) > 10 * MB, paths
+    # Both links carried bytes (after the cut, what the CPE had not buffered yet came over LTE).
+    assert paths.get("dsl", 0) > 100 * KB and paths.get("lte", 0) > 1 * MB, paths
     outcomes = {r["metric"]["outcome"]: float(r["value"][1])
                 for r in prom.query("sum by (outcome) (mcpool_director_decisions_total)")}
     assert outcomes.get("token_hit_after_wait", 0) >= 1, outcomes
