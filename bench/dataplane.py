@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mcpool_proxy.client import convert_connect
-from mcpool_proxy.lab import Lab, LabError, ProxyProcess
-from mcpool_proxy.testserver import pattern_sha256, recv_all_sha256, send_pattern
+from mcpool_proxy.cpe.convert_client import convert_connect
+from mcpool_tools.lab import Lab, LabError, ProxyProcess
+from mcpool_tools.testserver import pattern_sha256, recv_all_sha256, send_pattern
 
 from bench.docs import DOCS, replace_section
 from bench.loadgen import raise_nofile

@@ -64,9 +64,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mcpool_proxy.affinity.keys import KeySchema
-from mcpool_proxy.client import convert_connect
-from mcpool_proxy.lab import Lab, ProxyProcess, Topology
+from mcpool_proxy.cluster.keys import KeySchema
+from mcpool_proxy.cpe.convert_client import convert_connect
+from mcpool_tools.lab import Lab, ProxyProcess, Topology
 
 from bench.dataplane import KernelHealth, foreign_cpu_s, proc_cpu_split, process_ticks
 from bench.docs import DOCS, replace_section
@@ -354,9 +354,9 @@ def micro_main(argv: list[str]) -> int:
     """`python -m bench.director_bench micro`: the director's per-SYN Python work in isolation,
     with its own functions (`parse_syn`, `decide`, the metrics it updates), no queue and no
     syscalls. Prints one JSON line: per step and SYN kind, mean/p50/p99 in microseconds."""
-    from mcpool_proxy.affinity.director import DirectorMetrics
-    from mcpool_proxy.affinity.packet import parse_syn
-    from mcpool_proxy.affinity.table import AffinityTable, PodEntry, decide
+    from mcpool_proxy.cluster.director import DirectorMetrics
+    from mcpool_proxy.cluster.packet import parse_syn
+    from mcpool_proxy.cluster.table import AffinityTable, PodEntry, decide
 
     p = argparse.ArgumentParser(prog="python -m bench.director_bench micro")
     p.add_argument("--n", type=int, default=20000)
@@ -414,7 +414,7 @@ def pod_affinity_main(argv: list[str]) -> int:
     import asyncio
     import signal
 
-    from mcpool_proxy.affinity.podside import PodAffinity
+    from mcpool_proxy.cluster.podside import PodAffinity
     from mcpool_proxy.config import load_config, split_hostport
 
     p = argparse.ArgumentParser(prog="python -m bench.director_bench pod-affinity")

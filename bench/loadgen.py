@@ -37,8 +37,8 @@ import threading
 import time
 from typing import Any
 
-from mcpool_proxy.client import build_request, convert_connect
 from mcpool_proxy.config import split_hostport
+from mcpool_proxy.cpe.convert_client import build_request, convert_connect
 
 __all__ = ["REQUEST_BYTES", "RESPONSE_BYTES", "main", "raise_nofile"]
 

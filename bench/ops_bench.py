@@ -39,8 +39,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from mcpool_proxy.lab import Lab, LabError, ProxyProcess, Topology
-from mcpool_proxy.telemetry import Telemetry, connection_fields
+from mcpool_proxy.observe.telemetry import Telemetry, connection_fields
+from mcpool_tools.lab import Lab, LabError, ProxyProcess, Topology
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult

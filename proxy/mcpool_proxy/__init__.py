@@ -1,3 +1,3 @@
-"""mcpool's data plane: the MPTCP concentrator proxy, its client library, lab and CLI."""
+"""mcpool's data plane: the MPTCP concentrator proxy, its cluster affinity and its CPE client."""
 
 __version__ = "0.1.0"

@@ -1,24 +1,88 @@
-"""The `mcpool` command: one entry point that dispatches to each component's own `main(argv)`.
+"""The `mcpool` command: one entry point that dispatches to each component's own `main(argv)`,
+and `mcpool proxy` itself (`proxy_main`).
 
-Each subcommand lives in the module that owns it and parses its own arguments, so this file
-only maps names to modules (imported lazily, so `mcpool lab` does not import kopf).
+Each other subcommand lives in the module that owns it and parses its own arguments, so this file
+only maps names to modules, imported lazily: `mcpool lab` does not import kopf, and the product
+never imports the tools package (`mcpool_tools`: lab, demo) until one of its commands runs.
+
+`mcpool proxy --config FILE` validates the configuration (one line per problem and exit status 2
+if invalid), raises the open-files limit, then runs `server.run()`, which applies the kernel
+settings of `config.kernel` in the proxy's network namespace, binds the listeners and the admin
+server, and prints exactly `mcpool-proxy ready` on stdout.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import importlib
+import logging
+import resource
 import sys
+from collections.abc import Callable
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "proxy": ("mcpool_proxy.server", "run the MPTCP concentrator proxy (--config FILE)"),
-    "convert-client": ("mcpool_proxy.client", "open a connection through an RFC 8803 converter"),
-    "lab": ("mcpool_proxy.lab", "build or remove the network-namespace lab topology"),
-    "demo": ("mcpool_proxy.demo", "bond two links through the proxy and cut one mid-transfer"),
-    "director": ("mcpool_proxy.affinity.director", "steer SYNs to the pod owning each connection (--config FILE)"),
+    "proxy": ("mcpool_proxy.cli:proxy_main", "run the MPTCP concentrator proxy (--config FILE)"),
+    "convert-client": ("mcpool_proxy.cpe.convert_client", "open a connection through an RFC 8803 converter"),
+    "lab": ("mcpool_tools.lab", "build or remove the network-namespace lab topology"),
+    "demo": ("mcpool_tools.demo", "bond two links through the proxy and cut one mid-transfer"),
+    "director": ("mcpool_proxy.cluster.director", "steer SYNs to the pod owning each connection (--config FILE)"),
     "operator": ("mcpool_operator.main", "run the kopf operator for MCPPool resources"),
     "check-config": ("mcpool_proxy.checkconfig", "validate a proxy configuration file"),
-    "top": ("mcpool_proxy.top", "live connections and per-subflow rates of a proxy (admin API)"),
+    "top": ("mcpool_proxy.observe.top", "live connections and per-subflow rates of a proxy (admin API)"),
 }
+
+# The proxy's logger: the open-files warning is one of the proxy's start-up lines.
+log = logging.getLogger("mcpool.proxy")
+
+
+def raise_open_files_limit(max_connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit and return it.
+
+    Each relayed connection holds two sockets (plus a pipe pair while bytes are in flight), and
+    the default soft limit of 1024 would cap a proxy at a few hundred connections, with the
+    excess reset by the kernel instead of answered with Resource Exceeded.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, exc)
+    needed = 2 * max_connections + 256
+    if soft < needed:
+        log.warning(
+            "open-files limit %d is below the %d that policy.max_connections=%d needs; connections "
+            "beyond it are refused by the kernel: raise the limit or lower max_connections",
+            soft, needed, max_connections,
+        )
+    return soft
+
+
+def proxy_main(argv: list[str]) -> int:
+    """`mcpool proxy`: run the proxy until SIGTERM/SIGINT; the process's exit status."""
+    from .config import ConfigError, load_config
+    from .observe.logs import configure_logging
+    from .server import READY_LINE, run
+
+    parser = argparse.ArgumentParser(prog="mcpool proxy", description="Run the MPTCP concentrator proxy.")
+    parser.add_argument("--config", required=True, help="YAML configuration file (see config.py)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log_level")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    configure_logging(args.log_level or config.log_level)
+    raise_open_files_limit(config.policy.max_connections)
+
+    def announce() -> None:
+        print(READY_LINE, flush=True)
+
+    return asyncio.run(run(config, ready=announce))
 
 
 def _usage() -> str:
@@ -30,6 +94,13 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _entry(target: str) -> Callable[[list[str]], int]:
+    """"module" (its `main`) or "module:function"."""
+    module_name, _, function = target.partition(":")
+    entry: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), function or "main")
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
@@ -39,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"mcpool: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    result: int = module.main(rest)
-    return result
+    return _entry(SUBCOMMANDS[name][0])(rest)
 
 
 if __name__ == "__main__":

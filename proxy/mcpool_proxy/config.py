@@ -282,7 +282,7 @@ class KernelConfig(_Model):
     )
 
 
-# The director's tunnel to the pods (affinity/kernel.py): both ends must agree on the UDP port and
+# The director's tunnel to the pods (kernel/steering.py): both ends must agree on the UDP port and
 # on the MAC of the pod's receive device, so the defaults are named once, here, for both configs.
 DEFAULT_VXLAN_PORT = 4789
 DEFAULT_POD_MAC = "02:6d:63:70:00:01"

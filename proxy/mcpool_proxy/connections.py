@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from .mptcp import get_mptcp_info, get_subflows
+from .kernel.mptcp import get_mptcp_info, get_subflows
+from .observe.telemetry import NOOP_TRACE, ConnectionTrace
 from .policy import format_endpoint
 from .relay import Relay
-from .telemetry import NOOP_TRACE, ConnectionTrace
 
 __all__ = ["Connection", "ConnectionObserver", "ConnectionTable"]
 

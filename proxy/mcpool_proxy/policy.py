@@ -27,8 +27,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .codec.convert import pad32
 from .config import DEFAULT_DENIED_DESTINATIONS, PolicyConfig
-from .convert import pad32
 
 __all__ = [
     "REFUSAL_REASONS",
@@ -37,6 +37,7 @@ __all__ = [
     "Policy",
     "Refusal",
     "local_addresses",
+    "address_str",
     "address_text",
     "normalize_address",
 ]
@@ -103,6 +104,13 @@ def address_text(addr: str) -> str:
     """`str(normalize_address(addr))`, cached: the canonical text of an address (raises ValueError
     if it is not one)."""
     return str(_normalize_text(addr))
+
+
+@functools.lru_cache(maxsize=_ADDRESS_CACHE_SIZE)
+def address_str(addr: IPAddress) -> str:
+    """`str(addr)`, cached: str() of an ipaddress object formats from the integer each time, and
+    the same destinations recur."""
+    return str(addr)
 
 
 # IPv6 prefixes that carry an IPv4 address a gateway may connect to: NAT64 (RFC 6052 well-known

@@ -39,9 +39,10 @@ import fcntl
 import logging
 import os
 import socket
-import struct
 from enum import StrEnum
 from typing import Literal
+
+from .kernel.mptcp import reset_on_close
 
 __all__ = [
     "SPLICE_AVAILABLE",
@@ -447,20 +448,14 @@ class Relay:
         # deadline) is an abort: reset both sides, or a client without length framing would take
         # a truncated transfer for a complete one.
         if reason == CloseReason.CLIENT_RESET:
-            _set_linger_reset(self.server)
+            reset_on_close(self.server)
         elif reason == CloseReason.SERVER_RESET:
-            _set_linger_reset(self.client)
+            reset_on_close(self.client)
         elif reason not in (CloseReason.CLIENT_CLOSED, CloseReason.SERVER_CLOSED):
-            _set_linger_reset(self.client)
-            _set_linger_reset(self.server)
+            reset_on_close(self.client)
+            reset_on_close(self.server)
         self.client.close()
         self.server.close()
         if not self.done.done():
             self.done.set_result(reason)
 
-
-def _set_linger_reset(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass

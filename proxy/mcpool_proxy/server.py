@@ -1,119 +1,60 @@
-"""The MPTCP concentrator proxy: listeners, the RFC 8803 Convert and SOCKS5 handshakes, and the
-wiring of policy, upstream connect, relay, connection table, metrics and admin HTTP.
+"""The MPTCP concentrator proxy: the accept loop and the pipeline every connection flows through.
 
-`mcpool proxy --config FILE` runs `main()`: it validates the configuration (one line per problem
-and exit status 2 if invalid), applies the kernel settings of `config.kernel` in the proxy's
-network namespace (MPTCP DSS checksums; the TCP Fast Open server bit), binds the listeners and the
-admin server, then prints exactly `mcpool-proxy ready` on stdout. SIGTERM (or `POST /drain`)
-drains: listeners close, `/readyz` turns 503, live connections continue for up to
-`drain_timeout_s`, then the rest are closed (reason `drained`) and the process exits 0. A second
-SIGTERM exits at once (status 0); SIGINT exits at once (status 130).
+Rooms, in order: accept (the listener's front is known by the listener) -> who may come in
+(`policy.check_client`, `policy.max_handshakes`) -> the front's handshake (`fronts/`: Convert,
+SOCKS5) -> where to (`policy.acquire`: connection limits) -> upstream (`upstream.py`, each
+candidate in turn) -> relay (`relay.py`). A refusal at any room is answered by the front in its
+protocol's own codes; see `fronts/__init__.py` for the interface.
+
+`Proxy` owns the listeners, the connection table, metrics and admin HTTP; `run()` wires in
+telemetry and cluster affinity and handles the signals; `mcpool proxy` is `cli.proxy_main`.
+Drain: SIGTERM (or `POST /drain`) drains: `/readyz` turns 503, new connections are reset, live
+connections continue for up to `drain_timeout_s`, then the rest are closed (reason `drained`) and
+the process exits 0. A second SIGTERM exits at once (status 0); SIGINT exits at once (status 130).
 
 Listeners are MPTCP sockets (TCP if the kernel has no MPTCP; TCP clients are accepted either
 way), dual-stack when bound to `::`, with TCP_FASTOPEN so a Convert message can arrive in the
 SYN (it is then readable as soon as the connection is accepted).
 
-Convert handshake checks, in order, each failure answered with an Error TLV and a close:
-malformed/oversized message (1; unsupported version 0; client-only TLV rules 2), client not in
-`allowed_cpes` (32), cookie (3), destination refused (32), TCP options in the Connect TLV the
-converter cannot honour (33), connection limits (64), upstream connect (96/97/65, see
-`upstream.py`). A timeout before a complete message closes without an answer (counted). On success
-the answer carries an Extended TCP Header TLV rebuilt from the upstream socket's TCP_INFO (the
-kernel does not keep the SYN-ACK itself: ports, flags and options are real, sequence numbers,
-window and checksum are zero), and a Supported TCP Extensions TLV if the client sent Info.
-Bytes the client sent after its Convert message are never read by the handshake, so the relay
-forwards them upstream in order.
-
 Every per-connection coroutine catches everything, logs one line, counts and closes: no input
 can stop the proxy.
 
-Observability (issue 3, see docs/operations.md): each accepted connection gets a trace
-(`telemetry.ConnectionTrace`; a no-op unless OTEL_* configures an exporter) with child spans for
-the handshake and the upstream connect and an event per error answer; the subflow watcher follows
-its subflows by token from the kernel's MPTCP events; at close one span and one log line carry the
-same fields (`telemetry.connection_fields`).
+Observability (see docs/operations.md): each accepted connection gets a trace
+(`observe.telemetry.ConnectionTrace`; a no-op unless OTEL_* configures an exporter) with child
+spans for the handshake and the upstream connect and an event per error answer; the subflow
+watcher follows its subflows by token from the kernel's MPTCP events; at close one span and one
+log line carry the same fields (`observe.telemetry.connection_fields`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
-import contextvars
 import errno
-import functools
-import ipaddress
 import logging
-import resource
 import signal
 import socket
-import struct
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from .admin import AdminServer
-from .affinity.mptcp_events import MptcpEventListener
-from .affinity.podside import PodAffinity
-from .config import ConfigError, KernelConfig, ProxyConfig, load_config, split_hostport
+from .cluster.podside import PodAffinity
+from .config import ProxyConfig, split_hostport
 from .connections import Connection, ConnectionObserver, ConnectionTable, Mode
-from .convert import (
-    HEADER_BYTES,
-    ConnectTLV,
-    ConvertError,
-    ConvertMessage,
-    ErrorCode,
-    ExtendedTcpHeaderTLV,
-    InfoTLV,
-    SupportedTcpExtensionsTLV,
-    decode_message,
-    encode_message,
-    error_message,
-    message_length,
-    validate_client_request,
-)
-from .logs import configure_logging, log_connection_closed
-from .metrics import PathSample, ProxyMetrics, observe
-from .mptcp import (
-    SYSCTL_MPTCP_CHECKSUM,
-    SYSCTL_TCP_FASTOPEN,
-    create_socket,
-    enable_fastopen_listener,
+from .fronts import FRONTS, Destination, Front, Handshake
+from .kernel.mptcp import (
+    create_listener,
     get_mptcp_info,
     get_mptcp_token,
     get_subflows,
-    read_sysctl,
-    write_sysctl,
+    reset_on_close,
+    set_nodelay,
 )
-from .policy import (
-    REFUSAL_REASONS,
-    IPAddress,
-    Policy,
-    Refusal,
-    address_text,
-    format_endpoint,
-    local_addresses,
-    normalize_address,
-)
-from .relay import CloseReason, Relay, RelayPools, resolve_mode
-from .socks5 import (
-    Method,
-    Reply,
-    Socks5Error,
-    encode_method_selection,
-    encode_reply,
-    encode_userpass_status,
-    greeting_length,
-    parse_greeting,
-    parse_request,
-    parse_userpass,
-    request_length,
-    userpass_length,
-)
-from .telemetry import (
-    NOOP_TRACE,
+from .kernel.mptcp_events import MptcpEventHub
+from .kernel.sysctl import apply_kernel_settings
+from .observe.admin import AdminServer
+from .observe.logs import log_connection_closed
+from .observe.metrics import PathSample, ProxyMetrics, observe
+from .observe.telemetry import (
     ConnectionTrace,
     SubflowWatcher,
     Telemetry,
@@ -122,159 +63,34 @@ from .telemetry import (
     join_refusals,
     mptcp_counters,
 )
-from .upstream import UpstreamError, connect_upstream, set_nodelay
+from .policy import (
+    REFUSAL_REASONS,
+    IPAddress,
+    Policy,
+    Refusal,
+    address_str,
+    address_text,
+    format_endpoint,
+    local_addresses,
+)
+from .relay import CloseReason, Relay, RelayPools, resolve_mode
+from .upstream import UpstreamError, connect_upstream
 
-__all__ = ["Proxy", "apply_kernel_settings", "configure_logging", "main"]
+__all__ = ["READY_LINE", "Proxy", "run", "start_affinity"]
 
 log = logging.getLogger("mcpool.proxy")
 
 READY_LINE = "mcpool-proxy ready"
 
-# TCP option kinds the converter supports (RFC 8803 Supported TCP Extensions): what the Linux
-# stack negotiates with servers (MSS, window scale, SACK, timestamps) and, towards clients, MPTCP.
-SUPPORTED_TCP_OPTION_KINDS: tuple[int, ...] = (2, 3, 4, 8, 30)
-
-# After a refusal the proxy half-closes and reads (discarding) for this long before closing:
-# closing a socket with unread input sends RST, which can destroy the answer in flight.
-_REFUSAL_LINGER_S = 1.0
-# How long a SOCKS5 client refused at accept may take to send the request it is refused for.
-_REFUSAL_HANDSHAKE_S = 2.0
-# Resolved addresses of a SOCKS5 domain name tried in turn, at most.
-_SOCKS5_MAX_CANDIDATES = 3
-
 # How many connections one readiness event of a listener accepts before yielding.
 _ACCEPT_BATCH = 64
-
-# struct tcp_info: tcpi_options at byte 5, snd_wscale in the low nibble of byte 6,
-# tcpi_snd_mss at byte 16 (include/uapi/linux/tcp.h, stable since 2.6).
-_TCP_INFO_LEN = 104
-_TCPI_OPT_TIMESTAMPS, _TCPI_OPT_SACK, _TCPI_OPT_WSCALE = 1, 2, 4
-
-
-class _HandshakeFailed(Exception):
-    """A handshake ended without a relay; already answered and counted by whoever raised it."""
-
-
-class _ClientGone(Exception):
-    """The client closed before completing its handshake."""
-
-
-class _Oversize(Exception):
-    pass
-
-
-@dataclass(eq=False, slots=True)
-class _Attempt:
-    """What the handshake of one accepted connection learnt, for its span and counters."""
-
-    trace: ConnectionTrace
-    protocol: str
-    error: str | None = None  # the handshake_errors label, once it failed
-    answered: bool = False  # an error answer (Convert Error TLV, SOCKS5 reply) was sent
-    destination: tuple[str, int] | None = None
-    requested: str | None = None
-    started: float = 0.0  # time.monotonic() at accept
-
-
-_NO_ATTEMPT = _Attempt(NOOP_TRACE, "none")
-# The attempt whose handshake runs in the current task (each accepted connection has its own).
-_attempt: contextvars.ContextVar[_Attempt] = contextvars.ContextVar("mcpool_attempt", default=_NO_ATTEMPT)
 
 # How long exiting waits for the collector to take the last spans (it never blocks the relay).
 _TRACE_FLUSH_S = 2.0
 
 
-# -- kernel settings --------------------------------------------------------------------------------
-def apply_kernel_settings(kernel: KernelConfig) -> dict[str, Any]:
-    """Apply `config.kernel` in this network namespace (if `apply_sysctls`) and report what is in
-    force: {"mptcp_checksum": bool|None, "tcp_fastopen": int|None, "tcp_fastopen_server": bool|None}.
-
-    A checksum setting of false leaves the namespace's value alone (it is never turned off).
-    """
-    if kernel.apply_sysctls:
-        if kernel.mptcp_checksum and read_sysctl(SYSCTL_MPTCP_CHECKSUM) != "1":
-            write_sysctl(SYSCTL_MPTCP_CHECKSUM, 1)
-        if kernel.tcp_fastopen_server:
-            current = read_sysctl(SYSCTL_TCP_FASTOPEN)
-            if current is not None and current.isdigit() and not int(current) & 0x2:
-                write_sysctl(SYSCTL_TCP_FASTOPEN, int(current) | 0x2)
-    checksum = read_sysctl(SYSCTL_MPTCP_CHECKSUM)
-    tfo = read_sysctl(SYSCTL_TCP_FASTOPEN)
-    tfo_value = int(tfo) if tfo is not None and tfo.isdigit() else None
-    return {
-        "mptcp_checksum": None if checksum is None else checksum == "1",
-        "tcp_fastopen": tfo_value,
-        "tcp_fastopen_server": None if tfo_value is None else bool(tfo_value & 0x2),
-    }
-
-
-# -- small helpers ----------------------------------------------------------------------------------
-def _reconstruct_synack(sock: socket.socket) -> bytes | None:
-    """A TCP header with the options the server's SYN-ACK carried, rebuilt from TCP_INFO.
-
-    None if the kernel will not tell (e.g. TCP_INFO refused on an MPTCP socket).
-    """
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-        local_port = sock.getsockname()[1]
-        remote_port = sock.getpeername()[1]
-    except OSError:
-        return None
-    if len(info) < 20:
-        return None
-    opts_bits = info[5]
-    snd_wscale = info[6] & 0x0F
-    (snd_mss,) = struct.unpack_from("=I", info, 16)
-    timestamps = bool(opts_bits & _TCPI_OPT_TIMESTAMPS)
-    # snd_mss excludes the 12 bytes of timestamp option every segment carries.
-    mss = min(snd_mss + (12 if timestamps else 0), 0xFFFF)
-    options = struct.pack("!BBH", 2, 4, mss)
-    sack = bool(opts_bits & _TCPI_OPT_SACK)
-    if sack and timestamps:
-        options += bytes([4, 2, 8, 10]) + bytes(8)
-    elif timestamps:
-        options += bytes([1, 1, 8, 10]) + bytes(8)
-    elif sack:
-        options += bytes([1, 1, 4, 2])
-    if opts_bits & _TCPI_OPT_WSCALE:
-        options += bytes([1, 3, 3, snd_wscale])
-    data_offset = (20 + len(options)) // 4
-    header = struct.pack(
-        "!HHIIBBHHH", remote_port, local_port, 0, 0, data_offset << 4, 0x12, 0, 0, 0
-    )
-    return header + options
-
-
-def _check_tcp_options(options: bytes) -> ConvertError | None:
-    """The Connect TLV's TCP options: only what the kernel negotiates anyway is accepted."""
-    i = 0
-    while i < len(options):
-        kind = options[i]
-        if kind == 0:  # End of Option List (and the TLV's zero padding)
-            return None
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= len(options) or options[i + 1] < 2 or i + options[i + 1] > len(options):
-            return ConvertError(ErrorCode.MALFORMED_MESSAGE, "malformed TCP option in Connect TLV")
-        if kind not in SUPPORTED_TCP_OPTION_KINDS:
-            return ConvertError(ErrorCode.UNSUPPORTED_TCP_OPTION, f"TCP option kind {kind} is not supported")
-        i += options[i + 1]
-    return None
-
-
-def _convert_length(prefix: bytes) -> int:
-    total = message_length(prefix)
-    return HEADER_BYTES if total is None else total
-
-
 def _client_of(peer: Any) -> tuple[str, int]:
     return address_text(str(peer[0])), int(peer[1])
-
-
-# str() of an ipaddress object is slow (it formats from the integer each time) and the same
-# destinations recur; address objects are immutable, so their text is cached.
-_address_str: Callable[[IPAddress], str] = functools.lru_cache(maxsize=4096)(str)
 
 
 # -- the proxy --------------------------------------------------------------------------------------
@@ -289,8 +105,12 @@ class Proxy:
         observers: Iterable[ConnectionObserver] = (),
         telemetry: Telemetry | None = None,
         watch_subflows: bool = True,
+        mptcp_events: MptcpEventHub | None = None,
     ) -> None:
         self.config = config
+        # The process's one mptcp_pm subscription: the subflow watcher's, and the pod affinity's
+        # token publisher's when `run()` wires it in.
+        self.mptcp_events = mptcp_events if mptcp_events is not None else MptcpEventHub()
         self._own_addresses = None if own_addresses is None else list(own_addresses)
         self.policy = Policy(config.policy, self._own_addresses or ())
         self.table = ConnectionTable()
@@ -304,7 +124,7 @@ class Proxy:
         self._mptcp_counters_at_start: dict[str, int] = {}
         self.metrics.add_subflow_watch(self.subflows, self._join_refusals_since_start,
                                        self._mptcp_counters_since_start)
-        self.metrics.add_access_paths(config.access_paths, self._path_samples)
+        self.access_paths = self.metrics.add_access_paths(config.access_paths, self._path_samples)
         self.metrics.drain_timeout.set(config.drain_timeout_s)
         # These series exist from the start, at 0: a counter's first increment is then a visible
         # rate (a series born at 1 shows no increase), and dashboards show 0 rather than nothing.
@@ -347,7 +167,8 @@ class Proxy:
         self.metrics.fastopen_server.set(_tri(self.kernel_state["tcp_fastopen_server"]))
         self.metrics.relay_mode.labels(self.relay_mode).set(1)
         try:
-            for protocol, address in (("convert", self.config.listen.convert), ("socks5", self.config.listen.socks5)):
+            for protocol in FRONTS:
+                address: str | None = getattr(self.config.listen, protocol)
                 if address is not None:
                     self._listen(protocol, address)
             if self.config.admin is not None:
@@ -384,22 +205,10 @@ class Proxy:
         host, port = split_hostport(address)
         if host == "localhost":
             host = "127.0.0.1"
-        ip = ipaddress.ip_address(host)
-        family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-        sock, is_mptcp = create_socket(family, mptcp=True)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                # "::" serves IPv4 clients too (as IPv4-mapped addresses, which policy unwraps).
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
-            sock.bind((host, port))
-            if self.config.listen.fastopen_queue > 0:
-                enable_fastopen_listener(sock, self.config.listen.fastopen_queue)
-            sock.listen(self.config.listen.backlog)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
+        # "::" serves IPv4 clients too (as IPv4-mapped addresses, which policy unwraps).
+        sock, is_mptcp = create_listener(
+            host, port, backlog=self.config.listen.backlog, fastopen_queue=self.config.listen.fastopen_queue
+        )
         bound = sock.getsockname()
         self._listeners[protocol] = sock
         self.listen_addresses[protocol] = (str(bound[0]), int(bound[1]))
@@ -416,7 +225,7 @@ class Proxy:
             return
         self.subflows.listen_ports = frozenset(port for _, port in self.listen_addresses.values())
         assert self._loop is not None
-        self._watch_task = self._loop.create_task(self.subflows.run(MptcpEventListener))
+        self._watch_task = self._loop.create_task(self.subflows.run(self.mptcp_events))
 
     def _join_refusals_since_start(self) -> dict[str, int]:
         now = join_refusals()
@@ -438,11 +247,11 @@ class Proxy:
                     subflows = []
                 if subflows:
                     for sf in subflows:
-                        yield ((conn.id, sf.local, sf.remote), sf.local[0], sf.remote[0],
+                        yield (conn.id, (sf.local, sf.remote), sf.local[0], sf.remote[0],
                                sf.bytes_received or 0, sf.bytes_sent or 0)
                     continue
             # Plain TCP (or subflows unreadable): one path, the client's address, both ends alike.
-            yield (conn.id,), conn.client[0], conn.client[0], conn.relay.bytes_up, conn.relay.bytes_down
+            yield conn.id, None, conn.client[0], conn.client[0], conn.relay.bytes_up, conn.relay.bytes_down
 
     def _close_listeners(self) -> None:
         for sock in self._listeners.values():
@@ -569,8 +378,7 @@ class Proxy:
                 # Draining: a new connection is reset at once, so the client retries another
                 # pod instead of waiting on one that is going away.
                 self.metrics.child(self.metrics.handshake_errors, protocol, "draining").inc()
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                reset_on_close(sock)
                 sock.close()
                 continue
             task = self._loop.create_task(self._handle(sock, peer, protocol))
@@ -582,6 +390,8 @@ class Proxy:
             self._loop.add_reader(listener.fileno(), self._on_acceptable, listener, protocol)
 
     async def _handle(self, sock: socket.socket, peer: Any, protocol: str) -> None:
+        """One accepted connection, through the rooms: who may come in, the front's handshake,
+        where to, upstream, relay. Catches everything: no input can stop the proxy."""
         self.metrics.child(self.metrics.accepted, protocol).inc()
         self.metrics.handshaking.inc()
         handed_over = False
@@ -589,9 +399,10 @@ class Proxy:
             client = _client_of(peer)
         except (ValueError, IndexError, TypeError):  # not an IP peer: nothing else to do with it
             client = ("?", 0)
+        front = FRONTS[protocol]
+        hs = Handshake(sock, client, protocol, self.telemetry.connection(protocol, client), self.policy,
+                       self.config, self.metrics)  # fmt: skip
         started = time.monotonic()
-        attempt = _Attempt(self.telemetry.connection(protocol, client), protocol, started=started)
-        _attempt.set(attempt)
         self._handshakes += 1
         try:
             sock.setblocking(False)
@@ -607,17 +418,13 @@ class Proxy:
                     f"(policy.max_handshakes={self.config.policy.max_handshakes})",
                 )
             if refusal is not None:
-                await self._refuse_at_accept(sock, client, protocol, refusal)
-            elif protocol == "convert":
-                handed_over = await self._convert(sock, client)
+                await front.refuse_at_accept(hs, refusal)
             else:
-                handed_over = await self._socks5(sock, client)
-        except _HandshakeFailed:
-            pass
+                handed_over = await self._pipeline(front, hs)
         except asyncio.CancelledError:
-            self._handshake_error(protocol, "cancelled")
+            hs.count_error("cancelled")
         except Exception as exc:  # noqa: BLE001 - never let one client take the proxy down
-            self._handshake_error(protocol, "internal")
+            hs.count_error("internal")
             log.error(
                 "handshake failed unexpectedly: %r",
                 exc,
@@ -630,245 +437,70 @@ class Proxy:
             try:
                 if not handed_over:
                     try:
-                        self._finish_unrelayed(sock, attempt, client, time.monotonic() - started)
+                        self._finish_unrelayed(hs, time.monotonic() - started)
                     finally:
                         sock.close()
             finally:
                 if not self._tasks_pending():
                     self._idle_handshakes.set()
 
-    async def _refuse_at_accept(
-        self, sock: socket.socket, client: tuple[str, int], protocol: str, refusal: Refusal
-    ) -> None:
-        """Answer a client refused before its handshake: Convert gets its Error TLV (Not
-        Authorized 32, or Resource Exceeded 64 for a flood); SOCKS5, whose first message is the
-        client's greeting, gets "no acceptable methods" (0xFF) and the close."""
-        if protocol == "convert":
-            code = ErrorCode.RESOURCE_EXCEEDED if refusal.reason == "max_handshakes" else ErrorCode.NOT_AUTHORIZED
-            await self._convert_refuse(sock, client, code, refusal.detail, refusal=refusal)
-            return
-        answer: bytes | None = encode_method_selection(Method.NO_ACCEPTABLE)
-        if refusal.reason != "max_handshakes":
-            # RFC 1928's "connection not allowed by ruleset" (0x02) is an answer to a request:
-            # take the greeting and the request (briefly, never checking credentials), then say it.
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + min(self.config.policy.handshake_timeout_s, _REFUSAL_HANDSHAKE_S)
-            try:
-                methods = parse_greeting(await self._read_message(sock, greeting_length, deadline))
-                if Method.NO_AUTH in methods:
-                    await loop.sock_sendall(sock, encode_method_selection(Method.NO_AUTH))
-                    parse_request(await self._read_message(sock, request_length, deadline))
-                    answer = encode_reply(Reply.NOT_ALLOWED)
-            except (Socks5Error, _Oversize, TimeoutError, _ClientGone, OSError):
-                answer = None
-        await self._socks5_refuse(sock, client, answer, "not_allowed", refusal.detail, refusal=refusal)
-
-    def _tasks_pending(self) -> bool:
-        current = asyncio.current_task()
-        return any(task is not current and not task.done() for task in self._tasks)
-
-    def _handshake_error(self, protocol: str, error: str) -> None:
-        """Count a handshake that ended without a relay, and remember why for its span."""
-        self.metrics.child(self.metrics.handshake_errors, protocol, error).inc()
-        _attempt.get().error = error
-
-    def _finish_unrelayed(self, sock: socket.socket, attempt: _Attempt, client: tuple[str, int],
-                          duration_s: float) -> None:
-        """End the span of a connection that never reached the relay."""
-        if not attempt.trace.recording:
-            return
-        info = get_mptcp_info(sock) if sock.fileno() >= 0 else None
-        error = attempt.error or "handshake_failed"
-        fields = connection_fields(
-            connection_id=0, mode=attempt.protocol, client=client, destination=attempt.destination,
-            requested=attempt.requested, token=None if info is None else info.token_hex,
-            mptcp=info is not None, subflows=1 if info is None else info.subflow_count,
-            max_subflows=1 if info is None else info.subflow_count, bytes_up=0, bytes_down=0,
-            close_reason="refused" if attempt.answered else error, duration_s=duration_s, relay_mode=None,
-        )
-        attempt.trace.finish(fields, error=error)
-
-    async def _read_message(
-        self, sock: socket.socket, length_of: Callable[[bytes], int], deadline: float
-    ) -> bytes:
-        """Read exactly one message whose length `length_of` reveals as its prefix arrives."""
-        buf = b""
-        limit = self.config.policy.max_handshake_bytes
-        # The message is usually in the socket already (it came with or right after the SYN):
-        # read what is there without a timeout context and an awaited recv, which cost more than
-        # the reads themselves; only a message still on its way takes the awaiting path.
-        while True:
-            need = length_of(buf)
-            if need > limit:
-                raise _Oversize(f"handshake message of {need} bytes exceeds policy.max_handshake_bytes ({limit})")
-            if len(buf) >= need:
-                return buf
-            try:
-                chunk = sock.recv(need - len(buf))
-            except (BlockingIOError, InterruptedError):
-                break
-            if not chunk:
-                raise _ClientGone(f"client closed after {len(buf)} handshake bytes")
-            buf += chunk
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout_at(deadline):
-            while True:
-                need = length_of(buf)
-                if need > limit:
-                    raise _Oversize(f"handshake message of {need} bytes exceeds policy.max_handshake_bytes ({limit})")
-                if len(buf) >= need:
-                    return buf
-                chunk = await loop.sock_recv(sock, need - len(buf))
-                if not chunk:
-                    raise _ClientGone(f"client closed after {len(buf)} handshake bytes")
-                buf += chunk
-
-    async def _close_after_answer(self, sock: socket.socket) -> None:
-        """Half-close, discard what the client still sends (briefly), close (by the caller)."""
-        loop = asyncio.get_running_loop()
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            async with asyncio.timeout(_REFUSAL_LINGER_S):
-                while await loop.sock_recv(sock, 4096):
-                    pass
-        except (TimeoutError, OSError):
-            pass
-
-    def _log_refusal(self, protocol: str, client: tuple[str, int], error: str, detail: str, **fields: Any) -> None:
-        trace = _attempt.get().trace
-        if trace.trace_id is not None:
-            fields.update(trace_id=trace.trace_id, span_id=trace.span_id)
-        log.info(
-            "refused: %s",
-            detail,
-            extra={"fields": {"protocol": protocol, "client": format_endpoint(*client), "error": error, **fields}},
-        )
-
-    # -- RFC 8803 Convert ----------------------------------------------------------------------
-    async def _convert_refuse(
-        self,
-        sock: socket.socket,
-        client: tuple[str, int],
-        code: ErrorCode,
-        detail: str,
-        value: bytes = b"",
-        refusal: Refusal | None = None,
-        **fields: Any,
-    ) -> None:
-        error = code.name.lower()
-        self._handshake_error("convert", error)
+    async def _pipeline(self, front: Front[Any], hs: Handshake) -> bool:
+        """The front's handshake, then where to, upstream and relay; True once the relay has the
+        connection. Every refusal is the front's to answer, in its own protocol."""
+        dest = await front.handshake(hs)
+        if dest is None:
+            return False
+        cpe = hs.client[0]
+        refusal = self.policy.acquire(cpe)
         if refusal is not None:
-            self.metrics.child(self.metrics.policy_refusals, refusal.reason).inc()
-        self._log_refusal("convert", client, error, detail, code=int(code), **fields)
-        attempt = _attempt.get()
-        attempt.answered = True
-        attempt.trace.error_sent("convert", error, int(code), detail)
+            await front.refuse_over_limit(hs, dest, refusal)
+            return False
+        hs.trace.end_handshake()
+        # The slot is acquired: give it back on every way out but the relay, or a CPE loses one
+        # slot per failure until it is locked out.
         try:
-            await asyncio.get_running_loop().sock_sendall(sock, error_message(code, value))
-        except OSError:
-            return
-        await self._close_after_answer(sock)
-
-    async def _convert(self, sock: socket.socket, client: tuple[str, int]) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.policy.handshake_timeout_s
-        try:
-            raw = await self._read_message(sock, _convert_length, deadline)
-            message: ConvertMessage = decode_message(raw)
-            connect = validate_client_request(message)
-        except ConvertError as exc:
-            await self._convert_refuse(sock, client, exc.code, exc.detail)
-            return False
-        except _Oversize as exc:
-            await self._convert_refuse(sock, client, ErrorCode.MALFORMED_MESSAGE, str(exc))
-            return False
-        except TimeoutError:
-            self._handshake_error("convert", "timeout")
-            self._log_refusal("convert", client, "timeout", "no complete Convert message in time")
-            return False
-        except (_ClientGone, OSError) as exc:
-            self._handshake_error("convert", "client_closed")
-            log.debug("convert client %s gone: %s", format_endpoint(*client), exc)
-            return False
-
-        refusal = self.policy.check_cookie(message.cookie.cookie if message.cookie is not None else None)
-        if refusal is not None:
-            await self._convert_refuse(sock, client, ErrorCode.MISSING_COOKIE, refusal.detail, refusal=refusal)
-            return False
-        wants_info = any(isinstance(tlv, InfoTLV) for tlv in message.tlvs)
-        if connect is None:
-            # Info only: say what we support and close; there is nothing to relay.
-            try:
-                await loop.sock_sendall(sock, encode_message([SupportedTcpExtensionsTLV(SUPPORTED_TCP_OPTION_KINDS)]))
-            except OSError:
-                self._handshake_error("convert", "client_closed")
-                return False
-            await self._close_after_answer(sock)
-            return False
-        return await self._convert_connect(sock, client, connect, wants_info)
-
-    async def _convert_connect(
-        self, sock: socket.socket, client: tuple[str, int], connect: ConnectTLV, wants_info: bool
-    ) -> bool:
-        loop = asyncio.get_running_loop()
-        dest = (_address_str(connect.address), connect.port)
-        dest_text = format_endpoint(*dest)
-        attempt = _attempt.get()
-        attempt.destination = dest
-        attempt.trace.set_destination(*dest)
-        refusal = self.policy.check_destination(connect.address, connect.port)
-        if refusal is not None:
-            await self._convert_refuse(
-                sock, client, ErrorCode.NOT_AUTHORIZED, refusal.detail, refusal=refusal, destination=dest_text
-            )
-            return False
-        option_error = _check_tcp_options(connect.tcp_options)
-        if option_error is not None:
-            await self._convert_refuse(sock, client, option_error.code, option_error.detail, destination=dest_text)
-            return False
-        refusal = self.policy.acquire(client[0])
-        if refusal is not None:
-            await self._convert_refuse(
-                sock, client, ErrorCode.RESOURCE_EXCEEDED, refusal.detail, refusal=refusal, destination=dest_text
-            )
-            return False
-        attempt.trace.end_handshake()
-        try:
-            upstream = await self._connect_upstream(dest)
+            upstream = await self._connect_upstream(hs, dest)
         except UpstreamError as exc:
-            self.policy.release(client[0])
-            await self._convert_refuse(
-                sock, client, exc.convert_code, exc.detail, exc.convert_value, destination=dest_text
-            )
+            self.policy.release(cpe)
+            await front.refuse_upstream(hs, dest, exc)
             return False
         except BaseException:
-            self.policy.release(client[0])
+            self.policy.release(cpe)
             raise
         try:
-            tlvs: list[Any] = []
-            if wants_info:
-                tlvs.append(SupportedTcpExtensionsTLV(SUPPORTED_TCP_OPTION_KINDS))
-            header = _reconstruct_synack(upstream)
-            if header is not None:
-                tlvs.append(ExtendedTcpHeaderTLV(header))
-            await loop.sock_sendall(sock, encode_message(tlvs))
+            await front.answer_connected(hs, dest, upstream)
         except BaseException as exc:
-            self.policy.release(client[0])
+            self.policy.release(cpe)
             upstream.close()
             if isinstance(exc, OSError):
-                self._handshake_error("convert", "client_closed")
+                hs.count_error("client_closed")
                 return False
             raise
-        self._start_relay("convert", sock, upstream, client, dest)
+        self._start_relay(hs, upstream)
         return True
 
-    async def _connect_upstream(self, dest: tuple[str, int]) -> socket.socket:
-        trace = _attempt.get().trace
-        trace.begin_upstream(*dest)
+    async def _connect_upstream(self, hs: Handshake, dest: Destination) -> socket.socket:
+        """Connect to the destination's candidates in turn; the first that answers, else the
+        last attempt's UpstreamError."""
+        last_error: UpstreamError | None = None
+        for candidate in dest.candidates:
+            host = address_str(candidate)
+            try:
+                upstream = await self._connect_one(hs.trace, host, dest.port)
+            except UpstreamError as exc:
+                last_error = exc
+                continue
+            hs.set_destination(host, dest.port, dest.requested)
+            return upstream
+        assert last_error is not None
+        raise last_error
+
+    async def _connect_one(self, trace: ConnectionTrace, host: str, port: int) -> socket.socket:
+        trace.begin_upstream(host, port)
         started = time.monotonic()
         try:
             upstream = await connect_upstream(
-                dest[0], dest[1], self.config.upstream.protocol, self.config.upstream.connect_timeout_s
+                host, port, self.config.upstream.protocol, self.config.upstream.connect_timeout_s
             )
         except UpstreamError as exc:
             self.metrics.child(self.metrics.upstream_errors, exc.reason).inc()
@@ -878,184 +510,30 @@ class Proxy:
         trace.end_upstream()
         return upstream
 
-    # -- SOCKS5 --------------------------------------------------------------------------------
-    async def _socks5_refuse(
-        self,
-        sock: socket.socket,
-        client: tuple[str, int],
-        answer: bytes | None,
-        error: str,
-        detail: str,
-        refusal: Refusal | None = None,
-        **fields: Any,
-    ) -> None:
-        self._handshake_error("socks5", error)
-        if refusal is not None:
-            self.metrics.child(self.metrics.policy_refusals, refusal.reason).inc()
-        self._log_refusal("socks5", client, error, detail, **fields)
-        if answer is not None:
-            attempt = _attempt.get()
-            attempt.answered = True
-            # The code the client reads: the reply field (or the method/auth status byte).
-            attempt.trace.error_sent("socks5", error, answer[1] if len(answer) > 1 else None, detail)
-            try:
-                await asyncio.get_running_loop().sock_sendall(sock, answer)
-            except OSError:
-                return
-        await self._close_after_answer(sock)
+    def _tasks_pending(self) -> bool:
+        current = asyncio.current_task()
+        return any(task is not current and not task.done() for task in self._tasks)
 
-    async def _socks5(self, sock: socket.socket, client: tuple[str, int]) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.policy.handshake_timeout_s
-        stage = "greeting"
-        try:
-            methods = parse_greeting(await self._read_message(sock, greeting_length, deadline))
-            auth = self.policy.socks5_auth_required
-            method = Method.USERNAME_PASSWORD if auth else Method.NO_AUTH
-            if method not in methods:
-                wanted = "username/password authentication" if auth else "the no-authentication method"
-                await self._socks5_refuse(
-                    sock, client, encode_method_selection(Method.NO_ACCEPTABLE), "no_acceptable_method",
-                    f"client does not offer {wanted}",
-                )
-                return False
-            await loop.sock_sendall(sock, encode_method_selection(method))
-            if auth:
-                stage = "authentication"
-                username, password = parse_userpass(await self._read_message(sock, userpass_length, deadline))
-                refusal = self.policy.check_socks5_credentials(username, password)
-                if refusal is not None:
-                    await self._socks5_refuse(
-                        sock, client, encode_userpass_status(False), "auth_failed", refusal.detail, refusal=refusal
-                    )
-                    return False
-                await loop.sock_sendall(sock, encode_userpass_status(True))
-            stage = "request"
-            request = parse_request(await self._read_message(sock, request_length, deadline))
-        except Socks5Error as exc:
-            answer = None if exc.reply is None or stage != "request" else encode_reply(exc.reply)
-            error = "protocol_error" if exc.reply is None else exc.reply.name.lower()
-            await self._socks5_refuse(sock, client, answer, error, f"{stage}: {exc.detail}")
-            return False
-        except _Oversize as exc:
-            answer = encode_reply(Reply.GENERAL_FAILURE) if stage == "request" else None
-            await self._socks5_refuse(sock, client, answer, "oversize", str(exc))
-            return False
-        except TimeoutError:
-            self._handshake_error("socks5", "timeout")
-            self._log_refusal("socks5", client, "timeout", f"no complete SOCKS5 {stage} in time")
-            return False
-        except (_ClientGone, OSError) as exc:
-            self._handshake_error("socks5", "client_closed")
-            log.debug("socks5 client %s gone during %s: %s", format_endpoint(*client), stage, exc)
-            return False
-
-        requested = request.host if isinstance(request.host, str) else None
-        attempt = _attempt.get()
-        attempt.requested = requested
-        attempt.destination = (str(request.host), request.port)
-        attempt.trace.set_destination(str(request.host), request.port)
-        candidates = await self._socks5_candidates(sock, client, request.host, request.port)
-        if candidates is None:
-            return False
-        refusal = self.policy.acquire(client[0])
-        if refusal is not None:
-            await self._socks5_refuse(
-                sock, client, encode_reply(Reply.NOT_ALLOWED), "not_allowed", refusal.detail, refusal=refusal
-            )
-            return False
-        attempt.trace.end_handshake()
-        upstream: socket.socket | None = None
-        last_error: UpstreamError | None = None
-        released = False
-        try:
-            for candidate in candidates:
-                try:
-                    upstream = await self._connect_upstream((str(candidate), request.port))
-                    dest = (str(candidate), request.port)
-                    attempt.destination = dest
-                    attempt.trace.set_destination(dest[0], dest[1], requested)
-                    break
-                except UpstreamError as exc:
-                    last_error = exc
-            if upstream is None:
-                assert last_error is not None
-                self.policy.release(client[0])
-                released = True
-                await self._socks5_refuse(
-                    sock, client, encode_reply(last_error.socks5_reply), last_error.socks5_reply.name.lower(),
-                    last_error.detail,
-                )
-                return False
-            bound = upstream.getsockname()
-            await loop.sock_sendall(sock, encode_reply(Reply.SUCCEEDED, ipaddress.ip_address(bound[0]), bound[1]))
-        except BaseException as exc:
-            # The slot was acquired above: give it back on every way out but the relay, or a
-            # CPE loses one slot per failure until it is locked out.
-            if not released:
-                self.policy.release(client[0])
-            if upstream is not None:
-                upstream.close()
-            if isinstance(exc, OSError):
-                self._handshake_error("socks5", "client_closed")
-                return False
-            raise
-        self._start_relay("socks5", sock, upstream, client, dest, requested=requested)
-        return True
-
-    async def _socks5_candidates(
-        self, sock: socket.socket, client: tuple[str, int], host: IPAddress | str, port: int
-    ) -> list[IPAddress] | None:
-        """Destination addresses allowed by policy (a domain resolved without blocking the loop);
-        None if refused (already answered)."""
-        if isinstance(host, str):
-            try:
-                infos = await asyncio.wait_for(
-                    asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
-                    self.config.upstream.connect_timeout_s,
-                )
-            except (OSError, TimeoutError) as exc:
-                await self._socks5_refuse(
-                    sock, client, encode_reply(Reply.HOST_UNREACHABLE), "host_unreachable",
-                    f"cannot resolve {host!r}: {exc}",
-                )
-                return None
-            resolved: list[IPAddress] = []
-            for info in infos:
-                addr = normalize_address(str(info[4][0]))
-                if addr not in resolved:
-                    resolved.append(addr)
-        else:
-            resolved = [normalize_address(host)]
-        allowed: list[IPAddress] = []
-        first_refusal: Refusal | None = None
-        for addr in resolved:
-            refusal = self.policy.check_destination(addr, port)
-            if refusal is None:
-                allowed.append(addr)
-            elif first_refusal is None:
-                first_refusal = refusal
-        if not allowed:
-            assert first_refusal is not None
-            await self._socks5_refuse(
-                sock, client, encode_reply(Reply.NOT_ALLOWED), "not_allowed", first_refusal.detail,
-                refusal=first_refusal, destination=str(host),
-            )
-            return None
-        # Each candidate may take connect_timeout_s: a name with dozens of unroutable addresses
-        # must not hold a client (and its connection slot) for minutes.
-        return allowed[:_SOCKS5_MAX_CANDIDATES]
+    def _finish_unrelayed(self, hs: Handshake, duration_s: float) -> None:
+        """End the span of a connection that never reached the relay."""
+        if not hs.trace.recording:
+            return
+        sock = hs.sock
+        info = get_mptcp_info(sock) if sock.fileno() >= 0 else None
+        error = hs.error or "handshake_failed"
+        fields = connection_fields(
+            connection_id=0, mode=hs.protocol, client=hs.client, destination=hs.destination,
+            requested=hs.requested, token=None if info is None else info.token_hex,
+            mptcp=info is not None, subflows=1 if info is None else info.subflow_count,
+            max_subflows=1 if info is None else info.subflow_count, bytes_up=0, bytes_down=0,
+            close_reason="refused" if hs.answered else error, duration_s=duration_s, relay_mode=None,
+        )
+        hs.trace.finish(fields, error=error)
 
     # -- relaying ------------------------------------------------------------------------------
-    def _start_relay(
-        self,
-        mode: Mode,
-        client_sock: socket.socket,
-        upstream: socket.socket,
-        client: tuple[str, int],
-        dest: tuple[str, int],
-        requested: str | None = None,
-    ) -> None:
+    def _start_relay(self, hs: Handshake, upstream: socket.socket) -> None:
+        client_sock = hs.sock
+        assert hs.destination is not None
         relay = Relay(
             client_sock,
             upstream,
@@ -1063,18 +541,17 @@ class Proxy:
             idle_timeout_s=self.config.relay.idle_timeout_s,
             pools=self.pools,
         )
-        conn = Connection(self.table.next_id(), mode, client, dest, relay, requested=requested)
+        conn = Connection(self.table.next_id(), cast(Mode, hs.protocol), hs.client, hs.destination, relay,
+                          requested=hs.requested)
         token = get_mptcp_token(client_sock)
         conn.token = None if token is None else f"{token:08x}"
         conn.mptcp = token is not None
-        attempt = _attempt.get()
-        conn.trace = attempt.trace
-        transport = "mptcp" if conn.mptcp else "tcp"
+        conn.trace = hs.trace
         if not conn.mptcp:
-            self.metrics.child(self.metrics.fallbacks, mode).inc()
-        self.metrics.child(self.metrics.active_by_mode, mode, transport).inc()
-        observe(self.metrics.child(self.metrics.handshake_latency, mode),
-                time.monotonic() - attempt.started, conn.trace.trace_id)
+            self.metrics.child(self.metrics.fallbacks, hs.protocol).inc()
+        self.metrics.child(self.metrics.active_by_mode, hs.protocol, "mptcp" if conn.mptcp else "tcp").inc()
+        observe(self.metrics.child(self.metrics.handshake_latency, hs.protocol),
+                time.monotonic() - hs.started, conn.trace.trace_id)
         if token is not None:
             first = initial_subflow(client_sock)
             self.subflows.attach(token, conn.trace, sock=client_sock, initial=[first] if first else [])
@@ -1097,6 +574,7 @@ class Proxy:
         self.metrics.child(self.metrics.active_by_mode, conn.mode, "mptcp" if conn.mptcp else "tcp").dec()
         self.metrics.closed_bytes_up += conn.relay.bytes_up
         self.metrics.closed_bytes_down += conn.relay.bytes_down
+        self.access_paths.closed(conn.id, conn.client[0], conn.relay.bytes_up, conn.relay.bytes_down)
         if len(self.table) == 0:
             self._empty.set()
         state = self.subflows.detach(int(conn.token, 16)) if conn.token is not None else None
@@ -1146,11 +624,7 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
         log.error("cannot start: %s", exc)
         await asyncio.to_thread(telemetry.shutdown, 0.1)
         return 1
-    # Cluster affinity (docs/affinity.md): register the pod, publish tokens, join address.
-    affinity = PodAffinity(config.affinity, [port for _, port in proxy.listen_addresses.values()],
-                           metrics_registry=proxy.metrics.registry)
-    proxy.observers.append(affinity)
-    await affinity.start()
+    affinity = await start_affinity(proxy)
     if ready is not None:
         ready()
     drain_requested = asyncio.Event()
@@ -1204,6 +678,17 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
     return exit_status
 
 
+async def start_affinity(proxy: Proxy) -> PodAffinity:
+    """Cluster affinity (docs/affinity.md) for a started proxy: register the pod, publish tokens
+    (over the proxy's own mptcp_pm subscription), join address; it observes the proxy's
+    connections from now on."""
+    affinity = PodAffinity(proxy.config.affinity, [port for _, port in proxy.listen_addresses.values()],
+                           metrics_registry=proxy.metrics.registry, mptcp_events=proxy.mptcp_events)
+    proxy.observers.append(affinity)
+    await affinity.start()
+    return affinity
+
+
 async def _first_of(*aws: Awaitable[Any]) -> None:
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
@@ -1212,47 +697,3 @@ async def _first_of(*aws: Awaitable[Any]) -> None:
         for task in tasks:
             if not task.done():
                 task.cancel()
-
-
-def raise_open_files_limit(max_connections: int) -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit and return it.
-
-    Each relayed connection holds two sockets (plus a pipe pair while bytes are in flight), and
-    the default soft limit of 1024 would cap a proxy at a few hundred connections, with the
-    excess reset by the kernel instead of answered with Resource Exceeded.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, exc)
-    needed = 2 * max_connections + 256
-    if soft < needed:
-        log.warning(
-            "open-files limit %d is below the %d that policy.max_connections=%d needs; connections "
-            "beyond it are refused by the kernel: raise the limit or lower max_connections",
-            soft, needed, max_connections,
-        )
-    return soft
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mcpool proxy", description="Run the MPTCP concentrator proxy.")
-    parser.add_argument("--config", required=True, help="YAML configuration file (see config.py)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log_level")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    configure_logging(args.log_level or config.log_level)
-    raise_open_files_limit(config.policy.max_connections)
-
-    def announce() -> None:
-        print(READY_LINE, flush=True)
-
-    return asyncio.run(run(config, ready=announce))

@@ -1,7 +1,7 @@
 """Opening the proxy's connection to the destination server, over TCP or MPTCP, with a timeout.
 
 `loop.sock_connect()` cannot be used for MPTCP on this platform (glibc's getaddrinfo rejects
-protocol 262), so the socket comes from `mptcp.create_socket`, the address is already numeric,
+protocol 262), so the socket comes from `kernel.mptcp.create_socket`, the address is already numeric,
 and the connect is a non-blocking `connect_ex` followed by waiting for writability and reading
 `SO_ERROR`.
 
@@ -30,12 +30,12 @@ import errno
 import socket
 from dataclasses import dataclass
 
-from .convert import ErrorCode
-from .mptcp import create_socket, wait_writable
+from .codec.convert import ErrorCode
+from .codec.socks5 import Reply
+from .kernel.mptcp import create_socket, set_nodelay, wait_writable
 from .policy import IPAddress, address_text, format_endpoint, normalize_address
-from .socks5 import Reply
 
-__all__ = ["UpstreamError", "connect_upstream", "classify_errno", "set_nodelay"]
+__all__ = ["UpstreamError", "connect_upstream", "classify_errno"]
 
 
 @dataclass
@@ -75,18 +75,6 @@ def classify_errno(err: int | None, detail: str) -> UpstreamError:
         # Out of descriptors, memory or ephemeral ports: the proxy's resources, not the network.
         return UpstreamError("resources", err, ErrorCode.RESOURCE_EXCEEDED, b"", Reply.GENERAL_FAILURE, detail)
     return UpstreamError("error", err, ErrorCode.NETWORK_FAILURE, b"", Reply.GENERAL_FAILURE, detail)
-
-
-def set_nodelay(sock: socket.socket) -> None:
-    """Disable Nagle: the relay forwards what it gets at once; batching is the endpoints' job.
-
-    MPTCP sockets accept TCP_NODELAY since 5.19 (applied to every subflow); older kernels refuse
-    it, which only costs latency, so errors are ignored.
-    """
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass
 
 
 async def connect_upstream(

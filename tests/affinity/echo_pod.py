@@ -15,13 +15,10 @@ import socket
 import struct
 from typing import Any
 
-from mcpool_proxy.affinity import (
-    MptcpEventListener,
-    RedisRegistry,
-    RegistrationResult,
-    kernel,
-    publish_tokens,
-)
+from mcpool_proxy.cluster import RedisRegistry, RegistrationResult
+from mcpool_proxy.cluster.podside import publish_tokens
+from mcpool_proxy.kernel import steering
+from mcpool_proxy.kernel.mptcp_events import MptcpEventListener
 
 IPPROTO_MPTCP = 262
 SOL_MPTCP = 284
@@ -63,7 +60,7 @@ async def main() -> None:
     p.add_argument("--join-wait-s", type=float, default=5.0)
     args = p.parse_args()
 
-    kernel.setup_pod_receive(args.vip, 4789, args.pod_mac)
+    steering.setup_pod_receive(args.vip, 4789, args.pod_mac)
     registry = RedisRegistry(args.redis, args.pool, args.name, args.advertise, heartbeat_ttl_s=3)
     await registry.start()
     listener = MptcpEventListener()

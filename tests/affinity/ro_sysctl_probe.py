@@ -10,11 +10,10 @@ import subprocess
 import sys
 from typing import Any
 
-from mcpool_proxy import mptcp
-from mcpool_proxy.affinity import kernel
-from mcpool_proxy.affinity.join_address import JoinAddress
-from mcpool_proxy.affinity.podside import PodAffinity
+from mcpool_proxy.cluster.join_address import JoinAddress
+from mcpool_proxy.cluster.podside import PodAffinity
 from mcpool_proxy.config import AffinityConfig
+from mcpool_proxy.kernel import steering, sysctl
 from prometheus_client import CollectorRegistry
 
 VIP = "198.19.255.7"
@@ -42,21 +41,21 @@ def main() -> None:
     scenario = sys.argv[1]
     result: dict[str, Any] = {"scenario": scenario}
     if scenario == "ok":
-        result["already_set"] = mptcp.write_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM, 1)
-        result["change_refused"] = not mptcp.write_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM, 0)
-        result["checksum_now"] = mptcp.read_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM)
+        result["already_set"] = sysctl.write_sysctl(sysctl.SYSCTL_MPTCP_CHECKSUM, 1)
+        result["change_refused"] = not sysctl.write_sysctl(sysctl.SYSCTL_MPTCP_CHECKSUM, 0)
+        result["checksum_now"] = sysctl.read_sysctl(sysctl.SYSCTL_MPTCP_CHECKSUM)
         join = JoinAddress("198.18.77.1:5124", [5124])
         result["join_started"] = join.start()
         result["endpoints"] = subprocess.run(["ip", "mptcp", "endpoint", "show"], capture_output=True,
                                              text=True).stdout  # fmt: skip
         join.stop()
         try:
-            kernel.install_director(VIP, [5124], 0x4D7B0000, 4399, "vxlan", 60, table="mtk_ro", owner="mtk ro")
-            result["director_installed"] = kernel.table_owner("mtk_ro") == "mtk ro"
+            steering.install_director(VIP, [5124], 0x4D7B0000, 4399, "vxlan", 60, table="mtk_ro", owner="mtk ro")
+            result["director_installed"] = steering.table_owner("mtk_ro") == "mtk ro"
         except RuntimeError as exc:
             result["director_installed"] = str(exc)
         finally:
-            kernel.remove_director(VIP, 0x4D7B0000, 4399, 4300, table="mtk_ro", owner="mtk ro")
+            steering.remove_director(VIP, 0x4D7B0000, 4399, 4300, table="mtk_ro", owner="mtk ro")
     result["pod"] = asyncio.run(pod_affinity())
     print(json.dumps(result))
 

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 from conftest import RedisServer
-from mcpool_proxy.affinity.director import Director, DirectorConfig
-from mcpool_proxy.affinity.keys import KeySchema
+from mcpool_proxy.cluster.director import Director, DirectorConfig
+from mcpool_proxy.cluster.keys import KeySchema
 
 POOL = "mtk"
 KEYS = KeySchema(POOL)

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import RedisServer, free_port
-from mcpool_proxy.affinity.hashing import rendezvous_pick
+from mcpool_proxy.cluster.hashing import rendezvous_pick
 from support import requires_netns
 
 pytestmark = [requires_netns, pytest.mark.netns]

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from mcpool_operator import builders
 from mcpool_operator.spec import Pool
-from mcpool_proxy.affinity import kernel
-from mcpool_proxy.affinity.director import DirectorConfig
+from mcpool_proxy.cluster.director import DirectorConfig
 from mcpool_proxy.config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT, AffinityConfig
+from mcpool_proxy.kernel import steering
 
 
 def director_pool(namespace: str, name: str) -> Pool:
@@ -24,13 +24,13 @@ def director_pool(namespace: str, name: str) -> Pool:
 
 def resources(config: DirectorConfig) -> dict[str, Any]:
     """Everything a director creates on its node, as sets that must not intersect."""
-    slots = range(1, kernel.MAX_SLOTS + 1)
+    slots = range(1, steering.MAX_SLOTS + 1)
     return {
         "table": {config.nft_table},
         "devices": {f"{config.device_prefix}{s}" for s in slots},
         "queue": {config.queue_num},
-        "marks": {config.mark_base | m for m in (kernel.MARK_INITIAL, kernel.MARK_JOIN)}
-        | {kernel.slot_mark(config.mark_base, s) for s in slots},
+        "marks": {config.mark_base | m for m in (steering.MARK_INITIAL, steering.MARK_JOIN)}
+        | {steering.slot_mark(config.mark_base, s) for s in slots},
         "mark_ranges": {config.mark_base >> 16},
         "vnis": {config.vxlan_vni_base + s for s in slots},
         "route_tables": {config.route_table_base + s for s in slots},
@@ -68,7 +68,7 @@ def test_derived_resources_are_stable_and_in_range_for_every_index() -> None:
         validated = DirectorConfig.model_validate(config)
         assert validated.mark_base >> 16 not in seen_marks
         seen_marks.add(validated.mark_base >> 16)
-        assert validated.vxlan_vni_base + kernel.MAX_SLOTS <= 0xFFFFFF
+        assert validated.vxlan_vni_base + steering.MAX_SLOTS <= 0xFFFFFF
 
 
 def test_slot_devices_of_one_pool_are_not_parsed_as_another_pools() -> None:
@@ -95,7 +95,7 @@ def test_pods_receive_side_matches_the_director() -> None:
 
 
 def test_ruleset_uses_the_configured_table_and_owner() -> None:
-    script = kernel.director_ruleset("198.18.0.10", [5124], 0x40010000, "vxlan", 60, table="mcpool_001",
+    script = steering.director_ruleset("198.18.0.10", [5124], 0x40010000, "vxlan", 60, table="mcpool_001",
                                      owner="mcpool director pool=a vip=198.18.0.10")  # fmt: skip
     assert 'add table inet mcpool_001 { comment "mcpool director pool=a vip=198.18.0.10"; }' in script
     assert "mcpool_director" not in script

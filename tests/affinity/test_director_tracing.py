@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mcpool_proxy.affinity.director import Director, DirectorConfig
-from mcpool_proxy.telemetry import Telemetry
+from mcpool_proxy.cluster.director import Director, DirectorConfig
+from mcpool_proxy.observe.telemetry import Telemetry
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mcpool_proxy.affinity.hashing import rendezvous_pick
+from mcpool_proxy.cluster.hashing import rendezvous_pick
 
 KEYS = [f"198.18.{i // 250}.{i % 250 + 1}" for i in range(5000)]
 

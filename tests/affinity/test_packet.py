@@ -7,7 +7,7 @@ import struct
 
 from hypothesis import given
 from hypothesis import strategies as st
-from mcpool_proxy.affinity.packet import mptcp_join_token, parse_syn, parse_tcp_options
+from mcpool_proxy.cluster.packet import mptcp_join_token, parse_syn, parse_tcp_options
 
 MSS = bytes([2, 4, 0x05, 0xB4])
 SACK_OK = bytes([4, 2])

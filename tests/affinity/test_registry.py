@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 from conftest import RedisServer
-from mcpool_proxy.affinity import MemoryRegistry, MemoryStore, RedisRegistry, make_registry
-from mcpool_proxy.affinity.keys import KeySchema
+from mcpool_proxy.cluster import MemoryRegistry, MemoryStore, RedisRegistry, make_registry
+from mcpool_proxy.cluster.keys import KeySchema
 from mcpool_proxy.config import AffinityConfig
 from prometheus_client import CollectorRegistry
 
@@ -111,7 +111,7 @@ async def test_heartbeat_keeps_a_live_pod_and_a_dead_pod_expires(
 ) -> None:
     script = textwrap.dedent(f"""
         import asyncio
-        from mcpool_proxy.affinity import RedisRegistry
+        from mcpool_proxy.cluster import RedisRegistry
         async def main():
             reg = RedisRegistry({redis_server.url!r}, {POOL!r}, "pod-dead", "198.18.10.9", heartbeat_ttl_s=0.6)
             await reg.start()

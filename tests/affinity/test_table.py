@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from mcpool_proxy.affinity.hashing import rendezvous_pick
-from mcpool_proxy.affinity.packet import Syn
-from mcpool_proxy.affinity.table import AffinityTable, PodEntry, decide
+from mcpool_proxy.cluster.hashing import rendezvous_pick
+from mcpool_proxy.cluster.packet import Syn
+from mcpool_proxy.cluster.table import AffinityTable, PodEntry, decide
 
 
 def initial(src: str = "198.18.1.2") -> Syn:

@@ -7,10 +7,11 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from mcpool_proxy.affinity import MemoryRegistry
-from mcpool_proxy.affinity.podside import PodAffinity, kernel_tokens
+from mcpool_proxy.cluster import MemoryRegistry
+from mcpool_proxy.cluster.podside import PodAffinity
 from mcpool_proxy.config import AffinityConfig
-from mcpool_proxy.mptcp import IPPROTO_MPTCP, get_mptcp_info
+from mcpool_proxy.kernel.mptcp import IPPROTO_MPTCP, get_mptcp_info
+from mcpool_proxy.kernel.path_manager import kernel_tokens
 from prometheus_client import CollectorRegistry
 from support import requires_mptcp
 

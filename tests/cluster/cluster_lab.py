@@ -1,6 +1,6 @@
 """Helpers of the cluster tests: a lab with a director namespace, real pods and the CPE's view.
 
-`Lab(Topology(director=True))` (mcpool_proxy.lab) builds the topology; this module adds what only tests need:
+`Lab(Topology(director=True))` (mcpool_tools.lab) builds the topology; this module adds what only tests need:
 clients that hold many Convert connections open from the CPE, and the checks that every subflow
 of each connection is on one pod, in the pods' `/connections` and in their kernels' view.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from e2e import host_of, kernel_subflows, port_of, wait_for
-from mcpool_proxy.affinity.podside import REGISTER_DELAY_ENV
-from mcpool_proxy.client import convert_connect
-from mcpool_proxy.lab import Lab, ProxyProcess
+from mcpool_proxy.cluster.podside import REGISTER_DELAY_ENV
+from mcpool_proxy.cpe.convert_client import convert_connect
+from mcpool_tools.lab import Lab, ProxyProcess
 
 T = TypeVar("T")
 

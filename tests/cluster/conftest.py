@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent.parent / "integration"))
 
 from cluster_lab import SERVER_PORT, Cluster  # noqa: E402
-from mcpool_proxy.lab import Lab, Topology  # noqa: E402
+from mcpool_tools.lab import Lab, Topology  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def lab() -> Iterator[Lab]:
         # The lab prepares each pod to receive the director's tunnel; undo that, so the pods'
         # own proxies must do it (affinity.vip), as in a cluster where nobody else would.
         for pod in built.pods:
-            built.exec(pod.ns, [sys.executable, "-c", "import sys; from mcpool_proxy.affinity import kernel; "
-                                "kernel.teardown_pod_receive(sys.argv[1])", built.vip])  # fmt: skip
+            built.exec(pod.ns, [sys.executable, "-c", "import sys; from mcpool_proxy.kernel import steering; "
+                                "steering.teardown_pod_receive(sys.argv[1])", built.vip])  # fmt: skip
         built.start_testserver(f"[::]:{SERVER_PORT}")
         built.start_redis()
         yield built

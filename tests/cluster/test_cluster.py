@@ -22,8 +22,8 @@ from cluster_lab import (
     where_is,
 )
 from e2e import host_of, wait_for
-from mcpool_proxy.affinity.hashing import rendezvous_pick
-from mcpool_proxy.lab import Lab
+from mcpool_proxy.cluster.hashing import rendezvous_pick
+from mcpool_tools.lab import Lab
 from support import requires_netns
 
 pytestmark = [requires_netns, pytest.mark.netns, pytest.mark.timeout(240)]

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from e2e import MPTCP_SERVER_PORT, SERVER_PORT, proxy_config
-from mcpool_proxy.lab import Lab, ProxyProcess, Topology
+from mcpool_tools.lab import Lab, ProxyProcess, Topology
 
 
 @pytest.fixture(scope="module")

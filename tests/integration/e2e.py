@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from mcpool_proxy.lab import Lab, ProxyProcess
-from mcpool_proxy.testserver import PatternReader, pattern_chunks, pattern_sha256, recv_all_sha256
+from mcpool_tools.lab import Lab, ProxyProcess
+from mcpool_tools.testserver import PatternReader, pattern_chunks, pattern_sha256, recv_all_sha256
 
 T = TypeVar("T")
 
@@ -58,7 +58,7 @@ def port_of(addr: str) -> int:
 def cpe_convert(lab: Lab, destination: tuple[str, int], *, port: int = CONVERT_PORT,
                 **kwargs: Any) -> tuple[socket.socket, Any, bytes]:
     """convert_connect from the CPE namespace to the proxy in pod 0."""
-    from mcpool_proxy.client import convert_connect
+    from mcpool_proxy.cpe.convert_client import convert_connect
 
     with lab.in_netns("cpe"):
         kwargs.setdefault("timeout_s", 20.0)

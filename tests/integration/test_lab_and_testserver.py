@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 from e2e import MPTCP_SERVER_PORT, SERVER_PORT, kernel_subflows, wait_for
-from mcpool_proxy.lab import Lab, LinkShaping, Topology, existing_namespaces
-from mcpool_proxy.testserver import (
+from mcpool_tools.lab import Lab, LinkShaping, Topology, existing_namespaces
+from mcpool_tools.testserver import (
     pattern_bytes,
     pattern_chunks,
     pattern_sha256,
@@ -42,7 +42,7 @@ def loopback_server() -> Iterator[int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mcpool_proxy.testserver", "--listen", f"127.0.0.1:{port}"],
+    proc = subprocess.Popen([sys.executable, "-m", "mcpool_tools.testserver", "--listen", f"127.0.0.1:{port}"],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

@@ -31,10 +31,10 @@ from e2e import (
     wait_for,
     wait_two_subflows,
 )
-from mcpool_proxy.client import ConvertRefused
-from mcpool_proxy.lab import Lab, ProxyProcess
-from mcpool_proxy.mptcp import fastopen_used, get_mptcp_info, get_subflows
-from mcpool_proxy.testserver import pattern_sha256
+from mcpool_proxy.cpe.convert_client import ConvertRefused
+from mcpool_proxy.kernel.mptcp import fastopen_used, get_mptcp_info, get_subflows
+from mcpool_tools.lab import Lab, ProxyProcess
+from mcpool_tools.testserver import pattern_sha256
 from support import requires_netns
 
 pytestmark = [requires_netns, pytest.mark.netns]

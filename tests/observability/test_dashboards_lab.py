@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mcpool_proxy.affinity.podside import REGISTER_DELAY_ENV
-from mcpool_proxy.client import ConvertRefused, convert_connect
-from mcpool_proxy.lab import Lab, ProxyProcess, Topology
-from mcpool_proxy.testserver import pattern_sha256, recv_all_sha256
+from mcpool_proxy.cluster.podside import REGISTER_DELAY_ENV
+from mcpool_proxy.cpe.convert_client import ConvertRefused, convert_connect
+from mcpool_tools.lab import Lab, ProxyProcess, Topology
+from mcpool_tools.testserver import pattern_sha256, recv_all_sha256
 from promlab import (
     DASHBOARD_DIR,
     RULES_DIR,

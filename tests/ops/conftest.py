@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mcpool_proxy.lab import Lab, Topology  # noqa: E402
+from mcpool_tools.lab import Lab, Topology  # noqa: E402
 from ops_helpers import SERVER_PORT  # noqa: E402
 from otlp_receiver import OtlpReceiver  # noqa: E402
 

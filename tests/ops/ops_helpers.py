@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from mcpool_proxy.client import convert_connect
-from mcpool_proxy.lab import Lab, ProxyProcess
-from mcpool_proxy.socks5 import socks5_connect
-from mcpool_proxy.testserver import pattern_sha256, recv_all_sha256
+from mcpool_proxy.cpe.convert_client import convert_connect
+from mcpool_proxy.cpe.socks5_client import socks5_connect
+from mcpool_tools.lab import Lab, ProxyProcess
+from mcpool_tools.testserver import pattern_sha256, recv_all_sha256
 from prometheus_client.parser import text_string_to_metric_families
 
 T = TypeVar("T")

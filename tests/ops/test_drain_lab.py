@@ -17,8 +17,8 @@ import signal
 import time
 
 import pytest
-from mcpool_proxy.lab import Lab, ProxyProcess
-from mcpool_proxy.testserver import PatternReader, pattern_sha256
+from mcpool_tools.lab import Lab, ProxyProcess
+from mcpool_tools.testserver import PatternReader, pattern_sha256
 from ops_helpers import (
     MB,
     SERVER_PORT,

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mcpool_proxy.affinity.mptcp_events import MptcpEvent
 from mcpool_proxy.config import parse_config
-from mcpool_proxy.logs import configure_logging, log_connection_closed
-from mcpool_proxy.telemetry import (
+from mcpool_proxy.kernel.mptcp_events import MptcpEvent
+from mcpool_proxy.observe.logs import configure_logging, log_connection_closed
+from mcpool_proxy.observe.telemetry import (
     EVENT_ERROR_SENT,
     EVENT_SUBFLOW_JOINED,
     NOOP_TRACE,

@@ -12,9 +12,9 @@ receiver in the proxy's namespace decodes the protobufs the `mcpool proxy` proce
 from __future__ import annotations
 
 import pytest
-from mcpool_proxy.client import ConvertRefused
-from mcpool_proxy.lab import Lab
-from mcpool_proxy.socks5 import Socks5Refused
+from mcpool_proxy.cpe.convert_client import ConvertRefused
+from mcpool_proxy.cpe.socks5_client import Socks5Refused
+from mcpool_tools.lab import Lab
 from ops_helpers import (
     MB,
     POD_NAME,

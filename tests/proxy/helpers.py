@@ -23,8 +23,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
-from mcpool_proxy.config import ProxyConfig, parse_config
-from mcpool_proxy.convert import (
+from mcpool_proxy.codec.convert import (
     ConnectTLV,
     ConvertMessage,
     CookieTLV,
@@ -32,6 +31,7 @@ from mcpool_proxy.convert import (
     encode_message,
     message_length,
 )
+from mcpool_proxy.config import ProxyConfig, parse_config
 from mcpool_proxy.server import Proxy
 
 

@@ -24,8 +24,7 @@ from helpers import (
     send_and_shut,
     sha256,
 )
-from mcpool_proxy.client import ConvertRefused, convert_connect
-from mcpool_proxy.convert import (
+from mcpool_proxy.codec.convert import (
     ErrorCode,
     ExtendedTcpHeaderTLV,
     InfoTLV,
@@ -33,7 +32,9 @@ from mcpool_proxy.convert import (
     decode_message,
     encode_message,
 )
-from mcpool_proxy.socks5 import Reply, Socks5Refused, socks5_connect
+from mcpool_proxy.codec.socks5 import Reply
+from mcpool_proxy.cpe.convert_client import ConvertRefused, convert_connect
+from mcpool_proxy.cpe.socks5_client import Socks5Refused, socks5_connect
 from prometheus_client.parser import text_string_to_metric_families
 from support import requires_mptcp
 
@@ -124,7 +125,7 @@ def test_convert_info_gets_supported_extensions(start_proxy: StartProxy, data_se
 
 
 def _connect_tlvs(dest: tuple[str, int]) -> list[Any]:
-    from mcpool_proxy.convert import ConnectTLV
+    from mcpool_proxy.codec.convert import ConnectTLV
 
     return [ConnectTLV(ipaddress.ip_address(dest[0]), dest[1])]
 
@@ -222,7 +223,7 @@ def test_refused_cpe_then_next_client_served(start_proxy: StartProxy, data_serve
     assert _refused_convert(proxy, data_server.address, source="127.0.0.2").code == ErrorCode.NOT_AUTHORIZED
     s = socket.create_connection(proxy.socks5, source_address=("127.0.0.2", 0))
     with s:
-        from mcpool_proxy.socks5 import encode_request
+        from mcpool_proxy.codec.socks5 import encode_request
 
         s.sendall(b"\x05\x01\x00")
         assert recv_exact(s, 2) == b"\x05\x00"
@@ -312,7 +313,7 @@ def test_garbage_gets_an_error_and_next_client_served(start_proxy: StartProxy, d
 
 def test_oversize_message_is_malformed(start_proxy: StartProxy, data_server: DataServer) -> None:
     proxy = start_proxy(policy={"max_handshake_bytes": 64})
-    from mcpool_proxy.convert import CookieTLV
+    from mcpool_proxy.codec.convert import CookieTLV
 
     big = encode_message([CookieTLV(b"x" * 200), *_connect_tlvs(data_server.address)])
     sock, reply, _ = raw_convert(proxy.convert, big)

@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 import yaml
 from helpers import DataServer, in_netns, pattern, recv_all, recv_exact, send_and_shut, sha256
-from mcpool_proxy.client import ConvertRefused, convert_connect
-from mcpool_proxy.convert import ConvertMessage, ErrorCode
-from mcpool_proxy.socks5 import Reply, Socks5Refused, socks5_connect
+from mcpool_proxy.codec.convert import ConvertMessage, ErrorCode
+from mcpool_proxy.codec.socks5 import Reply
+from mcpool_proxy.cpe.convert_client import ConvertRefused, convert_connect
+from mcpool_proxy.cpe.socks5_client import Socks5Refused, socks5_connect
 from support import requires_netns
 
 MCPOOL = [sys.executable, "-m", "mcpool_proxy.cli"]
@@ -293,7 +294,7 @@ def test_open_files_limit_is_raised_to_the_hard_limit() -> None:
     import sys
 
     code = (
-        "import resource; from mcpool_proxy.server import raise_open_files_limit; "
+        "import resource; from mcpool_proxy.cli import raise_open_files_limit; "
         "print(raise_open_files_limit(10), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

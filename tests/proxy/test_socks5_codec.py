@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from mcpool_proxy.socks5 import (
+from mcpool_proxy.codec.socks5 import (
     AddressType,
     Command,
     Method,

@@ -25,13 +25,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import TypeVar
 
 import pytest
-from mcpool_proxy.client import (
-    ConvertRefused,
-    build_request,
-    convert_connect,
-    open_convert_connection,
-)
-from mcpool_proxy.convert import (
+from mcpool_proxy.codec.convert import (
     ConnectTLV,
     ConvertError,
     ConvertMessage,
@@ -42,7 +36,13 @@ from mcpool_proxy.convert import (
     error_message,
     split_message,
 )
-from mcpool_proxy.mptcp import (
+from mcpool_proxy.cpe.convert_client import (
+    ConvertRefused,
+    build_request,
+    convert_connect,
+    open_convert_connection,
+)
+from mcpool_proxy.kernel.mptcp import (
     create_socket,
     enable_fastopen_listener,
     fastopen_used,

@@ -9,7 +9,7 @@ from ipaddress import IPv4Address, IPv6Address
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mcpool_proxy.convert import (
+from mcpool_proxy.codec.convert import (
     MAGIC,
     MAX_MESSAGE_BYTES,
     TLV,

@@ -1,4 +1,4 @@
-"""mcpool_proxy.mptcp: struct decoding on hand-built bytes, then the kernel's own view of real
+"""mcpool_proxy.kernel.mptcp: struct decoding on hand-built bytes, then the kernel's own view of real
 loopback MPTCP and TCP connections, fallback to TCP, and sysctls in a private namespace."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import textwrap
 from collections.abc import Iterator
 
 import pytest
-from mcpool_proxy import mptcp
-from mcpool_proxy.mptcp import (
+from mcpool_proxy.kernel import mptcp, sysctl
+from mcpool_proxy.kernel.mptcp import (
     MPTCP_INFO_FLAG_FALLBACK,
     MptcpInfo,
     create_socket,
@@ -124,9 +124,9 @@ def test_decode_subflow_addrs_v4_and_v6() -> None:
 
 
 def test_sysctl_names_map_to_proc_paths() -> None:
-    assert mptcp.read_sysctl(mptcp.SYSCTL_MPTCP_ENABLED) in ("0", "1")
-    assert mptcp.read_sysctl("net.mptcp.no_such_knob") is None
-    assert mptcp.write_sysctl("net.mptcp.no_such_knob", 1) is False
+    assert sysctl.read_sysctl(sysctl.SYSCTL_MPTCP_ENABLED) in ("0", "1")
+    assert sysctl.read_sysctl("net.mptcp.no_such_knob") is None
+    assert sysctl.write_sysctl("net.mptcp.no_such_knob", 1) is False
     assert mptcp.kernel_version() >= (4, 0, 0)
 
 
@@ -274,10 +274,10 @@ def test_create_socket_falls_back_when_mptcp_is_disabled() -> None:
     out = run_in_private_netns(
         """
         import logging, socket
-        from mcpool_proxy import mptcp
+        from mcpool_proxy.kernel import mptcp, sysctl
         logging.basicConfig(level=logging.WARNING, format="LOG %(message)s")
-        assert mptcp.write_sysctl(mptcp.SYSCTL_MPTCP_ENABLED, 0)
-        assert mptcp.read_sysctl(mptcp.SYSCTL_MPTCP_ENABLED) == "0"
+        assert sysctl.write_sysctl(sysctl.SYSCTL_MPTCP_ENABLED, 0)
+        assert sysctl.read_sysctl(sysctl.SYSCTL_MPTCP_ENABLED) == "0"
         assert not mptcp.mptcp_supported()
         for _ in range(2):
             sock, is_mptcp = mptcp.create_socket(socket.AF_INET6)
@@ -293,14 +293,14 @@ def test_create_socket_falls_back_when_mptcp_is_disabled() -> None:
 def test_write_sysctl_in_own_namespace() -> None:
     out = run_in_private_netns(
         """
-        from mcpool_proxy import mptcp
-        assert mptcp.read_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM) == "0"
-        assert mptcp.write_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM, 1)
-        assert mptcp.read_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM) == "1"
-        assert mptcp.write_sysctl(mptcp.SYSCTL_TCP_FASTOPEN, "3")
-        assert int(mptcp.read_sysctl(mptcp.SYSCTL_TCP_FASTOPEN)) == 3
-        assert mptcp.write_sysctl(mptcp.SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT, 0)
-        assert not mptcp.write_sysctl(mptcp.SYSCTL_MPTCP_CHECKSUM, "not-a-number")
+        from mcpool_proxy.kernel import sysctl
+        assert sysctl.read_sysctl(sysctl.SYSCTL_MPTCP_CHECKSUM) == "0"
+        assert sysctl.write_sysctl(sysctl.SYSCTL_MPTCP_CHECKSUM, 1)
+        assert sysctl.read_sysctl(sysctl.SYSCTL_MPTCP_CHECKSUM) == "1"
+        assert sysctl.write_sysctl(sysctl.SYSCTL_TCP_FASTOPEN, "3")
+        assert int(sysctl.read_sysctl(sysctl.SYSCTL_TCP_FASTOPEN)) == 3
+        assert sysctl.write_sysctl(sysctl.SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT, 0)
+        assert not sysctl.write_sysctl(sysctl.SYSCTL_MPTCP_CHECKSUM, "not-a-number")
         print("ok")
         """
     )

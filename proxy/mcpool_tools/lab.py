@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
-
 from mcpool_proxy.config import ProxyConfig, parse_config, split_hostport
 
 __all__ = [
@@ -495,7 +494,7 @@ class Lab:
         lo and answers the CPE directly through the router (direct server return), so nothing
         returns through `dir`. Links carrying the tunnel get MTU 1600: a full 1500-byte packet
         from the CPE plus 50 bytes of VXLAN must fit without fragmentation."""
-        from mcpool_proxy.affinity.kernel import VXLAN_OVERHEAD
+        from mcpool_proxy.kernel.steering import VXLAN_OVERHEAD
 
         mtu = str(1500 + VXLAN_OVERHEAD + 50)
         self._veth("dir", "eth0", "rtr", "dir")
@@ -508,11 +507,11 @@ class Lab:
         for pod in self.pods:
             for ns, dev in ((pod.ns, "eth0"), ("rtr", f"pod{pod.index}")):
                 self._ip(ns, "link", "set", dev, "mtu", mtu)
-            # The same function a pod's init container runs (affinity.kernel), in the pod's netns.
+            # The same function a pod's init container runs (kernel.steering), in the pod's netns.
             self.exec(pod.ns, [sys.executable, "-c",
-                               "import sys; from mcpool_proxy.affinity import kernel; "
-                               "from mcpool_proxy.affinity.director import DirectorConfig as C; "
-                               "kernel.setup_pod_receive(sys.argv[1], C.model_fields['vxlan_port'].default, "
+                               "import sys; from mcpool_proxy.kernel import steering; "
+                               "from mcpool_proxy.cluster.director import DirectorConfig as C; "
+                               "steering.setup_pod_receive(sys.argv[1], C.model_fields['vxlan_port'].default, "
                                "C.model_fields['pod_mac'].default)",
                                self.vip])
 
@@ -614,7 +613,7 @@ class Lab:
         """Registry names for the pods such that the CPE's DSL and LTE addresses hash to
         different pods: a join could then reach its connection's pod only by token steering
         (or the join address), never by luck, and connections started on each link use both."""
-        from mcpool_proxy.affinity.hashing import rendezvous_pick
+        from mcpool_proxy.cluster.hashing import rendezvous_pick
 
         for i in range(1000):
             names = tuple(f"pod{j}-{i}" for j in range(len(self.pods)))
@@ -727,8 +726,8 @@ class Lab:
 
     def start_testserver(self, listen: str, *, ns: str = "srv", mptcp: bool = False,
                          ready_timeout_s: float = 10.0) -> subprocess.Popen[str]:
-        """Run `python -m mcpool_proxy.testserver` in `ns` and wait for `testserver ready`."""
-        argv = self.python_argv("mcpool_proxy.testserver", "--listen", listen)
+        """Run `python -m mcpool_tools.testserver` in `ns` and wait for `testserver ready`."""
+        argv = self.python_argv("mcpool_tools.testserver", "--listen", listen)
         if mptcp:
             argv.append("--mptcp")
         proc = self.popen(ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

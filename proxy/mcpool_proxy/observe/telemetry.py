@@ -18,8 +18,8 @@ What is here:
 - `connection_fields()`: the attributes of a closed connection, used for the span *and* for the
   connection's log line, so logs and traces carry the same fields.
 - `SubflowWatcher`: follows the subflows of live connections from the kernel's `mptcp_pm`
-  netlink events (via `affinity.mptcp_events.MptcpEventListener`, the one netlink listener of the
-  project), or by sampling `MPTCP_INFO` when events are unavailable. Per event it does a dict
+  netlink events (a subscription of the process's one `kernel.mptcp_events.MptcpEventHub`,
+  shared with the token publisher), or by sampling `MPTCP_INFO` when events are unavailable. Per event it does a dict
   lookup by token, so it stays cheap with 10,000 connections; between events it costs nothing.
 - `join_refusals()`: the kernel's counters of MP_JOINs it refused in this network namespace.
 
@@ -35,7 +35,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,14 +50,14 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from .mptcp import get_mptcp_info, get_subflows
-from .policy import address_text
+from ..kernel.mptcp import get_mptcp_info, get_subflows
+from ..policy import address_text
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
 
-    from .affinity.mptcp_events import MptcpEvent, MptcpEventListener
-    from .config import ProxyConfig
+    from ..config import ProxyConfig
+    from ..kernel.mptcp_events import MptcpEvent, MptcpEventHub
 
 __all__ = [
     "ConnectionTrace",
@@ -588,8 +588,8 @@ _PENDING_MAX = 16
 class SubflowWatcher:
     """Subflows of the proxy's live MPTCP connections, keyed by token.
 
-    Fed by `handle_event()` (from `run_events`, or from whoever owns the namespace's netlink
-    listener and fans its events out) or, where events are unavailable, by `sample()` (from
+    Fed by `handle_event()` (from `run_events`, over a subscription of the process's
+    `MptcpEventHub`) or, where events are unavailable, by `sample()` (from
     `run_sampling`). The server calls `attach()` when it knows a connection's token (from
     MPTCP_INFO after the handshake) and `detach()` when the relay ends.
 
@@ -723,10 +723,10 @@ class SubflowWatcher:
         elif kind == "closed":
             self._forget(token)
 
-    async def run_events(self, listener: MptcpEventListener) -> None:
-        """Consume `listener` until cancelled."""
+    async def run_events(self, events: AsyncIterable[MptcpEvent]) -> None:
+        """Consume `events` until cancelled."""
         self.source = "netlink"
-        async for event in listener:
+        async for event in events:
             try:
                 self.handle_event(event)
             except Exception:  # noqa: BLE001 - a surprising event must not stop the watching
@@ -764,21 +764,19 @@ class SubflowWatcher:
                 self.sample(states[start:start + batch])
                 await asyncio.sleep(0)
 
-    async def run(self, listener_factory: Callable[[], MptcpEventListener] | None = None,
-                  sampling_interval_s: float = 2.0) -> None:
+    async def run(self, events: MptcpEventHub | None = None, sampling_interval_s: float = 2.0) -> None:
         """Watch with netlink events if the kernel lets us subscribe, else by sampling."""
-        if listener_factory is not None:
+        if events is not None:
             try:
-                listener = listener_factory()
-                listener.open()
+                subscription = events.subscribe()
             except OSError as exc:
                 log.warning("MPTCP events unavailable (%s): sampling MPTCP_INFO every %.1f s instead",
                             exc, sampling_interval_s)
             else:
                 try:
-                    await self.run_events(listener)
+                    await self.run_events(subscription)
                 finally:
-                    listener.close()
+                    subscription.close()
                 return
         await self.run_sampling(sampling_interval_s)
 

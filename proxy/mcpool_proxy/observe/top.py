@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .config import split_hostport
+from ..config import split_hostport
 
 __all__ = ["fetch", "main", "render"]
 

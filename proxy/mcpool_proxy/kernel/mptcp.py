@@ -1,27 +1,34 @@
-"""Kernel MPTCP: the one module that names every MPTCP socket option, TCP Fast Open option and sysctl.
+"""MPTCP and TCP sockets: the one module that names every socket option mcpool uses (MPTCP,
+TCP Fast Open, TCP_INFO, the listener's options).
 
-Everything else in mcpool asks this module for MPTCP sockets and for what the kernel knows about
-a connection (its token, its subflows and their addresses, byte counters), so that each kernel
-interface is spelled once, next to the kernel version that introduced it and what happens on a
-kernel without it. Struct layouts follow `include/uapi/linux/mptcp.h` and `linux/tcp.h`.
+Everything else in mcpool asks this module for MPTCP sockets and listeners and for what the kernel
+knows about a connection (its token, its subflows and their addresses, byte counters, the options
+of the SYN-ACK), so that each kernel interface is spelled once, next to the kernel version that
+introduced it and what happens on a kernel without it. Struct layouts follow
+`include/uapi/linux/mptcp.h` and `linux/tcp.h`. Sysctls are in `sysctl.py`, netlink events in
+`mptcp_events.py`.
 
-This module does no asyncio and keeps no per-connection state; every function is safe to call
-from any thread and never raises for "the kernel cannot tell us" (it returns None or []).
+This module keeps no per-connection state; every function but `wait_writable` is synchronous and
+safe to call from any thread, and none raises for "the kernel cannot tell us" (it returns None or
+[]).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import functools
+import ipaddress
 import logging
 import os
 import socket
 import struct
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+
+from .sysctl import SYSCTL_MPTCP_ENABLED
 
 __all__ = [
     "IPPROTO_MPTCP",
@@ -33,20 +40,12 @@ __all__ = [
     "MPTCP_TCPINFO",
     "MSG_FASTOPEN",
     "SOL_MPTCP",
-    "SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT",
-    "SYSCTL_MPTCP_CHECKSUM",
-    "SYSCTL_MPTCP_ENABLED",
-    "SYSCTL_IPV4_FORWARD",
-    "SYSCTL_IPV6_FORWARDING",
-    "SYSCTL_RP_FILTER",
-    "SYSCTL_TCP_FASTOPEN",
     "TCPI_OPT_SYN_DATA",
     "TCP_FASTOPEN",
     "TCP_FASTOPEN_CONNECT",
-    "TFO_CLIENT_ENABLE",
-    "TFO_SERVER_ENABLE",
     "MptcpInfo",
     "SubflowInfo",
+    "create_listener",
     "create_socket",
     "decode_mptcp_info",
     "decode_subflow_addrs",
@@ -58,11 +57,13 @@ __all__ = [
     "is_mptcp_socket",
     "kernel_version",
     "mptcp_supported",
-    "read_sysctl",
-    "write_sysctl",
+    "reset_on_close",
+    "set_nodelay",
+    "synack_from_tcp_info",
 ]
 
-log = logging.getLogger(__name__)
+# Named as before the move to kernel/, so log lines keep their logger field.
+log = logging.getLogger("mcpool_proxy.mptcp")
 
 # --- protocol and option numbers -----------------------------------------------------------------
 
@@ -100,32 +101,6 @@ TCP_FASTOPEN_CONNECT = 30
 # tcp_info.tcpi_options bit: the SYN carried data that the peer acknowledged (TCP: 4.x+). On an
 # MPTCP socket TCP_INFO describes the first subflow (6.x+), which is the one that carried the SYN.
 TCPI_OPT_SYN_DATA = 0x20
-
-# net.ipv4.tcp_fastopen bits: 0x1 client may send data in SYN (with a cookie), 0x2 server accepts
-# data in SYN on listeners with TCP_FASTOPEN set; 0x4 (client without cookie) is *not* used: on
-# 6.18 an MPTCP SYN with data but no cookie falls back to plain TCP (no second subflow).
-TFO_CLIENT_ENABLE = 0x1
-TFO_SERVER_ENABLE = 0x2
-
-# --- sysctls (all per network namespace) ----------------------------------------------------------
-
-# 5.6+: 0 makes socket(IPPROTO_MPTCP) fail with ENOPROTOOPT (create_socket then falls back to TCP).
-SYSCTL_MPTCP_ENABLED = "net.mptcp.enabled"
-# 5.14+: DSS checksums. Off by default; on 6.18 two-subflow streams were measured to corrupt data
-# occasionally without them (see DESIGN.md "Data integrity"). Missing before 5.14: no checksums.
-SYSCTL_MPTCP_CHECKSUM = "net.mptcp.checksum_enabled"
-# 5.14+: 0 sets the MP_CAPABLE "C" bit: peers must not open extra subflows to the initial
-# address/port (the per-pod join address mechanism). Missing before 5.14: joins always allowed.
-SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT = "net.mptcp.allow_join_initial_addr_port"
-# TCP Fast Open bitmask (see TFO_* above); 3.7+.
-SYSCTL_TCP_FASTOPEN = "net.ipv4.tcp_fastopen"
-# Routing sysctls of cluster affinity (affinity/kernel.py): the director forwards the VIP's
-# packets; a pod decapsulating the director's tunnel must not drop packets whose source (the CPE)
-# routes out of another interface (strict reverse-path filter, value 1). Per interface:
-# `net.ipv4.conf.<dev>.rp_filter`, effective value max(all, <dev>).
-SYSCTL_IPV4_FORWARD = "net.ipv4.ip_forward"
-SYSCTL_IPV6_FORWARDING = "net.ipv6.conf.all.forwarding"
-SYSCTL_RP_FILTER = "net.ipv4.conf.{scope}.rp_filter"
 
 # Errors that mean "this kernel/namespace cannot make an MPTCP socket" (see IPPROTO_MPTCP above).
 _NO_MPTCP_ERRNOS = frozenset(
@@ -613,7 +588,7 @@ def fastopen_used(sock: socket.socket) -> bool | None:
 def enable_fastopen_listener(sock: socket.socket, queue_len: int) -> bool:
     """Accept data in SYNs (TCP Fast Open server side) on a listener; False if the kernel refuses.
 
-    Needs net.ipv4.tcp_fastopen bit 0x2 in the namespace to take effect (see write_sysctl).
+    Needs net.ipv4.tcp_fastopen bit 0x2 in the namespace to take effect (see sysctl.py).
     MPTCP listeners accept TCP_FASTOPEN at level SOL_TCP since 6.2 (measured on 6.18); older
     kernels refuse it and the listener still works, just without 0-RTT.
     """
@@ -629,45 +604,93 @@ def enable_fastopen_listener(sock: socket.socket, queue_len: int) -> bool:
     return True
 
 
-# --- sysctls -------------------------------------------------------------------------------------
+# --- listeners and per-connection options ----------------------------------------------------------
 
 
-def _sysctl_path(name: str) -> Path:
-    # "net.mptcp.enabled" -> net/mptcp/enabled; a name written with "/" is taken as is, which is
-    # how sysctl(8) spells components that contain dots (interface names such as eth0.100).
-    relative = name if "/" in name else name.replace(".", "/")
-    return Path("/proc/sys") / relative.strip("/")
+def create_listener(host: str, port: int, *, backlog: int, fastopen_queue: int) -> tuple[socket.socket, bool]:
+    """A non-blocking listening socket on (host, port): MPTCP where the kernel has it (TCP clients
+    are accepted either way), with TCP Fast Open when `fastopen_queue` > 0. Returns (sock,
+    is_mptcp); raises OSError (e.g. EADDRINUSE) after closing what it opened.
 
-
-def read_sysctl(name: str) -> str | None:
-    """The value of a sysctl in this process's network namespace, stripped; None if absent."""
+    Bound to "::" it is dual-stack (IPv4 clients arrive as IPv4-mapped addresses); bound to any
+    other IPv6 address it is IPv6 only.
+    """
+    ip = ipaddress.ip_address(host)
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    sock, is_mptcp = create_socket(family, mptcp=True)
     try:
-        return _sysctl_path(name).read_text().strip()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
+        sock.bind((host, port))
+        if fastopen_queue > 0:
+            enable_fastopen_listener(sock, fastopen_queue)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, is_mptcp
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Disable Nagle: the relay forwards what it gets at once; batching is the endpoints' job.
+
+    MPTCP sockets accept TCP_NODELAY since 5.19 (applied to every subflow); older kernels refuse
+    it, which only costs latency, so errors are ignored.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make the coming close() send RST instead of FIN (SO_LINGER with a zero timeout)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+# struct tcp_info: tcpi_options at byte 5, snd_wscale in the low nibble of byte 6,
+# tcpi_snd_mss at byte 16 (include/uapi/linux/tcp.h, stable since 2.6).
+_SYNACK_TCP_INFO_LEN = 104
+_TCPI_OPT_TIMESTAMPS, _TCPI_OPT_SACK, _TCPI_OPT_WSCALE = 1, 2, 4
+_TCPI_SND_MSS = 16
+
+
+def synack_from_tcp_info(sock: socket.socket) -> bytes | None:
+    """A TCP header with the options the server's SYN-ACK carried, rebuilt from TCP_INFO of the
+    connected socket `sock` (the kernel does not keep the SYN-ACK itself: ports, flags and options
+    are real; sequence numbers, window and checksum are zero).
+
+    None if the kernel will not tell (e.g. TCP_INFO refused on an MPTCP socket).
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _SYNACK_TCP_INFO_LEN)
+        local_port = sock.getsockname()[1]
+        remote_port = sock.getpeername()[1]
     except OSError:
         return None
-
-
-def write_sysctl(name: str, value: str | int) -> bool:
-    """Make sysctl `name` hold `value`; True when it does (already or after writing). Never raises.
-
-    Reads first and writes only when the value differs: in a non-privileged container /proc/sys is
-    read-only, yet the kubelet may already have set the value (pod `securityContext.sysctls`), and
-    that must count as success. False (logged) when the value is still different afterwards: the
-    sysctl does not exist, or may not be written.
-    """
-    current = read_sysctl(name)
-    if current is not None and current.split() == str(value).split():
-        return True
-    path = _sysctl_path(name)
-    try:
-        path.write_text(f"{value}\n")
-    except OSError as exc:
-        log.warning(
-            "cannot set %s=%s (%s): continuing with %s",
-            name,
-            value,
-            exc.strerror,
-            current,
-        )
-        return False
-    return True
+    if len(info) < 20:
+        return None
+    opts_bits = info[_TCPI_OPTIONS]
+    snd_wscale = info[_TCPI_OPTIONS + 1] & 0x0F
+    (snd_mss,) = struct.unpack_from("=I", info, _TCPI_SND_MSS)
+    timestamps = bool(opts_bits & _TCPI_OPT_TIMESTAMPS)
+    # snd_mss excludes the 12 bytes of timestamp option every segment carries.
+    mss = min(snd_mss + (12 if timestamps else 0), 0xFFFF)
+    options = struct.pack("!BBH", 2, 4, mss)
+    sack = bool(opts_bits & _TCPI_OPT_SACK)
+    if sack and timestamps:
+        options += bytes([4, 2, 8, 10]) + bytes(8)
+    elif timestamps:
+        options += bytes([1, 1, 8, 10]) + bytes(8)
+    elif sack:
+        options += bytes([1, 1, 4, 2])
+    if opts_bits & _TCPI_OPT_WSCALE:
+        options += bytes([1, 3, 3, snd_wscale])
+    data_offset = (20 + len(options)) // 4
+    header = struct.pack(
+        "!HHIIBBHHH", remote_port, local_port, 0, 0, data_offset << 4, 0x12, 0, 0, 0
+    )
+    return header + options

@@ -33,9 +33,9 @@ __all__ = ["CONTENT_TYPE", "OPENMETRICS_CONTENT_TYPE", "AccessPathBytes", "Proxy
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# One sample of per-path bytes: (key identifying a subflow or TCP connection, local address,
+# One sample of per-path bytes: (connection id, key of the subflow within it, local address,
 # remote address, bytes from the client, bytes to the client).
-PathSample = tuple[Hashable, str, str, int, int]
+PathSample = tuple[int, Hashable, str, str, int, int]
 
 
 def observe(histogram: Any, value: float, trace_id: str | None) -> None:
@@ -136,6 +136,9 @@ class _SubflowCollector(Collector):
         yield source
 
 
+Labels = tuple[str, str, str]  # path, local family, remote family
+
+
 class AccessPathBytes(Collector):
     """Bytes per access path: `mcpool_access_path_bytes_total{path,local_family,remote_family,
     direction}`, from the kernel's per-subflow byte counters of live MPTCP connections (the
@@ -143,16 +146,19 @@ class AccessPathBytes(Collector):
 
     `paths` maps a path name (`dsl`, `lte`) to networks; a subflow belongs to the first path one
     of whose networks holds its remote (CPE-side) address, else to `other`. No per-CPE label:
-    the series count is paths x families x 2. A subflow that ended keeps the bytes it had at the
-    last scrape (what it carried after that is not seen); the sum over paths can therefore be a
-    little below `mcpool_relayed_bytes_total`, and the kernel's sent bytes include retransmissions.
+    the series count is paths x families x 2. When a connection closes (`closed()`), what it
+    relayed since the last scrape is added to its paths in the proportions of that scrape (to its
+    initial subflow's path if it was never scraped), so short connections count in full; a
+    subflow that ends while its connection lives on keeps what it had at the last scrape. The
+    kernel's sent bytes include retransmissions.
     """
 
     def __init__(self, paths: Mapping[str, Sequence[str]], sample: Callable[[], Iterable[PathSample]]) -> None:
         self._paths = [(name, [ipaddress.ip_network(n) for n in nets]) for name, nets in paths.items()]
         self._sample = sample
-        self._last: dict[Hashable, tuple[tuple[str, str, str], int, int]] = {}
-        self._ended: dict[tuple[str, str, str], list[int]] = {}
+        # connection id -> subflow key -> (labels, up, down) as of the last scrape
+        self._last: dict[int, dict[Hashable, tuple[Labels, int, int]]] = {}
+        self._ended: dict[Labels, list[int]] = {}
         self._path_of: dict[str, str] = {}  # remote address -> path (a CPE's few addresses)
 
     def _path(self, address: str) -> str:
@@ -175,23 +181,51 @@ class AccessPathBytes(Collector):
             self._path_of[address] = path
         return path
 
-    def collect(self) -> Iterable[Metric]:
+    def _labels(self, local: str, remote: str) -> Labels:
         from .telemetry import network_type
 
-        current: dict[Hashable, tuple[tuple[str, str, str], int, int]] = {}
-        for key, local, remote, up, down in self._sample():
-            current[key] = ((self._path(remote), network_type(local), network_type(remote)), up, down)
-        for key, (labels, up, down) in self._last.items():
-            if key not in current:
-                ended = self._ended.setdefault(labels, [0, 0])
-                ended[0] += up
-                ended[1] += down
+        return self._path(remote), network_type(local), network_type(remote)
+
+    def _add(self, labels: Labels, up: int, down: int) -> None:
+        ended = self._ended.setdefault(labels, [0, 0])
+        ended[0] += up
+        ended[1] += down
+
+    def closed(self, conn_id: int, client: str, up: int, down: int) -> None:
+        """Connection `conn_id` from `client` ended having relayed `up`/`down` bytes."""
+        last = self._last.pop(conn_id, {})
+        seen_up = sum(u for _, u, _ in last.values())
+        seen_down = sum(d for _, _, d in last.values())
+        initial = self._labels(client, client)
+        for labels, u, d in last.values():
+            self._add(labels, u, d)
+        for total, seen, index in ((up, seen_up, 0), (down, seen_down, 1)):
+            extra = total - seen
+            if extra <= 0:
+                continue
+            if seen == 0:
+                self._add(initial, *((extra, 0) if index == 0 else (0, extra)))
+                continue
+            for labels, u, d in last.values():
+                part = extra * (u if index == 0 else d) // seen
+                self._add(labels, *((part, 0) if index == 0 else (0, part)))
+
+    def collect(self) -> Iterable[Metric]:
+        current: dict[int, dict[Hashable, tuple[Labels, int, int]]] = {}
+        for conn_id, key, local, remote, up, down in self._sample():
+            current.setdefault(conn_id, {})[key] = (self._labels(local, remote), up, down)
+        for conn_id, subflows in self._last.items():
+            now = current.get(conn_id, {})
+            for key, (labels, up, down) in subflows.items():
+                if key not in now:  # a subflow gone (or a connection closed unannounced)
+                    self._add(labels, up, down)
         self._last = current
-        totals: dict[tuple[str, str, str], list[int]] = {k: list(v) for k, v in self._ended.items()}
-        for labels, up, down in current.values():
-            total = totals.setdefault(labels, [0, 0])
-            total[0] += up
-            total[1] += down
+        totals: dict[Labels, list[int]] = {k: list(v) for k, v in self._ended.items()}
+        for subflows in current.values():
+            for labels, up, down in subflows.values():
+                total = totals.setdefault(labels, [0, 0])
+                total[0] += up
+                total[1] += down
         family = CounterMetricFamily(
             "mcpool_access_path_bytes",
             "Bytes carried per access path (the pool's access_paths mapping of CPE-side "
@@ -355,8 +389,11 @@ class ProxyMetrics:
         """Subflow metrics; `kernel` gives the namespace's MPTcpExt counters since start."""
         self.registry.register(_SubflowCollector(watcher, join_refusals, kernel))
 
-    def add_access_paths(self, paths: Mapping[str, Sequence[str]], sample: Callable[[], Iterable[PathSample]]) -> None:
-        self.registry.register(AccessPathBytes(paths, sample))
+    def add_access_paths(self, paths: Mapping[str, Sequence[str]],
+                         sample: Callable[[], Iterable[PathSample]]) -> AccessPathBytes:
+        collector = AccessPathBytes(paths, sample)
+        self.registry.register(collector)
+        return collector
 
     def add_tracing(self, accounting: SpanAccounting, enabled: bool) -> None:
         self.registry.register(_TracingCollector(accounting, enabled))

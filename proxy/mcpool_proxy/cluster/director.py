@@ -4,7 +4,7 @@ It owns the pool's virtual IP in its network namespace (it is the VIP's next hop
 only SYNs: an initial SYN goes to a ready pod by rendezvous hashing of the CPE address (a CPE the
 table already maps keeps its pod); an MP_JOIN SYN goes to the pod that registered its token.
 nftables hands the SYNs to NFQUEUE; the verdict carries the pod's mark, nftables remembers the
-flow, and every later packet is forwarded in the kernel (see kernel.py for the packet path).
+flow, and every later packet is forwarded in the kernel (see kernel/steering.py for the packet path).
 
 The decision reads a local copy of the affinity table (`table.AffinityTable`) kept current by
 the registry's pub/sub events and a periodic full read of Redis. Redis unreachable: the last
@@ -31,8 +31,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT, ConfigError, HostPort, split_hostport
-from ..telemetry import Telemetry
-from . import kernel
+from ..kernel import steering
+from ..observe.telemetry import Telemetry
 from .keys import KeySchema
 from .packet import MAX_IPV6_EXT_BYTES, Syn, parse_syn
 from .redisconn import REDIS_ERRORS, Backoff, open_redis
@@ -66,12 +66,12 @@ class DirectorConfig(BaseModel):
         "Low 16 bits must be 0; pick a value no other component of the node uses (and unique per pool).",
     )
     nft_table: str = Field(
-        default=kernel.NFT_TABLE,
+        default=steering.NFT_TABLE,
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
         description="Name of this director's nftables table (inet family; unique per pool on a node).",
     )
     device_prefix: str = Field(
-        default=kernel.SLOT_DEVICE_PREFIX,
+        default=steering.SLOT_DEVICE_PREFIX,
         pattern=r"^[a-z][a-z0-9_-]{0,10}[a-z_-]$",
         description="Prefix of the per-pod tunnel devices (prefix + slot number, at most 15 characters, "
         "so at most 12; must not end in a digit; unique per pool on a node).",
@@ -106,7 +106,7 @@ class DirectorConfig(BaseModel):
     )
     pod_mac: str = Field(
         default=DEFAULT_POD_MAC,
-        description="MAC address of every pod's VXLAN receive device (kernel.setup_pod_receive).",
+        description="MAC address of every pod's VXLAN receive device (steering.setup_pod_receive).",
     )
     route_table_base: int = Field(
         default=4300, ge=256, le=2**31 - 300, description="Table = base + slot (unique range per pool on a node)."
@@ -299,7 +299,7 @@ class Director:
         slot = self.slots.get(decision.pod) if decision.pod is not None else None
         try:
             if slot is not None:
-                packet.set_mark(kernel.slot_mark(self.config.mark_base, slot[0]))
+                packet.set_mark(steering.slot_mark(self.config.mark_base, slot[0]))
                 packet.accept()
             else:
                 if decision.pod is not None:
@@ -471,7 +471,7 @@ class Director:
             if now - left >= cfg.pod_grace_s:
                 slot, _ = self.slots.pop(name)
                 del self._departed[name]
-                kernel.remove_slot(slot, vip=cfg.vip, mark_base=cfg.mark_base, forward=cfg.forward,
+                steering.remove_slot(slot, vip=cfg.vip, mark_base=cfg.mark_base, forward=cfg.forward,
                                    route_table_base=cfg.route_table_base, table=cfg.nft_table,
                                    device_prefix=cfg.device_prefix)  # fmt: skip
                 log.info("pod %s gone for %.0fs: released slot %d", name, cfg.pod_grace_s, slot)
@@ -481,12 +481,12 @@ class Director:
             if current is not None and current[1] == addr:
                 continue
             slot = current[0] if current is not None else next(
-                (s for s in range(1, kernel.MAX_SLOTS + 1) if s not in used), 0
+                (s for s in range(1, steering.MAX_SLOTS + 1) if s not in used), 0
             )
             if not slot:
-                log.error("more than %d pods: %s gets no slot", kernel.MAX_SLOTS, name)
+                log.error("more than %d pods: %s gets no slot", steering.MAX_SLOTS, name)
                 continue
-            kernel.add_slot(
+            steering.add_slot(
                 slot, addr, vip=cfg.vip, mark_base=cfg.mark_base, forward=cfg.forward,
                 route_table_base=cfg.route_table_base, vxlan_port=cfg.vxlan_port,
                 vxlan_vni_base=cfg.vxlan_vni_base, tunnel_mtu=cfg.tunnel_mtu, pod_mac=cfg.pod_mac,
@@ -505,12 +505,12 @@ class Director:
 
     def install(self) -> None:
         cfg = self.config
-        kernel.install_director(cfg.vip, cfg.ports, cfg.mark_base, cfg.queue_num, cfg.forward,
+        steering.install_director(cfg.vip, cfg.ports, cfg.mark_base, cfg.queue_num, cfg.forward,
                                 cfg.flow_idle_timeout_s, table=cfg.nft_table, owner=cfg.owner)  # fmt: skip
 
     def cleanup(self) -> None:
         cfg = self.config
-        kernel.remove_director(cfg.vip, cfg.mark_base, cfg.queue_num, cfg.route_table_base,
+        steering.remove_director(cfg.vip, cfg.mark_base, cfg.queue_num, cfg.route_table_base,
                                table=cfg.nft_table, device_prefix=cfg.device_prefix, owner=cfg.owner)  # fmt: skip
 
     async def run(self, ready: Callable[[], None] | None = None) -> None:

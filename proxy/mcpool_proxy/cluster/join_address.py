@@ -11,41 +11,23 @@ Client requirement (measured on 6.18, documented for CPE vendors in docs/affinit
 extra endpoints must be `fullmesh` (or 6.18's `laminar`) and `add_addr_accepted >= 1`; with plain
 `subflow` endpoints the client opens its extra subflow from its default link only.
 
-Kernel objects are managed with iproute2's `ip mptcp` (the commands a person would type to
-check them), at start and stop only; this module never raises into the proxy: failures are logged
+Kernel objects are managed through `kernel.path_manager` (iproute2's `ip mptcp`) and
+`kernel.sysctl`, at start and stop only; this module never raises into the proxy: failures are logged
 and reported by `active`.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
-import subprocess
 from collections.abc import Collection
 
 from ..config import split_hostport
-from ..mptcp import SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT, read_sysctl, write_sysctl
+from ..kernel.path_manager import add_signal_endpoint, delete_endpoint, find_signal_endpoint
+from ..kernel.sysctl import SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT, read_sysctl, write_sysctl
 
-__all__ = ["JoinAddress", "endpoint_command"]
+__all__ = ["JoinAddress"]
 
 log = logging.getLogger("mcpool.affinity.join_address")
-
-
-def endpoint_command(join_address: str, listen_ports: Collection[int]) -> list[str]:
-    """`ip mptcp endpoint add ...` for `join_address` ("addr:port").
-
-    A port equal to one of the proxy's listener ports is left out: clients then join the
-    announced address on the connection's own port, which the listener already accepts (a port
-    endpoint would make the kernel open a second listener on a port that is taken). Any other
-    port is announced with the address and gets the kernel's own join-only listener.
-    """
-    host, port = split_hostport(join_address)
-    addr = str(ipaddress.ip_address(host))
-    cmd = ["ip", "mptcp", "endpoint", "add", addr]
-    if port not in listen_ports:
-        cmd += ["port", str(port)]
-    return [*cmd, "signal"]
 
 
 class JoinAddress:
@@ -69,10 +51,9 @@ class JoinAddress:
             return False
         self.endpoint_id = self._find_endpoint()
         if self.endpoint_id is None:
-            cmd = endpoint_command(self.join_address, self.listen_ports)
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                log.error("cannot announce join address (%s): %s", " ".join(cmd), proc.stderr.strip())
+            failure = add_signal_endpoint(self.join_address, self.listen_ports)
+            if failure is not None:
+                log.error("cannot announce join address (%s): %s", *failure)
                 return False
             self.endpoint_id = self._find_endpoint()
         self.active = self.endpoint_id is not None
@@ -83,11 +64,7 @@ class JoinAddress:
 
     def stop(self) -> None:
         if self.endpoint_id is not None:
-            subprocess.run(
-                ["ip", "mptcp", "endpoint", "delete", "id", str(self.endpoint_id)],
-                capture_output=True,
-                check=False,
-            )
+            delete_endpoint(self.endpoint_id)
             self.endpoint_id = None
         if self._sysctl_before is not None:
             write_sysctl(SYSCTL_ALLOW_JOIN_INITIAL_ADDR_PORT, self._sysctl_before)
@@ -96,15 +73,4 @@ class JoinAddress:
 
     def _find_endpoint(self) -> int | None:
         """The id of an existing `signal` endpoint for our address (and port, if announced)."""
-        out = subprocess.run(["ip", "mptcp", "endpoint", "show"], capture_output=True, text=True, check=False).stdout
-        want_port = None if self.port in self.listen_ports else self.port
-        addr = str(ipaddress.ip_address(self.host))
-        for line in out.splitlines():
-            words = line.split()
-            if not words or words[0] != addr or "signal" not in words:
-                continue
-            port = int(words[words.index("port") + 1]) if "port" in words else None
-            match = re.search(r"\bid (\d+)", line)
-            if port == want_port and match:
-                return int(match.group(1))
-        return None
+        return find_signal_endpoint(self.host, None if self.port in self.listen_ports else self.port)

@@ -1,6 +1,6 @@
 """A deterministic data server for the demo, the integration tests and the benchmark.
 
-`python -m mcpool_proxy.testserver --listen HOST:PORT [--mptcp]` prints `testserver ready` once
+`python -m mcpool_tools.testserver --listen HOST:PORT [--mptcp]` prints `testserver ready` once
 listening, then serves any number of concurrent connections. Each connection starts with one
 request line (at most 256 bytes):
 
@@ -199,7 +199,7 @@ async def serve(host: str, port: int, mptcp: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mcpool_proxy.testserver",
+    parser = argparse.ArgumentParser(prog="python -m mcpool_tools.testserver",
                                      description="deterministic data server (SEND/SINK/ECHO/HTTP GET)")
     parser.add_argument("--listen", required=True, help="HOST:PORT, e.g. [::]:8000")
     parser.add_argument("--mptcp", action="store_true", help="listen with IPPROTO_MPTCP")

@@ -33,7 +33,7 @@ owner, and `install_director` refuses a table another pool owns (a hash collisio
 rewrite it under that pool's feet.
 
 All functions here run commands (`nft`, `iptables`, `ip`) or set sysctls (through
-`mptcp.write_sysctl`, which reads first: /proc/sys is read-only in a non-privileged container);
+`sysctl.write_sysctl`, which reads first: /proc/sys is read-only in a non-privileged container);
 they are called at start and when the set of pods changes, never per packet.
 """
 
@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT
-from ..mptcp import (
+from .sysctl import (
     SYSCTL_IPV4_FORWARD,
     SYSCTL_IPV6_FORWARDING,
     SYSCTL_RP_FILTER,

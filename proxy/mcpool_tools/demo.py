@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from mcpool_proxy.lab import Lab, LinkShaping, ProxyProcess, Topology
-from mcpool_proxy.testserver import PatternReader, pattern_sha256
+from mcpool_tools.lab import Lab, LinkShaping, ProxyProcess, Topology
+from mcpool_tools.testserver import PatternReader, pattern_sha256
 
 __all__ = ["main", "run_demo"]
 
@@ -117,8 +117,8 @@ def _mbit(nbytes: float, seconds: float) -> float:
 def run_demo(prefix: str, size: int, cut_fraction: float, dsl: LinkShaping, lte: LinkShaping,
              timeout_s: float) -> bool:
     # Imported here so `mcpool demo --help` works even before the client module is importable.
-    from mcpool_proxy.client import convert_connect
-    from mcpool_proxy.mptcp import get_mptcp_info, get_subflows
+    from mcpool_proxy.cpe.convert_client import convert_connect
+    from mcpool_proxy.kernel.mptcp import get_mptcp_info, get_subflows
 
     display = Display()
     lab = Lab(Topology(prefix=prefix, shaping={"dsl": dsl, "lte": lte}))
@@ -218,7 +218,7 @@ def run_cluster_demo(prefix: str, connections: int = 6, echo_bytes: int = 1_000_
     with both subflows on one pod, every byte echoed and verified."""
     import hashlib
 
-    from mcpool_proxy.client import convert_connect
+    from mcpool_proxy.cpe.convert_client import convert_connect
 
     display = Display()
     lab = Lab(Topology(prefix=prefix, pods=2, director=True))

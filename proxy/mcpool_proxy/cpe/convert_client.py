@@ -30,8 +30,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from mcpool_proxy.config import split_hostport
-from mcpool_proxy.convert import (
+from mcpool_proxy.codec.convert import (
     TLV,
     ConnectTLV,
     ConvertError,
@@ -41,7 +40,8 @@ from mcpool_proxy.convert import (
     encode_message,
     split_message,
 )
-from mcpool_proxy.mptcp import (
+from mcpool_proxy.config import split_hostport
+from mcpool_proxy.kernel.mptcp import (
     MSG_FASTOPEN,
     create_socket,
     fastopen_used,
@@ -58,7 +58,8 @@ __all__ = [
     "open_convert_connection",
 ]
 
-log = logging.getLogger(__name__)
+# Named as before the move to cpe/, so log lines keep their logger field.
+log = logging.getLogger("mcpool_proxy.client")
 
 _RECV_BYTES = 65536
 _PUMP_BYTES = 65536

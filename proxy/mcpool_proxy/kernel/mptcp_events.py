@@ -1,6 +1,12 @@
-"""The kernel's MPTCP path-manager events (generic netlink `mptcp_pm`), as an async iterator.
+"""The kernel's MPTCP path-manager events (generic netlink `mptcp_pm`): one subscription per
+process (`MptcpEventHub`), fanned out to every consumer as an async iterator.
 
-Why: a pod must publish a connection's token before the client's MP_JOIN reaches the director.
+Consumers: the token publisher (`cluster.podside`) and the subflow watcher
+(`observe.telemetry.SubflowWatcher`). Both see every event of the namespace, so one netlink socket
+serves both: the kernel copies each event once per subscribed socket, and the event path is part
+of the proxy's per-connection CPU.
+
+Why the events: a pod must publish a connection's token before the client's MP_JOIN reaches the director.
 userspace `accept()` (and MPTCP_INFO after it) can come later than the join, so the token is
 taken from the kernel's `MPTCP_EVENT_CREATED`, multicast on the `mptcp_pm_events` group of the
 pod's network namespace as soon as the kernel creates the connection (the server side emits it
@@ -23,19 +29,17 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .registry import AffinityRegistry
 
 __all__ = [
-    "MptcpEvent",
-    "MptcpEventListener",
-    "parse_messages",
-    "publish_tokens",
     "EVENT_NAMES",
+    "MptcpEvent",
+    "MptcpEventHub",
+    "MptcpEventListener",
+    "MptcpSubscription",
+    "parse_messages",
 ]
 
 log = logging.getLogger("mcpool.affinity.events")
@@ -230,7 +234,8 @@ def _resolve_family(sock: socket.socket, name: str) -> tuple[int, dict[str, int]
 
 
 class MptcpEventListener:
-    """Subscribe to the current network namespace's MPTCP events; iterate with `async for`.
+    """One netlink subscription to the current network namespace's MPTCP events; iterate with
+    `async for`. A process has one, owned by its `MptcpEventHub` (tests may use one directly).
 
     ```
     listener = MptcpEventListener()
@@ -280,6 +285,12 @@ class MptcpEventListener:
         return self.events()
 
     async def events(self) -> AsyncIterator[MptcpEvent]:
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self) -> AsyncIterator[list[MptcpEvent]]:
+        """The events of each datagram, as they arrive (what the hub fans out)."""
         if self._sock is None:
             self.open()
         sock = self._sock
@@ -328,8 +339,9 @@ class MptcpEventListener:
                         log.warning("MPTCP events lost (receive buffer overflow)")
                         continue
                     raise
-                for event in parse_messages(bytes(view[:size]), family_id):
-                    yield event
+                batch = parse_messages(bytes(view[:size]), family_id)
+                if batch:
+                    yield batch
         finally:
             if registered:
                 self._remove_reader()
@@ -342,66 +354,146 @@ class MptcpEventListener:
                 loop.remove_reader(fd)
 
 
-# publish_tokens prunes its set of own tokens once per this many new connections (amortised O(1)).
-MINE_PRUNE_EVERY = 4096
+# How many events one subscription holds for a consumer that has not caught up, at most; beyond
+# it events are dropped and counted, as the kernel drops them (ENOBUFS) for a slow socket.
+SUBSCRIPTION_BACKLOG = 65536
 
 
-async def publish_tokens(
-    registry: AffinityRegistry,
-    listener: MptcpEventListener,
-    local_ports: Collection[int] | None = None,
-) -> None:
-    """Run forever: register each server-side MPTCP connection as the kernel creates it, and
-    unregister it when the kernel closes it.
+class MptcpSubscription:
+    """One consumer's view of the hub's events, from its `subscribe()` on; `async for` it, and
+    `close()` it when done (the last close closes the netlink subscription)."""
 
-    `local_ports` limits this to connections accepted on those ports (the proxy's listeners);
-    client-side connections (the pod's own upstream MPTCP) are never registered.
+    def __init__(self, hub: MptcpEventHub) -> None:
+        self._hub = hub
+        self._queue: deque[MptcpEvent] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self.closed = False
+        self.lost = 0  # events dropped because this consumer was SUBSCRIPTION_BACKLOG behind
 
-    Registrations run concurrently (one task each; a close waits for its own connection's
-    registration): awaiting them one by one made a burst of new connections queue behind each
-    other's Redis round trips, and a join waiting at the director for its token sees exactly
-    that queue (measured: 25-50 ms per registration under a burst of 10 connections on 2 cores,
-    enough to exceed a 200 ms `join_wait_ms`).
+    def _deliver(self, batch: list[MptcpEvent]) -> None:
+        if len(self._queue) + len(batch) > self._hub.backlog:
+            if not self.lost:
+                log.warning("MPTCP events lost (a consumer is %d events behind)", len(self._queue))
+            self.lost += len(batch)
+        else:
+            self._queue.extend(batch)
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> AsyncIterator[MptcpEvent]:
+        return self.events()
+
+    async def events(self) -> AsyncIterator[MptcpEvent]:
+        queue = self._queue
+        loop = asyncio.get_running_loop()
+        while True:
+            while queue:
+                yield queue.popleft()
+            if self._error is not None:
+                # The netlink socket failed (as a lone listener's iteration would): raised once;
+                # iterating again resumes with a new read.
+                error, self._error = self._error, None
+                raise error
+            if self.closed:
+                return
+            self._hub._ensure_pump()
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._wake()
+            self._hub._unsubscribe(self)
+
+
+class MptcpEventHub:
+    """The process's one `mptcp_pm` subscription, fanned out to every consumer.
+
+    ```
+    hub = MptcpEventHub()
+    subscription = hub.subscribe()   # opens the netlink socket on first use; OSError without MPTCP
+    async for event in subscription: ...
+    subscription.close()             # the last one closes the netlink socket
+    ```
+
+    One task reads the socket and hands each datagram's events to every subscription; a consumer
+    that falls behind only delays itself (up to `backlog` events, then its events are dropped and
+    counted), never the others.
     """
-    mine: set[int] = set()
-    created = 0
-    pending: dict[int, asyncio.Task[Any]] = {}
 
-    def forget(token: int, task: asyncio.Task[Any]) -> None:
-        if pending.get(token) is task:
-            del pending[token]
+    def __init__(
+        self,
+        listener_factory: Callable[[], MptcpEventListener] = MptcpEventListener,
+        backlog: int = SUBSCRIPTION_BACKLOG,
+    ) -> None:
+        self._factory = listener_factory
+        self.backlog = backlog
+        self._listener: MptcpEventListener | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._subscriptions: list[MptcpSubscription] = []
+        self.subscriptions_opened = 0  # netlink subscriptions opened in this hub's lifetime
 
-    async def unregister_after(token: int, before: asyncio.Task[Any] | None) -> None:
-        if before is not None:
-            await asyncio.gather(before, return_exceptions=True)
-        await registry.unregister_connection(token)
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
 
-    try:
-        async for event in listener:
-            if event.token is None:
-                continue
-            token = event.token
-            task: asyncio.Task[Any]
-            if event.kind == "created":
-                # Client-side connections (no SERVER_SIDE attribute) are the pod's own, not owned.
-                if not event.server_side or event.daddr is None:
-                    continue
-                if local_ports is not None and event.sport not in local_ports:
-                    continue
-                mine.add(token)
-                created += 1
-                if created % MINE_PRUNE_EVERY == 0:
-                    # A lost CLOSED event leaves a token here forever: keep only what the
-                    # registry still holds or is registering (it forgets stale tokens itself).
-                    mine &= set(registry.live_connections()) | set(pending) | {token}
-                task = asyncio.ensure_future(registry.register_connection(token, event.daddr))
-            elif event.kind == "closed" and token in mine:
-                mine.discard(token)
-                task = asyncio.ensure_future(unregister_after(token, pending.get(token)))
-            else:
-                continue
-            pending[token] = task
-            task.add_done_callback(lambda t, tok=token: forget(tok, t))  # type: ignore[misc]
-    finally:
-        for task in list(pending.values()):
-            task.cancel()
+    def subscribe(self) -> MptcpSubscription:
+        """Every event from now on, for one consumer. Raises OSError if the kernel has no
+        `mptcp_pm` events (or this process may not subscribe: CAP_NET_ADMIN)."""
+        if self._listener is None:
+            listener = self._factory()
+            listener.open()
+            self._listener = listener
+            self.subscriptions_opened += 1
+        subscription = MptcpSubscription(self)
+        self._subscriptions.append(subscription)
+        self._ensure_pump()
+        return subscription
+
+    def _ensure_pump(self) -> None:
+        if self._pump is None and self._listener is not None:
+            self._pump = asyncio.get_running_loop().create_task(self._run(self._listener))
+
+    async def _run(self, listener: MptcpEventListener) -> None:
+        try:
+            async for batch in listener.batches():
+                for subscription in self._subscriptions:
+                    subscription._deliver(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - each consumer decides what a failure means
+            self._pump = None
+            for subscription in self._subscriptions:
+                subscription._fail(exc)
+
+    def _unsubscribe(self, subscription: MptcpSubscription) -> None:
+        if subscription in self._subscriptions:
+            self._subscriptions.remove(subscription)
+        if not self._subscriptions:
+            self.close()
+
+    def close(self) -> None:
+        """Close the netlink subscription and end every consumer's iteration."""
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.cancel()
+        subscriptions, self._subscriptions = self._subscriptions, []
+        for subscription in subscriptions:
+            subscription.closed = True
+            subscription._wake()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None

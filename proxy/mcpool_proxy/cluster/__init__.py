@@ -1,13 +1,12 @@
 """Cluster affinity: every subflow of an MPTCP connection reaches the pod that owns it.
 
 - `registry`: pods publish themselves and their connections' tokens (memory or Redis backend).
-- `mptcp_events`: the kernel's MPTCP netlink events, the earliest source of a new token.
+- `podside`: what one pod does (register, publish tokens from the kernel's MPTCP events).
 - `table`, `hashing`, `packet`: the director's pure decision logic.
-- `director`, `kernel`: the director process and the kernel objects it manages.
+- `director`: the director process (its kernel objects: `mcpool_proxy.kernel.steering`).
 See docs/affinity.md.
 """
 
-from .mptcp_events import MptcpEvent, MptcpEventListener, publish_tokens
 from .registry import (
     AffinityRegistry,
     MemoryRegistry,
@@ -24,13 +23,10 @@ __all__ = [
     "AffinityRegistry",
     "MemoryRegistry",
     "MemoryStore",
-    "MptcpEvent",
-    "MptcpEventListener",
     "PodState",
     "RedisRegistry",
     "RegistrationResult",
     "RegistryMetrics",
     "make_registry",
-    "publish_tokens",
     "resolve_pod_name",
 ]

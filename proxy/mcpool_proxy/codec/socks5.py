@@ -1,5 +1,4 @@
-"""SOCKS5 (RFC 1928 CONNECT, RFC 1929 username/password): pure parse/encode functions, plus a tiny
-blocking client used by the tests and the lab.
+"""SOCKS5 (RFC 1928 CONNECT, RFC 1929 username/password): pure parse/encode functions.
 
 The parsers work on complete byte strings; the `*_length(prefix)` functions say how many bytes a
 message needs once its first bytes are known, so the server can read exactly one message and
@@ -7,15 +6,13 @@ never consume bytes that belong to the relay. Every malformed input raises `Sock
 nothing else: a hypothesis test checks it), whose `reply` is the RFC 1928 reply code to send, or
 None when the peer does not speak SOCKS5 at all and the connection is just closed.
 
-No I/O here except in `socks5_connect`, the blocking client.
+No I/O here: the proxy's side is `fronts/socks5.py`, a client is `cpe/socks5_client.py`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -25,7 +22,6 @@ __all__ = [
     "Method",
     "Reply",
     "Socks5Error",
-    "Socks5Refused",
     "Socks5Request",
     "encode_greeting",
     "encode_method_selection",
@@ -42,7 +38,6 @@ __all__ = [
     "parse_userpass_status",
     "reply_length",
     "request_length",
-    "socks5_connect",
     "userpass_length",
 ]
 
@@ -88,14 +83,6 @@ class Socks5Error(Exception):
         super().__init__(detail)
         self.reply = reply
         self.detail = detail
-
-
-class Socks5Refused(OSError):
-    """The proxy answered a CONNECT (or the method selection/auth) with a failure."""
-
-    def __init__(self, reply: int, detail: str) -> None:
-        super().__init__(detail)
-        self.reply = reply
 
 
 Host = ipaddress.IPv4Address | ipaddress.IPv6Address | str
@@ -300,65 +287,3 @@ def parse_reply(data: bytes) -> tuple[int, Host, int]:
         raise Socks5Error(None, f"reply is {len(data)} bytes, expected {need}")
     host, port = _parse_address(data, "reply")
     return data[1], host, port
-
-
-# -- blocking client (tests, lab) ----------------------------------------------------------------
-def _recv_exact_by(sock: socket.socket, length_of: Callable[[bytes], int]) -> bytes:
-    buf = b""
-    while True:
-        need = length_of(buf)
-        if len(buf) >= need:
-            return buf
-        chunk = sock.recv(need - len(buf))
-        if not chunk:
-            raise ConnectionError(f"SOCKS5 proxy closed the connection after {len(buf)} bytes")
-        buf += chunk
-
-
-def socks5_connect(
-    proxy: tuple[str, int],
-    destination: tuple[str, int],
-    *,
-    username: str | None = None,
-    password: str | None = None,
-    mptcp: bool = True,
-    timeout_s: float = 10.0,
-) -> socket.socket:
-    """Open a connection to `destination` through the SOCKS5 proxy; return the connected socket.
-
-    `destination` host may be an IP address or a domain name (sent as ATYP 3, resolved by the
-    proxy). MPTCP is used when the kernel has it (`mptcp=False` forces TCP). Raises
-    `Socks5Refused` with the proxy's reply code on any refusal, OSError on network errors.
-    """
-    from .mptcp import create_socket
-
-    family = socket.AF_INET6 if ":" in proxy[0] else socket.AF_INET
-    sock, _ = create_socket(family, mptcp=mptcp)
-    try:
-        sock.settimeout(timeout_s)
-        sock.connect(proxy)
-        if username is not None:
-            sock.sendall(encode_greeting((Method.USERNAME_PASSWORD,)))
-        else:
-            sock.sendall(encode_greeting((Method.NO_AUTH,)))
-        method = parse_method_selection(_recv_exact_by(sock, lambda b: 2))
-        if method == Method.NO_ACCEPTABLE:
-            raise Socks5Refused(method, "SOCKS5 proxy accepted none of the offered methods")
-        if method == Method.USERNAME_PASSWORD:
-            if username is None or password is None:
-                raise Socks5Refused(method, "SOCKS5 proxy wants a username and password")
-            sock.sendall(encode_userpass(username, password))
-            if not parse_userpass_status(_recv_exact_by(sock, lambda b: 2)):
-                raise Socks5Refused(Method.NO_ACCEPTABLE, "SOCKS5 authentication failed")
-        elif method != Method.NO_AUTH:
-            raise Socks5Refused(method, f"SOCKS5 proxy chose unsupported method {method}")
-        sock.sendall(encode_request(destination[0], destination[1]))
-        reply, _, _ = parse_reply(_recv_exact_by(sock, reply_length))
-        if reply != Reply.SUCCEEDED:
-            name = Reply(reply).name if reply in Reply._value2member_map_ else str(reply)
-            raise Socks5Refused(reply, f"SOCKS5 CONNECT refused: {name} ({reply:#04x})")
-        sock.settimeout(None)
-        return sock
-    except BaseException:
-        sock.close()
-        raise
