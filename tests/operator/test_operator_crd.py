@@ -141,6 +141,8 @@ SCHEMA_REJECTS: dict[str, dict[str, Any]] = {
     "redis without url": {"redis": {}},
     "redis bad scheme": {"redis": {"url": "http://redis:6379"}},
     "list for map": {"nodeSelector": ["a"]},
+    "bad access path name": {"accessPaths": [{"name": "DSL", "networks": ["198.18.1.0/24"]}]},
+    "access path without networks": {"accessPaths": [{"name": "dsl", "networks": []}]},
     "duplicate join addresses": {
         "replicas": 2,
         "affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1", "198.18.1.1"]},
@@ -163,6 +165,7 @@ CEL_REJECTS: dict[str, dict[str, Any]] = {
     "two LB addresses": {"service": {"addresses": ["198.18.0.1", "198.18.0.2"]}},
     "redis url with password": {"redis": {"url": "redis://:s3cret@redis:6379/0"}},
     "redis url with user and password": {"redis": {"url": "rediss://mcp:s3cret@redis:6380"}},
+    "access path named other": {"accessPaths": [{"name": "other", "networks": ["198.18.1.0/24"]}]},
 }
 
 ACCEPTS: dict[str, dict[str, Any]] = {
@@ -172,6 +175,8 @@ ACCEPTS: dict[str, dict[str, Any]] = {
     "socks only": {"listeners": {"convert": {"enabled": False}, "socks5": {"enabled": True}}},
     "ClusterIP two addresses": {"service": {"type": "ClusterIP", "addresses": ["198.18.0.1", "2001:db8::1"]}},
     "quantities": {"resources": {"requests": {"cpu": 1, "memory": "1Gi"}}},
+    "access paths": {"accessPaths": [{"name": "dsl", "networks": ["198.18.1.0/24", "2001:db8:1::/48"]},
+                                     {"name": "lte", "networks": ["198.18.2.0/24"]}]},
 }
 
 
@@ -205,7 +210,7 @@ def test_name_rule(name: str, ok: bool) -> None:
 def test_every_cel_rule_compiles() -> None:
     env = celpy.Environment()
     rules = [r["rule"] for _, node in walk(ROOT_SCHEMA) for r in node.get("x-kubernetes-validations") or []]
-    assert len(rules) == 9
+    assert len(rules) == 10
     for rule in rules:
         env.compile(rule)
 
