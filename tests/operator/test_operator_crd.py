@@ -32,13 +32,6 @@ def test_committed_crd_matches_the_generator() -> None:
     )
 
 
-def test_chart_copy_does_not_drift() -> None:
-    # The Helm chart (charts/, another engineer's) copies the CRD; when it exists it must be equal.
-    copies = list((REPO / "charts").glob("**/mcppools.mcp.mptcp.dev.yaml")) if (REPO / "charts").exists() else []
-    for path in copies:
-        assert yaml.safe_load(path.read_text()) == CRD, f"{path} differs from {CRD_PATH}"
-
-
 @pytest.mark.parametrize("version", ["1.29", latest_version()])
 def test_crd_is_a_valid_custom_resource_definition(version: str) -> None:
     kubernetes_validate.validate(yaml.safe_load((REPO / CRD_PATH).read_text()), version, strict=True)
