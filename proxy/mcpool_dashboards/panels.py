@@ -244,11 +244,13 @@ DIRECTOR = Dashboard(
             ),
             Panel(
                 "Decision latency",
-                "Time from reading a SYN from the queue to its verdict (joins include their wait). "
+                "Time from reading a SYN from the queue to its verdict (joins include their wait); "
+                "exemplars link to the decision's span when the director traces. "
                 "Bad: p99 near join_wait_ms means joins wait for their tokens routinely: the pods "
                 "register too late (Redis latency).",
                 _quantiles("mcpool_director_decision_seconds"),
                 unit="s",
+                exemplars=True,
             ),
             Panel(
                 "Joins held for their token",

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT, ConfigError, HostPort, split_hostport
 from ..kernel import steering
+from ..observe.metrics import observe
 from ..observe.telemetry import Telemetry
 from .keys import KeySchema
 from .packet import MAX_IPV6_EXT_BYTES, Syn, parse_syn
@@ -183,7 +184,8 @@ class DirectorMetrics:
         self.redis_up = Gauge("mcpool_director_redis_up", "1 while the feed reaches Redis.", registry=self.registry)
         self.decision_seconds = Histogram(
             "mcpool_director_decision_seconds",
-            "Time from reading a SYN from the queue to its verdict (includes join waits).",
+            "Time from reading a SYN from the queue to its verdict (includes join waits); exemplars "
+            "carry the decision span's trace id when tracing is on.",
             buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
@@ -309,11 +311,13 @@ class Director:
             log.debug("verdict failed: %r", exc)
         elapsed_s = time.perf_counter() - started
         self.metrics.decisions.labels(outcome).inc()
-        self.metrics.decision_seconds.observe(elapsed_s)
+        trace_id = None
         if self._tracer is not None:
-            self._trace_decision(outcome, decision, syn, elapsed_s)
+            trace_id = self._trace_decision(outcome, decision, syn, elapsed_s)
+        observe(self.metrics.decision_seconds, elapsed_s, trace_id)
 
-    def _trace_decision(self, outcome: str, decision: Decision, syn: Syn | None, elapsed_s: float) -> None:
+    def _trace_decision(self, outcome: str, decision: Decision, syn: Syn | None, elapsed_s: float) -> str | None:
+        """Record the decision's span; its trace id (None if sampled out), for the exemplar."""
         end_ns = time.time_ns()
         assert self._tracer is not None
         span = self._tracer.start_span(
@@ -332,6 +336,8 @@ class Director:
             if syn.join_token is not None:
                 span.set_attribute("mcpool.mptcp.token", f"{syn.join_token:08x}")
         span.end(end_time=end_ns)
+        context = span.get_span_context()
+        return f"{context.trace_id:032x}" if context.is_valid and context.trace_flags.sampled else None
 
     # -- the table feed -------------------------------------------------------------------------
 
