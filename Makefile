@@ -20,7 +20,7 @@ unit: setup
 
 lint: setup
 	$(VENV)/bin/ruff check proxy operator tests bench
-	$(VENV)/bin/mypy proxy/mcpool_proxy proxy/mcpool_tools operator/mcpool_operator bench
+	$(VENV)/bin/mypy proxy/mcpool_proxy proxy/mcpool_tools proxy/mcpool_dashboards operator/mcpool_operator bench
 
 bench: setup
 	$(PY) -m bench.run

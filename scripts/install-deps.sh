@@ -13,6 +13,7 @@ DEB_PACKAGES=(
   util-linux                                              # taskset, unshare
   libnetfilter-queue-dev gcc                              # netfilterqueue (director) builds against it
   unzip                                                   # scripts/install-helm.sh (chart tests)
+  prometheus                                              # dashboards/alerts proof (prometheus, promtool)
 )
 
 missing=()
@@ -29,6 +30,11 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # The Debian redis-server package starts a system instance; tests start their own on free ports.
+# The Debian prometheus package starts a system instance on :9090 (also the proxy's default admin
+# port); the tests run their own, so stop and disable that one when it was just installed.
+if [[ " ${missing[*]:-} " == *" prometheus "* ]]; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
+fi
 
 PYTHON=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
@@ -49,6 +55,7 @@ REQUIRED_COMMANDS=(
   sysctl:procps taskset:util-linux unshare:util-linux ethtool:ethtool
   redis-server:redis-server redis-cli:redis-tools
   curl:curl mptcpize:mptcpize iperf3:iperf3 haproxy:haproxy unzip:unzip
+  prometheus:prometheus promtool:prometheus
 )
 VENV_COMMANDS=(python pytest ruff mypy hadolint py-spy mcpool)
 

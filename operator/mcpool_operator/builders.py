@@ -211,6 +211,7 @@ def build_proxy_config(pool: Pool, ordinal: int | None = None) -> ProxyConfig:
         affinity=affinity,
         drain_timeout_s=spec.drain_timeout_seconds,
         log_level=spec.log_level,
+        access_paths={path.name: list(path.networks) for path in spec.access_paths},
     )
 
 

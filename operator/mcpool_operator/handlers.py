@@ -76,6 +76,8 @@ class OperatorOptions:
     director_image: str | None = None
     # `--allowed-images`: repositories spec.image may name (empty: any).
     allowed_images: tuple[str, ...] = ()
+    # HOST:PORT of the Prometheus metrics endpoint (None: not served).
+    metrics_listen: str | None = None
 
 
 def configure_settings(settings: kopf.OperatorSettings, options: OperatorOptions) -> None:

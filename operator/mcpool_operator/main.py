@@ -16,9 +16,12 @@ import threading
 from collections.abc import Sequence
 
 import kopf
+from mcpool_proxy.config import split_hostport
+from prometheus_client import start_http_server
 
 from .handlers import OperatorOptions, build_registry
 from .kube import Connection, KubeClient
+from .metrics import OperatorMetrics
 from .reconcile import EventPoster, Reconciler, kopf_event
 
 __all__ = ["main", "parse_args", "run"]
@@ -53,6 +56,13 @@ def parse_args(argv: Sequence[str]) -> OperatorOptions:
         default="http://0.0.0.0:8080/healthz",
         metavar="URL",
         help="liveness endpoint served by kopf ('' disables it)",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default="0.0.0.0:8081",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (reconciles, errors, latency, pools by condition) at "
+        "http://HOST:PORT/metrics ('' disables it)",
     )
     parser.add_argument("--resync-interval", type=float, default=300.0, metavar="S",
                         help="reconcile every pool at least this often (seconds)")
@@ -103,6 +113,7 @@ def parse_args(argv: Sequence[str]) -> OperatorOptions:
         verbose=bool(args.verbose),
         director_image=args.director_image or None,
         allowed_images=tuple(e.strip() for arg in args.allowed_images for e in arg.split(",") if e.strip()),
+        metrics_listen=args.metrics_listen or None,
     )
 
 
@@ -133,13 +144,19 @@ async def run(
 ) -> None:
     """Run the operator until `stop_flag` is set (or forever)."""
     client = KubeClient(connection, request_timeout_s=options.request_timeout_s)
+    metrics = OperatorMetrics()
     reconciler = Reconciler(
         client,
         post_event=post_event,
         director_image=options.director_image,
         allowed_images=options.allowed_images,
+        metrics=metrics,
     )
     registry = build_registry(options, reconciler)
+    server = None
+    if options.metrics_listen is not None:
+        host, port = split_hostport(options.metrics_listen)
+        server, _ = start_http_server(port, addr=host, registry=metrics.registry)
     try:
         await kopf.operator(
             registry=registry,
@@ -151,6 +168,9 @@ async def run(
             ready_flag=ready_flag,
         )
     finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         await client.close()
 
 

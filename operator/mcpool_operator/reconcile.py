@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -28,6 +29,7 @@ from opentelemetry import trace
 
 from . import builders
 from .kube import ApiError, KubeClient, ObjectRef, ref_of
+from .metrics import OperatorMetrics
 from .spec import GROUP, KIND, VERSION, MCPPoolSpec, Pool, SpecError
 from .status import Observation, build_status, find_condition, revision_ready, sysctl_failure
 
@@ -89,6 +91,7 @@ class Outcome:
     updated: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     spec_error: str | None = None
+    apply_error: str | None = None  # a child object the API refused (the first such error)
     status_written: bool = False
     # Why the node cleanup of a pool that left mechanism 'director' is not finished (None: done).
     cleanup_pending: str | None = None
@@ -105,11 +108,13 @@ class Reconciler:
         *,
         director_image: str | None = None,
         allowed_images: Sequence[str] = (),
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self.client = client
         # `--allowed-images`: repositories spec.image may name (empty: any). The pods run with
         # NET_ADMIN, so whoever may create a pool must not be able to pick their code.
         self.allowed_images = tuple(allowed_images)
+        self.metrics = metrics if metrics is not None else OperatorMetrics()
         self.post_event = post_event
         # `--director-image`: the image the director DaemonSet runs whatever spec.image says
         # (the director runs as uid 0 with NET_ADMIN on the host network; see docs/operator.md).
@@ -123,27 +128,47 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         """Drop what is kept per pool; called when the pool is gone."""
         self._locks.pop((namespace, name), None)
+        self.metrics.forget((namespace, name))
 
     async def reconcile(self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]) -> Outcome:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            with _tracer.start_as_current_span(
-                "mcpool.reconcile",
-                attributes={
-                    "k8s.namespace.name": key[0],
-                    "mcpool.pool": key[1],
-                    "mcpool.generation": int(meta.get("generation") or 0),
-                },
-            ) as span:
-                outcome = await self._reconcile(body, logger)
-                span.set_attribute("mcpool.created", len(outcome.created))
-                span.set_attribute("mcpool.updated", len(outcome.updated))
-                span.set_attribute("mcpool.deleted", len(outcome.deleted))
-                if outcome.spec_error:
-                    span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.spec_error))
+            started = time.monotonic()
+            result = "exception"
+            try:
+                outcome = await self._traced_reconcile(key, meta, body, logger)
+                result = "invalid_spec" if outcome.spec_error else "apply_error" if outcome.apply_error else "ok"
                 return outcome
+            finally:
+                self.metrics.duration.observe(time.monotonic() - started)
+                self.metrics.reconciles.labels(result).inc()
+                if result != "ok":
+                    self.metrics.errors.labels(result).inc()
+
+    async def _traced_reconcile(
+        self,
+        key: tuple[str, str],
+        meta: Mapping[str, Any],
+        body: Mapping[str, Any],
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+    ) -> Outcome:
+        with _tracer.start_as_current_span(
+            "mcpool.reconcile",
+            attributes={
+                "k8s.namespace.name": key[0],
+                "mcpool.pool": key[1],
+                "mcpool.generation": int(meta.get("generation") or 0),
+            },
+        ) as span:
+            outcome = await self._reconcile(body, logger)
+            span.set_attribute("mcpool.created", len(outcome.created))
+            span.set_attribute("mcpool.updated", len(outcome.updated))
+            span.set_attribute("mcpool.deleted", len(outcome.deleted))
+            if outcome.spec_error:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.spec_error))
+            return outcome
 
     async def _reconcile(self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]) -> Outcome:
         outcome = Outcome()
@@ -174,6 +199,7 @@ class Reconciler:
             except ApiError as exc:
                 apply_error = f"{ref_of(obj)}: {exc}"
                 logger.error("cannot apply %s: %s", ref_of(obj), exc)
+                outcome.apply_error = outcome.apply_error or apply_error
                 continue
             if obj["kind"] == "StatefulSet":
                 statefulset = live
@@ -383,6 +409,8 @@ class Reconciler:
             return None
         previous: dict[str, Any] = dict(live.get("status") or {})
         new = build_status(previous, seen)
+        meta = body.get("metadata") or {}
+        self.metrics.pool_conditions((str(meta.get("namespace")), str(meta.get("name"))), new["conditions"])
         if _same_status(previous, new):
             return previous
         await self.client.patch(ref, {"status": new}, subresource="status")

@@ -269,6 +269,35 @@ class RedisSpec(_Spec):
         return self
 
 
+ACCESS_PATH_OTHER_MESSAGE = "accessPaths: the name 'other' is reserved for subflows that match no access path"
+
+
+class AccessPathSpec(_Spec):
+    """An access network of the customers (e.g. DSL, LTE) and the CPE-side networks it uses."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [{"rule": "self.name != 'other'", "message": ACCESS_PATH_OTHER_MESSAGE}]}
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=32,
+        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        description="Name in the metrics and dashboards (e.g. dsl, lte); not 'other'.",
+    )
+    networks: list[CIDRPrefix] = Field(
+        min_length=1,
+        max_length=256,
+        description="CIDR prefixes of the CPE addresses on this access network.",
+    )
+
+    @model_validator(mode="after")
+    def _not_other(self) -> AccessPathSpec:
+        if self.name == "other":
+            raise ValueError(ACCESS_PATH_OTHER_MESSAGE)
+        return self
+
+
 class Toleration(_Spec):
     """A pod toleration (same meaning as core/v1 Toleration)."""
 
@@ -546,9 +575,20 @@ class MCPPoolSpec(_Spec):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log level of the MCP pods."
     )
+    access_paths: list[AccessPathSpec] = Field(
+        default_factory=list,
+        max_length=16,
+        description="The customers' access networks (e.g. DSL and LTE) by CPE-side prefixes: the "
+        "pods count bytes per access path (mcpool_access_path_bytes_total{path}) for the "
+        "dashboards' bonding view, without a label per CPE. First match wins.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> MCPPoolSpec:
+        names = [p.name for p in self.access_paths]
+        if len(names) != len(set(names)):
+            raise ValueError(f"accessPaths: duplicate names {sorted({n for n in names if names.count(n) > 1})}")
         mechanism = self.affinity.mechanism
         if mechanism == "join-address":
             if len(self.affinity.join_addresses) < self.replicas:

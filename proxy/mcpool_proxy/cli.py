@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "director": ("mcpool_proxy.cluster.director", "steer SYNs to the pod owning each connection (--config FILE)"),
     "operator": ("mcpool_operator.main", "run the kopf operator for MCPPool resources"),
     "check-config": ("mcpool_proxy.checkconfig", "validate a proxy configuration file"),
+    "top": ("mcpool_proxy.observe.top", "live connections and per-subflow rates of a proxy (admin API)"),
 }
 
 # The proxy's logger: the open-files warning is one of the proxy's start-up lines.

@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationError,
     model_validator,
 )
@@ -129,6 +130,17 @@ def _network(value: Any) -> IPNetwork:
 
 
 CIDR = Annotated[str, AfterValidator(lambda v: str(_network(v)))]
+
+
+def _path_name(value: str) -> str:
+    if value == "other":
+        raise ValueError("'other' is reserved for subflows that match no access path")
+    return value
+
+
+AccessPathName = Annotated[
+    str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,31}$"), AfterValidator(_path_name)
+]
 
 
 class _Model(BaseModel):
@@ -376,6 +388,14 @@ class ProxyConfig(_Model):
     affinity: AffinityConfig = Field(default_factory=AffinityConfig)
     drain_timeout_s: float = Field(
         default=30.0, ge=0, le=86_400, description="On SIGTERM, how long live connections may continue."
+    )
+    access_paths: dict[AccessPathName, list[CIDR]] = Field(
+        default_factory=dict,
+        description="Access paths by name (e.g. `dsl`, `lte`) and the CPE-side networks each one "
+        "uses: a subflow whose remote address is in one of a path's networks counts for that path "
+        "in `mcpool_access_path_bytes_total{path}` (first match in this order; `other` when none "
+        "matches). This is how the dashboards show the share the second link carries, without a "
+        "label per CPE. Example: `{dsl: [100.64.0.0/16], lte: [10.128.0.0/12, 2001:db8:4::/48]}`.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log verbosity; logs are JSON lines on stderr when it is not a terminal."

@@ -32,6 +32,7 @@ from .codec.convert import pad32
 from .config import DEFAULT_DENIED_DESTINATIONS, DEFAULT_PRIVATE_DESTINATIONS, PolicyConfig
 
 __all__ = [
+    "REFUSAL_REASONS",
     "IPAddress",
     "format_endpoint",
     "Policy",
@@ -55,6 +56,9 @@ PORT_NOT_ALLOWED = "port_not_allowed"
 GLOBAL_LIMIT = "global_limit"
 CPE_LIMIT = "cpe_limit"
 AUTH_FAILED = "auth_failed"
+# Every reason a Policy refuses with (the server adds "max_handshakes").
+REFUSAL_REASONS = (CLIENT_NOT_ALLOWED, MISSING_COOKIE, DESTINATION_DENIED, PORT_NOT_ALLOWED, GLOBAL_LIMIT,
+                   CPE_LIMIT, AUTH_FAILED)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from .kernel.mptcp import (
     create_listener,
     get_mptcp_info,
     get_mptcp_token,
+    get_subflows,
     reset_on_close,
     set_nodelay,
 )
@@ -52,7 +53,7 @@ from .kernel.mptcp_events import MptcpEventHub
 from .kernel.sysctl import apply_kernel_settings
 from .observe.admin import AdminServer
 from .observe.logs import log_connection_closed
-from .observe.metrics import ProxyMetrics
+from .observe.metrics import PathSample, ProxyMetrics, observe
 from .observe.telemetry import (
     ConnectionTrace,
     SubflowWatcher,
@@ -60,8 +61,10 @@ from .observe.telemetry import (
     connection_fields,
     initial_subflow,
     join_refusals,
+    mptcp_counters,
 )
 from .policy import (
+    REFUSAL_REASONS,
     IPAddress,
     Policy,
     Refusal,
@@ -118,7 +121,20 @@ class Proxy:
         self._watch_subflows = watch_subflows
         self._watch_task: asyncio.Task[None] | None = None
         self._join_refusals_at_start: dict[str, int] = {}
-        self.metrics.add_subflow_watch(self.subflows, self._join_refusals_since_start)
+        self._mptcp_counters_at_start: dict[str, int] = {}
+        self.metrics.add_subflow_watch(self.subflows, self._join_refusals_since_start,
+                                       self._mptcp_counters_since_start)
+        self.access_paths = self.metrics.add_access_paths(config.access_paths, self._path_samples)
+        self.metrics.drain_timeout.set(config.drain_timeout_s)
+        # These series exist from the start, at 0: a counter's first increment is then a visible
+        # rate (a series born at 1 shows no increase), and dashboards show 0 rather than nothing.
+        for reason in (*REFUSAL_REASONS, "max_handshakes"):
+            self.metrics.child(self.metrics.policy_refusals, reason)
+        for protocol in ("convert", "socks5"):
+            self.metrics.child(self.metrics.fallbacks, protocol)
+            self.metrics.child(self.metrics.handshake_latency, protocol)
+            for transport in ("mptcp", "tcp"):
+                self.metrics.child(self.metrics.active_by_mode, protocol, transport)
         self.observers: list[ConnectionObserver] = list(observers)
         self.relay_mode: Literal["splice", "buffered"] = resolve_mode(config.relay.mode)
         self.pools = RelayPools(config.relay.buffer_bytes)
@@ -213,6 +229,7 @@ class Proxy:
         # Only MPTCP listeners have subflows to watch; the refusal counters are namespace-wide
         # and cumulative, so they are reported relative to now.
         self._join_refusals_at_start = join_refusals()
+        self._mptcp_counters_at_start = mptcp_counters()
         if not self._watch_subflows or not any(self.listeners_mptcp.values()):
             return
         self.subflows.listen_ports = frozenset(port for _, port in self.listen_addresses.values())
@@ -222,6 +239,28 @@ class Proxy:
     def _join_refusals_since_start(self) -> dict[str, int]:
         now = join_refusals()
         return {k: v - self._join_refusals_at_start.get(k, 0) for k, v in now.items()}
+
+    def _mptcp_counters_since_start(self) -> dict[str, int]:
+        now = mptcp_counters()
+        return {k: v - self._mptcp_counters_at_start.get(k, 0) for k, v in now.items()}
+
+    def _path_samples(self) -> Iterable[PathSample]:
+        """Per-subflow bytes of live connections, for the access-path metric (read when scraped:
+        one getsockopt per MPTCP connection)."""
+        for conn in self.table:
+            sock = conn.relay.client
+            if conn.mptcp and sock.fileno() >= 0:
+                try:
+                    subflows = get_subflows(sock)
+                except OSError:
+                    subflows = []
+                if subflows:
+                    for sf in subflows:
+                        yield (conn.id, (sf.local, sf.remote), sf.local[0], sf.remote[0],
+                               sf.bytes_received or 0, sf.bytes_sent or 0)
+                    continue
+            # Plain TCP (or subflows unreadable): one path, the client's address, both ends alike.
+            yield conn.id, None, conn.client[0], conn.client[0], conn.relay.bytes_up, conn.relay.bytes_down
 
     def _close_listeners(self) -> None:
         for sock in self._listeners.values():
@@ -258,6 +297,8 @@ class Proxy:
         unable to add or re-add a subflow during the drain — exactly when a CPE that loses a
         link needs it (measured on 6.18: with the listener closed, a join from a newly added
         endpoint never arrived, MPJoinSynRx stayed 0)."""
+        if not self._draining:
+            self.metrics.drain_started.set(time.time())
         self._draining = True
         self.metrics.draining.set(1)
 
@@ -321,8 +362,8 @@ class Proxy:
             "failure": self.failure,
         }
 
-    def render_metrics(self) -> bytes:
-        return self.metrics.render()
+    def render_metrics(self, openmetrics: bool = False) -> bytes:
+        return self.metrics.render(openmetrics)
 
     def request_drain(self) -> None:
         self.stop_accepting()
@@ -482,7 +523,7 @@ class Proxy:
             self.metrics.child(self.metrics.upstream_errors, exc.reason).inc()
             trace.end_upstream(exc.reason)
             raise
-        self.metrics.upstream_latency.observe(time.monotonic() - started)
+        observe(self.metrics.upstream_latency, time.monotonic() - started, trace.trace_id)
         trace.end_upstream()
         return upstream
 
@@ -523,6 +564,11 @@ class Proxy:
         conn.token = None if token is None else f"{token:08x}"
         conn.mptcp = token is not None
         conn.trace = hs.trace
+        if not conn.mptcp:
+            self.metrics.child(self.metrics.fallbacks, hs.protocol).inc()
+        self.metrics.child(self.metrics.active_by_mode, hs.protocol, "mptcp" if conn.mptcp else "tcp").inc()
+        observe(self.metrics.child(self.metrics.handshake_latency, hs.protocol),
+                time.monotonic() - hs.started, conn.trace.trace_id)
         if token is not None:
             first = initial_subflow(client_sock)
             self.subflows.attach(token, conn.trace, sock=client_sock, initial=[first] if first else [])
@@ -542,8 +588,10 @@ class Proxy:
         self.table.remove(conn)
         self.policy.release(conn.client[0])
         self.metrics.child(self.metrics.closed, str(reason)).inc()
+        self.metrics.child(self.metrics.active_by_mode, conn.mode, "mptcp" if conn.mptcp else "tcp").dec()
         self.metrics.closed_bytes_up += conn.relay.bytes_up
         self.metrics.closed_bytes_down += conn.relay.bytes_down
+        self.access_paths.closed(conn.id, conn.client[0], conn.relay.bytes_up, conn.relay.bytes_down)
         if len(self.table) == 0:
             self._empty.set()
         state = self.subflows.detach(int(conn.token, 16)) if conn.token is not None else None

@@ -9,6 +9,7 @@ The packet is the one thing not real here: netfilterqueue packets exist only ins
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from mcpool_proxy.cluster import director as director_module
 from mcpool_proxy.cluster.director import Director, DirectorConfig
 from mcpool_proxy.observe.telemetry import Telemetry
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_packet import ipv4, mp_capable, mp_join, tcp_syn  # noqa: E402
@@ -79,6 +81,11 @@ def test_each_decision_is_a_span_with_outcome_pod_and_token() -> None:
     assert spans["mp_join"].attributes["mcpool.mptcp.token"] == "0badcafe"
     assert spans["mp_join"].resource.attributes["service.name"] == "mcpool-director"
     assert spans["mp_join"].resource.attributes["mcpool.pool"] == "p"
+    # The decision latency's exemplars carry those spans' trace ids (OpenMetrics exposition).
+    exposition = generate_openmetrics(director.metrics.registry).decode()
+    exemplar_ids = set(re.findall(r'mcpool_director_decision_seconds_bucket\{le="[^"]+"\} \S+ # \{trace_id="([0-9a-f]{32})"\}',
+                                  exposition))
+    assert exemplar_ids and exemplar_ids <= {f"{s.context.trace_id:032x}" for s in spans.values()}, exposition
     director.telemetry.shutdown(1.0)
 
 

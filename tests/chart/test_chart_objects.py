@@ -408,6 +408,9 @@ def chart_with_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(CHART, chart)
     (chart / "dashboards").mkdir(exist_ok=True)
     (chart / "rules").mkdir(exist_ok=True)
+    # Only this test's files: the shipped dashboards and rules are checked above.
+    for shipped in [*(chart / "dashboards").glob("*.json"), *(chart / "rules").glob("*.yaml")]:
+        shipped.unlink()
     (chart / "dashboards" / "MCP_Overview.json").write_text(json.dumps({"title": "MCP overview", "panels": []}, indent=2))
     (chart / "rules" / "mcpool.yaml").write_text(yaml.safe_dump(RULES))
     (chart / "rules" / "more.yaml").write_text(yaml.safe_dump(MORE_RULES))

@@ -66,6 +66,8 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
         "opentelemetry": {"endpoint": "http://collector:4318"},
         "drainTimeoutSeconds": 0.5,
         "logLevel": "debug",
+        "accessPaths": [{"name": "dsl", "networks": ["100.64.0.0/16"]},
+                        {"name": "lte", "networks": ["10.128.0.0/12", "2001:db8:4::/48"]}],
     },
 }
 
@@ -251,6 +253,8 @@ def test_edge_case_details() -> None:
     everything = CASES["director-everything"]
     sts = builders.build_statefulset(everything)
     assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 16
+    proxy = parse_config(yaml.safe_load(next(iter(builders.build_configmap(everything)["data"].values()))))
+    assert proxy.access_paths == {"dsl": ["100.64.0.0/16"], "lte": ["10.128.0.0/12", "2001:db8:4::/48"]}
     assert sts["spec"]["template"]["spec"]["tolerations"] == [
         {"key": "dedicated", "operator": "Equal", "value": "mcp", "effect": "NoExecute", "tolerationSeconds": 30}
     ]
@@ -268,6 +272,9 @@ def test_edge_case_details() -> None:
         ({"policy": {"allowedCpes": ["nope"]}}, "spec.policy.allowedCpes.0"),
         ({"replicass": 1}, "unknown field"),
         ({"replicas": -1}, "spec.replicas"),
+        ({"accessPaths": [{"name": "other", "networks": ["198.18.1.0/24"]}]}, "'other' is reserved"),
+        ({"accessPaths": [{"name": "dsl", "networks": ["198.18.1.0/24"]}, {"name": "dsl", "networks": ["198.18.2.0/24"]}]},
+         "duplicate names ['dsl']"),
     ],
 )
 def test_invalid_specs_say_what_to_fix(spec: dict[str, Any], fragment: str) -> None:

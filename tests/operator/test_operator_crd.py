@@ -134,6 +134,8 @@ SCHEMA_REJECTS: dict[str, dict[str, Any]] = {
     "redis without url": {"redis": {}},
     "redis bad scheme": {"redis": {"url": "http://redis:6379"}},
     "list for map": {"nodeSelector": ["a"]},
+    "bad access path name": {"accessPaths": [{"name": "DSL", "networks": ["198.18.1.0/24"]}]},
+    "access path without networks": {"accessPaths": [{"name": "dsl", "networks": []}]},
     "duplicate join addresses": {
         "replicas": 2,
         "affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1", "198.18.1.1"]},
@@ -161,6 +163,7 @@ CEL_REJECTS: dict[str, dict[str, Any]] = {
     "two LB addresses": {"service": {"addresses": ["198.18.0.1", "198.18.0.2"]}},
     "redis url with password": {"redis": {"url": "redis://:s3cret@redis:6379/0"}},
     "redis url with user and password": {"redis": {"url": "rediss://mcp:s3cret@redis:6380"}},
+    "access path named other": {"accessPaths": [{"name": "other", "networks": ["198.18.1.0/24"]}]},
 }
 
 ACCEPTS: dict[str, dict[str, Any]] = {
@@ -177,6 +180,8 @@ ACCEPTS: dict[str, dict[str, Any]] = {
     "socks only": {"listeners": {"convert": {"enabled": False}, "socks5": {"enabled": True}}},
     "ClusterIP two addresses": {"service": {"type": "ClusterIP", "addresses": ["198.18.0.1", "2001:db8::1"]}},
     "quantities": {"resources": {"requests": {"cpu": 1, "memory": "1Gi"}}},
+    "access paths": {"accessPaths": [{"name": "dsl", "networks": ["198.18.1.0/24", "2001:db8:1::/48"]},
+                                     {"name": "lte", "networks": ["198.18.2.0/24"]}]},
 }
 
 

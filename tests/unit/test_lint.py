@@ -20,6 +20,6 @@ def test_ruff_is_clean() -> None:
 
 
 def test_mypy_strict_is_clean() -> None:
-    result = _run(str(BIN / "mypy"), "proxy/mcpool_proxy", "proxy/mcpool_tools", "operator/mcpool_operator",
-                  "bench")
+    result = _run(str(BIN / "mypy"), "proxy/mcpool_proxy", "proxy/mcpool_tools", "proxy/mcpool_dashboards",
+                  "operator/mcpool_operator", "bench")
     assert result.returncode == 0, result.stdout + result.stderr

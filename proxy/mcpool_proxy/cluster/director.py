@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT, ConfigError, HostPort, split_hostport
 from ..kernel import steering
+from ..observe.metrics import observe
 from ..observe.telemetry import Telemetry
 from .keys import KeySchema
 from .packet import MAX_IPV6_EXT_BYTES, Syn, parse_syn
@@ -209,7 +210,8 @@ class DirectorMetrics:
         self.redis_up = Gauge("mcpool_director_redis_up", "1 while the feed reaches Redis.", registry=self.registry)
         self.decision_seconds = Histogram(
             "mcpool_director_decision_seconds",
-            "Time from reading a SYN from the queue to its verdict (includes join waits).",
+            "Time from reading a SYN from the queue to its verdict (includes join waits); exemplars "
+            "carry the decision span's trace id when tracing is on.",
             buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
@@ -223,6 +225,24 @@ class DirectorMetrics:
             "pod_not_plumbed, token_miss_after_wait, unparsable, error); a warning is logged at "
             "most every DROP_WARNING_INTERVAL_S while they go on.",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.packets = Counter(
+            "mcpool_director_queued_packets",
+            "Packets that reached the director in userspace (NFQUEUE), by kind (initial, join, "
+            "unparsable); everything else is forwarded by the kernel.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.joins_waiting = Gauge(
+            "mcpool_director_joins_waiting",
+            "MP_JOIN SYNs held now until their token is registered (up to join_wait_ms).",
+            registry=self.registry,
+        )
+        self.join_wait_seconds = Histogram(
+            "mcpool_director_join_wait_seconds",
+            "How long MP_JOIN SYNs were held for their token before their verdict.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=self.registry,
         )
         self.malformed = Counter(
@@ -287,6 +307,7 @@ class Director:
         started = time.perf_counter()
         try:
             syn = parse_syn(packet.get_payload())
+            self.metrics.packets.labels("unparsable" if syn is None else "join" if syn.is_join else "initial").inc()
             if syn is None:
                 self._verdict(packet, Decision("no_ready_pod", None), started, "unparsable")
                 return
@@ -302,7 +323,13 @@ class Director:
 
     async def _wait_and_verdict(self, packet: Any, syn: Syn, started: float) -> None:
         assert syn.join_token is not None
-        await self.table.wait_for_token(syn.join_token, self.config.join_wait_ms / 1000)
+        held = time.perf_counter()
+        self.metrics.joins_waiting.inc()
+        try:
+            await self.table.wait_for_token(syn.join_token, self.config.join_wait_ms / 1000)
+        finally:
+            self.metrics.joins_waiting.dec()
+            self.metrics.join_wait_seconds.observe(time.perf_counter() - held)
         self._verdict(packet, decide(syn, self.table, waited=True), started, syn=syn)
 
     def _verdict(
@@ -328,9 +355,10 @@ class Director:
             log.debug("verdict failed: %r", exc)
         elapsed_s = time.perf_counter() - started
         self.metrics.decisions.labels(outcome).inc()
-        self.metrics.decision_seconds.observe(elapsed_s)
+        trace_id = None
         if self._tracer is not None:
-            self._trace_decision(outcome, decision, syn, elapsed_s)
+            trace_id = self._trace_decision(outcome, decision, syn, elapsed_s)
+        observe(self.metrics.decision_seconds, elapsed_s, trace_id)
 
     def _dropped(self, outcome: str) -> None:
         """Count a dropped SYN; warn at once, then at most every DROP_WARNING_INTERVAL_S."""
@@ -349,7 +377,8 @@ class Director:
             len(self.slots), "reachable" if self._redis_up else f"unreachable ({self._redis_error})",
         )  # fmt: skip
 
-    def _trace_decision(self, outcome: str, decision: Decision, syn: Syn | None, elapsed_s: float) -> None:
+    def _trace_decision(self, outcome: str, decision: Decision, syn: Syn | None, elapsed_s: float) -> str | None:
+        """Record the decision's span; its trace id (None if sampled out), for the exemplar."""
         end_ns = time.time_ns()
         assert self._tracer is not None
         span = self._tracer.start_span(
@@ -368,6 +397,8 @@ class Director:
             if syn.join_token is not None:
                 span.set_attribute("mcpool.mptcp.token", f"{syn.join_token:08x}")
         span.end(end_time=end_ns)
+        context = span.get_span_context()
+        return f"{context.trace_id:032x}" if context.is_valid and context.trace_flags.sampled else None
 
     # -- the table feed -------------------------------------------------------------------------
 

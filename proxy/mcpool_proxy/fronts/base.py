@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ..policy import IPAddress, Policy, Refusal, format_endpoint
@@ -74,6 +75,7 @@ class Handshake:
     answered: bool = False  # an error answer (Convert Error TLV, SOCKS5 reply) was sent
     destination: tuple[str, int] | None = None
     requested: str | None = None
+    started: float = field(default_factory=time.monotonic)  # accept, for the handshake latency
 
     def deadline(self, timeout_s: float | None = None) -> float:
         """The loop time by which the client's messages must be complete."""

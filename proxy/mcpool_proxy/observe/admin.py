@@ -4,7 +4,9 @@
 - `GET /readyz`: 200 when listening and not draining, else 503; the body says why and whether
   MPTCP checksums and the TFO server bit are in force in the proxy's network namespace.
 - `GET /connections`: JSON list of live connections (`Connection.describe()`).
-- `GET /metrics`: Prometheus text from the proxy's own registry.
+- `GET /metrics`: Prometheus text from the proxy's own registry; OpenMetrics (which carries the
+  latency histograms' trace-id exemplars) when the `Accept` header asks for
+  `application/openmetrics-text`, as Prometheus does.
 - `POST /drain`: start draining, as SIGTERM does (for operators; returns 202).
 
 `/connections` (customer addresses) and `/drain` answer only clients in `trusted` (by default
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from .metrics import CONTENT_TYPE
+from .metrics import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE
 
 __all__ = ["AdminServer", "AdminTarget"]
 
@@ -38,7 +40,7 @@ class AdminTarget(Protocol):
 
     def connection_list(self) -> list[dict[str, Any]]: ...
 
-    def render_metrics(self) -> bytes: ...
+    def render_metrics(self, openmetrics: bool = False) -> bytes: ...
 
     def request_drain(self) -> None: ...
 
@@ -107,6 +109,10 @@ class AdminServer:
         return web.json_response(self.target.connection_list())
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        # OpenMetrics (with exemplars) when the scraper asks for it, as Prometheus does.
+        if "application/openmetrics-text" in request.headers.get("Accept", ""):
+            return web.Response(body=self.target.render_metrics(openmetrics=True),
+                                headers={"Content-Type": OPENMETRICS_CONTENT_TYPE})
         return web.Response(body=self.target.render_metrics(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _drain(self, request: web.Request) -> web.Response:

@@ -16,19 +16,35 @@ read at scrape time too (`add_subflow_watch`, `add_tracing`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import ipaddress
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .telemetry import SpanAccounting, SubflowWatcher
 
-__all__ = ["CONTENT_TYPE", "ProxyMetrics"]
+__all__ = ["CONTENT_TYPE", "OPENMETRICS_CONTENT_TYPE", "AccessPathBytes", "ProxyMetrics", "observe"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# One sample of per-path bytes: (connection id, key of the subflow within it, local address,
+# remote address, bytes from the client, bytes to the client).
+PathSample = tuple[int, Hashable, str, str, int, int]
+
+
+def observe(histogram: Any, value: float, trace_id: str | None) -> None:
+    """Observe `value`; with a trace id, as the bucket's exemplar (shown only in the OpenMetrics
+    exposition), so a slow point on a latency graph links to the trace of that connection."""
+    if trace_id is None:
+        histogram.observe(value)
+    else:
+        histogram.observe(value, exemplar={"trace_id": trace_id})
 
 
 class _LiveCollector(Collector):
@@ -57,9 +73,11 @@ class _LiveCollector(Collector):
 class _SubflowCollector(Collector):
     """Subflows of live connections and MP_JOIN outcomes, read when scraped."""
 
-    def __init__(self, watcher: SubflowWatcher, join_refusals: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, watcher: SubflowWatcher, join_refusals: Callable[[], dict[str, int]],
+                 kernel: Callable[[], dict[str, int]]) -> None:
         self._watcher = watcher
         self._join_refusals = join_refusals
+        self._kernel = kernel
 
     def collect(self) -> Iterable[Metric]:
         w = self._watcher
@@ -90,6 +108,25 @@ class _SubflowCollector(Collector):
         for reason, value in sorted(self._join_refusals().items()):
             refused.add_metric([reason], value)
         yield refused
+        kernel = self._kernel()
+        failovers = CounterMetricFamily(
+            "mcpool_mptcp_failovers",
+            "Subflows lost while their connection lived on, by how it was seen (stale: the "
+            "kernel declared a subflow stale after repeated losses and moved its data to the "
+            "others, MPTcpExtSubflowStale; closed: a subflow closed while others still carried "
+            "the connection).",
+            labels=["kind"],
+        )
+        failovers.add_metric(["stale"], kernel.get("SubflowStale", 0))
+        failovers.add_metric(["closed"], w.failovers)
+        yield failovers
+        checksum = CounterMetricFamily(
+            "mcpool_mptcp_dss_checksum_errors",
+            "DSS checksum errors the kernel counted in the proxy's network namespace since the proxy "
+            "started (MPTcpExtDataCsumErr): data altered on a path, usually by a middlebox.",
+        )
+        checksum.add_metric([], kernel.get("DataCsumErr", 0))
+        yield checksum
         source = GaugeMetricFamily(
             "mcpool_mptcp_subflow_watch_info",
             "How subflows are watched: netlink events, MPTCP_INFO sampling, or none.",
@@ -97,6 +134,112 @@ class _SubflowCollector(Collector):
         )
         source.add_metric([w.source], 1)
         yield source
+
+
+Labels = tuple[str, str, str]  # path, local family, remote family
+
+
+class AccessPathBytes(Collector):
+    """Bytes per access path: `mcpool_access_path_bytes_total{path,local_family,remote_family,
+    direction}`, from the kernel's per-subflow byte counters of live MPTCP connections (the
+    relay's counters for plain TCP and fallen-back connections), read when scraped.
+
+    `paths` maps a path name (`dsl`, `lte`) to networks; a subflow belongs to the first path one
+    of whose networks holds its remote (CPE-side) address, else to `other`. No per-CPE label:
+    the series count is paths x families x 2. When a connection closes (`closed()`), what it
+    relayed since the last scrape is added to its paths in the proportions of that scrape (to its
+    initial subflow's path if it was never scraped), so short connections count in full; a
+    subflow that ends while its connection lives on keeps what it had at the last scrape. The
+    kernel's sent bytes include retransmissions.
+    """
+
+    def __init__(self, paths: Mapping[str, Sequence[str]], sample: Callable[[], Iterable[PathSample]]) -> None:
+        self._paths = [(name, [ipaddress.ip_network(n) for n in nets]) for name, nets in paths.items()]
+        self._sample = sample
+        # connection id -> subflow key -> (labels, up, down) as of the last scrape
+        self._last: dict[int, dict[Hashable, tuple[Labels, int, int]]] = {}
+        self._ended: dict[Labels, list[int]] = {}
+        self._path_of: dict[str, str] = {}  # remote address -> path (a CPE's few addresses)
+
+    def _path(self, address: str) -> str:
+        path = self._path_of.get(address)
+        if path is None:
+            path = "other"
+            try:
+                ip = ipaddress.ip_address(address.split("%", 1)[0])
+            except ValueError:
+                ip = None
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if ip is not None:
+                for name, nets in self._paths:
+                    if any(ip.version == net.version and ip in net for net in nets):
+                        path = name
+                        break
+            if len(self._path_of) > 65536:  # bounded: addresses of CPEs that came and went
+                self._path_of.clear()
+            self._path_of[address] = path
+        return path
+
+    def _labels(self, local: str, remote: str) -> Labels:
+        from .telemetry import network_type
+
+        return self._path(remote), network_type(local), network_type(remote)
+
+    def _add(self, labels: Labels, up: int, down: int) -> None:
+        ended = self._ended.setdefault(labels, [0, 0])
+        ended[0] += up
+        ended[1] += down
+
+    def closed(self, conn_id: int, client: str, up: int, down: int) -> None:
+        """Connection `conn_id` from `client` ended having relayed `up`/`down` bytes."""
+        last = self._last.pop(conn_id, {})
+        seen_up = sum(u for _, u, _ in last.values())
+        seen_down = sum(d for _, _, d in last.values())
+        initial = self._labels(client, client)
+        for labels, u, d in last.values():
+            self._add(labels, u, d)
+        for total, seen, index in ((up, seen_up, 0), (down, seen_down, 1)):
+            extra = total - seen
+            if extra <= 0:
+                continue
+            if seen == 0:
+                self._add(initial, *((extra, 0) if index == 0 else (0, extra)))
+                continue
+            for labels, u, d in last.values():
+                part = extra * (u if index == 0 else d) // seen
+                self._add(labels, *((part, 0) if index == 0 else (0, part)))
+
+    def collect(self) -> Iterable[Metric]:
+        current: dict[int, dict[Hashable, tuple[Labels, int, int]]] = {}
+        for conn_id, key, local, remote, up, down in self._sample():
+            current.setdefault(conn_id, {})[key] = (self._labels(local, remote), up, down)
+        for conn_id, subflows in self._last.items():
+            now = current.get(conn_id, {})
+            for key, (labels, up, down) in subflows.items():
+                if key not in now:  # a subflow gone (or a connection closed unannounced)
+                    self._add(labels, up, down)
+        self._last = current
+        totals: dict[Labels, list[int]] = {k: list(v) for k, v in self._ended.items()}
+        for subflows in current.values():
+            for labels, up, down in subflows.values():
+                total = totals.setdefault(labels, [0, 0])
+                total[0] += up
+                total[1] += down
+        family = CounterMetricFamily(
+            "mcpool_access_path_bytes",
+            "Bytes carried per access path (the pool's access_paths mapping of CPE-side "
+            "networks; 'other' when none matches), by the subflow's local and remote address "
+            "family and direction (up: from the client).",
+            labels=["path", "local_family", "remote_family", "direction"],
+        )
+        # Every configured path appears (at 0) even before it carried a byte.
+        for name, _ in self._paths:
+            totals.setdefault((name, "ipv4", "ipv4"), [0, 0])
+        for (path, lf, rf), (up, down) in sorted(totals.items()):
+            family.add_metric([path, lf, rf, "up"], up)
+            family.add_metric([path, lf, rf, "down"], down)
+        yield family
 
 
 class _TracingCollector(Collector):
@@ -162,10 +305,35 @@ class ProxyMetrics:
         self.upstream_errors = Counter(
             "mcpool_upstream_connect_errors", "Failed upstream connects, by reason.", ["reason"], registry=r
         )
+        latency_buckets = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
         self.upstream_latency = Histogram(
             "mcpool_upstream_connect_duration_seconds",
-            "Time to establish the upstream connection (successful connects).",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            "Time to establish the upstream connection (successful connects); exemplars carry "
+            "the connection's trace id when tracing is on.",
+            buckets=latency_buckets,
+            registry=r,
+        )
+        self.handshake_latency = Histogram(
+            "mcpool_handshake_duration_seconds",
+            "Time from accept to the start of the relay (Convert/SOCKS5 handshake, policy and "
+            "upstream connect), by protocol; exemplars carry the connection's trace id when "
+            "tracing is on.",
+            ["protocol"],
+            buckets=latency_buckets,
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "mcpool_mptcp_fallbacks",
+            "Relayed client connections that came without MPTCP (plain TCP, or MPTCP that fell "
+            "back to TCP during the handshake), by protocol.",
+            ["protocol"],
+            registry=r,
+        )
+        self.active_by_mode = Gauge(
+            "mcpool_connections_active_by_mode",
+            "Connections being relayed now, by mode (convert, socks5) and client transport "
+            "(mptcp, tcp).",
+            ["mode", "transport"],
             registry=r,
         )
         self.relay_mode = Gauge(
@@ -185,6 +353,14 @@ class ProxyMetrics:
             registry=r,
         )
         self.draining = Gauge("mcpool_draining", "1 while the proxy drains (SIGTERM).", registry=r)
+        self.drain_started = Gauge(
+            "mcpool_drain_started_timestamp_seconds",
+            "Unix time the drain started (0 while not draining).",
+            registry=r,
+        )
+        self.drain_timeout = Gauge(
+            "mcpool_drain_timeout_seconds", "The configured drain_timeout_s (the drain's grace period).", registry=r
+        )
         self.subflows_per_connection = Histogram(
             "mcpool_mptcp_subflows_per_connection",
             "Most subflows a relayed connection had at once, observed at close (1 for plain TCP or "
@@ -208,11 +384,23 @@ class ProxyMetrics:
             child = self._children[key] = metric.labels(*labels)
             return child
 
-    def add_subflow_watch(self, watcher: SubflowWatcher, join_refusals: Callable[[], dict[str, int]]) -> None:
-        self.registry.register(_SubflowCollector(watcher, join_refusals))
+    def add_subflow_watch(self, watcher: SubflowWatcher, join_refusals: Callable[[], dict[str, int]],
+                          kernel: Callable[[], dict[str, int]] = dict) -> None:
+        """Subflow metrics; `kernel` gives the namespace's MPTcpExt counters since start."""
+        self.registry.register(_SubflowCollector(watcher, join_refusals, kernel))
+
+    def add_access_paths(self, paths: Mapping[str, Sequence[str]],
+                         sample: Callable[[], Iterable[PathSample]]) -> AccessPathBytes:
+        collector = AccessPathBytes(paths, sample)
+        self.registry.register(collector)
+        return collector
 
     def add_tracing(self, accounting: SpanAccounting, enabled: bool) -> None:
         self.registry.register(_TracingCollector(accounting, enabled))
 
-    def render(self) -> bytes:
+    def render(self, openmetrics: bool = False) -> bytes:
+        """The exposition: Prometheus text, or OpenMetrics (which carries the exemplars)."""
+        if openmetrics:
+            text: bytes = generate_openmetrics(self.registry)  # type: ignore[no-untyped-call]
+            return text
         return generate_latest(self.registry)

@@ -68,6 +68,7 @@ __all__ = [
     "Telemetry",
     "connection_fields",
     "join_refusals",
+    "mptcp_counters",
     "network_type",
 ]
 
@@ -593,7 +594,8 @@ class SubflowWatcher:
     MPTCP_INFO after the handshake) and `detach()` when the relay ends.
 
     Counters for metrics: `established` (subflows live now on tracked connections),
-    `joins_accepted`, `subflows_closed`.
+    `joins_accepted`, `subflows_closed`, `failovers` (a subflow closed while its relayed
+    connection still had others).
     """
 
     def __init__(self, listen_ports: Iterable[int] = ()) -> None:
@@ -602,6 +604,7 @@ class SubflowWatcher:
         self.established = 0
         self.joins_accepted = 0
         self.subflows_closed = 0
+        self.failovers = 0  # subflows closed while their relayed connection kept others
         self.source = "none"  # "netlink" or "sampling" once running
 
     # -- bookkeeping shared by both sources ----------------------------------------------------
@@ -626,6 +629,8 @@ class SubflowWatcher:
         state.live.discard(key)
         self.established -= 1
         self.subflows_closed += 1
+        if state.live and state.trace is not None:
+            self.failovers += 1
         self._tell(state, False, local, remote, when_ns)
 
     @staticmethod
@@ -809,17 +814,24 @@ JOIN_REFUSAL_COUNTERS: dict[str, str] = {
 _NETSTAT = "/proc/net/netstat"
 
 
-def join_refusals(path: str = _NETSTAT) -> dict[str, int]:
-    """Refused MP_JOINs in this network namespace since it was created, by reason ({} if the
-    kernel has no MPTcpExt counters)."""
+def mptcp_counters(path: str = _NETSTAT) -> dict[str, int]:
+    """Every MPTcpExt counter of this network namespace since it was created, by its name without
+    the prefix ({} if the kernel has none)."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
     except OSError:
         return {}
     for header, values in zip(lines[::2], lines[1::2], strict=False):
-        if not header.startswith("MPTcpExt:"):
-            continue
-        counters = dict(zip(header.split()[1:], (int(v) for v in values.split()[1:]), strict=False))
-        return {label: counters.get(name, 0) for name, label in JOIN_REFUSAL_COUNTERS.items()}
+        if header.startswith("MPTcpExt:"):
+            return dict(zip(header.split()[1:], (int(v) for v in values.split()[1:]), strict=False))
     return {}
+
+
+def join_refusals(path: str = _NETSTAT) -> dict[str, int]:
+    """Refused MP_JOINs in this network namespace since it was created, by reason ({} if the
+    kernel has no MPTcpExt counters)."""
+    counters = mptcp_counters(path)
+    if not counters:
+        return {}
+    return {label: counters.get(name, 0) for name, label in JOIN_REFUSAL_COUNTERS.items()}
