@@ -252,7 +252,7 @@ def test_helm_test_pod_checks_the_liveness_endpoint_through_the_service(helm: st
     template_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= template_labels.items()
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert service["spec"]["ports"] == [{"name": "health", "port": 8080, "targetPort": "health", "protocol": "TCP"}]
+    assert service["spec"]["ports"][0] == {"name": "health", "port": 8080, "targetPort": "health", "protocol": "TCP"}
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
     script = pod["spec"]["containers"][0]["args"][0]
     assert f'"http://mcpool-operator.{NAMESPACE}.svc:8080/healthz"' in script
@@ -367,17 +367,37 @@ def test_namespaced_policies_follow_the_watched_namespaces() -> None:
     pools = [d for d in of_kind(docs, "NetworkPolicy") if d["metadata"]["name"] == "mcpool-pools"]
     assert sorted(p["metadata"]["namespace"] for p in pools) == ["edge", "mcp", "mcpool-system"]
     operator = one(docs, "NetworkPolicy", "mcpool-operator")
-    assert operator["spec"]["ingress"] == [{"from": [{"podSelector": {}}], "ports": [{"port": "health", "protocol": "TCP"}]}]
+    assert operator["spec"]["ingress"][0] == {
+        "from": [{"podSelector": {}}],
+        "ports": [{"port": "health", "protocol": "TCP"}, {"port": "metrics", "protocol": "TCP"}],
+    }
 
 
 def test_service_monitor_selects_the_pools_admin_service() -> None:
-    monitor = one(scenario("helm4", "full"), "ServiceMonitor")
+    monitor = one(scenario("helm4", "full"), "ServiceMonitor", "mcpool-pools")
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     services = [o for o in pool_objects() if o["kind"] == "Service"]
     selected = [s for s in services if matches(monitor["spec"]["selector"], s["metadata"]["labels"])]
     with_admin = [s for s in selected if any(p["name"] == "admin" for p in s["spec"]["ports"])]
     assert [s["metadata"]["name"] for s in with_admin] == ["edge-pods"]
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
+
+
+def test_operator_metrics_are_served_and_scraped() -> None:
+    docs = scenario("helm4", "full")
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "--metrics-listen=0.0.0.0:8081" in container["args"]
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    service = one(docs, "Service", "mcpool-operator")
+    assert {"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"} in service["spec"]["ports"]
+    monitor = one(docs, "ServiceMonitor", "mcpool-operator")
+    assert matches(monitor["spec"]["selector"], service["metadata"]["labels"])
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    # Off: the operator serves nothing and nothing scrapes it.
+    off = render("helm4", "-f", str(CHART / "ci" / "full-values.yaml"), "--set", "operator.metricsPort=0")
+    container = one(off, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "--metrics-listen=" in container["args"] and all(p["name"] != "metrics" for p in container["ports"])
+    assert [m["metadata"]["name"] for m in of_kind(off, "ServiceMonitor")] == ["mcpool-pools"]
 
 
 def test_pod_monitor_selects_the_pools_pods() -> None:

@@ -61,7 +61,9 @@ def check_monitor(doc: Doc) -> None:
     ns = spec["namespaceSelector"]
     assert ns == {"any": True} or (set(ns) == {"matchNames"} and all(isinstance(n, str) for n in ns["matchNames"]))
     endpoints = spec["endpoints" if doc["kind"] == "ServiceMonitor" else "podMetricsEndpoints"]
-    assert endpoints and all(set(e) <= {"port", "path", "interval"} and e["port"] == "admin" for e in endpoints)
+    # The pools' MCP pods serve /metrics on "admin", the operator on "metrics".
+    port = "metrics" if doc["metadata"]["labels"]["app.kubernetes.io/component"] == "operator" else "admin"
+    assert endpoints and all(set(e) <= {"port", "path", "interval"} and e["port"] == port for e in endpoints)
 
 
 def check_rule(doc: Doc) -> None:
