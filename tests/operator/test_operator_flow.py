@@ -308,6 +308,9 @@ async def test_fields_removed_from_the_spec_leave_the_children(cluster: Cluster,
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in {e["name"] for e in container["env"]}
     assert "REDIS_PASSWORD" in {e["name"] for e in container["env"]}
     assert cluster.child(SVC, "steer")["metadata"]["annotations"] == {"lb.example/pool": "edge"}  # type: ignore[index]
+    # Every child of the director pool exists (its ConfigMap too) before the switch below, so
+    # the switch always takes the node-cleanup path.
+    await eventually(lambda: names(cluster, DS) == {"steer-director"}, what="director DaemonSet")
 
     # Drop every optional field and switch the director off (a merge patch's null deletes).
     await cluster.patch(
@@ -325,6 +328,10 @@ async def test_fields_removed_from_the_spec_leave_the_children(cluster: Cluster,
         },
     )
     await eventually(lambda: "nodeSelector" not in cluster.child(STS, "steer")["spec"]["template"]["spec"], what="nodeSelector gone")  # type: ignore[index]
+    # The director is replaced by its node cleanup; acting as the DaemonSet controller, report
+    # every node clean, and both go.
+    await eventually(lambda: names(cluster, DS) == {"steer-director-cleanup"}, what="director replaced by its cleanup")
+    await cluster.set_daemonset_ready("steer-director-cleanup", 1, 1)
     await eventually(lambda: names(cluster, DS) == set(), what="director pruned")
     pod_spec = cluster.child(STS, "steer")["spec"]["template"]["spec"]  # type: ignore[index]
     assert "tolerations" not in pod_spec
