@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from ..relay import RelayPools
     from .telemetry import SpanAccounting, SubflowWatcher
 
 __all__ = ["CONTENT_TYPE", "ProxyMetrics"]
@@ -127,6 +128,31 @@ class _TracingCollector(Collector):
         yield dropped
 
 
+class _PipeCollector(Collector):
+    """Splice pipe memory and the relay's fallbacks to buffered, read from the pool when scraped."""
+
+    def __init__(self, pools: RelayPools) -> None:
+        self._pipes = pools.pipes
+
+    def collect(self) -> Iterable[Metric]:
+        pipes = self._pipes
+        allocated = GaugeMetricFamily(
+            "mcpool_splice_pipe_bytes", "Capacity of the splice pipes that exist now (in use or pooled)."
+        )
+        allocated.add_metric([], pipes.allocated_bytes)
+        yield allocated
+        fallbacks = CounterMetricFamily(
+            "mcpool_splice_fallbacks",
+            "Relay directions that went buffered instead of splice, by reason (budget: "
+            "limits.pipe_budget_bytes spent; small_pipe: the kernel gave a smaller pipe than asked, "
+            "e.g. fs.pipe-user-pages-soft reached).",
+            labels=["reason"],
+        )
+        for reason in ("budget", "small_pipe"):
+            fallbacks.add_metric([reason], pipes.fallbacks.get(reason, 0))
+        yield fallbacks
+
+
 class ProxyMetrics:
     """All metrics of one Proxy; `render()` gives the Prometheus text exposition."""
 
@@ -145,7 +171,7 @@ class ProxyMetrics:
         self.closed = Counter(
             "mcpool_connections_closed",
             "Relayed connections closed, by reason (client_closed, server_closed, idle_timeout, "
-            "client_reset, server_reset, error, drained).",
+            "client_reset, server_reset, error, drained, client_lost).",
             ["reason"],
             registry=r,
         )
@@ -161,6 +187,13 @@ class ProxyMetrics:
         )
         self.upstream_errors = Counter(
             "mcpool_upstream_connect_errors", "Failed upstream connects, by reason.", ["reason"], registry=r
+        )
+        self.upstream_fastopen = Counter(
+            "mcpool_upstream_fastopen",
+            "Upstream connects opened with TCP Fast Open because the client's SYN carried data, by outcome "
+            "(syn_data: the upstream SYN carried it too; no_cookie: no cookie of the server yet, sent after).",
+            ["outcome"],
+            registry=r,
         )
         self.upstream_latency = Histogram(
             "mcpool_upstream_connect_duration_seconds",
@@ -185,6 +218,12 @@ class ProxyMetrics:
             registry=r,
         )
         self.draining = Gauge("mcpool_draining", "1 while the proxy drains (SIGTERM).", registry=r)
+        self.admission_filter = Gauge(
+            "mcpool_admission_filter_active",
+            "1 if strangers' SYNs are dropped in the kernel (kernel.admission_filter installed), 0 if only the "
+            "userspace check refuses them.",
+            registry=r,
+        )
         self.subflows_per_connection = Histogram(
             "mcpool_mptcp_subflows_per_connection",
             "Most subflows a relayed connection had at once, observed at close (1 for plain TCP or "
@@ -210,6 +249,9 @@ class ProxyMetrics:
 
     def add_subflow_watch(self, watcher: SubflowWatcher, join_refusals: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_SubflowCollector(watcher, join_refusals))
+
+    def set_relay_pools(self, pools: RelayPools) -> None:
+        self.registry.register(_PipeCollector(pools))
 
     def add_tracing(self, accounting: SpanAccounting, enabled: bool) -> None:
         self.registry.register(_TracingCollector(accounting, enabled))
