@@ -312,7 +312,8 @@ class LimitsConfig(_Model):
         default=200.0,
         gt=0,
         description="Sustained rate of new connections one client address may open (a token bucket); "
-        "beyond, refused at once like max_handshakes_per_cpe.",
+        "beyond, refused at once like max_handshakes_per_cpe. With kernel.admission_filter, SYNs beyond twice "
+        "this rate (and burst) are also dropped in the kernel.",
     )
     new_connections_burst_per_cpe: int = Field(
         default=400, ge=1, description="Bucket size of new_connections_per_cpe_per_s: connections one client may "

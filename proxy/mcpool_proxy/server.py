@@ -1,7 +1,8 @@
 """The MPTCP concentrator proxy: the accept loop and the pipeline every connection flows through.
 
-Rooms, in order: accept (the listener's front is known by the listener) -> who may come in
-(`policy.check_client`, `policy.max_handshakes`) -> the front's handshake (`fronts/`: Convert,
+Rooms, in order: accept (the listener's front is known by the listener; strangers' SYNs never
+get here when the kernel admission filter is installed, `kernel/admission.py`) -> who may come in
+(`policy.check_client`, `policy.max_handshakes`, the per-CPE caps of `limits.py`) -> the front's handshake (`fronts/`: Convert,
 SOCKS5) -> where to (`policy.acquire`: connection limits) -> upstream (`upstream.py`, each
 candidate in turn) -> relay (`relay.py`). A refusal at any room is answered by the front in its
 protocol's own codes; see `fronts/__init__.py` for the interface.
@@ -12,8 +13,8 @@ Drain: SIGTERM (or `POST /drain`) drains: `/readyz` turns 503, new connections a
 connections continue for up to `drain_timeout_s`, then the rest are closed (reason `drained`) and
 the process exits 0. A second SIGTERM exits at once (status 0); SIGINT exits at once (status 130).
 
-Listeners are MPTCP sockets (TCP if the kernel has no MPTCP; TCP clients are accepted either
-way), dual-stack when bound to `::`, with TCP_FASTOPEN so a Convert message can arrive in the
+Listeners are MPTCP sockets (a kernel without MPTCP stops the start unless
+`kernel.require_mptcp` is off, then TCP, said in /readyz; TCP clients are accepted either way), dual-stack when bound to `::`, with TCP_FASTOPEN so a Convert message can arrive in the
 SYN (it is then readable as soon as the connection is accepted).
 
 Every per-connection coroutine catches everything, logs one line, counts and closes: no input
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import signal
 import socket
@@ -186,9 +188,14 @@ class Proxy:
                 await self.admin.start()
             if self.config.kernel.admission_filter:
                 ports = sorted({port for _, port in self.listen_addresses.values()})
-                self.admission_filter = await asyncio.to_thread(
-                    install_admission, self.config.policy.allowed_cpes, ports, self.config.kernel.admission_table
-                )
+                # The kernel's per-CPE SYN limit is twice the userspace bucket: a coarse guard
+                # against one CPE's flood, never stricter than limits.new_connections_per_cpe_*.
+                limits = self.config.limits
+                self.admission_filter = await asyncio.to_thread(functools.partial(
+                    install_admission, self.config.policy.allowed_cpes, ports, self.config.kernel.admission_table,
+                    syn_rate_per_cpe=2 * limits.new_connections_per_cpe_per_s,
+                    syn_burst_per_cpe=2 * limits.new_connections_burst_per_cpe,
+                ))  # fmt: skip
         except BaseException:
             await self.stop()
             raise

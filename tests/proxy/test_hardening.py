@@ -392,3 +392,20 @@ def test_cookie_tlv_helper_round_trip() -> None:
     # The Cookie TLV body a CPE sends is client_cookie(...) as is: 16 bytes, no padding needed.
     body = client_cookie(b"k" * 32, "198.18.0.9")
     assert CookieTLV(body).cookie == body
+
+
+def test_admission_ruleset() -> None:
+    """The kernel filter's script (pure): merged prefixes, IPv4-mapped prefixes as IPv4 too,
+    listener ports, MP_JOIN SYNs let through, the per-CPE SYN rate when asked."""
+    from mcpool_proxy.kernel.admission import admission_ruleset
+
+    script = admission_ruleset(["10.0.0.0/8", "10.1.0.0/16", "::ffff:192.0.2.0/120", "2001:db8::/32"], [5124, 1080],
+                               syn_rate_per_cpe=399.5, syn_burst_per_cpe=800)  # fmt: skip
+    assert "elements = { 10.0.0.0/8, 192.0.2.0/24 }" in script
+    assert "2001:db8::/32" in script and "elements = { 1080, 5124 }" in script
+    assert "tcp option mptcp subtype 1 accept" in script
+    assert "limit rate over 400/second burst 800 packets" in script
+    assert "update @rate4" not in admission_ruleset([], [5124])
+    assert "cpes4 { type ipv4_addr; flags interval; auto-merge; }" in admission_ruleset([], [5124])
+    with pytest.raises(ValueError):
+        admission_ruleset(["10.0.0.0/8"], [])

@@ -352,11 +352,14 @@ def test_single_cpe_flood_while_another_cpe_transfers(run_proxy: RunProxy, netns
     flood, transfer = run_flood(netns, ns_server, "cpe-flood", port, "--source", "10.88.2.2", "--hold", "3000")
     _check_transfer(transfer)
     assert flood["attempts"] >= 1000, flood
-    # Many of its SYNs overflow the listen backlog (the kernel drops them); those the proxy
-    # accepts beyond the caps are refused at once, and the global slots are never exhausted.
+    # Its SYNs beyond twice the per-CPE rate are dropped in the kernel; those the proxy accepts
+    # beyond the caps are refused at once, and the global slots are never exhausted.
     refused = metric(proxy, "mcpool_policy_refusals_total", reason="cpe_rate") + metric(
         proxy, "mcpool_policy_refusals_total", reason="cpe_handshakes")
-    assert refused >= 1000, (refused, flood)
+    dropped = sh(netns, "nft", "list", "counter", "inet", "mcpool_admission", "cpe_flood").stdout.split()
+    in_kernel = int(dropped[dropped.index("packets") + 1])
+    assert refused + in_kernel >= flood["attempts"] // 2, (refused, in_kernel, flood)
+    assert in_kernel > 0  # the kernel's per-CPE SYN limit (twice the userspace bucket) took most
     assert metric(proxy, "mcpool_policy_refusals_total", reason="max_handshakes") == 0
 
 

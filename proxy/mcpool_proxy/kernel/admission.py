@@ -15,6 +15,11 @@ One nftables table (family `inet`, default name `mcpool_admission`) with:
   1`): a join may come from a CPE's other link, whose address is rightly not in `allowed_cpes`,
   and the kernel itself checks its token and HMAC without waking the proxy.
 
+- with a rate (the proxy passes twice `limits.new_connections_per_cpe_per_s` and twice its
+  burst), dynamic sets `rate4` / `rate6` drop an allowed address's SYNs beyond that rate
+  (counter `cpe_flood`): one allowed CPE flooding SYNs then costs the proxy no accept either,
+  while the userspace token bucket (`limits.py`) stays the precise limit below it.
+
 A dropped SYN gets no answer (no RST): the stranger's stack retransmits into the void, which is
 the cheapest thing for both sides. The userspace check in `policy.check_client` stays in force
 behind it: the filter may be missing (no nft, no CAP_NET_ADMIN: `install_admission` logs that
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import subprocess
 from collections.abc import Iterable, Sequence
 
@@ -68,14 +74,36 @@ def _split(prefixes: Iterable[str]) -> tuple[list[str], list[str]]:
     )
 
 
-def admission_ruleset(allowed_cpes: Iterable[str], ports: Sequence[int], table: str = ADMISSION_TABLE) -> str:
-    """The `nft -f` script that (re)creates the filter atomically: allowed prefixes, listener ports.
+def admission_ruleset(
+    allowed_cpes: Iterable[str],
+    ports: Sequence[int],
+    table: str = ADMISSION_TABLE,
+    *,
+    syn_rate_per_cpe: float | None = None,
+    syn_burst_per_cpe: int = 0,
+) -> str:
+    """The `nft -f` script that (re)creates the filter atomically: allowed prefixes, listener ports,
+    and, with `syn_rate_per_cpe`, a per-address SYN rate limit for allowed CPEs too.
 
     With no allowed prefix at all every SYN to the ports is dropped, as `policy.allowed_cpes`
     empty means nobody."""
     if not ports:
         raise ValueError("admission_ruleset: no listener ports")
     v4, v6 = _split(allowed_cpes)
+    rate_sets = rate_rules = ""
+    if syn_rate_per_cpe is not None:
+        rate = max(1, math.ceil(syn_rate_per_cpe))
+        burst = max(1, syn_burst_per_cpe)
+        rate_sets = (
+            "  set rate4 { type ipv4_addr; size 65536; flags dynamic, timeout; timeout 60s; }\n"
+            "  set rate6 { type ipv6_addr; size 65536; flags dynamic, timeout; timeout 60s; }\n"
+        )
+        rate_rules = (
+            f"    meta nfproto ipv4 update @rate4 {{ ip saddr limit rate over {rate}/second burst {burst} packets }} "
+            "counter name cpe_flood drop\n"
+            f"    meta nfproto ipv6 update @rate6 {{ ip6 saddr limit rate over {rate}/second burst {burst} packets }} "
+            "counter name cpe_flood drop\n"
+        )
 
     def elements(items: Sequence[str]) -> str:
         return f" elements = {{ {', '.join(items)} }};" if items else ""
@@ -86,7 +114,8 @@ delete table inet {table}
 table inet {table} {{
   comment "{_OWNER}"
   counter strangers {{}}
-  set cpes4 {{ type ipv4_addr; flags interval; auto-merge;{elements(v4)} }}
+  counter cpe_flood {{}}
+{rate_sets}  set cpes4 {{ type ipv4_addr; flags interval; auto-merge;{elements(v4)} }}
   set cpes6 {{ type ipv6_addr; flags interval; auto-merge;{elements(v6)} }}
   set ports {{ type inet_service;{elements([port_list])} }}
   chain input {{
@@ -96,7 +125,7 @@ table inet {table} {{
     tcp option mptcp subtype 1 accept
     meta nfproto ipv4 ip saddr != @cpes4 counter name strangers drop
     meta nfproto ipv6 ip6 saddr != @cpes6 counter name strangers drop
-  }}
+{rate_rules}  }}
 }}
 """
 
@@ -105,10 +134,18 @@ def _nft(args: Sequence[str], stdin: str | None = None) -> subprocess.CompletedP
     return subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, check=False, timeout=10)
 
 
-def install_admission(allowed_cpes: Iterable[str], ports: Sequence[int], table: str = ADMISSION_TABLE) -> bool:
+def install_admission(
+    allowed_cpes: Iterable[str],
+    ports: Sequence[int],
+    table: str = ADMISSION_TABLE,
+    *,
+    syn_rate_per_cpe: float | None = None,
+    syn_burst_per_cpe: int = 0,
+) -> bool:
     """Install (or replace) the filter in this network namespace; False, with one clear log line,
     if the kernel or the `nft` command refuses (the proxy then relies on its userspace check)."""
-    script = admission_ruleset(list(allowed_cpes), ports, table)
+    script = admission_ruleset(list(allowed_cpes), ports, table, syn_rate_per_cpe=syn_rate_per_cpe,
+                               syn_burst_per_cpe=syn_burst_per_cpe)  # fmt: skip
     try:
         proc = _nft(["-f", "-"], script)
     except (OSError, subprocess.TimeoutExpired) as exc:
