@@ -36,10 +36,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 log = logging.getLogger("mcpool.proxy")
 
 
-def raise_open_files_limit(max_connections: int) -> int:
+def raise_open_files_limit(max_connections: int, max_pipes: int = 0) -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit and return it.
 
-    Each relayed connection holds two sockets (plus a pipe pair while bytes are in flight), and
+    Each relayed connection holds two sockets, and each splice pipe two more descriptors while
+    bytes are in flight (at most `max_pipes` pipes: limits.pipe_budget_bytes / relay.buffer_bytes);
     the default soft limit of 1024 would cap a proxy at a few hundred connections, with the
     excess reset by the kernel instead of answered with Resource Exceeded.
     """
@@ -51,12 +52,12 @@ def raise_open_files_limit(max_connections: int) -> int:
             soft = target
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, exc)
-    needed = 2 * max_connections + 256
+    needed = 2 * max_connections + 2 * max_pipes + 256
     if soft < needed:
         log.warning(
-            "open-files limit %d is below the %d that policy.max_connections=%d needs; connections "
-            "beyond it are refused by the kernel: raise the limit or lower max_connections",
-            soft, needed, max_connections,
+            "open-files limit %d is below the %d that policy.max_connections=%d and %d splice pipes need; "
+            "connections beyond it are refused by the kernel: raise the limit or lower max_connections",
+            soft, needed, max_connections, max_pipes,
         )
     return soft
 
@@ -77,7 +78,9 @@ def proxy_main(argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     configure_logging(args.log_level or config.log_level)
-    raise_open_files_limit(config.policy.max_connections)
+    raise_open_files_limit(
+        config.policy.max_connections, config.limits.pipe_budget_bytes // config.relay.buffer_bytes
+    )
 
     def announce() -> None:
         print(READY_LINE, flush=True)

@@ -32,10 +32,12 @@ __all__ = [
     "ConfigError",
     "HostPort",
     "KernelConfig",
+    "LimitsConfig",
     "ListenConfig",
     "PolicyConfig",
     "ProxyConfig",
     "RelayConfig",
+    "ResolverConfig",
     "Socks5User",
     "UpstreamConfig",
     "load_config",
@@ -248,7 +250,14 @@ class PolicyConfig(_Model):
     cookies: list[str] = Field(
         default_factory=list,
         description="If set, Convert clients must send a Cookie TLV whose body (hex) is one of these "
-        "(otherwise Missing Cookie, code 3).",
+        "(none: Missing Cookie, code 3; another: Not Authorized, code 32).",
+    )
+    # -- per-client cookies (RFC 8803 section 4.2.6) -------------------------------------------
+    cookie_secret_file: str | None = Field(
+        default=None,
+        description="File holding the secret of per-client Convert cookies (e.g. a mounted Secret): each "
+        "client must send HMAC-SHA256(secret, its address as 4 or 16 bytes), first 16 bytes "
+        "(`policy.client_cookie`). Read at start; combined with policy.cookies, either is accepted.",
     )
     socks5_users: list[Socks5User] = Field(
         default_factory=list,
@@ -308,6 +317,120 @@ class KernelConfig(_Model):
         default=True,
         description="Write the sysctls above at start; false when the pod spec sets them already.",
     )
+    # -- refusing what the proxy cannot be (kernel/admission.py, kernel/mptcp.py) ---------------
+    require_mptcp: bool = Field(
+        default=True,
+        description="Refuse to start if a listener cannot be MPTCP (CONFIG_MPTCP missing, net.mptcp.enabled=0). "
+        "False: start with TCP listeners, log a warning and report `mptcp: false` in /readyz.",
+    )
+    admission_filter: bool = Field(
+        default=True,
+        description="Drop SYNs from clients outside policy.allowed_cpes in the kernel (an nftables table "
+        "`mcpool_admission` in the pod's namespace, removed at exit), so strangers never hold a handshake "
+        "slot. Needs nft and CAP_NET_ADMIN; without them the proxy logs it and refuses strangers in userspace.",
+    )
+    admission_table: str = Field(
+        default="mcpool_admission",
+        pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$",
+        description="Name of the nftables table (family inet) of the admission filter.",
+    )
+
+
+class LimitsConfig(_Model):
+    """What one client (CPE) may cost before it has been served, and how dead peers are found.
+
+    The caps apply in the pipeline before any front reads a byte, so every front gets them."""
+
+    max_handshakes_per_cpe: int = Field(
+        default=64,
+        ge=1,
+        description="Connections of one client address in their handshake at once; beyond, refused at once "
+        "(Convert Resource Exceeded 64, SOCKS5 general failure), so one CPE cannot take every "
+        "policy.max_handshakes slot.",
+    )
+    new_connections_per_cpe_per_s: float = Field(
+        default=200.0,
+        gt=0,
+        description="Sustained rate of new connections one client address may open (a token bucket); "
+        "beyond, refused at once like max_handshakes_per_cpe. With kernel.admission_filter, SYNs beyond twice "
+        "this rate (and burst) are also dropped in the kernel.",
+    )
+    new_connections_burst_per_cpe: int = Field(
+        default=400, ge=1, description="Bucket size of new_connections_per_cpe_per_s: connections one client may "
+        "open at once after being quiet.",
+    )
+    tcp_user_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="TCP_USER_TIMEOUT on both legs where the kernel accepts it (TCP sockets; MPTCP sockets "
+        "refuse it on 6.18, see kernel/mptcp.py): unacknowledged data older than this closes the connection. "
+        "Once set it also decides when unanswered keepalive probes end a TCP connection (the kernel then ignores "
+        "keepalive_count). 0: the kernel default (about 15 minutes of retransmissions).",
+    )
+    keepalive_idle_s: int = Field(
+        default=60,
+        ge=0,
+        le=32767,
+        description="TCP keepalive on both legs: probe after this many idle seconds (0 disables keepalive).",
+    )
+    keepalive_interval_s: int = Field(default=10, ge=1, le=32767, description="Seconds between keepalive probes.")
+    keepalive_count: int = Field(
+        default=6, ge=1, le=127, description="Unanswered keepalive probes after which the peer is dead."
+    )
+    subflow_loss_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="An MPTCP client connection whose every subflow died (keepalive, retransmissions) is kept "
+        "by the kernel, silently, for a new subflow to join; the proxy closes it (reason client_lost) after "
+        "this long without one. Checked every keepalive_interval_s while keepalive is on.",
+    )
+    pipe_budget_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=0,
+        description="Pipe memory the splice relay may hold at once (pipes count against the per-user "
+        "fs.pipe-user-pages-soft, 64 MiB for every pod of one UID on a node by default); beyond it, or when "
+        "the kernel gives a smaller pipe than relay.buffer_bytes, a direction is relayed buffered "
+        "(counted in mcpool_splice_fallbacks_total, logged once).",
+    )
+
+
+class ResolverConfig(_Model):
+    """How SOCKS5 domain names are resolved: c-ares (aiodns) on the event loop, bounded."""
+
+    servers: list[str] = Field(
+        default_factory=list,
+        description="DNS servers ('192.0.2.53' or '[2001:db8::53]:5353'); empty: those of /etc/resolv.conf.",
+    )
+    timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="Longest a name may take to resolve (all tries); then Host Unreachable."
+    )
+    max_in_flight: int = Field(
+        default=256,
+        ge=1,
+        description="Names being resolved at once; beyond, a SOCKS5 request by name is refused (general failure) "
+        "instead of queueing behind a slow DNS server.",
+    )
+
+    @model_validator(mode="after")
+    def _check_servers(self) -> ResolverConfig:
+        for server in self.servers:
+            try:
+                split_resolver_server(server)
+            except ValueError as exc:
+                raise ValueError(f"resolver.servers: {exc}") from None
+        return self
+
+
+def split_resolver_server(value: str) -> tuple[str, int]:
+    """'192.0.2.53', '192.0.2.53:5353', '2001:db8::53' or '[2001:db8::53]:5353' -> (ip, port)."""
+    text = value.strip()
+    if text.startswith("[") or text.count(":") == 1:
+        return split_hostport(text)
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address (optionally with :port)") from None
+    return text, 53
 
 
 # The director's tunnel to the pods (kernel/steering.py): both ends must agree on the UDP port and
@@ -385,6 +508,8 @@ class ProxyConfig(_Model):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     relay: RelayConfig = Field(default_factory=RelayConfig)
     kernel: KernelConfig = Field(default_factory=KernelConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    resolver: ResolverConfig = Field(default_factory=ResolverConfig)
     affinity: AffinityConfig = Field(default_factory=AffinityConfig)
     drain_timeout_s: float = Field(
         default=30.0, ge=0, le=86_400, description="On SIGTERM, how long live connections may continue."

@@ -4,7 +4,8 @@
 `local_addresses()`, the only function here that touches the system) and then answers:
 
 - `check_client(addr)`: is the client (CPE, phone) inside `allowed_cpes`?
-- `check_cookie(cookie)`: does a Convert client carry one of the configured cookies?
+- `check_cookie(cookie, client)`: does a Convert client carry one of the configured cookies, or
+  its own per-client cookie (`client_cookie`)?
 - `check_destination(addr, port)`: is the destination refused (built-in defaults, private and
   shared ranges, the proxy's own addresses, `denied_destinations`, unless `allowed_destinations`
   opens it more specifically; then `allowed_ports`)?
@@ -40,7 +41,9 @@ __all__ = [
     "local_addresses",
     "address_str",
     "address_text",
+    "client_cookie",
     "normalize_address",
+    "read_cookie_secret",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Refusal reasons: stable tokens (metric label values), one per way a policy can say no.
 CLIENT_NOT_ALLOWED = "client_not_allowed"
 MISSING_COOKIE = "missing_cookie"
+WRONG_COOKIE = "wrong_cookie"
 DESTINATION_DENIED = "destination_denied"
 PORT_NOT_ALLOWED = "port_not_allowed"
 GLOBAL_LIMIT = "global_limit"
@@ -175,11 +179,45 @@ def local_addresses() -> list[IPAddress]:
         return []
 
 
+# Per-client cookies: HMAC-SHA256 of the client's address, truncated to 16 bytes (128 bits, as
+# RFC 2104 allows for a MAC used as an authenticator; a multiple of 32 bits, so the Cookie TLV
+# needs no padding).
+CLIENT_COOKIE_BYTES = 16
+
+
+def client_cookie(secret: bytes, client: str | IPAddress) -> bytes:
+    """The Cookie TLV body a client at address `client` must send when `policy.cookie_secret_file`
+    holds `secret`: HMAC-SHA256(secret, the address as 4 or 16 network-order bytes), first 16
+    bytes. IPv4-mapped IPv6 addresses count as the IPv4 address (what the proxy sees either way)."""
+    return hmac.new(secret, normalize_address(client).packed, "sha256").digest()[:CLIENT_COOKIE_BYTES]
+
+
+def read_cookie_secret(path: str) -> bytes:
+    """The secret in `path` (a mounted Secret's file), trailing newlines stripped; raises
+    ValueError naming policy.cookie_secret_file if it cannot be read or is too short."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().rstrip(b"\r\n")
+    except OSError as exc:
+        raise ValueError(f"policy.cookie_secret_file: cannot read {path}: {exc.strerror}") from None
+    if len(secret) < 16:
+        raise ValueError(f"policy.cookie_secret_file: {path} holds {len(secret)} bytes; use at least 16 random bytes")
+    return secret
+
+
 class Policy:
     """The decisions of one proxy; built once at start, consulted per connection."""
 
-    def __init__(self, config: PolicyConfig, own_addresses: Iterable[str | IPAddress] = ()) -> None:
+    def __init__(
+        self,
+        config: PolicyConfig,
+        own_addresses: Iterable[str | IPAddress] = (),
+        *,
+        cookie_secret: bytes | None = None,
+    ) -> None:
         self.config = config
+        # The secret of per-client cookies (policy.cookie_secret_file, read by the caller).
+        self._cookie_secret = cookie_secret
         self._allowed_cpes: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(c, strict=False) for c in config.allowed_cpes
         )
@@ -223,16 +261,21 @@ class Policy:
 
     @property
     def cookies_required(self) -> bool:
-        return bool(self._cookies)
+        return bool(self._cookies) or self._cookie_secret is not None
 
-    def check_cookie(self, cookie: bytes | None) -> Refusal | None:
-        if not self._cookies:
+    def check_cookie(self, cookie: bytes | None, client: str | IPAddress | None = None) -> Refusal | None:
+        if not self.cookies_required:
             return None
         if cookie is None:
-            return Refusal(MISSING_COOKIE, "no Cookie TLV but policy.cookies is set")
-        if pad32(cookie) not in self._cookies:
-            return Refusal(MISSING_COOKIE, "Cookie TLV does not match policy.cookies")
-        return None
+            return Refusal(MISSING_COOKIE, "no Cookie TLV but policy.cookies or policy.cookie_secret_file is set")
+        padded = pad32(cookie)
+        if padded in self._cookies:
+            return None
+        if self._cookie_secret is not None and client is not None:
+            expected = pad32(client_cookie(self._cookie_secret, normalize_address(client)))
+            if hmac.compare_digest(expected, padded):
+                return None
+        return Refusal(WRONG_COOKIE, "Cookie TLV is not one of policy.cookies nor this client's own cookie")
 
     @property
     def socks5_auth_required(self) -> bool:

@@ -77,6 +77,10 @@ class CloseReason(StrEnum):
     SERVER_RESET = "server_reset"
     ERROR = "error"
     DRAINED = "drained"
+    # An MPTCP client connection left without any subflow (its paths died: keepalive or
+    # retransmission timeout) and none came back in time; the kernel keeps such a connection
+    # open, silently, for a subflow to join (see kernel/mptcp.py, dead peers).
+    CLIENT_LOST = "client_lost"
 
 
 def resolve_mode(mode: str) -> Literal["splice", "buffered"]:
@@ -103,25 +107,65 @@ class BufferPool:
 
 
 class PipePool:
-    """Reusable non-blocking pipes of capacity ~`size` (only empty pipes may be returned)."""
+    """Reusable non-blocking pipes of capacity `size` (only empty pipes may be returned), within a
+    memory budget.
 
-    def __init__(self, size: int, max_free: int = 64) -> None:
+    Pipes are kernel memory charged to the user (`fs.pipe-user-pages-soft`, 64 MiB per UID on a
+    node by default, shared by every pod of that UID); past it the kernel silently hands out
+    one-page pipes, and F_SETPIPE_SZ fails or is ignored. So every pipe's capacity is read back
+    (F_GETPIPE_SZ), pipes never exceed `budget_bytes` in all (free ones included: they are still
+    allocated), and `get()` answers None when a pipe of the full size cannot be had: the
+    caller relays that direction buffered. Each such fallback is counted by reason in
+    `fallbacks` (`budget`: the budget is spent; `small_pipe`: the kernel gave less than asked)
+    and logged once per reason.
+    """
+
+    def __init__(self, size: int, max_free: int = 64, budget_bytes: int | None = None) -> None:
         self.size = size
         self.max_free = max_free
+        self.budget_bytes = budget_bytes
+        self.allocated_bytes = 0  # capacity of every pipe that exists (free or in use)
+        self.fallbacks: dict[str, int] = {}
         self._free: list[tuple[int, int, int]] = []
 
-    def get(self) -> tuple[int, int, int]:
-        """(read fd, write fd, capacity in bytes)."""
+    @property
+    def max_pipes(self) -> int | None:
+        """How many pipes can exist at once (None: no budget); each is two descriptors."""
+        return None if self.budget_bytes is None else self.budget_bytes // self.size
+
+    def get(self) -> tuple[int, int, int] | None:
+        """(read fd, write fd, capacity in bytes), or None: relay this direction buffered."""
         if self._free:
             return self._free.pop()
+        if self.budget_bytes is not None and self.allocated_bytes + self.size > self.budget_bytes:
+            self._fallback("budget", f"splice pipes would exceed limits.pipe_budget_bytes ({self.budget_bytes})")
+            return None
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             fcntl.fcntl(w, F_SETPIPE_SZ, self.size)
         except OSError:
-            # Above fs.pipe-max-size without CAP_SYS_RESOURCE: keep the default (64 KiB).
+            # Above fs.pipe-max-size without CAP_SYS_RESOURCE, or the user's pipe pages spent
+            # (EPERM): the capacity read back below tells.
             pass
         capacity = fcntl.fcntl(w, F_GETPIPE_SZ)
+        if capacity < self.size:
+            os.close(r)
+            os.close(w)
+            self._fallback(
+                "small_pipe",
+                f"the kernel gave a {capacity}-byte pipe for {self.size} asked (fs.pipe-user-pages-soft "
+                "or fs.pipe-max-size reached)",
+            )
+            return None
+        self.allocated_bytes += capacity
         return r, w, capacity
+
+    def _fallback(self, reason: str, detail: str) -> None:
+        count = self.fallbacks.get(reason, 0)
+        self.fallbacks[reason] = count + 1
+        if count == 0:
+            log.warning("splice relay falls back to buffered: %s (logged once; see mcpool_splice_fallbacks_total)",
+                        detail)
 
     def put(self, pipe: tuple[int, int, int]) -> None:
         if len(self._free) < self.max_free:
@@ -129,10 +173,10 @@ class PipePool:
         else:
             self.discard(pipe)
 
-    @staticmethod
-    def discard(pipe: tuple[int, int, int]) -> None:
+    def discard(self, pipe: tuple[int, int, int]) -> None:
         os.close(pipe[0])
         os.close(pipe[1])
+        self.allocated_bytes -= pipe[2]
 
     def close(self) -> None:
         while self._free:
@@ -142,9 +186,9 @@ class PipePool:
 class RelayPools:
     """The pools shared by all relays of one proxy."""
 
-    def __init__(self, buffer_bytes: int, max_free: int = 64) -> None:
+    def __init__(self, buffer_bytes: int, max_free: int = 64, pipe_budget_bytes: int | None = None) -> None:
         self.buffers = BufferPool(buffer_bytes, max_free)
-        self.pipes = PipePool(buffer_bytes, max_free)
+        self.pipes = PipePool(buffer_bytes, max_free, pipe_budget_bytes)
 
     def close(self) -> None:
         self.pipes.close()
@@ -370,9 +414,15 @@ class Relay:
 
     def _fill(self, d: _Direction) -> int | None:
         """Read from src into the direction's pipe/buffer (which is empty); None: nothing now."""
-        if d.splice:
+        if d.splice and d.pipe is None:
+            d.pipe = self.pools.pipes.get()
             if d.pipe is None:
-                d.pipe = self.pools.pipes.get()
+                # No full-size pipe to be had (budget, or the kernel's per-user pipe limit):
+                # this direction goes buffered for the rest of the connection; counted and
+                # logged by the pool.
+                d.splice = False
+        if d.splice:
+            assert d.pipe is not None
             try:
                 n = os.splice(d.src_fd, d.pipe[1], d.pipe[2], flags=_SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
@@ -434,7 +484,7 @@ class Relay:
             self._stop_writing(d)
             if d.pipe is not None:
                 if d.pipe_pending:
-                    PipePool.discard(d.pipe)  # holds unsent bytes: never reuse
+                    self.pools.pipes.discard(d.pipe)  # holds unsent bytes: never reuse
                 else:
                     self.pools.pipes.put(d.pipe)
                 d.pipe = None

@@ -1,7 +1,8 @@
 """The MPTCP concentrator proxy: the accept loop and the pipeline every connection flows through.
 
-Rooms, in order: accept (the listener's front is known by the listener) -> who may come in
-(`policy.check_client`, `policy.max_handshakes`) -> the front's handshake (`fronts/`: Convert,
+Rooms, in order: accept (the listener's front is known by the listener; strangers' SYNs never
+get here when the kernel admission filter is installed, `kernel/admission.py`) -> who may come in
+(`policy.check_client`, `policy.max_handshakes`, the per-CPE caps of `limits.py`) -> the front's handshake (`fronts/`: Convert,
 SOCKS5) -> where to (`policy.acquire`: connection limits) -> upstream (`upstream.py`, each
 candidate in turn) -> relay (`relay.py`). A refusal at any room is answered by the front in its
 protocol's own codes; see `fronts/__init__.py` for the interface.
@@ -12,8 +13,8 @@ Drain: SIGTERM (or `POST /drain`) drains: `/readyz` turns 503, new connections a
 connections continue for up to `drain_timeout_s`, then the rest are closed (reason `drained`) and
 the process exits 0. A second SIGTERM exits at once (status 0); SIGINT exits at once (status 130).
 
-Listeners are MPTCP sockets (TCP if the kernel has no MPTCP; TCP clients are accepted either
-way), dual-stack when bound to `::`, with TCP_FASTOPEN so a Convert message can arrive in the
+Listeners are MPTCP sockets (a kernel without MPTCP stops the start unless
+`kernel.require_mptcp` is off, then TCP, said in /readyz; TCP clients are accepted either way), dual-stack when bound to `::`, with TCP_FASTOPEN so a Convert message can arrive in the
 SYN (it is then readable as soon as the connection is accepted).
 
 Every per-connection coroutine catches everything, logs one line, counts and closes: no input
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import signal
 import socket
@@ -41,16 +43,20 @@ from .cluster.podside import PodAffinity
 from .config import ProxyConfig, split_hostport
 from .connections import Connection, ConnectionObserver, ConnectionTable, Mode
 from .fronts import FRONTS, Destination, Front, Handshake
+from .kernel.admission import install_admission, remove_admission
 from .kernel.mptcp import (
     create_listener,
     get_mptcp_info,
     get_mptcp_token,
     get_subflows,
+    live_subflows,
     reset_on_close,
+    set_liveness,
     set_nodelay,
 )
 from .kernel.mptcp_events import MptcpEventHub
 from .kernel.sysctl import apply_kernel_settings
+from .limits import MAX_HANDSHAKES, ClientLimits
 from .observe.admin import AdminServer
 from .observe.logs import log_connection_closed
 from .observe.metrics import PathSample, ProxyMetrics, observe
@@ -72,9 +78,12 @@ from .policy import (
     address_text,
     format_endpoint,
     local_addresses,
+    normalize_address,
+    read_cookie_secret,
 )
 from .relay import CloseReason, Relay, RelayPools, resolve_mode
-from .upstream import UpstreamError, connect_upstream
+from .resolver import Resolver
+from .upstream import UpstreamError, UpstreamOptions, connect_upstream
 
 __all__ = ["READY_LINE", "Proxy", "run", "start_affinity"]
 
@@ -84,6 +93,10 @@ READY_LINE = "mcpool-proxy ready"
 
 # How many connections one readiness event of a listener accepts before yielding.
 _ACCEPT_BATCH = 64
+
+# Refusals at accept allowed to linger at once (each holds a descriptor for up to 1 s); beyond,
+# answers are sent without lingering, so a flood of refused clients costs bounded descriptors.
+_MAX_LINGERING = 1024
 
 # How long exiting waits for the collector to take the last spans (it never blocks the relay).
 _TRACE_FLUSH_S = 2.0
@@ -113,6 +126,8 @@ class Proxy:
         self.mptcp_events = mptcp_events if mptcp_events is not None else MptcpEventHub()
         self._own_addresses = None if own_addresses is None else list(own_addresses)
         self.policy = Policy(config.policy, self._with_vip(self._own_addresses or ()))
+        self.limits = ClientLimits(config.limits)
+        self.resolver = Resolver(config.resolver)
         self.table = ConnectionTable()
         self.metrics = ProxyMetrics(live=self.table.totals)
         self.telemetry = telemetry if telemetry is not None else Telemetry()
@@ -120,6 +135,7 @@ class Proxy:
         self.subflows = SubflowWatcher()
         self._watch_subflows = watch_subflows
         self._watch_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         self._join_refusals_at_start: dict[str, int] = {}
         self._mptcp_counters_at_start: dict[str, int] = {}
         self.metrics.add_subflow_watch(self.subflows, self._join_refusals_since_start,
@@ -137,14 +153,17 @@ class Proxy:
                 self.metrics.child(self.metrics.active_by_mode, protocol, transport)
         self.observers: list[ConnectionObserver] = list(observers)
         self.relay_mode: Literal["splice", "buffered"] = resolve_mode(config.relay.mode)
-        self.pools = RelayPools(config.relay.buffer_bytes)
+        self.pools = RelayPools(config.relay.buffer_bytes, pipe_budget_bytes=config.limits.pipe_budget_bytes)
+        self.metrics.set_relay_pools(self.pools)
         self.kernel_state: dict[str, Any] = {}
         self.listen_addresses: dict[str, tuple[str, int]] = {}
         self.listeners_mptcp: dict[str, bool] = {}
+        self.admission_filter = False  # the kernel/admission.py table is installed
         self.admin: AdminServer | None = None
         self._listeners: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._handshakes = 0
+        self._lingering = 0  # refusals at accept still lingering (fronts.base.Handshake.linger_s)
         self._idle_handshakes = asyncio.Event()  # set when the last handshake task ends
         self._listening = False
         self._draining = False
@@ -169,9 +188,15 @@ class Proxy:
         failure (after undoing what was bound)."""
         self._loop = asyncio.get_running_loop()
         self.kernel_state = apply_kernel_settings(self.config.kernel)
-        if self._own_addresses is None:
+        secret_file = self.config.policy.cookie_secret_file
+        try:
+            secret = None if secret_file is None else read_cookie_secret(secret_file)
+        except ValueError as exc:
+            raise OSError(errno.EINVAL, str(exc)) from None
+        own: list[str | IPAddress] | list[IPAddress] | None = self._own_addresses
+        if own is None:
             own = await asyncio.to_thread(local_addresses)
-            self.policy = Policy(self.config.policy, self._with_vip(own))
+        self.policy = Policy(self.config.policy, self._with_vip(own), cookie_secret=secret)
         self.metrics.mptcp_checksum.set(_tri(self.kernel_state["mptcp_checksum"]))
         self.metrics.fastopen_server.set(_tri(self.kernel_state["tcp_fastopen_server"]))
         self.metrics.relay_mode.labels(self.relay_mode).set(1)
@@ -186,11 +211,23 @@ class Proxy:
                     self, "127.0.0.1" if host == "localhost" else host, port, self.config.admin_trusted_clients
                 )
                 await self.admin.start()
+            if self.config.kernel.admission_filter:
+                ports = sorted({port for _, port in self.listen_addresses.values()})
+                # The kernel's per-CPE SYN limit is twice the userspace bucket: a coarse guard
+                # against one CPE's flood, never stricter than limits.new_connections_per_cpe_*.
+                limits = self.config.limits
+                self.admission_filter = await asyncio.to_thread(functools.partial(
+                    install_admission, self.config.policy.allowed_cpes, ports, self.config.kernel.admission_table,
+                    syn_rate_per_cpe=2 * limits.new_connections_per_cpe_per_s,
+                    syn_burst_per_cpe=2 * limits.new_connections_burst_per_cpe,
+                ))  # fmt: skip
         except BaseException:
             await self.stop()
             raise
         self._listening = True
         self._start_subflow_watch()
+        if self.config.limits.keepalive_idle_s > 0 and any(self.listeners_mptcp.values()):
+            self._sweep_task = self._loop.create_task(self._sweep_subflowless())
         log.info(
             "proxy listening",
             extra={
@@ -201,9 +238,11 @@ class Proxy:
                     "relay_mode": self.relay_mode,
                     "kernel": self.kernel_state,
                     "own_addresses": [str(a) for a in self.policy.own_addresses],
+                    "admission_filter": self.admission_filter,
                 }
             },
         )
+        self.metrics.admission_filter.set(int(self.admission_filter))
         if self.config.kernel.mptcp_checksum and not self.kernel_state["mptcp_checksum"]:
             log.warning(
                 "MPTCP checksums are OFF in this namespace although kernel.mptcp_checksum is set: "
@@ -218,6 +257,19 @@ class Proxy:
         sock, is_mptcp = create_listener(
             host, port, backlog=self.config.listen.backlog, fastopen_queue=self.config.listen.fastopen_queue
         )
+        if not is_mptcp:
+            if self.config.kernel.require_mptcp:
+                sock.close()
+                raise OSError(
+                    errno.EPROTONOSUPPORT,
+                    f"the {protocol} listener cannot be MPTCP in this network namespace (CONFIG_MPTCP, "
+                    f"sysctl net.mptcp.enabled=1?) and kernel.require_mptcp is set: not starting a plain TCP proxy",
+                )
+            log.warning(
+                "the %s listener is plain TCP: this kernel or namespace has no MPTCP (kernel.require_mptcp "
+                "is false); clients get one path only, and /readyz says mptcp: false",
+                protocol,
+            )
         bound = sock.getsockname()
         self._listeners[protocol] = sock
         self.listen_addresses[protocol] = (str(bound[0]), int(bound[1]))
@@ -235,6 +287,29 @@ class Proxy:
         self.subflows.listen_ports = frozenset(port for _, port in self.listen_addresses.values())
         assert self._loop is not None
         self._watch_task = self._loop.create_task(self.subflows.run(self.mptcp_events))
+
+    async def _sweep_subflowless(self) -> None:
+        """Close MPTCP client connections that have had no subflow for limits.subflow_loss_grace_s:
+        the kernel keeps them, silently, when keepalive kills their last subflow (kernel/mptcp.py).
+        One MPTCP_INFO read per live MPTCP connection per keepalive interval."""
+        limits = self.config.limits
+        since: dict[int, float] = {}
+        while True:
+            await asyncio.sleep(limits.keepalive_interval_s)
+            now = time.monotonic()
+            seen: set[int] = set()
+            for conn in self.table:
+                if not conn.mptcp or conn.relay.client.fileno() < 0:
+                    continue
+                if live_subflows(conn.relay.client) != 0:
+                    continue
+                seen.add(conn.id)
+                first = since.setdefault(conn.id, now)
+                if now - first >= limits.subflow_loss_grace_s:
+                    log.info("closing connection %d: no subflow for %.0f s", conn.id, now - first)
+                    conn.relay.abort(CloseReason.CLIENT_LOST)
+            for gone in set(since) - seen:
+                del since[gone]
 
     def _join_refusals_since_start(self) -> dict[str, int]:
         now = join_refusals()
@@ -318,6 +393,10 @@ class Proxy:
         self._abort_all()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+            await asyncio.gather(self._sweep_task, return_exceptions=True)
+            self._sweep_task = None
         if self._watch_task is not None:
             self._watch_task.cancel()
             await asyncio.gather(self._watch_task, return_exceptions=True)
@@ -325,6 +404,10 @@ class Proxy:
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None
+        if self.admission_filter:
+            await asyncio.to_thread(remove_admission, self.config.kernel.admission_table)
+            self.admission_filter = False
+        await self.resolver.close()
         self.pools.close()
 
     # -- admin target --------------------------------------------------------------------------
@@ -360,6 +443,10 @@ class Proxy:
             "tcp_fastopen_server": self.kernel_state.get("tcp_fastopen_server"),
             "relay_mode": self.relay_mode,
             "failure": self.failure,
+            # False: a listener fell back to plain TCP (only with kernel.require_mptcp false).
+            "mptcp": bool(self.listeners_mptcp) and all(self.listeners_mptcp.values()),
+            "listeners_mptcp": dict(self.listeners_mptcp),
+            "admission_filter": self.admission_filter,
         }
 
     def render_metrics(self, openmetrics: bool = False) -> bytes:
@@ -418,24 +505,46 @@ class Proxy:
             client = ("?", 0)
         front = FRONTS[protocol]
         hs = Handshake(sock, client, protocol, self.telemetry.connection(protocol, client), self.policy,
-                       self.config, self.metrics)  # fmt: skip
+                       self.config, self.metrics, self.resolver)  # fmt: skip
         started = time.monotonic()
         self._handshakes += 1
+        in_handshake = True
+        admitted: IPAddress | None = None
         try:
             sock.setblocking(False)
             set_nodelay(sock)
+            live = self.config.limits
+            set_liveness(sock, user_timeout_s=live.tcp_user_timeout_s, keepalive_idle_s=live.keepalive_idle_s,
+                         keepalive_interval_s=live.keepalive_interval_s, keepalive_count=live.keepalive_count)
             # Refuse strangers and floods before reading anything: a client outside
             # policy.allowed_cpes, or one beyond policy.max_handshakes, must not hold a
             # descriptor for the whole handshake timeout (nor guess SOCKS5 passwords).
             refusal = self.policy.check_client(client[0])
             if refusal is None and self._handshakes > self.config.policy.max_handshakes:
                 refusal = Refusal(
-                    "max_handshakes",
+                    MAX_HANDSHAKES,
                     f"{self._handshakes - 1} connections already in their handshake "
                     f"(policy.max_handshakes={self.config.policy.max_handshakes})",
                 )
+            if refusal is None:
+                # Per-CPE caps (limits.*): one allowed CPE must not take every slot above.
+                cpe = normalize_address(client[0])
+                refusal = self.limits.admit(cpe)
+                if refusal is None:
+                    admitted = cpe
             if refusal is not None:
-                await front.refuse_at_accept(hs, refusal)
+                # A refused connection holds no handshake slot while its answer lingers, or a
+                # flood of refusals would itself fill policy.max_handshakes; and past
+                # _MAX_LINGERING lingering refusals the answer is sent without lingering.
+                self._handshakes -= 1
+                in_handshake = False
+                if self._lingering >= _MAX_LINGERING:
+                    hs.linger_s = 0.0
+                self._lingering += 1
+                try:
+                    await front.refuse_at_accept(hs, refusal)
+                finally:
+                    self._lingering -= 1
             else:
                 handed_over = await self._pipeline(front, hs)
         except asyncio.CancelledError:
@@ -449,7 +558,10 @@ class Proxy:
                 extra={"fields": {"protocol": protocol, "client": format_endpoint(*client)}},
             )
         finally:
-            self._handshakes -= 1
+            if in_handshake:
+                self._handshakes -= 1
+            if admitted is not None:
+                self.limits.handshake_done(admitted)
             self.metrics.handshaking.dec()
             try:
                 if not handed_over:
@@ -476,7 +588,7 @@ class Proxy:
         # The slot is acquired: give it back on every way out but the relay, or a CPE loses one
         # slot per failure until it is locked out.
         try:
-            upstream = await self._connect_upstream(hs, dest)
+            upstream, early_sent = await self._connect_upstream(hs, dest)
         except UpstreamError as exc:
             self.policy.release(cpe)
             await front.refuse_upstream(hs, dest, exc)
@@ -493,31 +605,37 @@ class Proxy:
                 hs.count_error("client_closed")
                 return False
             raise
-        self._start_relay(hs, upstream)
+        # What of the client's SYN data the upstream SYN did not carry goes first in the relay.
+        self._start_relay(hs, upstream, dest.early_data[early_sent:])
         return True
 
-    async def _connect_upstream(self, hs: Handshake, dest: Destination) -> socket.socket:
-        """Connect to the destination's candidates in turn; the first that answers, else the
-        last attempt's UpstreamError."""
+    async def _connect_upstream(self, hs: Handshake, dest: Destination) -> tuple[socket.socket, int]:
+        """Connect to the destination's candidates in turn; the first that answers (and how many
+        of `dest.early_data` its SYN carried), else the last attempt's UpstreamError."""
         last_error: UpstreamError | None = None
+        options = UpstreamOptions(mss=dest.tcp_mss, fastopen_data=dest.early_data, liveness=self.config.limits)
         for candidate in dest.candidates:
             host = address_str(candidate)
             try:
-                upstream = await self._connect_one(hs.trace, host, dest.port)
+                upstream, sent = await self._connect_one(hs.trace, host, dest.port, options)
             except UpstreamError as exc:
                 last_error = exc
                 continue
             hs.set_destination(host, dest.port, dest.requested)
-            return upstream
+            if dest.early_data:
+                self.metrics.child(self.metrics.upstream_fastopen, "syn_data" if sent else "no_cookie").inc()
+            return upstream, sent
         assert last_error is not None
         raise last_error
 
-    async def _connect_one(self, trace: ConnectionTrace, host: str, port: int) -> socket.socket:
+    async def _connect_one(
+        self, trace: ConnectionTrace, host: str, port: int, options: UpstreamOptions
+    ) -> tuple[socket.socket, int]:
         trace.begin_upstream(host, port)
         started = time.monotonic()
         try:
             upstream = await connect_upstream(
-                host, port, self.config.upstream.protocol, self.config.upstream.connect_timeout_s
+                host, port, self.config.upstream.protocol, self.config.upstream.connect_timeout_s, options
             )
         except UpstreamError as exc:
             self.metrics.child(self.metrics.upstream_errors, exc.reason).inc()
@@ -548,7 +666,7 @@ class Proxy:
         hs.trace.finish(fields, error=error)
 
     # -- relaying ------------------------------------------------------------------------------
-    def _start_relay(self, hs: Handshake, upstream: socket.socket) -> None:
+    def _start_relay(self, hs: Handshake, upstream: socket.socket, initial_up: bytes = b"") -> None:
         client_sock = hs.sock
         assert hs.destination is not None
         relay = Relay(
@@ -557,6 +675,7 @@ class Proxy:
             mode=self.relay_mode,
             idle_timeout_s=self.config.relay.idle_timeout_s,
             pools=self.pools,
+            initial_up=initial_up,
         )
         conn = Connection(self.table.next_id(), cast(Mode, hs.protocol), hs.client, hs.destination, relay,
                           requested=hs.requested)

@@ -29,13 +29,24 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .codec.convert import ErrorCode
 from .codec.socks5 import Reply
-from .kernel.mptcp import create_socket, set_nodelay, wait_writable
+from .kernel.mptcp import (
+    create_socket,
+    enable_fastopen_connect,
+    set_liveness,
+    set_nodelay,
+    set_syn_mss,
+    wait_writable,
+)
 from .policy import IPAddress, address_text, format_endpoint, normalize_address
 
-__all__ = ["UpstreamError", "connect_upstream", "classify_errno"]
+if TYPE_CHECKING:
+    from .config import LimitsConfig
+
+__all__ = ["UpstreamError", "UpstreamOptions", "connect_upstream", "classify_errno"]
 
 
 @dataclass
@@ -77,13 +88,29 @@ def classify_errno(err: int | None, detail: str) -> UpstreamError:
     return UpstreamError("error", err, ErrorCode.NETWORK_FAILURE, b"", Reply.GENERAL_FAILURE, detail)
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamOptions:
+    """How to open one upstream connection beyond address and protocol."""
+
+    mss: int | None = None  # TCP_MAXSEG before connect: the MSS announced in the SYN
+    fastopen_data: bytes = b""  # open with TCP Fast Open, these bytes in the SYN if a cookie allows
+    liveness: LimitsConfig | None = None  # keepalive and TCP_USER_TIMEOUT (kernel.mptcp.set_liveness)
+
+
 async def connect_upstream(
-    address: str | IPAddress, port: int, protocol: str, timeout_s: float
-) -> socket.socket:
-    """Connect to `address` (numeric; IPv4-mapped IPv6 is connected as IPv4) and return the
-    connected non-blocking socket. `protocol` is "tcp" or "mptcp" (TCP if the kernel lacks it;
-    the kernel itself falls back to TCP when the server does not answer MP_CAPABLE).
+    address: str | IPAddress, port: int, protocol: str, timeout_s: float, options: UpstreamOptions | None = None
+) -> tuple[socket.socket, int]:
+    """Connect to `address` (numeric; IPv4-mapped IPv6 is connected as IPv4); returns the
+    connected non-blocking socket and how many of `options.fastopen_data` it has sent (the rest
+    is the caller's to send). `protocol` is "tcp" or "mptcp" (TCP if the kernel lacks it; the
+    kernel itself falls back to TCP when the server does not answer MP_CAPABLE).
+
+    With `fastopen_data` the socket is opened with TCP_FASTOPEN_CONNECT: when the kernel holds a
+    Fast Open cookie of the server, the data goes in the SYN (0-RTT) and the server may answer
+    before the handshake completes; without a cookie the SYN asks for one and nothing is sent
+    early.
     """
+    opts = options or UpstreamOptions()
     host = address_text(address) if isinstance(address, str) else str(normalize_address(address))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     target = (host, port)
@@ -93,7 +120,28 @@ async def connect_upstream(
         raise classify_errno(exc.errno, f"cannot create a socket: {exc.strerror}") from None
     try:
         set_nodelay(sock)
+        if opts.liveness is not None:
+            live = opts.liveness
+            set_liveness(sock, user_timeout_s=live.tcp_user_timeout_s, keepalive_idle_s=live.keepalive_idle_s,
+                         keepalive_interval_s=live.keepalive_interval_s, keepalive_count=live.keepalive_count)
+        if opts.mss is not None:
+            try:
+                set_syn_mss(sock, opts.mss)
+            except OSError as exc:
+                raise classify_errno(exc.errno, f"cannot set the MSS {opts.mss}: {exc.strerror}") from None
+        fastopen = bool(opts.fastopen_data) and enable_fastopen_connect(sock)
+        sent = 0
         err = sock.connect_ex(target)
+        if fastopen and err == 0:
+            # TCP_FASTOPEN_CONNECT: connect() returned at once and the SYN leaves with the first
+            # write, carrying as much data as the cookie and MSS allow.
+            try:
+                sent = sock.send(opts.fastopen_data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0  # no cookie yet: the SYN asked for one; the data follows the handshake
+            except OSError as exc:
+                raise classify_errno(exc.errno, f"connect to {format_endpoint(*target)}: {exc.strerror}") from None
+            err = errno.EINPROGRESS
         if err in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN):
             if not await wait_writable(sock, timeout_s):
                 raise classify_errno(
@@ -102,7 +150,8 @@ async def connect_upstream(
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err != 0:
             raise classify_errno(err, f"connect to {format_endpoint(*target)}: {errno.errorcode.get(err, err)} ({err})")
-        return sock
+        return sock, sent
     except BaseException:
         sock.close()
         raise
+

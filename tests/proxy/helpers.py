@@ -160,8 +160,8 @@ def make_config(ports: dict[str, int], host: str = "127.0.0.1", **sections: Any)
             "deny_default_destinations": False,
             "handshake_timeout_s": 2.0,
         },
-        # Never touch the host's sysctls from loopback tests.
-        "kernel": {"apply_sysctls": False},
+        # Never touch the host's sysctls or nftables from loopback tests.
+        "kernel": {"apply_sysctls": False, "admission_filter": False},
         "log_level": "debug",
     }
     for key, value in sections.items():

@@ -92,12 +92,14 @@ class ErrorCode(IntEnum):
 
 class ConvertError(Exception):
     """The codec's only exception: bytes that are not an acceptable Convert message (decoding) or
-    fields that do not fit one (encoding). `code` is what to answer the peer with."""
+    fields that do not fit one (encoding). `code` is what to answer the peer with, `value` the
+    Error TLV's value (e.g. the option kind of Unsupported TCP Option)."""
 
-    def __init__(self, code: ErrorCode, detail: str) -> None:
+    def __init__(self, code: ErrorCode, detail: str, value: bytes = b"") -> None:
         super().__init__(f"{code.name}: {detail}")
         self.code = code
         self.detail = detail
+        self.value = value
 
 
 class ConvertEncodeError(ConvertError, ValueError):

@@ -4,7 +4,8 @@ A front is the protocol in front of one pipeline, as Envoy puts a protocol in a 
 in front of one `tcp_proxy`. The pipeline (`server.Proxy`) runs every accepted connection
 through the same rooms, calling its listener's front at the marked steps:
 
-1. accept, and who may come in (`policy.check_client`, `policy.max_handshakes`); if refused,
+1. accept, and who may come in (`policy.check_client`, `policy.max_handshakes`, the per-CPE caps
+   of `limits.py`: they apply to every front); if refused,
    `front.refuse_at_accept(hs, refusal)` answers in the front's protocol;
 2. `front.handshake(hs)`: read the request with the codec (`mcpool_proxy.codec`), ask the policy
    about credentials and the destination, answer and refuse in the protocol's own codes; returns

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..config import ProxyConfig
     from ..observe.metrics import ProxyMetrics
     from ..observe.telemetry import ConnectionTrace
+    from ..resolver import Resolver
     from ..upstream import UpstreamError
 
 __all__ = ["ClientGone", "Destination", "Front", "Handshake", "Oversize"]
@@ -48,12 +49,20 @@ class Destination:
 
     `candidates` are the addresses the policy allows, tried in order until one connects (a
     Convert request names one address; a SOCKS5 name may resolve to several); `requested` is the
-    name the client asked for, if it asked by name.
+    name the client asked for, if it asked by name; `tcp_mss` and `early_data` say how to open
+    the upstream (see the fields).
     """
 
     candidates: list[IPAddress]
     port: int
     requested: str | None = None
+    # What the client asked of the upstream SYN (a Convert Connect TLV's TCP options): the MSS to
+    # announce (TCP_MAXSEG), None for the kernel's.
+    tcp_mss: int | None = None
+    # Bytes the client's own SYN carried past its request (TCP Fast Open): the upstream is opened
+    # with TCP Fast Open too, with these in its SYN where the server's cookie allows; what does not
+    # fit goes first in the relay.
+    early_data: bytes = b""
 
 
 D = TypeVar("D", bound=Destination)
@@ -71,11 +80,15 @@ class Handshake:
     policy: Policy
     config: ProxyConfig
     metrics: ProxyMetrics
+    resolver: Resolver
     error: str | None = None  # the handshake_errors label, once it failed
     answered: bool = False  # an error answer (Convert Error TLV, SOCKS5 reply) was sent
     destination: tuple[str, int] | None = None
     requested: str | None = None
     started: float = field(default_factory=time.monotonic)  # accept, for the handshake latency
+    # How long a refusal may linger reading what the client still sends (see close_after_answer);
+    # the pipeline sets 0 when too many refusals linger already (a flood: see server.py).
+    linger_s: float = _REFUSAL_LINGER_S
 
     def deadline(self, timeout_s: float | None = None) -> float:
         """The loop time by which the client's messages must be complete."""
@@ -151,7 +164,9 @@ class Handshake:
         loop = asyncio.get_running_loop()
         try:
             self.sock.shutdown(socket.SHUT_WR)
-            async with asyncio.timeout(_REFUSAL_LINGER_S):
+            if self.linger_s <= 0:
+                return
+            async with asyncio.timeout(self.linger_s):
                 while await loop.sock_recv(self.sock, 4096):
                     pass
         except (TimeoutError, OSError):

@@ -1,16 +1,18 @@
 """The SOCKS5 front (RFC 1928 CONNECT, RFC 1929 username/password): greeting, authentication and
 request in, a destination (or a refusal in SOCKS5's terms) out.
 
-A client refused at accept gets "no acceptable methods" (0xFF), or, when it offers no
-authentication, its request read and answered with "connection not allowed by ruleset" (0x02).
-A domain name is resolved without blocking the loop; the policy checks every address, and at
+A client refused at accept for a resource (`limits.RESOURCE_REASONS`: too many handshakes in all
+or of this CPE, a CPE opening connections too fast) gets "no acceptable methods" (0xFF) at once,
+the only answer to a greeting that costs nothing more; a stranger gets the same (always while
+refusals pile up, `Handshake.linger_s` 0), or, when it offers no authentication, its request read and answered with "connection not allowed by ruleset" (0x02).
+A domain name is resolved by c-ares on the loop (`resolver.py`: bounded in time and in names at
+once, a busy resolver answered general failure, a failed name host unreachable); the policy checks every address, and at
 most `_SOCKS5_MAX_CANDIDATES` allowed addresses are handed to the pipeline, which tries them in
 turn. The success reply carries the upstream socket's local address.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import socket
@@ -30,7 +32,9 @@ from ..codec.socks5 import (
     request_length,
     userpass_length,
 )
+from ..limits import RESOURCE_REASONS
 from ..policy import IPAddress, Refusal, format_endpoint, normalize_address
+from ..resolver import ResolveFailed, ResolverBusy
 from .base import ClientGone, Destination, Front, Handshake, Oversize
 
 if TYPE_CHECKING:
@@ -75,7 +79,7 @@ class Socks5Front(Front[Destination]):
     async def refuse_at_accept(self, hs: Handshake, refusal: Refusal) -> None:
         # The client's first message is its greeting: "no acceptable methods" (0xFF) answers it.
         answer: bytes | None = encode_method_selection(Method.NO_ACCEPTABLE)
-        if refusal.reason != "max_handshakes":
+        if refusal.reason not in RESOURCE_REASONS and hs.linger_s > 0:
             # RFC 1928's "connection not allowed by ruleset" (0x02) is an answer to a request:
             # take the greeting and the request (briefly, never checking credentials), then say it.
             deadline = hs.deadline(min(hs.config.policy.handshake_timeout_s, _REFUSAL_HANDSHAKE_S))
@@ -140,22 +144,22 @@ class Socks5Front(Front[Destination]):
         return Destination(candidates, request.port, hs.requested)
 
     async def _candidates(self, hs: Handshake, host: IPAddress | str, port: int) -> list[IPAddress] | None:
-        """Destination addresses allowed by policy (a domain resolved without blocking the loop);
-        None if refused (already answered)."""
+        """Destination addresses allowed by policy (a domain resolved by `hs.resolver`); None if
+        refused (already answered)."""
         if isinstance(host, str):
             try:
-                infos = await asyncio.wait_for(
-                    asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM),
-                    hs.config.upstream.connect_timeout_s,
-                )
-            except (OSError, TimeoutError) as exc:
+                names = await hs.resolver.resolve(host, port)
+            except ResolverBusy as exc:
+                await self.refuse(hs, encode_reply(Reply.GENERAL_FAILURE), "resolver_busy", f"cannot resolve {host!r}: {exc}")
+                return None
+            except ResolveFailed as exc:
                 await self.refuse(
                     hs, encode_reply(Reply.HOST_UNREACHABLE), "host_unreachable", f"cannot resolve {host!r}: {exc}"
                 )
                 return None
             resolved: list[IPAddress] = []
-            for info in infos:
-                addr = normalize_address(str(info[4][0]))
+            for text in names:
+                addr = normalize_address(text)
                 if addr not in resolved:
                     resolved.append(addr)
         else:

@@ -55,11 +55,14 @@ __all__ = [
     "get_mptcp_token",
     "get_subflows",
     "is_mptcp_socket",
+    "live_subflows",
     "kernel_version",
     "mptcp_supported",
     "reset_on_close",
+    "enable_fastopen_connect",
+    "set_liveness",
     "set_nodelay",
-    "synack_from_tcp_info",
+    "set_syn_mss",
 ]
 
 # Named as before the move to kernel/, so log lines keep their logger field.
@@ -645,52 +648,96 @@ def set_nodelay(sock: socket.socket) -> None:
         pass
 
 
+def enable_fastopen_connect(sock: socket.socket) -> bool:
+    """TCP_FASTOPEN_CONNECT on a socket about to connect: connect() returns at once and the SYN
+    leaves with the first write, carrying its data when a Fast Open cookie of the server is cached
+    (TCP: 4.11+; MPTCP: 6.2+, measured on 6.18). False if the kernel refuses: an ordinary connect."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+    except OSError:
+        return False
+    return True
+
+
+def set_syn_mss(sock: socket.socket, mss: int) -> None:
+    """TCP_MAXSEG before connect: the MSS the SYN announces (TCP and MPTCP sockets accept it,
+    measured on 6.18). Raises OSError if the kernel refuses the value."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+
+
 def reset_on_close(sock: socket.socket) -> None:
     """Make the coming close() send RST instead of FIN (SO_LINGER with a zero timeout)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-# struct tcp_info: tcpi_options at byte 5, snd_wscale in the low nibble of byte 6,
-# tcpi_snd_mss at byte 16 (include/uapi/linux/tcp.h, stable since 2.6).
-_SYNACK_TCP_INFO_LEN = 104
-_TCPI_OPT_TIMESTAMPS, _TCPI_OPT_SACK, _TCPI_OPT_WSCALE = 1, 2, 4
-_TCPI_SND_MSS = 16
+# --- dead peers: keepalive and TCP_USER_TIMEOUT ----------------------------------------------------
+#
+# Measured on 6.18 (setsockopt on a fresh and an accepted socket of each kind):
+#
+# | option           | TCP socket | MPTCP socket | without it                                         |
+# |------------------|------------|--------------|----------------------------------------------------|
+# | SO_KEEPALIVE     | yes        | yes          | an idle connection whose peer vanished (power cut, |
+# | TCP_KEEPIDLE     | yes        | yes          | NAT state gone) holds its two descriptors until     |
+# | TCP_KEEPINTVL    | yes        | yes          | relay.idle_timeout_s (an hour by default)           |
+# | TCP_KEEPCNT      | yes        | yes          |                                                    |
+# | TCP_USER_TIMEOUT | yes        | ENOPROTOOPT  | unacknowledged data is retransmitted for           |
+# |                  |            |              | net.ipv4.tcp_retries2 (~15 min) before the error   |
+#
+# On a TCP socket with TCP_USER_TIMEOUT set, the user timeout (not TCP_KEEPCNT) decides when
+# unanswered keepalive probes end the connection (tcp_keepalive_timer). On an MPTCP socket the
+# keepalive options apply to every subflow. TCP_USER_TIMEOUT is refused on
+# MPTCP sockets (also on accepted ones whose client fell back to TCP), so on the client leg a peer
+# that vanishes with data in flight is found by the retransmission limit, and an idle one by
+# keepalive. But a dead subflow does not end an MPTCP connection: measured on 6.18, when keepalive
+# kills the last subflow the MPTCP socket stays established with none, never readable, never in
+# error (the kernel waits for a join), so the proxy itself closes connections left without a
+# subflow (`live_subflows`, server.py's sweep, limits.subflow_loss_grace_s). Older kernels may refuse more (ENOPROTOOPT/EOPNOTSUPP): the socket then works without
+# the option, as above.
+_KEEPALIVE_OPTIONS = (
+    ("TCP_KEEPIDLE", socket.TCP_KEEPIDLE),
+    ("TCP_KEEPINTVL", socket.TCP_KEEPINTVL),
+    ("TCP_KEEPCNT", socket.TCP_KEEPCNT),
+)
+_refused_liveness: set[tuple[bool, str]] = set()
 
 
-def synack_from_tcp_info(sock: socket.socket) -> bytes | None:
-    """A TCP header with the options the server's SYN-ACK carried, rebuilt from TCP_INFO of the
-    connected socket `sock` (the kernel does not keep the SYN-ACK itself: ports, flags and options
-    are real; sequence numbers, window and checksum are zero).
-
-    None if the kernel will not tell (e.g. TCP_INFO refused on an MPTCP socket).
+def set_liveness(
+    sock: socket.socket, *, user_timeout_s: float, keepalive_idle_s: int, keepalive_interval_s: int,
+    keepalive_count: int,
+) -> list[str]:
+    """Make the kernel find a dead peer of `sock` (see the table above): keepalive after
+    `keepalive_idle_s` idle seconds (0: off), TCP_USER_TIMEOUT of `user_timeout_s` (0: the kernel's
+    default). Returns the options the kernel refused; each refusal is logged once per socket kind.
     """
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _SYNACK_TCP_INFO_LEN)
-        local_port = sock.getsockname()[1]
-        remote_port = sock.getpeername()[1]
-    except OSError:
+    refused: list[str] = []
+    settings: list[tuple[str, int, int, int]] = []
+    if keepalive_idle_s > 0:
+        settings.append(("SO_KEEPALIVE", socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+        for (name, option), value in zip(
+            _KEEPALIVE_OPTIONS, (keepalive_idle_s, keepalive_interval_s, keepalive_count), strict=True
+        ):
+            settings.append((name, socket.IPPROTO_TCP, option, value))
+    mptcp = is_mptcp_socket(sock)
+    if user_timeout_s > 0 and not mptcp:
+        # Not even tried on MPTCP sockets: 6.18 refuses it there (the table above).
+        settings.append(("TCP_USER_TIMEOUT", socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_s * 1000)))
+    for name, level, option, value in settings:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError as exc:
+            refused.append(name)
+            if (mptcp, name) not in _refused_liveness:
+                _refused_liveness.add((mptcp, name))
+                log.warning("the kernel refuses %s on %s sockets (%s): dead peers are found later",
+                            name, "MPTCP" if mptcp else "TCP", exc.strerror)
+    return refused
+
+
+def live_subflows(sock: socket.socket) -> int | None:
+    """Subflows an MPTCP connection has now, the initial one included (mptcpi_subflows_total, 6.8+);
+    None for a TCP or fallen-back socket, or a kernel that does not say."""
+    info = get_mptcp_info(sock)
+    if info is None or info.returned_bytes <= 80:
         return None
-    if len(info) < 20:
-        return None
-    opts_bits = info[_TCPI_OPTIONS]
-    snd_wscale = info[_TCPI_OPTIONS + 1] & 0x0F
-    (snd_mss,) = struct.unpack_from("=I", info, _TCPI_SND_MSS)
-    timestamps = bool(opts_bits & _TCPI_OPT_TIMESTAMPS)
-    # snd_mss excludes the 12 bytes of timestamp option every segment carries.
-    mss = min(snd_mss + (12 if timestamps else 0), 0xFFFF)
-    options = struct.pack("!BBH", 2, 4, mss)
-    sack = bool(opts_bits & _TCPI_OPT_SACK)
-    if sack and timestamps:
-        options += bytes([4, 2, 8, 10]) + bytes(8)
-    elif timestamps:
-        options += bytes([1, 1, 8, 10]) + bytes(8)
-    elif sack:
-        options += bytes([1, 1, 4, 2])
-    if opts_bits & _TCPI_OPT_WSCALE:
-        options += bytes([1, 3, 3, snd_wscale])
-    data_offset = (20 + len(options)) // 4
-    header = struct.pack(
-        "!HHIIBBHHH", remote_port, local_port, 0, 0, data_offset << 4, 0x12, 0, 0, 0
-    )
-    return header + options
+    return info.subflows_total

@@ -8,6 +8,7 @@ value (pod `securityContext.sysctls`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ __all__ = [
     "SYSCTL_MPTCP_ENABLED",
     "SYSCTL_RP_FILTER",
     "SYSCTL_TCP_FASTOPEN",
+    "SYN_OPTION_SYSCTLS",
+    "syn_option_kinds",
     "TFO_CLIENT_ENABLE",
     "TFO_SERVER_ENABLE",
     "apply_kernel_settings",
@@ -56,6 +59,26 @@ SYSCTL_TCP_FASTOPEN = "net.ipv4.tcp_fastopen"
 SYSCTL_IPV4_FORWARD = "net.ipv4.ip_forward"
 SYSCTL_IPV6_FORWARDING = "net.ipv6.conf.all.forwarding"
 SYSCTL_RP_FILTER = "net.ipv4.conf.{scope}.rp_filter"
+# The TCP options every SYN of this namespace carries, by option kind (each sysctl since 2.6,
+# per network namespace): window scale (3), SACK permitted (4), timestamps (8). A value of 0
+# leaves the option out of SYNs; timestamps are on for any non-zero value.
+SYN_OPTION_SYSCTLS: dict[int, str] = {
+    3: "net.ipv4.tcp_window_scaling",
+    4: "net.ipv4.tcp_sack",
+    8: "net.ipv4.tcp_timestamps",
+}
+
+
+@functools.cache
+def syn_option_kinds() -> frozenset[int]:
+    """Option kinds (3, 4, 8) the kernel puts in this namespace's SYNs, read once (the proxy
+    runs in one namespace); unreadable sysctls count as off."""
+    kinds = set()
+    for kind, name in SYN_OPTION_SYSCTLS.items():
+        value = read_sysctl(name)
+        if value is not None and value.strip() not in ("", "0"):
+            kinds.add(kind)
+    return frozenset(kinds)
 
 
 def _sysctl_path(name: str) -> Path:

@@ -27,6 +27,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from ..relay import RelayPools
     from .telemetry import SpanAccounting, SubflowWatcher
 
 __all__ = ["CONTENT_TYPE", "OPENMETRICS_CONTENT_TYPE", "AccessPathBytes", "ProxyMetrics", "observe"]
@@ -270,6 +271,31 @@ class _TracingCollector(Collector):
         yield dropped
 
 
+class _PipeCollector(Collector):
+    """Splice pipe memory and the relay's fallbacks to buffered, read from the pool when scraped."""
+
+    def __init__(self, pools: RelayPools) -> None:
+        self._pipes = pools.pipes
+
+    def collect(self) -> Iterable[Metric]:
+        pipes = self._pipes
+        allocated = GaugeMetricFamily(
+            "mcpool_splice_pipe_bytes", "Capacity of the splice pipes that exist now (in use or pooled)."
+        )
+        allocated.add_metric([], pipes.allocated_bytes)
+        yield allocated
+        fallbacks = CounterMetricFamily(
+            "mcpool_splice_fallbacks",
+            "Relay directions that went buffered instead of splice, by reason (budget: "
+            "limits.pipe_budget_bytes spent; small_pipe: the kernel gave a smaller pipe than asked, "
+            "e.g. fs.pipe-user-pages-soft reached).",
+            labels=["reason"],
+        )
+        for reason in ("budget", "small_pipe"):
+            fallbacks.add_metric([reason], pipes.fallbacks.get(reason, 0))
+        yield fallbacks
+
+
 class ProxyMetrics:
     """All metrics of one Proxy; `render()` gives the Prometheus text exposition."""
 
@@ -288,7 +314,7 @@ class ProxyMetrics:
         self.closed = Counter(
             "mcpool_connections_closed",
             "Relayed connections closed, by reason (client_closed, server_closed, idle_timeout, "
-            "client_reset, server_reset, error, drained).",
+            "client_reset, server_reset, error, drained, client_lost).",
             ["reason"],
             registry=r,
         )
@@ -304,6 +330,13 @@ class ProxyMetrics:
         )
         self.upstream_errors = Counter(
             "mcpool_upstream_connect_errors", "Failed upstream connects, by reason.", ["reason"], registry=r
+        )
+        self.upstream_fastopen = Counter(
+            "mcpool_upstream_fastopen",
+            "Upstream connects opened with TCP Fast Open because the client's SYN carried data, by outcome "
+            "(syn_data: the upstream SYN carried it too; no_cookie: no cookie of the server yet, sent after).",
+            ["outcome"],
+            registry=r,
         )
         latency_buckets = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
         self.upstream_latency = Histogram(
@@ -361,6 +394,12 @@ class ProxyMetrics:
         self.drain_timeout = Gauge(
             "mcpool_drain_timeout_seconds", "The configured drain_timeout_s (the drain's grace period).", registry=r
         )
+        self.admission_filter = Gauge(
+            "mcpool_admission_filter_active",
+            "1 if strangers' SYNs are dropped in the kernel (kernel.admission_filter installed), 0 if only the "
+            "userspace check refuses them.",
+            registry=r,
+        )
         self.subflows_per_connection = Histogram(
             "mcpool_mptcp_subflows_per_connection",
             "Most subflows a relayed connection had at once, observed at close (1 for plain TCP or "
@@ -394,6 +433,9 @@ class ProxyMetrics:
         collector = AccessPathBytes(paths, sample)
         self.registry.register(collector)
         return collector
+
+    def set_relay_pools(self, pools: RelayPools) -> None:
+        self.registry.register(_PipeCollector(pools))
 
     def add_tracing(self, accounting: SpanAccounting, enabled: bool) -> None:
         self.registry.register(_TracingCollector(accounting, enabled))
