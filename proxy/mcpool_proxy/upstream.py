@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from .codec.convert import ErrorCode
 from .codec.socks5 import Reply
-from .kernel.mptcp import create_socket, set_nodelay, wait_writable
+from .kernel.mptcp import create_socket, set_nodelay, set_transparent, wait_writable
 from .policy import IPAddress, address_text, format_endpoint, normalize_address
 
 __all__ = ["UpstreamError", "connect_upstream", "classify_errno"]
@@ -78,11 +78,15 @@ def classify_errno(err: int | None, detail: str) -> UpstreamError:
 
 
 async def connect_upstream(
-    address: str | IPAddress, port: int, protocol: str, timeout_s: float
+    address: str | IPAddress, port: int, protocol: str, timeout_s: float, *, source: str | None = None
 ) -> socket.socket:
     """Connect to `address` (numeric; IPv4-mapped IPv6 is connected as IPv4) and return the
     connected non-blocking socket. `protocol` is "tcp" or "mptcp" (TCP if the kernel lacks it;
     the kernel itself falls back to TCP when the server does not answer MP_CAPABLE).
+
+    `source` (implicit mode): connect from this address although it is not ours (IP_TRANSPARENT,
+    bound before the connect), so the server sees the client's own address and no address
+    translation is needed; the replies must be routed back through this host.
     """
     host = address_text(address) if isinstance(address, str) else str(normalize_address(address))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -93,6 +97,12 @@ async def connect_upstream(
         raise classify_errno(exc.errno, f"cannot create a socket: {exc.strerror}") from None
     try:
         set_nodelay(sock)
+        if source is not None:
+            try:
+                set_transparent(sock)
+                sock.bind((address_text(source), 0))
+            except OSError as exc:
+                raise classify_errno(exc.errno, f"cannot bind the client's address {source}: {exc.strerror}") from None
         err = sock.connect_ex(target)
         if err in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN):
             if not await wait_writable(sock, timeout_s):
