@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "proxy": ("mcpool_proxy.cli:proxy_main", "run the MPTCP concentrator proxy (--config FILE)"),
+    "cpe": ("mcpool_proxy.cpe.converter", "run the CPE converter: the LAN's TCP as marked MPTCP (--config FILE)"),
     "convert-client": ("mcpool_proxy.cpe.convert_client", "open a connection through an RFC 8803 converter"),
     "lab": ("mcpool_tools.lab", "build or remove the network-namespace lab topology"),
     "demo": ("mcpool_tools.demo", "bond two links through the proxy and cut one mid-transfer"),

@@ -64,7 +64,6 @@ from .observe.admin import AdminServer
 from .observe.logs import log_connection_closed
 from .observe.metrics import ProxyMetrics
 from .observe.telemetry import (
-    ConnectionTrace,
     SubflowWatcher,
     Telemetry,
     connection_fields,
@@ -83,11 +82,15 @@ from .policy import (
 from .relay import CloseReason, Relay, RelayPools, resolve_mode
 from .upstream import UpstreamError, connect_upstream
 
-__all__ = ["READY_LINE", "Proxy", "run", "start_affinity"]
+__all__ = ["READY_LINE", "Connector", "Proxy", "run", "start_affinity"]
 
 log = logging.getLogger("mcpool.proxy")
 
 READY_LINE = "mcpool-proxy ready"
+
+# An upstream connector: (the connection's handshake, host, port, source address or None) ->
+# the connected non-blocking socket; raises UpstreamError.
+Connector = Callable[[Handshake, str, int, "str | None"], Awaitable[socket.socket]]
 
 # How many connections one readiness event of a listener accepts before yielding.
 _ACCEPT_BATCH = 64
@@ -113,8 +116,12 @@ class Proxy:
         telemetry: Telemetry | None = None,
         watch_subflows: bool = True,
         mptcp_events: MptcpEventHub | None = None,
+        connector: Connector | None = None,
     ) -> None:
         self.config = config
+        # How the upstream room connects (the CPE converter brings its own: marked MPTCP, or a
+        # Convert handshake with a converter); default `upstream.connect_upstream`.
+        self.connector = connector
         # The process's one mptcp_pm subscription: the subflow watcher's, and the pod affinity's
         # token publisher's when `run()` wires it in.
         self.mptcp_events = mptcp_events if mptcp_events is not None else MptcpEventHub()
@@ -546,7 +553,7 @@ class Proxy:
         for candidate in dest.candidates:
             host = address_str(candidate)
             try:
-                upstream = await self._connect_one(hs.trace, host, dest.port, source)
+                upstream = await self._connect_one(hs, host, dest.port, source)
             except UpstreamError as exc:
                 last_error = exc
                 continue
@@ -555,14 +562,17 @@ class Proxy:
         assert last_error is not None
         raise last_error
 
-    async def _connect_one(self, trace: ConnectionTrace, host: str, port: int,
-                           source: str | None = None) -> socket.socket:
+    async def _connect_one(self, hs: Handshake, host: str, port: int, source: str | None = None) -> socket.socket:
+        trace = hs.trace
         trace.begin_upstream(host, port)
         started = time.monotonic()
         try:
-            upstream = await connect_upstream(
-                host, port, self.config.upstream.protocol, self.config.upstream.connect_timeout_s, source=source
-            )
+            if self.connector is not None:
+                upstream = await self.connector(hs, host, port, source)
+            else:
+                upstream = await connect_upstream(
+                    host, port, self.config.upstream.protocol, self.config.upstream.connect_timeout_s, source=source
+                )
         except UpstreamError as exc:
             self.metrics.child(self.metrics.upstream_errors, exc.reason).inc()
             trace.end_upstream(exc.reason)

@@ -78,7 +78,8 @@ def classify_errno(err: int | None, detail: str) -> UpstreamError:
 
 
 async def connect_upstream(
-    address: str | IPAddress, port: int, protocol: str, timeout_s: float, *, source: str | None = None
+    address: str | IPAddress, port: int, protocol: str, timeout_s: float, *, source: str | None = None,
+    mark: int | None = None,
 ) -> socket.socket:
     """Connect to `address` (numeric; IPv4-mapped IPv6 is connected as IPv4) and return the
     connected non-blocking socket. `protocol` is "tcp" or "mptcp" (TCP if the kernel lacks it;
@@ -86,7 +87,8 @@ async def connect_upstream(
 
     `source` (implicit mode): connect from this address although it is not ours (IP_TRANSPARENT,
     bound before the connect), so the server sees the client's own address and no address
-    translation is needed; the replies must be routed back through this host.
+    translation is needed; the replies must be routed back through this host. `mark`: SO_MARK on
+    the socket (reaches every MPTCP subflow; the CPE converter's marker).
     """
     host = address_text(address) if isinstance(address, str) else str(normalize_address(address))
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -97,6 +99,8 @@ async def connect_upstream(
         raise classify_errno(exc.errno, f"cannot create a socket: {exc.strerror}") from None
     try:
         set_nodelay(sock)
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         if source is not None:
             try:
                 set_transparent(sock)

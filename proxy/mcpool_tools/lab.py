@@ -899,12 +899,55 @@ class ImplicitLab(Lab):
         self._wait_carrier(self.namespaces)
 
     def cut_link(self, name: str) -> None:
-        """Cut the DSL (at the MCP's end) or LTE (at the router's end), as the line losing sync."""
+        """Cut the DSL (at the MCP's end) or LTE (at the router's end), as the line losing sync:
+        the CPE's side keeps its addresses and routes, and MPTCP must notice by itself."""
         self._ip("mcp" if name == "dsl" else "rtr", "link", "set", name, "down")
 
     def restore_link(self, name: str) -> None:
         self._ip("mcp" if name == "dsl" else "rtr", "link", "set", name, "up")
         self._wait_carrier(["cpe", "mcp", "rtr"])
+        if name == "dsl":
+            # The kernel dropped the routes through the CPE when the device went down.
+            dsl = self.links["dsl"]
+            for net in ("198.18.10.0/24", "198.18.11.0/24"):
+                self._ip("mcp", "route", "replace", net, "via", dsl.cpe_ip)
+            for net in ("2001:db8:10::/64", "2001:db8:11::/64"):
+                self._ip("mcp", "-6", "route", "replace", net, "via", dsl.cpe_ip6)
+
+    def cpe_config(self, **overrides: Any) -> dict[str, Any]:
+        """The lab CPE converter's configuration (`mcpool cpe`): both LAN links, implicit mode."""
+        config: dict[str, Any] = {
+            "listen": ["198.18.10.1:5200", "[2001:db8:10::1]:5200"],
+            "lan_interfaces": ["lan0", "lan1"],
+            "lan_prefixes": ["198.18.10.0/24", "198.18.11.0/24", "2001:db8:10::/64", "2001:db8:11::/64"],
+            "admin": "127.0.0.1:9091",
+            "log_level": "debug",
+        }
+        config.update(overrides)
+        return config
+
+    def start_cpe(self, config: Mapping[str, Any], *, ready_timeout_s: float = 20.0,
+                  name: str = "cpe") -> ProxyProcess:
+        """Run `mcpool cpe --config` in the CPE namespace and wait for its ready line."""
+        from mcpool_proxy.cpe.config import parse_cpe_config
+
+        if self.workdir is None:
+            raise LabError("lab is not up")
+        cfg = parse_cpe_config(dict(config), "start_cpe")
+        config_path = self.workdir / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        stderr_path = self.workdir / f"{name}.stderr"
+        with open(stderr_path, "w") as stderr_file:
+            proc = self.popen("cpe", self.python_argv("mcpool_proxy.cli", "cpe", "--config", str(config_path)),
+                              stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+        handle = ProxyProcess(self, self.ns("cpe"), proc, cfg.to_proxy_config(), config_path, stderr_path)
+        self._proxies.append(handle)
+        try:
+            handle.wait_ready(ready_timeout_s)
+        except BaseException:
+            handle.stop(2)
+            raise
+        return handle
 
     def describe(self) -> dict[str, Any]:
         return {"prefix": self.prefix, "namespaces": self.namespaces, "laptop": self.laptop_ip,

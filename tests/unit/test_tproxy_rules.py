@@ -75,3 +75,19 @@ def test_config_accepts_implicit_mode_and_refuses_unsafe_settings() -> None:
         parse_config(_transparent(transparent={"marker": {"dscp": None}}))
     with pytest.raises(ConfigError, match="DSCP"):
         parse_config(_transparent(transparent={"marker": {"dscp": "af99"}}))
+
+
+def test_cpe_config_derives_the_pipeline_and_refuses_inconsistent_settings() -> None:
+    from mcpool_proxy.cpe.config import parse_cpe_config
+
+    cpe = parse_cpe_config({"listen": ["192.168.1.1:5200"], "lan_interfaces": ["lan0"]})
+    proxy = cpe.to_proxy_config()
+    assert proxy.listen.transparent == ["192.168.1.1:5200"] and proxy.listen.convert is None
+    assert proxy.transparent.install_rules is False and proxy.upstream.protocol == "mptcp"
+    assert proxy.policy.allowed_cpes == ["0.0.0.0/0", "::/0"]
+    with pytest.raises(ConfigError, match="converter"):
+        parse_cpe_config({"listen": ["192.168.1.1:5200"], "lan_interfaces": ["lan0"], "mode": "convert"})
+    with pytest.raises(ConfigError, match="wildcard"):
+        parse_cpe_config({"listen": ["[::]:5200"], "lan_interfaces": ["lan0"]})
+    with pytest.raises(ConfigError, match="lan_interfaces"):
+        parse_cpe_config({"listen": ["192.168.1.1:5200"], "lan_interfaces": []})
