@@ -914,6 +914,19 @@ class ImplicitLab(Lab):
             for net in ("2001:db8:10::/64", "2001:db8:11::/64"):
                 self._ip("mcp", "-6", "route", "replace", net, "via", dsl.cpe_ip6)
 
+    def mcp_config(self, transparent_port: int = 5125, join_port: int = 5126) -> dict[str, Any]:
+        """The on-path MCP's configuration: transparent listeners on its own addresses, the
+        subscriber prefixes allowed, the IPv4 join address announced (IPv6 connections join it
+        too: an IPv6 ADD_ADDR with a port does not fit beside TCP timestamps)."""
+        return {
+            "listen": {"convert": None, "transparent": [f"{self.mcp_ip}:{transparent_port}",
+                                                        f"[{self.mcp_ip6}]:{transparent_port}"]},
+            "admin": "127.0.0.1:9090",
+            "policy": {"allowed_cpes": self.subscriber_prefixes},
+            "transparent": {"join_address": f"{self.mcp_ip}:{join_port}", "cpe_interfaces": ["dsl"]},
+            "log_level": "debug",
+        }
+
     def cpe_config(self, **overrides: Any) -> dict[str, Any]:
         """The lab CPE converter's configuration (`mcpool cpe`): both LAN links, implicit mode."""
         config: dict[str, Any] = {
