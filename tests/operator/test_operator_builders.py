@@ -67,6 +67,15 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
         "drainTimeoutSeconds": 0.5,
         "logLevel": "debug",
     },
+    "on-path-gateways": {
+        "policy": {"allowedCpes": ["198.18.10.0/24", "2001:db8:10::/64"]},
+        "onPath": {
+            "enabled": True,
+            "cpeInterfaces": ["eth1"],
+            "nodeSelector": {"mcp.mptcp.dev/gateway": "true"},
+            "tolerations": [{"key": "gateway", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    },
 }
 
 

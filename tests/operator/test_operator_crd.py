@@ -163,6 +163,8 @@ CEL_REJECTS: dict[str, dict[str, Any]] = {
     "two LB addresses": {"service": {"addresses": ["198.18.0.1", "198.18.0.2"]}},
     "redis url with password": {"redis": {"url": "redis://:s3cret@redis:6379/0"}},
     "redis url with user and password": {"redis": {"url": "rediss://mcp:s3cret@redis:6380"}},
+    "onPath join port equal to its port": {"onPath": {"enabled": True, "port": 6000, "joinPort": 6000}},
+    "onPath join port equal to the default port": {"onPath": {"joinPort": 5125}},
 }
 
 ACCEPTS: dict[str, dict[str, Any]] = {
@@ -172,6 +174,7 @@ ACCEPTS: dict[str, dict[str, Any]] = {
     "socks only": {"listeners": {"convert": {"enabled": False}, "socks5": {"enabled": True}}},
     "ClusterIP two addresses": {"service": {"type": "ClusterIP", "addresses": ["198.18.0.1", "2001:db8::1"]}},
     "quantities": {"resources": {"requests": {"cpu": 1, "memory": "1Gi"}}},
+    "onPath gateways": {"onPath": {"enabled": True, "nodeSelector": {"gw": "yes"}, "cpeInterfaces": ["eth1"]}},
 }
 
 
@@ -205,7 +208,7 @@ def test_name_rule(name: str, ok: bool) -> None:
 def test_every_cel_rule_compiles() -> None:
     env = celpy.Environment()
     rules = [r["rule"] for _, node in walk(ROOT_SCHEMA) for r in node.get("x-kubernetes-validations") or []]
-    assert len(rules) == 9
+    assert len(rules) == 10  # 9 + onPath: port != joinPort
     for rule in rules:
         env.compile(rule)
 
