@@ -12,6 +12,7 @@ DEB_PACKAGES=(
   mptcpize                                                # curl under MPTCP (its own package on Debian 12, not in mptcpd)
   util-linux                                              # taskset, unshare
   libnetfilter-queue-dev gcc                              # netfilterqueue (director) builds against it
+  unzip                                                   # scripts/install-helm.sh (chart tests)
 )
 
 missing=()
@@ -47,7 +48,7 @@ REQUIRED_COMMANDS=(
   ip:iproute2 ss:iproute2 tc:iproute2 nft:nftables iptables:iptables ip6tables:iptables
   sysctl:procps taskset:util-linux unshare:util-linux ethtool:ethtool
   redis-server:redis-server redis-cli:redis-tools
-  curl:curl mptcpize:mptcpize iperf3:iperf3 haproxy:haproxy
+  curl:curl mptcpize:mptcpize iperf3:iperf3 haproxy:haproxy unzip:unzip
 )
 VENV_COMMANDS=(python pytest ruff mypy hadolint py-spy mcpool)
 
@@ -64,3 +65,6 @@ if ((${#missing_cmds[@]})); then
   printf 'install-deps: missing command: %s\n' "${missing_cmds[@]}" >&2
   exit 1
 fi
+
+# Helm 4 and Helm 3 for the chart tests (tests/chart/), in .tools/ (git-ignored).
+scripts/install-helm.sh

@@ -190,7 +190,10 @@ def build_proxy_config(pool: Pool, ordinal: int | None = None) -> ProxyConfig:
         ),
         policy=PolicyConfig(
             allowed_cpes=list(spec.policy.allowed_cpes),
-            denied_destinations=list(spec.policy.denied_destinations),
+            # The cluster's own ranges join the refused ones (more specific than the private
+            # ranges they sit in, so an allowedDestinations entry for 10/8 leaves them refused).
+            denied_destinations=[*spec.policy.denied_destinations, *spec.cluster.refused()],
+            allowed_destinations=list(spec.policy.allowed_destinations),
             deny_default_destinations=spec.policy.deny_default_destinations,
             allowed_ports=list(spec.policy.allowed_ports),
             max_connections=spec.policy.max_connections,
@@ -740,6 +743,40 @@ def build_onpath_daemonset(pool: Pool) -> dict[str, Any]:
             },
         },
     }
+
+
+def director_cleanup_name(pool: Pool) -> str:
+    return f"{pool.name}-director-cleanup"
+
+
+def build_director_cleanup_daemonset(pool: Pool, *, image: str | None = None) -> dict[str, Any]:
+    """Runs `mcpool director --cleanup-only` on every node a director of the pool may have run
+    on (same nodeSelector and tolerations), with the director's own ConfigMap, in an init
+    container: a Ready pod means its node holds nothing of the pool any more. Made when the pool
+    is deleted or leaves mechanism 'director', deleted once every pod is Ready."""
+    ds = build_director_daemonset(pool, image=image)
+    ds["metadata"]["name"] = director_cleanup_name(pool)
+    ds["metadata"]["labels"] = labels(pool, "director-cleanup")
+    ds["spec"]["selector"] = {"matchLabels": selector_labels(pool, "director-cleanup")}
+    template = ds["spec"]["template"]
+    template["metadata"] = {"labels": labels(pool, "director-cleanup")}
+    pod_spec = template["spec"]
+    director = pod_spec["containers"][0]
+    cleanup = {**director, "name": "cleanup",
+               "args": ["director", "--config", f"{DIRECTOR_CONFIG_DIR}/director.yaml", "--cleanup-only"]}  # fmt: skip
+    idle = {
+        "name": "done",
+        "image": director["image"],
+        "imagePullPolicy": director["imagePullPolicy"],
+        "command": ["mcpool"],
+        "args": ["director", "--config", f"{DIRECTOR_CONFIG_DIR}/director.yaml", "--idle"],
+        "securityContext": _container_security([]),
+        "resources": {"requests": {"cpu": "1m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+    }
+    pod_spec["initContainers"] = [cleanup]
+    pod_spec["containers"] = [idle]
+    pod_spec["terminationGracePeriodSeconds"] = 5
+    return ds
 
 
 # --- everything --------------------------------------------------------------------------------

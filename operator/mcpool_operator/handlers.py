@@ -74,6 +74,8 @@ class OperatorOptions:
     verbose: bool = False
     # Image of every director DaemonSet, overriding spec.image (None: spec.image).
     director_image: str | None = None
+    # `--allowed-images`: repositories spec.image may name (empty: any).
+    allowed_images: tuple[str, ...] = ()
 
 
 def configure_settings(settings: kopf.OperatorSettings, options: OperatorOptions) -> None:
@@ -168,6 +170,14 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
     @kopf.on.resume(*pools, registry=registry, id="reconcile")
     async def pool_resumed(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         await reconcile_or_fail(body, logger)
+
+    @kopf.on.delete(*pools, registry=registry, id="node-cleanup")
+    async def pool_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        # The pool's finalizer holds the deletion until its directors' nodes are clean (the
+        # garbage collector would delete the DaemonSet and leave the nodes' kernel objects).
+        pending = await reconciler.node_cleanup(body, logger)
+        if pending is not None:
+            raise kopf.TemporaryError(pending, delay=2)
 
     @kopf.timer(
         *pools,

@@ -72,6 +72,15 @@ def parse_args(argv: Sequence[str]) -> OperatorOptions:
         help="image of every director DaemonSet, whatever the pool's spec.image says (the director "
         "runs as root with NET_ADMIN on the host network; see docs/operator.md)",
     )
+    parser.add_argument(
+        "--allowed-images",
+        action="append",
+        default=[],
+        metavar="REPO[,REPO...]",
+        help="image repositories a pool's spec.image may name (repeatable or comma-separated; an "
+        "entry ending in '/' allows every repository under it); a pool naming another gets "
+        "Degraded=True (ImageNotAllowed) and no child objects. Unset: any image",
+    )
     parser.add_argument("--log-format", choices=("json", "plain", "full"), default="json")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     args = parser.parse_args(list(argv))
@@ -93,6 +102,7 @@ def parse_args(argv: Sequence[str]) -> OperatorOptions:
         log_format=args.log_format,
         verbose=bool(args.verbose),
         director_image=args.director_image or None,
+        allowed_images=tuple(e.strip() for arg in args.allowed_images for e in arg.split(",") if e.strip()),
     )
 
 
@@ -123,7 +133,12 @@ async def run(
 ) -> None:
     """Run the operator until `stop_flag` is set (or forever)."""
     client = KubeClient(connection, request_timeout_s=options.request_timeout_s)
-    reconciler = Reconciler(client, post_event=post_event, director_image=options.director_image)
+    reconciler = Reconciler(
+        client,
+        post_event=post_event,
+        director_image=options.director_image,
+        allowed_images=options.allowed_images,
+    )
     registry = build_registry(options, reconciler)
     try:
         await kopf.operator(

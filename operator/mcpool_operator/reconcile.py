@@ -90,6 +90,8 @@ class Outcome:
     deleted: list[str] = field(default_factory=list)
     spec_error: str | None = None
     status_written: bool = False
+    # Why the node cleanup of a pool that left mechanism 'director' is not finished (None: done).
+    cleanup_pending: str | None = None
 
 
 class Reconciler:
@@ -102,8 +104,12 @@ class Reconciler:
         post_event: EventPoster = kopf_event,
         *,
         director_image: str | None = None,
+        allowed_images: Sequence[str] = (),
     ) -> None:
         self.client = client
+        # `--allowed-images`: repositories spec.image may name (empty: any). The pods run with
+        # NET_ADMIN, so whoever may create a pool must not be able to pick their code.
+        self.allowed_images = tuple(allowed_images)
         self.post_event = post_event
         # `--director-image`: the image the director DaemonSet runs whatever spec.image says
         # (the director runs as uid 0 with NET_ADMIN on the host network; see docs/operator.md).
@@ -152,6 +158,12 @@ class Reconciler:
             outcome.spec_error = str(exc)
             await self._write_invalid(body, generation, outcome, logger)
             return outcome
+        refused_image = image_refusal(pool.spec.image, self.allowed_images)
+        if refused_image is not None:
+            # Nothing is created or updated: the children keep their last allowed image.
+            outcome.spec_error = refused_image
+            await self._write_invalid(body, generation, outcome, logger, reason=IMAGE_NOT_ALLOWED)
+            return outcome
 
         apply_error: str | None = None
         statefulset: Mapping[str, Any] | None = None
@@ -165,7 +177,13 @@ class Reconciler:
                 continue
             if obj["kind"] == "StatefulSet":
                 statefulset = live
-        await self._prune(pool, {ref_of(obj) for obj in desired}, body, outcome, logger)
+        wanted = {ref_of(obj) for obj in desired}
+        if pool.spec.affinity.mechanism != "director":
+            # The director's ConfigMap and the cleanup DaemonSet belong to the node cleanup until
+            # it has finished (the cleanup pods mount that ConfigMap).
+            outcome.cleanup_pending = await self._node_cleanup(body, logger, pool=pool)
+            wanted |= {self._director_configmap_ref(pool), self._cleanup_ref(pool)}
+        await self._prune(pool, wanted, body, outcome, logger)
 
         pods = await self.client.list("v1", "Pod", pool.namespace, builders.status_selector(pool))
         seen = Observation(
@@ -176,9 +194,79 @@ class Reconciler:
             sysctl_error=sysctl_failure(pods),
             apply_error=apply_error,
             revision_ready=revision_ready(pods, statefulset),
+            cluster_defaulted=tuple(pool.spec.cluster.defaulted()),
         )
         await self._write_status(body, seen, outcome, logger)
         return outcome
+
+    # -- node cleanup (issue 10): nothing of a pool left on the director nodes --------------------
+
+    @staticmethod
+    def _director_configmap_ref(pool: Pool) -> ObjectRef:
+        return ObjectRef("v1", "ConfigMap", pool.namespace, builders.director_name(pool))
+
+    @staticmethod
+    def _cleanup_ref(pool: Pool) -> ObjectRef:
+        return ObjectRef("apps/v1", "DaemonSet", pool.namespace, builders.director_cleanup_name(pool))
+
+    async def node_cleanup(
+        self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]
+    ) -> str | None:
+        """`_node_cleanup` for a deleted pool, under the pool's lock (no reconcile in between)."""
+        meta = body.get("metadata") or {}
+        lock = self._locks.setdefault((str(meta.get("namespace")), str(meta.get("name"))), asyncio.Lock())
+        async with lock:
+            return await self._node_cleanup(body, logger)
+
+    async def _node_cleanup(
+        self,
+        body: Mapping[str, Any],
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        *,
+        pool: Pool | None = None,
+    ) -> str | None:
+        """Remove what the pool's directors left on their nodes (nft table and VIP drop rule,
+        NFQUEUE rule, ip rules, tunnels) after the pool was deleted or left mechanism 'director':
+        stop the directors, run `mcpool director --cleanup-only` on their nodes (a DaemonSet with
+        the directors' own ConfigMap), and when every node has run it, delete both. Returns why
+        it is not finished, or None (done, or the pool never had a director)."""
+        if pool is None:
+            meta = body.get("metadata") or {}
+            try:
+                pool = Pool.from_body(body)
+            except (SpecError, ValueError):
+                # Placement and image of a spec that no longer parses: the defaults.
+                pool = Pool(name=str(meta.get("name")), namespace=str(meta.get("namespace")),
+                            spec=MCPPoolSpec(), uid=str(meta.get("uid") or ""))  # fmt: skip
+        config_ref = self._director_configmap_ref(pool)
+        cleanup_ref = self._cleanup_ref(pool)
+        if await self.client.get(config_ref) is None:
+            # Nothing to clean, or cleaned already (a leftover cleanup DaemonSet cannot work).
+            if await self.client.delete(cleanup_ref):
+                logger.info("deleted %s", cleanup_ref)
+            return None
+        director_ref = ObjectRef("apps/v1", "DaemonSet", pool.namespace, builders.director_name(pool))
+        if await self.client.delete(director_ref):
+            logger.info("deleted %s: its nodes are cleaned up next", director_ref)
+        cleanup = builders.build_director_cleanup_daemonset(pool, image=self.director_image)
+        kopf.adopt(cleanup, owner=as_body(body))
+        live = await self.client.get(cleanup_ref)
+        if live is None:
+            live = await self.client.apply(cleanup_ref, _apply_body(cleanup), FIELD_MANAGER)
+            logger.info("created %s", cleanup_ref)
+            self.post_event(body, "Normal", "NodeCleanup",
+                            f"removing the directors' kernel objects from their nodes ({cleanup_ref.name})")  # fmt: skip
+        status = live.get("status") or {}
+        generation = int((live.get("metadata") or {}).get("generation") or 0)
+        desired = status.get("desiredNumberScheduled")
+        ready = int(status.get("numberReady") or 0)
+        if desired is None or int(status.get("observedGeneration") or 0) < generation or ready < int(desired):
+            return f"node cleanup: {ready} of {desired if desired is not None else '?'} director nodes clean"
+        for ref in (cleanup_ref, config_ref):
+            await self.client.delete(ref)
+        logger.info("node cleanup done on %s nodes", desired)
+        self.post_event(body, "Normal", "NodeCleanupDone", f"the directors' nodes are clean ({desired} nodes)")
+        return None
 
     async def _apply(
         self,
@@ -256,13 +344,15 @@ class Reconciler:
         generation: int,
         outcome: Outcome,
         logger: logging.Logger | logging.LoggerAdapter[Any],
+        reason: str = "InvalidSpec",
     ) -> None:
         assert outcome.spec_error is not None
         meta = body.get("metadata") or {}
         selector = builders.status_selector(
             Pool(name=str(meta.get("name")), namespace=str(meta.get("namespace")), spec=MCPPoolSpec())
         )
-        seen = Observation(generation=generation, desired_replicas=0, selector=selector, spec_error=outcome.spec_error)
+        seen = Observation(generation=generation, desired_replicas=0, selector=selector,
+                           spec_error=outcome.spec_error, spec_error_reason=reason)  # fmt: skip
         logger.error("invalid spec: %s", outcome.spec_error)
         previous = await self._write_status(body, seen, outcome, logger)
         if previous is None:
@@ -270,11 +360,11 @@ class Reconciler:
         before = find_condition(previous.get("conditions") or [], "Degraded")
         already_reported = (
             before is not None
-            and before.get("reason") == "InvalidSpec"
+            and before.get("reason") == reason
             and before.get("observedGeneration") == generation
         )
         if not already_reported:
-            self.post_event(body, "Warning", "InvalidSpec", outcome.spec_error)
+            self.post_event(body, "Warning", reason, outcome.spec_error)
 
     async def _write_status(
         self,
@@ -302,9 +392,43 @@ class Reconciler:
             new_c = find_condition(new["conditions"], type_)
             if new_c is not None and (old_c is None or old_c.get("status") != new_c.get("status")):
                 logger.info("condition %s=%s (%s): %s", type_, new_c["status"], new_c["reason"], new_c["message"])
-                if type_ == "Degraded" and new_c["status"] == "True" and new_c["reason"] != "InvalidSpec":
+                if type_ == "Degraded" and new_c["status"] == "True" and new_c["reason"] != seen.spec_error_reason:
                     self.post_event(body, "Warning", str(new_c["reason"]), str(new_c["message"]))
+        old_r = find_condition(previous.get("conditions") or [], "ClusterRanges")
+        new_r = find_condition(new["conditions"], "ClusterRanges")
+        if new_r is not None and new_r["status"] == "False" and (old_r is None or old_r.get("status") != "False"):
+            self.post_event(body, "Warning", "ClusterRangesDefaulted", str(new_r["message"]))
         return previous
+
+
+IMAGE_NOT_ALLOWED = "ImageNotAllowed"
+
+
+def image_repository(image: str) -> str:
+    """The repository of an image reference: without its digest ('@sha256:...') and its tag (a
+    ':' after the last '/'; a ':' before it is a registry port)."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def image_refusal(image: str, allowed: Sequence[str]) -> str | None:
+    """Why `image` is outside `allowed` (`--allowed-images`), or None if it may run.
+
+    An entry names a repository exactly ('ghcr.io/mptcp-dev/mcpool'), or, ending in '/', every
+    repository under that prefix ('registry.example.net/mcpool/'). No entries: any image.
+    """
+    if not allowed:
+        return None
+    repository = image_repository(image)
+    for entry in allowed:
+        if repository == entry or (entry.endswith("/") and repository.startswith(entry)):
+            return None
+    return (
+        f"spec.image {image!r}: repository {repository!r} is not in the operator's --allowed-images "
+        f"({', '.join(allowed)}); no child object is created or updated until it is"
+    )
 
 
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:

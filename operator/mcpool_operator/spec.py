@@ -32,6 +32,9 @@ __all__ = [
     "VERSION",
     "MAX_POOL_NAME_LENGTH",
     "AffinitySpec",
+    "ClusterSpec",
+    "DEFAULT_POD_CIDRS",
+    "DEFAULT_SERVICE_CIDRS",
     "DirectorSpec",
     "KernelSpec",
     "ListenersSpec",
@@ -64,6 +67,13 @@ DEFAULT_IMAGE = "ghcr.io/mptcp-dev/mcpool:0.1.0"
 MAX_POOL_NAME_LENGTH = 40
 MAX_REPLICAS = 1000
 POOL_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# A director forwards to each pod through one slot of its packet mark (8 bits, slot 0 unused:
+# kernel/steering.py MAX_SLOTS); a pod beyond would get no slot and its flows would be dropped.
+MAX_DIRECTOR_REPLICAS = 255
+DIRECTOR_REPLICAS_MESSAGE = (
+    f"affinity.mechanism director takes at most {MAX_DIRECTOR_REPLICAS} replicas (one director "
+    "forwarding slot per pod)"
+)
 
 
 JOIN_ADDRESSES_UNIQUE_MESSAGE = "affinity.joinAddresses must not repeat an address (each pod announces its own)"
@@ -300,12 +310,23 @@ class PolicySpec(_Spec):
     denied_destinations: list[CIDRPrefix] = Field(
         default_factory=list,
         max_length=4096,
-        description="Destination CIDRs refused in addition to loopback, link-local and metadata "
-        "addresses; put the cluster's pod and service CIDRs here.",
+        description="Destination CIDRs refused in addition to the defaults (loopback, link-local, "
+        "metadata, private and shared ranges, the pods' own addresses and the VIP) and the "
+        "cluster's ranges (spec.cluster).",
     )
     deny_default_destinations: bool = Field(
         default=True,
-        description="Refuse loopback, link-local, metadata and the pods' own addresses as destinations.",
+        description="Refuse loopback, link-local, metadata, the private and shared ranges (10/8, "
+        "172.16/12, 192.168/16, 100.64/10, fc00::/7, 64:ff9b:1::/48), the pods' own addresses and "
+        "the VIP as destinations.",
+    )
+    # --- opening refused ranges on purpose (issue 10) ---
+    allowed_destinations: list[CIDRPrefix] = Field(
+        default_factory=list,
+        max_length=4096,
+        description="Destination CIDRs opened although a refused range covers them; the most "
+        "specific prefix decides (equal length: allowed), so opening 10.0.0.0/8 leaves the more "
+        "specific spec.cluster ranges refused.",
     )
     allowed_ports: list[Port] = Field(
         default_factory=list, max_length=1024, description="Destination ports allowed; empty: every port."
@@ -322,6 +343,47 @@ class PolicySpec(_Spec):
     max_handshake_bytes: int = Field(
         default=1020, ge=64, le=65535, description="Largest Convert message or SOCKS5 request accepted."
     )
+
+
+# --- the cluster's own ranges (issue 10) -------------------------------------------------------
+# Used when spec.cluster leaves them unset: kubeadm's defaults (pods behind flannel 10.244/16,
+# Services 10.96/12), k3s/RKE2 (10.42/16, 10.43/16) and Calico's default pool (192.168/16). The
+# private ranges are refused anyway; the cluster's ranges matter because they stay refused, as
+# more specific prefixes, when policy.allowedDestinations opens a private range.
+DEFAULT_POD_CIDRS: tuple[str, ...] = ("10.244.0.0/16", "10.42.0.0/16", "192.168.0.0/16")
+DEFAULT_SERVICE_CIDRS: tuple[str, ...] = ("10.96.0.0/12", "10.43.0.0/16")
+
+
+class ClusterSpec(_Spec):
+    """The cluster's own address ranges, refused as destinations (an allowed CPE must not reach
+    the API server, kubelets, Redis or any pod through the pool)."""
+
+    pod_cidrs: list[CIDRPrefix] | None = Field(
+        default=None,
+        alias="podCIDRs",
+        max_length=64,
+        description="The cluster's pod CIDRs (kube-controller-manager --cluster-cidr). Unset: "
+        "10.244.0.0/16, 10.42.0.0/16 and 192.168.0.0/16, with a ClusterRanges=False status "
+        "condition and a Warning event.",
+    )
+    service_cidrs: list[CIDRPrefix] | None = Field(
+        default=None,
+        alias="serviceCIDRs",
+        max_length=64,
+        description="The cluster's Service CIDRs (kube-apiserver --service-cluster-ip-range). Unset: "
+        "10.96.0.0/12 and 10.43.0.0/16, with a ClusterRanges=False status condition and a Warning event.",
+    )
+
+    def refused(self) -> list[str]:
+        """Pod then Service ranges, the defaults standing in for what is unset."""
+        pods = self.pod_cidrs if self.pod_cidrs is not None else list(DEFAULT_POD_CIDRS)
+        services = self.service_cidrs if self.service_cidrs is not None else list(DEFAULT_SERVICE_CIDRS)
+        return [*pods, *services]
+
+    def defaulted(self) -> list[str]:
+        """The camelCase names of the fields left to their defaults."""
+        return [name for name, value in (("cluster.podCIDRs", self.pod_cidrs),
+                                         ("cluster.serviceCIDRs", self.service_cidrs)) if value is None]  # fmt: skip
 
 
 class UpstreamSpec(_Spec):
@@ -490,6 +552,10 @@ class MCPPoolSpec(_Spec):
                     "message": "affinity.mechanism director needs spec.redis (the director reads the token table from Redis)",
                 },
                 {
+                    "rule": f"{_MECHANISM} != 'director' || {_cel_get('replicas', '1')} <= {MAX_DIRECTOR_REPLICAS}",
+                    "message": DIRECTOR_REPLICAS_MESSAGE,
+                },
+                {
                     "rule": f"{_MECHANISM} != 'director' || {_cel_has('director.vip')} || "
                     f"{_cel_size('service.addresses')} > 0",
                     "message": "affinity.mechanism director needs director.vip or service.addresses",
@@ -510,6 +576,7 @@ class MCPPoolSpec(_Spec):
     redis: RedisSpec | None = Field(default=None, description=RedisSpec.__doc__)
     director: DirectorSpec = Field(default_factory=DirectorSpec, description=DirectorSpec.__doc__)
     policy: PolicySpec = Field(default_factory=PolicySpec, description=PolicySpec.__doc__)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description=ClusterSpec.__doc__)
     upstream: UpstreamSpec = Field(default_factory=UpstreamSpec, description=UpstreamSpec.__doc__)
     relay: RelaySpec = Field(default_factory=RelaySpec, description=RelaySpec.__doc__)
     kernel: KernelSpec = Field(default_factory=KernelSpec, description=KernelSpec.__doc__)
@@ -554,6 +621,8 @@ class MCPPoolSpec(_Spec):
                 raise ValueError(
                     "affinity.mechanism director needs spec.redis (the director reads the token table from Redis)"
                 )
+            if self.replicas > MAX_DIRECTOR_REPLICAS:
+                raise ValueError(f"{DIRECTOR_REPLICAS_MESSAGE}: {self.replicas} replicas")
             if self.director.vip is None and not self.service.addresses:
                 raise ValueError("affinity.mechanism director needs director.vip or service.addresses")
         return self

@@ -1,7 +1,8 @@
 """The MCPPool status: pure functions from what was observed to `.status`.
 
 Conditions follow the Kubernetes API conventions (metav1.Condition): `Ready`, `Progressing` and
-`Degraded`, each with `observedGeneration`; `lastTransitionTime` moves only when a condition's
+`Degraded`, each with `observedGeneration`, and `ClusterRanges` (False while spec.cluster leaves
+the cluster's pod or Service ranges to their defaults, which may not be this cluster's); `lastTransitionTime` moves only when a condition's
 status flips, so it tells when the pool last became (un)ready, not when it was last checked.
 No `phase` field: the conventions deprecate it.
 """
@@ -23,7 +24,7 @@ __all__ = [
     "sysctl_failure",
 ]
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ClusterRanges")
 KUBELET_SYSCTL_HINT = (
     "start the kubelet with --allowed-unsafe-sysctls='net.mptcp.*,net.ipv4.tcp_fastopen' on the "
     "nodes that run MCP pods (see docs/operator.md)"
@@ -113,6 +114,10 @@ class Observation:
     apply_error: str | None = None
     # A pod of the current revision is Ready (what ends a SysctlForbidden failure).
     revision_ready: bool = False
+    # spec.cluster fields left to their defaults (camelCase paths); empty: all set.
+    cluster_defaulted: tuple[str, ...] = ()
+    # The Degraded reason of `spec_error` (an image outside --allowed-images is refused this way).
+    spec_error_reason: str = "InvalidSpec"
 
 
 def build_status(previous: Mapping[str, Any] | None, seen: Observation, now: str | None = None) -> dict[str, Any]:
@@ -134,9 +139,10 @@ def build_status(previous: Mapping[str, Any] | None, seen: Observation, now: str
         conditions = set_condition(conditions, type_, status, reason, message, gen, now)
 
     if seen.spec_error is not None:
-        put("Degraded", True, "InvalidSpec", f"the spec cannot be used: {seen.spec_error}")
-        put("Progressing", False, "InvalidSpec", "waiting for a corrected spec")
-        put("Ready", False, "InvalidSpec", "the spec is invalid; pods keep their last good configuration")
+        why = seen.spec_error_reason
+        put("Degraded", True, why, f"the spec cannot be used: {seen.spec_error}")
+        put("Progressing", False, why, "waiting for a corrected spec")
+        put("Ready", False, why, "the spec is invalid; pods keep their last good configuration")
         return {
             **{k: v for k, v in previous.items() if k in ("replicas", "readyReplicas", "selector")},
             "observedGeneration": gen,
@@ -185,6 +191,17 @@ def build_status(previous: Mapping[str, Any] | None, seen: Observation, now: str
     else:
         reason = "SysctlForbidden" if sysctl_error is not None else "PodsNotReady"
         put("Ready", False, reason, f"{ready} of {seen.desired_replicas} pods ready")
+    if seen.cluster_defaulted:
+        put(
+            "ClusterRanges",
+            False,
+            "Defaulted",
+            f"{' and '.join(seen.cluster_defaulted)} unset: the pods refuse the common defaults "
+            "instead, which may not be this cluster's ranges; set spec.cluster to the cluster's pod "
+            "and Service CIDRs",
+        )
+    else:
+        put("ClusterRanges", True, "FromSpec", "the cluster's pod and Service ranges come from spec.cluster")
     return {
         "replicas": replicas,
         "readyReplicas": ready,

@@ -44,6 +44,7 @@ __all__ = [
     "parse_config",
     "split_hostport",
     "DEFAULT_DENIED_DESTINATIONS",
+    "DEFAULT_PRIVATE_DESTINATIONS",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -62,6 +63,20 @@ DEFAULT_DENIED_DESTINATIONS: tuple[str, ...] = (
     "fe80::/10",  # link-local
     "ff00::/8",  # multicast
     "fd00:ec2::254/128",  # AWS IPv6 instance metadata
+)
+
+# --- inside a cluster: private and shared ranges (issue 10) -------------------------------------
+# Where a cluster's pods, Services, nodes, API server, kubelets (10250) and Redis live. An allowed
+# CPE must not reach them through the proxy, so they are refused by default like the ranges above
+# (and under the same switch, `deny_default_destinations`); `policy.allowed_destinations` opens a
+# part of them on purpose. Their NAT64 and 6to4 forms are refused with them (policy.py).
+DEFAULT_PRIVATE_DESTINATIONS: tuple[str, ...] = (
+    "10.0.0.0/8",  # RFC 1918
+    "172.16.0.0/12",  # RFC 1918
+    "192.168.0.0/16",  # RFC 1918
+    "100.64.0.0/10",  # RFC 6598 shared address space (CGNAT; some clusters' pod networks)
+    "fc00::/7",  # RFC 4193 unique local addresses
+    "64:ff9b:1::/48",  # RFC 8215 local-use NAT64 prefix: translates into private IPv4 networks
 )
 
 
@@ -197,12 +212,25 @@ class PolicyConfig(_Model):
     denied_destinations: list[CIDR] = Field(
         default_factory=list,
         description="CIDRs refused as destinations, added to the built-in defaults "
-        "(loopback, link-local, metadata) and the proxy's own addresses; e.g. cluster pod/service CIDRs.",
+        "(loopback, link-local, metadata, private and shared ranges) and the proxy's own addresses; "
+        "e.g. cluster pod/service CIDRs.",
     )
     deny_default_destinations: bool = Field(
         default=True,
-        description="Refuse DEFAULT_DENIED_DESTINATIONS and the proxy's own addresses. "
-        "Turn off only in a lab where the server really is on loopback.",
+        description="Refuse the built-in defaults (DEFAULT_DENIED_DESTINATIONS, "
+        "DEFAULT_PRIVATE_DESTINATIONS: 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7, "
+        "64:ff9b:1::/48) and the proxy's own addresses, the VIP included. Turn off only in a lab "
+        "where the server really is on loopback.",
+    )
+    # --- opening refused ranges on purpose (issue 10) ---
+    allowed_destinations: list[CIDR] = Field(
+        default_factory=list,
+        description="CIDRs opened as destinations although a refused range covers them. The most "
+        "specific prefix decides: a destination is refused when the longest refused prefix holding "
+        "it is longer than the longest allowed prefix holding it (equal length: allowed). So "
+        "'10.0.0.0/8' opens the default 10/8 but not a more specific refused '10.96.0.0/12' "
+        "(e.g. the cluster's Service range), nor a proxy's own address (/32, /128). Ports are "
+        "still checked against allowed_ports.",
     )
     allowed_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
         default_factory=list, description="Destination ports allowed; empty: every port."

@@ -5,8 +5,9 @@
 
 - `check_client(addr)`: is the client (CPE, phone) inside `allowed_cpes`?
 - `check_cookie(cookie)`: does a Convert client carry one of the configured cookies?
-- `check_destination(addr, port)`: is the destination refused (built-in defaults, the proxy's own
-  addresses, `denied_destinations`, `allowed_ports`)?
+- `check_destination(addr, port)`: is the destination refused (built-in defaults, private and
+  shared ranges, the proxy's own addresses, `denied_destinations`, unless `allowed_destinations`
+  opens it more specifically; then `allowed_ports`)?
 - `acquire(client)` / `release(client)`: global and per-client live-connection accounting.
 
 Every "no" is a `Refusal` whose `reason` is a short stable token used both in the log line and as
@@ -28,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .codec.convert import pad32
-from .config import DEFAULT_DENIED_DESTINATIONS, PolicyConfig
+from .config import DEFAULT_DENIED_DESTINATIONS, DEFAULT_PRIVATE_DESTINATIONS, PolicyConfig
 
 __all__ = [
     "IPAddress",
@@ -140,6 +141,15 @@ def _contains(networks: Iterable[IPNetwork], addr: IPAddress) -> IPNetwork | Non
     return None
 
 
+def _longest(networks: Iterable[IPNetwork], addr: IPAddress) -> IPNetwork | None:
+    """The most specific of `networks` holding `addr` (None if none does)."""
+    best: IPNetwork | None = None
+    for net in networks:
+        if addr.version == net.version and addr in net and (best is None or net.prefixlen > best.prefixlen):
+            best = net
+    return best
+
+
 def local_addresses() -> list[IPAddress]:
     """Every address configured on an interface of this network namespace (never raises).
 
@@ -173,8 +183,13 @@ class Policy:
         self.own_addresses: tuple[IPAddress, ...] = tuple(normalize_address(a) for a in own_addresses)
         if config.deny_default_destinations:
             denied.extend(ipaddress.ip_network(c) for c in DEFAULT_DENIED_DESTINATIONS)
+            denied.extend(ipaddress.ip_network(c) for c in DEFAULT_PRIVATE_DESTINATIONS)
             denied.extend(ipaddress.ip_network(a) for a in self.own_addresses)
         self._denied: tuple[IPNetwork, ...] = tuple(denied)
+        # Opened on purpose; wins over a refused range only when at least as specific.
+        self._allowed_destinations: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(c, strict=False) for c in config.allowed_destinations
+        )
         self._allowed_ports: frozenset[int] = frozenset(config.allowed_ports)
         # Cookie TLVs arrive padded to 32 bits, so compare padded forms.
         self._cookies: frozenset[bytes] = frozenset(pad32(c) for c in config.cookie_bytes())
@@ -246,10 +261,14 @@ class Policy:
     def _judge_destination(self, dest: IPAddress) -> Refusal | None:
         """The address part of `check_destination` (cached per address: the config is frozen)."""
         for candidate in (dest, *embedded_ipv4(dest)):
-            net = _contains(self._denied, candidate)
-            if net is not None:
-                via = "" if candidate == dest else f" (it embeds {candidate})"
-                return Refusal(DESTINATION_DENIED, f"destination {dest}{via} is in refused range {net}")
+            net = _longest(self._denied, candidate)
+            if net is None:
+                continue
+            opened = _longest(self._allowed_destinations, candidate)
+            if opened is not None and opened.prefixlen >= net.prefixlen:
+                continue  # policy.allowed_destinations opens it at least as specifically
+            via = "" if candidate == dest else f" (it embeds {candidate})"
+            return Refusal(DESTINATION_DENIED, f"destination {dest}{via} is in refused range {net}")
         return None
 
     # -- how many ----------------------------------------------------------------------------

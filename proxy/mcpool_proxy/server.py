@@ -126,7 +126,7 @@ class Proxy:
         # token publisher's when `run()` wires it in.
         self.mptcp_events = mptcp_events if mptcp_events is not None else MptcpEventHub()
         self._own_addresses = None if own_addresses is None else list(own_addresses)
-        self.policy = Policy(config.policy, self._own_addresses or ())
+        self.policy = Policy(config.policy, self._with_vip(self._own_addresses or ()))
         self.table = ConnectionTable()
         self.metrics = ProxyMetrics(live=self.table.totals)
         self.telemetry = telemetry if telemetry is not None else Telemetry()
@@ -160,6 +160,15 @@ class Proxy:
         self.drain_requested: Callable[[], None] | None = None
         self._drain_task: asyncio.Task[int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.failure: str | None = None  # set by fail(): why this pod is not ready for good
+
+    def _with_vip(self, own: Iterable[str | IPAddress]) -> list[str | IPAddress]:
+        """The proxy's own addresses plus the pool's VIP: the pod affinity puts the VIP on lo only
+        after the listeners (and this list) exist, and a CPE must not reach the pod through it."""
+        addresses = list(own)
+        if self.config.affinity.vip is not None:
+            addresses.append(self.config.affinity.vip)
+        return addresses
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -169,7 +178,7 @@ class Proxy:
         self.kernel_state = apply_kernel_settings(self.config.kernel)
         if self._own_addresses is None:
             own = await asyncio.to_thread(local_addresses)
-            self.policy = Policy(self.config.policy, own)
+            self.policy = Policy(self.config.policy, self._with_vip(own))
         self.metrics.mptcp_checksum.set(_tri(self.kernel_state["mptcp_checksum"]))
         self.metrics.fastopen_server.set(_tri(self.kernel_state["tcp_fastopen_server"]))
         self.metrics.relay_mode.labels(self.relay_mode).set(1)
@@ -384,7 +393,14 @@ class Proxy:
     # -- admin target --------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self._listening and not self._draining and not self.transparent_missing
+        return self._listening and not self._draining and self.failure is None and not self.transparent_missing
+
+    def fail(self, reason: str) -> None:
+        """A part the pod depends on died (e.g. the affinity's heartbeat): not ready from now on,
+        with `reason` in /readyz; the caller drains and exits non-zero."""
+        if self.failure is None:
+            self.failure = reason
+        self.stop_accepting()
 
     @property
     def draining(self) -> bool:
@@ -406,6 +422,7 @@ class Proxy:
             "mptcp_checksum": self.kernel_state.get("mptcp_checksum"),
             "tcp_fastopen_server": self.kernel_state.get("tcp_fastopen_server"),
             "relay_mode": self.relay_mode,
+            "failure": self.failure,
             **({"transparent_unbound": dict(self.transparent_missing)} if self.config.listen.transparent else {}),
         }
 
@@ -711,7 +728,13 @@ async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     proxy.drain_requested = drain_requested.set
     try:
-        await _first_of(drain_requested.wait(), immediate.wait())
+        await _first_of(drain_requested.wait(), immediate.wait(), affinity.died.wait())
+        if affinity.died.is_set() and not (drain_requested.is_set() or immediate.is_set()):
+            # Never a healthy-looking pod that no longer steers: unready, drain, exit non-zero
+            # so the StatefulSet restarts it.
+            proxy.fail(f"affinity: {affinity.failure}")
+            log.critical("stopping: %s", proxy.failure)
+            exit_status = 1
         aborted = 0
         live_at_signal = len(proxy.table)
         drain_started = time.monotonic()

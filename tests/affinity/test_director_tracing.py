@@ -8,9 +8,12 @@ The packet is the one thing not real here: netfilterqueue packets exist only ins
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
+import pytest
+from mcpool_proxy.cluster import director as director_module
 from mcpool_proxy.cluster.director import Director, DirectorConfig
 from mcpool_proxy.observe.telemetry import Telemetry
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -82,3 +85,34 @@ def test_each_decision_is_a_span_with_outcome_pod_and_token() -> None:
 def test_no_tracing_without_an_exporter() -> None:
     config = DirectorConfig(vip=VIP, ports=[5124], redis_url="redis://127.0.0.1:1/0")
     assert Director(config)._tracer is None
+
+
+def test_dropped_syns_are_counted_and_warned_about_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="mcpool.director")
+    config = DirectorConfig(vip=VIP, ports=[5124], redis_url="redis://127.0.0.1:1/0", pool="p")
+    director = Director(config)  # an empty table: no ready pod
+    clock = [1000.0]
+    director._now = lambda: clock[0]
+
+    def send(n: int) -> list[QueuedSyn]:
+        packets = [QueuedSyn(ipv4("198.18.1.2", VIP, tcp_syn(mp_capable(), sport=40000 + i))) for i in range(n)]
+        for packet in packets:
+            director._on_packet(packet)
+        return packets
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "mcpool.director" and "dropping SYNs" in r.getMessage()]
+
+    assert {p.verdict for p in send(50)} == {"drop"}
+    assert director.metrics.registry.get_sample_value("mcpool_director_dropped_syns_total", {"outcome": "no_ready_pod"}) == 50
+    assert len(warnings()) == 1 and "no_ready_pod: 1" in warnings()[0] and "0 ready" in warnings()[0]
+    clock[0] += director_module.DROP_WARNING_INTERVAL_S - 1
+    send(10)
+    assert len(warnings()) == 1  # rate-limited
+    clock[0] += 2
+    send(1)
+    assert len(warnings()) == 2 and "no_ready_pod: 60" in warnings()[1], warnings()
+    # A pod in the table whose tunnel is not built yet is a drop too, with its own outcome.
+    director.table.apply_event({"t": "pod", "op": "add", "pod": "pod-a", "addr": "198.18.100.2", "state": "ready"})
+    send(1)
+    assert director.metrics.registry.get_sample_value("mcpool_director_dropped_syns_total", {"outcome": "pod_not_plumbed"}) == 1

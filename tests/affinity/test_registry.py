@@ -158,12 +158,14 @@ async def test_collision_first_owner_keeps_the_token(
     assert await redis_client.get(KEYS.token(42)) == "pod-a"
     assert b.collided_tokens() == {42: "pod-a"}
     assert b.metrics.collisions._value.get() == 1
+    assert b.metrics.collided._value.get() == 1  # live single-path connections (issue 10)
     seen = await read_events(pubsub, lambda e: any(x.get("t") == "collision" for x in e))
     assert {"t": "collision", "token": "0000002a", "pod": "pod-b", "owner": "pod-a"} in seen
 
     # Closing the collided connection on b must not delete a's entry.
     await b.unregister_connection(42)
     assert await redis_client.get(KEYS.token(42)) == "pod-a"
+    assert b.metrics.collided._value.get() == 0
 
     # When the first owner closes, the other pod's heartbeat claims a token it still holds.
     await b.register_connection(42, "198.18.1.7")

@@ -103,6 +103,23 @@ class Cluster:
         )
 
 
+    async def set_daemonset_ready(self, name: str, desired: int, ready: int, namespace: str = NAMESPACE) -> None:
+        """Act as the DaemonSet controller: `ready` of `desired` pods Ready on the current spec."""
+        ds = self.child("apps/v1/daemonsets", name, namespace)
+        assert ds is not None
+        await self.patch(
+            f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}/status",
+            {
+                "status": {
+                    "observedGeneration": ds["metadata"]["generation"],
+                    "desiredNumberScheduled": desired,
+                    "updatedNumberScheduled": desired,
+                    "numberReady": ready,
+                }
+            },
+        )
+
+
 async def eventually(
     condition: Callable[[], Any], limit_s: float = 10.0, what: str = "condition"
 ) -> Any:

@@ -334,3 +334,18 @@ def test_operator_deployment_is_hardened() -> None:
     }
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+
+
+def test_image_repository_and_allowlist() -> None:
+    # --allowed-images (issue 10): tags, digests and registry ports do not confuse the match.
+    from mcpool_operator.reconcile import image_refusal, image_repository
+
+    assert image_repository("ghcr.io/mptcp-dev/mcpool:0.1.0") == "ghcr.io/mptcp-dev/mcpool"
+    assert image_repository("registry.example:5000/mcp/mcpool") == "registry.example:5000/mcp/mcpool"
+    assert image_repository("registry.example:5000/mcp/mcpool:1@sha256:" + "0" * 64) == "registry.example:5000/mcp/mcpool"
+    allowed = ("ghcr.io/mptcp-dev/mcpool", "registry.example:5000/mcp/")
+    assert image_refusal("ghcr.io/mptcp-dev/mcpool:9", allowed) is None
+    assert image_refusal("registry.example:5000/mcp/anything:1", allowed) is None
+    assert image_refusal("ghcr.io/mptcp-dev/mcpool-evil:1", allowed) is not None  # no prefix match
+    assert image_refusal("registry.example:5000/mcpx/a:1", allowed) is not None
+    assert image_refusal("anything:latest", ()) is None  # no list: any image

@@ -386,7 +386,11 @@ async def test_mechanism_switch_prunes_children(cluster: Cluster, operator_runne
         cluster.pool_path("steer"),
         {"spec": {"affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.10", "198.18.1.11"]}}},
     )
-    await eventually(lambda: names(cluster, DS) == set(), what="director removed")
+    # The director goes at once; its nodes are cleaned by a DaemonSet using its ConfigMap.
+    await eventually(lambda: names(cluster, DS) == {"steer-director-cleanup"}, what="director replaced by its cleanup")
+    assert names(cluster, CM) == {"steer-config", "steer-director"}
+    await cluster.set_daemonset_ready("steer-director-cleanup", 3, 3)
+    await eventually(lambda: names(cluster, DS) == set(), what="cleanup finished")
     await eventually(lambda: names(cluster, CM) == {"steer-config"}, what="director config removed")
     await eventually(lambda: {"steer-join-0", "steer-join-1"} <= names(cluster, SVC), what="join Services")
     await cluster.patch(cluster.pool_path("steer", sub="scale"), {"spec": {"replicas": 1}})
@@ -399,7 +403,23 @@ async def test_delete_leaves_no_orphans(cluster: Cluster, operator_runner: Opera
     pool = cluster.pool("steer")
     assert pool is not None and "mcp.mptcp.dev/finalizer" in pool["metadata"]["finalizers"]
     await cluster.delete(cluster.pool_path("steer"))
-    await eventually(lambda: cluster.pool("steer") is None, what="pool deleted (finalizer released)")
+    # The finalizer holds the pool until the directors' nodes are clean (issue 10).
+    cleanup = await eventually(lambda: cluster.child(DS, "steer-director-cleanup"), what="node cleanup DaemonSet")
+    # Retried every 2 s: also removes a director a reconcile still in flight applied again.
+    await eventually(lambda: cluster.child(DS, "steer-director") is None, what="director stopped")
+    pod_spec = cleanup["spec"]["template"]["spec"]
+    assert pod_spec["hostNetwork"] is True
+    assert pod_spec["initContainers"][0]["args"] == [
+        "director", "--config", "/etc/mcpool-director/director.yaml", "--cleanup-only"
+    ]
+    assert pod_spec["initContainers"][0]["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_RAW"]
+    assert pod_spec["containers"][0]["args"][-1] == "--idle"
+    assert {"name": "config", "configMap": {"name": "steer-director"}} in pod_spec["volumes"]
+    await cluster.set_daemonset_ready("steer-director-cleanup", 2, 1)
+    await asyncio.sleep(2.5)  # a kopf retry (delay 2 s) sees one node still to clean
+    assert cluster.pool("steer") is not None
+    await cluster.set_daemonset_ready("steer-director-cleanup", 2, 2)
+    await eventually(lambda: cluster.pool("steer") is None, limit_s=15, what="pool deleted (finalizer released)")
     for resource in (STS, DS, SVC, CM, SA, PDB):
         assert cluster.children(resource) == [], resource
 
@@ -425,3 +445,77 @@ async def test_restart_creates_no_duplicates(cluster: Cluster, operator_runner: 
     posts_after = len([r for r in cluster.emulator.log if r.method == "POST" and r.resource and r.resource.plural != "events"])
     assert posts_after == posts_before
     assert condition_of(cluster.pool("edge"), "Ready")["status"] == "True"  # type: ignore[index]
+
+
+# --- inside a cluster, not an open relay (issue 10) ----------------------------------------------
+
+
+async def test_allowed_images_refuse_a_pool_with_degraded_and_no_children(
+    cluster: Cluster, operator_runner: OperatorRunner
+) -> None:
+    await operator_runner.stop()
+    operator_runner.options = dataclasses.replace(
+        operator_runner.options, allowed_images=("ghcr.io/mptcp-dev/mcpool", "registry.example:5000/mcp/")
+    )
+    await operator_runner.start()
+    await cluster.create_pool("edge", {**BASIC, "image": "registry.example:5000/mcp/mcpool:1.2@sha256:" + "a" * 64})
+    sts = await eventually(lambda: cluster.child(STS, "edge"), what="StatefulSet of an allowed image")
+    # A pool whose image is outside the list: refused, nothing created.
+    await cluster.create_pool("evil", {**BASIC, "image": "attacker.example/mcpool:latest"})
+    pool = await eventually(
+        lambda: (condition_of(cluster.pool("evil"), "Degraded") or {}).get("reason") == "ImageNotAllowed"
+        and cluster.pool("evil"),
+        what="Degraded=True ImageNotAllowed",
+    )
+    degraded = condition_of(pool, "Degraded")
+    assert degraded is not None and degraded["status"] == "True"
+    assert "attacker.example/mcpool" in degraded["message"] and "--allowed-images" in degraded["message"]
+    assert condition_of(pool, "Ready")["status"] == "False"  # type: ignore[index]
+    assert not [c for res in (STS, SVC, CM, SA, PDB) for c in cluster.children(res) if c["metadata"]["name"].startswith("evil")]
+    await eventually(lambda: warnings(cluster, "ImageNotAllowed") >= 1, what="Warning event")
+    # An existing pool switched to a disallowed image: its children are not updated.
+    version = sts["metadata"]["resourceVersion"]
+    await cluster.patch(cluster.pool_path("edge"), {"spec": {"image": "ghcr.io/mptcp-dev/mcpool-evil:1", "replicas": 3}})
+    await eventually(
+        lambda: (condition_of(cluster.pool("edge"), "Degraded") or {}).get("reason") == "ImageNotAllowed", what="Degraded"
+    )
+    live = cluster.child(STS, "edge")
+    assert live is not None and live["metadata"]["resourceVersion"] == version
+    assert live["spec"]["replicas"] == 2
+    # Back to an allowed image: reconciled again.
+    await cluster.patch(cluster.pool_path("edge"), {"spec": {"image": "ghcr.io/mptcp-dev/mcpool:0.2.0"}})
+    await eventually(lambda: (cluster.child(STS, "edge") or {}).get("spec", {}).get("replicas") == 3, what="updated")
+
+
+async def test_cluster_ranges_are_refused_and_a_warning_says_when_defaulted(
+    cluster: Cluster, operator_runner: OperatorRunner
+) -> None:
+    import yaml
+
+    await cluster.create_pool("edge", {**BASIC, "policy": {**BASIC["policy"], "allowedDestinations": ["10.0.0.0/8"]}})  # type: ignore[dict-item]
+    pool = await eventually(
+        lambda: (condition_of(cluster.pool("edge"), "ClusterRanges") or {}).get("status") == "False" and cluster.pool("edge"),
+        what="ClusterRanges=False",
+    )
+    message = condition_of(pool, "ClusterRanges")["message"]  # type: ignore[index]
+    assert "cluster.podCIDRs" in message and "cluster.serviceCIDRs" in message
+    await eventually(lambda: warnings(cluster, "ClusterRangesDefaulted") == 1, what="Warning event")
+
+    def policy() -> Any:
+        cm = cluster.child(CM, "edge-config")
+        return parse_config(yaml.safe_load(cm["data"]["config.yaml"])).policy if cm else None  # type: ignore[index]
+
+    rendered = policy()
+    assert {"10.96.0.0/12", "10.244.0.0/16"} <= set(rendered.denied_destinations)
+    assert rendered.allowed_destinations == ["10.0.0.0/8"]
+    await cluster.patch(
+        cluster.pool_path("edge"),
+        {"spec": {"cluster": {"podCIDRs": ["10.50.0.0/16", "fd00:50::/56"], "serviceCIDRs": ["10.60.0.0/16"]}}},
+    )
+    await eventually(
+        lambda: (condition_of(cluster.pool("edge"), "ClusterRanges") or {}).get("status") == "True", what="ClusterRanges=True"
+    )
+    await eventually(lambda: "10.60.0.0/16" in policy().denied_destinations, what="rendered ranges")
+    assert {"10.50.0.0/16", "fd00:50::/56"} <= set(policy().denied_destinations)
+    assert "10.96.0.0/12" not in policy().denied_destinations
+    assert warnings(cluster, "ClusterRangesDefaulted") == 1

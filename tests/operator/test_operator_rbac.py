@@ -72,6 +72,11 @@ async def test_role_matches_the_calls_the_operator_makes(cluster: Cluster, opera
         {"spec": {"affinity": {"mechanism": "join-address", "joinAddresses": ["198.18.1.1", "198.18.1.2"]}}},
     )
     await eventually(lambda: cluster.child("apps/v1/daemonsets", "rbac-director") is None, what="prune")
+    # ... and the node cleanup of the former director (a DaemonSet that the operator deletes when
+    # every node has run it, then the director's ConfigMap).
+    await eventually(lambda: cluster.child("apps/v1/daemonsets", "rbac-director-cleanup"), what="cleanup")
+    await cluster.set_daemonset_ready("rbac-director-cleanup", 1, 1)
+    await eventually(lambda: cluster.child("v1/configmaps", "rbac-director") is None, what="cleanup done")
     await eventually(lambda: cluster.child("v1/services", "rbac-join-1"), what="join services")
     await cluster.patch(cluster.pool_path("rbac"), {"spec": {"replicas": 1}})
     await eventually(lambda: cluster.child("v1/services", "rbac-join-1") is None, what="join service pruned")

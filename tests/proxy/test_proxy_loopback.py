@@ -507,3 +507,59 @@ def test_admin_state_endpoints_only_for_trusted_clients(start_proxy: StartProxy)
     assert request("GET", "/readyz") == 200  # not drained by the refused POST
     assert request("GET", "/metrics") == 200
     assert proxy.admin("/connections")[0] == 200  # from 127.0.0.1: trusted
+
+
+def test_private_ranges_and_the_vip_are_refused_and_allowed_destinations_open_one(
+    start_proxy: StartProxy, data_server: DataServer
+) -> None:
+    # own_addresses=None: the proxy lists its namespace's addresses itself, as in production;
+    # the VIP is not on any interface yet (the pod affinity adds it to lo later) and must be
+    # refused all the same.
+    proxy = start_proxy(
+        own_addresses=None,
+        policy={"deny_default_destinations": True, "allowed_destinations": ["127.0.0.1/32"]},
+        affinity={"vip": "198.18.77.7"},
+    )
+    for dest in (("10.0.0.1", 10250), ("192.168.1.1", 6379), ("100.64.0.1", 443), ("fd00::1", 443),
+                 ("198.18.77.7", 5124)):  # fmt: skip
+        assert _refused_convert(proxy, dest).code == ErrorCode.NOT_AUTHORIZED, dest
+        with pytest.raises(Socks5Refused) as info:
+            socks5_connect(proxy.socks5, dest)
+        assert info.value.reply == Reply.NOT_ALLOWED, dest
+    assert metric(proxy, "mcpool_policy_refusals_total", reason="destination_denied") == 10
+    convert_echo(proxy, data_server)  # 127.0.0.1, refused by default, opened by allowed_destinations
+
+
+async def test_a_dead_affinity_task_makes_the_pod_unready_and_exit_nonzero(monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 10: never a healthy-looking pod whose registrations silently expired.
+    import asyncio
+
+    from helpers import free_port, make_config
+    from mcpool_proxy import server
+
+    captured: list[Any] = []
+
+    class DeadAffinity:
+        failure = "registry Registry._heartbeat_loop died: RuntimeError: injected"
+
+        def __init__(self) -> None:
+            self.died = asyncio.Event()
+            asyncio.get_running_loop().call_later(0.1, self.died.set)
+
+        async def drain(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            pass
+
+    async def fake_start_affinity(proxy: Any) -> DeadAffinity:
+        captured.append(proxy)
+        return DeadAffinity()
+
+    monkeypatch.setattr(server, "start_affinity", fake_start_affinity)
+    config = make_config({"convert": free_port(), "socks5": free_port(), "admin": free_port()})
+    status = await asyncio.wait_for(server.run(config), 30)
+    assert status == 1
+    proxy = captured[0]
+    assert not proxy.ready
+    assert proxy.readiness()["failure"] == f"affinity: {DeadAffinity.failure}"

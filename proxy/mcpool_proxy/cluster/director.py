@@ -35,10 +35,10 @@ from ..kernel import steering
 from ..observe.telemetry import Telemetry
 from .keys import KeySchema
 from .packet import MAX_IPV6_EXT_BYTES, Syn, parse_syn
-from .redisconn import REDIS_ERRORS, Backoff, open_redis
+from .redisconn import REDIS_ERRORS, Backoff, open_redis, redacted_url, redis_error_text
 from .table import AffinityTable, Decision, PodEntry, decide
 
-__all__ = ["Director", "DirectorConfig", "DirectorMetrics", "load_director_config", "main"]
+__all__ = ["Director", "DirectorConfig", "DirectorMetrics", "DirectorTaskDied", "load_director_config", "main"]
 
 log = logging.getLogger("mcpool.director")
 
@@ -114,6 +114,22 @@ class DirectorConfig(BaseModel):
     flow_idle_timeout_s: int = Field(
         default=3600, ge=10, description="A subflow idle this long is forgotten by the kernel flow map."
     )
+    # --- the SYN queue's admission in the kernel (issue 10) ---
+    syn_rate_per_source: int = Field(
+        default=200,
+        ge=0,
+        description="SYNs per second one source address (IPv6: one /64) may send to the VIP before "
+        "nftables drops them (counter syn_over_source); 0: no per-source limit. Raise it for "
+        "sources that are big NATs.",
+    )
+    syn_burst_per_source: int = Field(default=400, ge=1, description="Burst allowed above syn_rate_per_source.")
+    syn_rate_total: int = Field(
+        default=20_000,
+        ge=0,
+        description="SYNs per second to the VIP that may reach the queue in total (counter "
+        "syn_over_total); 0: no limit.",
+    )
+    syn_burst_total: int = Field(default=4096, ge=1, description="Burst allowed above syn_rate_total.")
     resync_interval_s: float = Field(default=2.0, gt=0, description="Full read of the table from Redis.")
     snapshot_grace_s: float = Field(
         default=10.0,
@@ -144,10 +160,20 @@ class DirectorConfig(BaseModel):
             raise ValueError("mark_base must be non-zero with its low 16 bits clear, e.g. 0x4d430000")
         return self
 
+    def syn_limits(self) -> steering.SynLimits:
+        return steering.SynLimits(
+            per_source=self.syn_rate_per_source, per_source_burst=self.syn_burst_per_source,
+            total=self.syn_rate_total, total_burst=self.syn_burst_total,
+        )  # fmt: skip
+
     @property
     def owner(self) -> str:
         """Who owns this director's node resources (the nft table's comment)."""
         return f"mcpool director pool={self.pool} vip={self.vip}"
+
+
+class DirectorTaskDied(RuntimeError):
+    """A task the director needs (the Redis feed, the plumbing) ended: the process must exit."""
 
 
 def load_director_config(path: str | Path) -> DirectorConfig:
@@ -190,6 +216,15 @@ class DirectorMetrics:
         self.resyncs = Counter(
             "mcpool_director_resyncs", "Full reads of the table from Redis.", registry=self.registry
         )
+        # --- drops made visible (issue 10) ---
+        self.dropped = Counter(
+            "mcpool_director_dropped_syns",
+            "SYNs the director dropped because no pod could take them, by outcome (no_ready_pod, "
+            "pod_not_plumbed, token_miss_after_wait, unparsable, error); a warning is logged at "
+            "most every DROP_WARNING_INTERVAL_S while they go on.",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.malformed = Counter(
             "mcpool_director_malformed_entries",
             "Table events (source=event) or Redis keys (source=key) that could not be parsed and were skipped.",
@@ -207,6 +242,10 @@ def _parse_token(text: str) -> int | None:
     except ValueError:
         return None
 
+
+# At most one "dropping SYNs" warning per this many seconds (a pool without ready pods drops every
+# SYN: one line per SYN would drown the log, none would leave the operator guessing).
+DROP_WARNING_INTERVAL_S = 10.0
 
 # How long a stopping director waits for its own tasks (Redis feed, plumbing) to finish.
 _STOP_TIMEOUT_S = 3.0
@@ -236,7 +275,11 @@ class Director:
         self._tasks: set[asyncio.Task[None]] = set()
         self._queue: Any = None
         self._redis_up = True  # optimistic, so the first failure is logged
+        self._redis_error: str | None = None  # the reason logged for the current outage
         self._connected_at = float("-inf")  # loop time of the last (re)connection to Redis
+        self._now: Callable[[], float] = time.monotonic  # the drop warning's clock (tests replace it)
+        self._drops_unreported: dict[str, int] = {}
+        self._drop_warned_at = float("-inf")
 
     # -- decisions (the hot path: one call per SYN) --------------------------------------------
 
@@ -280,6 +323,7 @@ class Director:
                 if decision.pod is not None:
                     outcome = "pod_not_plumbed"  # in the table, tunnel not built yet: retry
                 packet.drop()
+                self._dropped(outcome)
         except (RuntimeError, OSError) as exc:  # queue gone (shutting down)
             log.debug("verdict failed: %r", exc)
         elapsed_s = time.perf_counter() - started
@@ -287,6 +331,23 @@ class Director:
         self.metrics.decision_seconds.observe(elapsed_s)
         if self._tracer is not None:
             self._trace_decision(outcome, decision, syn, elapsed_s)
+
+    def _dropped(self, outcome: str) -> None:
+        """Count a dropped SYN; warn at once, then at most every DROP_WARNING_INTERVAL_S."""
+        self.metrics.dropped.labels(outcome).inc()
+        self._drops_unreported[outcome] = self._drops_unreported.get(outcome, 0) + 1
+        now = self._now()
+        if now - self._drop_warned_at < DROP_WARNING_INTERVAL_S:
+            return
+        since = "" if self._drop_warned_at == float("-inf") else f" in the last {now - self._drop_warned_at:.0f}s"
+        self._drop_warned_at = now
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(self._drops_unreported.items()))
+        self._drops_unreported = {}
+        log.warning(
+            "dropping SYNs to %s%s (%s): the table has %d pods, %d ready, %d with forwarding; redis %s",
+            self.config.vip, since, counts, len(self.table.pods), len(self.table.ready_pods()),
+            len(self.slots), "reachable" if self._redis_up else f"unreachable ({self._redis_error})",
+        )  # fmt: skip
 
     def _trace_decision(self, outcome: str, decision: Decision, syn: Syn | None, elapsed_s: float) -> None:
         end_ns = time.time_ns()
@@ -323,6 +384,7 @@ class Director:
                     # Subscribe first, then read: no event can fall between the two.
                     await self._resync(redis)
                     self._redis_up = True
+                    self._redis_error = None
                     self.metrics.redis_up.set(1)
                     backoff.reset()
                     next_resync = loop.time() + self.config.resync_interval_s
@@ -335,8 +397,13 @@ class Director:
                             await self._resync(redis)
                             next_resync = loop.time() + self.config.resync_interval_s
                 except REDIS_ERRORS as exc:
-                    if self._redis_up:  # log once per outage
-                        log.warning("redis unreachable (%r): keeping the last table, retrying", exc)
+                    text = redis_error_text(exc)
+                    if self._redis_up or text != self._redis_error:  # once per outage and reason
+                        # The server's own words: "server:ResponseError" (repr) hides a
+                        # protected-mode or password refusal.
+                        log.warning("redis %s unreachable: %s; keeping the last table, retrying",
+                                    redacted_url(self.config.redis_url), text)  # fmt: skip
+                    self._redis_error = text
                     self._redis_up = False
                     self.metrics.redis_up.set(0)
                     self.metrics.redis_errors.inc()
@@ -481,7 +548,8 @@ class Director:
     def install(self) -> None:
         cfg = self.config
         steering.install_director(cfg.vip, cfg.ports, cfg.mark_base, cfg.queue_num, cfg.forward,
-                                cfg.flow_idle_timeout_s, table=cfg.nft_table, owner=cfg.owner)  # fmt: skip
+                                cfg.flow_idle_timeout_s, table=cfg.nft_table, owner=cfg.owner,
+                                syn_limits=cfg.syn_limits())  # fmt: skip
 
     def cleanup(self) -> None:
         cfg = self.config
@@ -501,17 +569,18 @@ class Director:
         self._queue = queue
         fd = queue.get_fd()
         self._loop.add_reader(fd, self._drain_queue)
-        self._spawn(self._feed())
-        self._spawn(self._plumbing())
+        self._died: asyncio.Future[None] = self._loop.create_future()
+        self._spawn_critical(self._feed(), "redis feed")
+        self._spawn_critical(self._plumbing(), "plumbing")
         log.info(
             "director for %s ports %s: queue %d, forward %s, redis %s pool %s",
             self.config.vip, self.config.ports, self.config.queue_num, self.config.forward,
-            self.config.redis_url, self.config.pool,
+            redacted_url(self.config.redis_url), self.config.pool,
         )  # fmt: skip
         if ready is not None:
             ready()
         try:
-            await asyncio.Future()  # until cancelled
+            await self._died  # until cancelled, or until a task it cannot steer without dies
         finally:
             self._loop.remove_reader(fd)
             for task in list(self._tasks):
@@ -528,10 +597,27 @@ class Director:
         except OSError as exc:
             log.warning("reading the queue failed: %r", exc)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn_critical(self, coro: Any, name: str) -> None:
+        """A task the director cannot steer without: if it ends (it never should), `run` raises
+        DirectorTaskDied and the process exits non-zero, so the DaemonSet restarts it, rather
+        than keep a healthy-looking process whose table or tunnels no longer follow the pods."""
+        task = self._spawn(coro)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or self._died.done():
+                return
+            exc = t.exception()
+            log.critical("director task %s ended: %s", name, "returned" if exc is None else repr(exc),
+                         exc_info=exc)  # fmt: skip
+            self._died.set_exception(DirectorTaskDied(f"{name}: {exc!r}"))
+
+        task.add_done_callback(done)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 def main(argv: list[str]) -> int:
@@ -543,12 +629,40 @@ def main(argv: list[str]) -> int:
         help="remove the director's nftables table, queue rule and tunnels at exit "
         "(by default they stay, so a restart keeps live subflows flowing)",
     )
+    parser.add_argument(
+        "--cleanup-only",
+        action="store_true",
+        help="do not steer: remove what a director with this configuration leaves on the node (nft "
+        "table with its VIP drop rule, NFQUEUE rule, fwmark ip rules and route tables, tunnel "
+        "devices) and exit; for a pool that was deleted or left mechanism 'director'",
+    )
+    parser.add_argument(
+        "--idle",
+        action="store_true",
+        help="do nothing until SIGTERM (the operator's cleanup DaemonSet runs this after "
+        "--cleanup-only in an init container, so a Ready pod means its node is clean)",
+    )
     args = parser.parse_args(argv)
+    if args.idle:
+        stop = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
+        return 0
     try:
         config = load_director_config(args.config)
     except ConfigError as exc:
         print(exc)
         return 2
+    if args.cleanup_only:
+        logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            Director(config).cleanup()
+        except (RuntimeError, OSError) as exc:
+            log.error("cleanup failed: %s", exc)
+            return 1
+        log.info("removed the kernel objects of %s (table %s, devices %s*)", config.owner, config.nft_table,
+                 config.device_prefix)  # fmt: skip
+        return 0
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -567,10 +681,14 @@ def main(argv: list[str]) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await director.run(ready=lambda: print("director ready", flush=True))
 
+    status = 0
     try:
         asyncio.run(_run())
+    except DirectorTaskDied as exc:
+        log.critical("director stopping: %s", exc)
+        status = 1
     finally:
         if args.cleanup:
             director.cleanup()
         telemetry.shutdown(2.0)
-    return 0
+    return status

@@ -52,6 +52,7 @@ from .join_address import JoinAddress
 from .registry import (
     AffinityRegistry,
     PodState,
+    RedisRegistry,
     RegistrationResult,
     make_registry,
     resolve_pod_name,
@@ -68,6 +69,12 @@ log = logging.getLogger("mcpool.affinity.pod")
 # join-before-registration race (and to let a test claim a token first: a forced collision).
 REGISTER_DELAY_ENV = "MCPOOL_TEST_AFFINITY_REGISTER_DELAY_MS"
 
+
+# The token publisher restarts after a failure; this many failures in a row, each within the
+# window of the previous one, and it is declared dead (`PodAffinity.died`).
+PUBLISHER_RESTART_S = 1.0
+PUBLISHER_MAX_FAILURES = 5
+PUBLISHER_FAILURE_WINDOW_S = 10.0
 
 # publish_tokens prunes its set of own tokens once per this many new connections (amortised O(1)).
 MINE_PRUNE_EVERY = 4096
@@ -209,6 +216,13 @@ class PodAffinity:
         self._receive_set_up = False
         self._reconciler: asyncio.Task[None] | None = None
         self._absent_once: set[int] = set()  # tokens missing from the last kernel listing
+        # Set when a background task died for good (the registry's heartbeat, the token publisher
+        # failing over and over): the proxy then stops being ready and drains, so the
+        # StatefulSet restarts a pod that no longer keeps its connections steerable.
+        self.died = asyncio.Event()
+        self.failure: str | None = None
+        if isinstance(self.registry, RedisRegistry):
+            self.registry.on_task_failure = self._task_died
         metrics = metrics_registry if metrics_registry is not None else CollectorRegistry()
         self.receive_gauge = Gauge(
             "mcpool_affinity_pod_receive_ready",
@@ -242,6 +256,8 @@ class PodAffinity:
                 self.subscription = subscription
                 self._publisher = asyncio.get_running_loop().create_task(self._publish(subscription, self._tokens))
                 self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
+                self._watch(self._publisher, "token publisher")
+                self._watch(self._reconciler, "token reconciler")
         except Exception:  # noqa: BLE001 - never into the proxy
             self.errors += 1
             log.exception("affinity: start failed; the pod serves, but its joins may not be steered")
@@ -302,18 +318,44 @@ class PodAffinity:
         self._absent_once = absent - self._absent_once
         return True
 
+    def _task_died(self, name: str, exc: BaseException) -> None:
+        """A background task is gone for good: say so and tell the proxy (`died`)."""
+        self.errors += 1
+        if self.failure is None:
+            self.failure = f"{name} died: {type(exc).__name__}: {exc}"
+            log.critical("affinity: %s; this pod can no longer be steered and stops being ready", self.failure)
+        self.died.set()
+
+    def _watch(self, task: asyncio.Task[None], name: str) -> None:
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                exc = t.exception()
+                assert exc is not None
+                self._task_died(name, exc)
+
+        task.add_done_callback(done)
+
     async def _publish(self, events: MptcpSubscription, registry: AffinityRegistry) -> None:
         # publish_tokens runs forever; if it dies on an unexpected error, restart it after a pause
-        # rather than leaving the pod silently unsteerable.
+        # (one bad event must not cost the pod its steering); failing PUBLISHER_MAX_FAILURES times
+        # in a row, each within PUBLISHER_FAILURE_WINDOW_S of the last, it is dead for good.
+        failures = 0
+        last_failure = float("-inf")
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 await publish_tokens(registry, events, local_ports=self.listen_ports)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001
                 self.errors += 1
+                now = loop.time()
+                failures = failures + 1 if now - last_failure < PUBLISHER_FAILURE_WINDOW_S else 1
+                last_failure = now
+                if failures >= PUBLISHER_MAX_FAILURES:
+                    raise RuntimeError(f"token publisher failed {failures} times in a row: {exc}") from exc
                 log.exception("affinity: token publisher failed; restarting in 1 s")
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(PUBLISHER_RESTART_S)
 
     async def drain(self) -> None:
         """Tell directors this pod takes no new initial subflows (its joins still arrive)."""

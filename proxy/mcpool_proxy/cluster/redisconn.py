@@ -18,7 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-__all__ = ["REDIS_ERRORS", "Backoff", "open_redis"]
+__all__ = ["REDIS_ERRORS", "Backoff", "open_redis", "redis_error_text", "redacted_url"]
 
 # Everything an unreachable, restarting or overloaded Redis can raise through redis-py.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
@@ -42,6 +42,30 @@ def open_redis(url: str, timeout_s: float) -> aioredis.Redis:
         **({"password": password} if password else {}),  # type: ignore[arg-type]
     )
     return client
+
+
+def redis_error_text(exc: BaseException) -> str:
+    """What went wrong, in the server's own words where it sent any.
+
+    `repr()` of a redis-py error is e.g. `server:ResponseError`, which loses exactly the text that
+    explains it ("DENIED Redis is running in protected mode ...", "invalid username-password
+    pair ..."); the message is in `str()`. A timeout has no message at all: name it.
+    """
+    text = str(exc).strip()
+    name = type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        return f"{name} (no answer within the operation timeout)"
+    return f"{name}: {text}" if text else name
+
+
+def redacted_url(url: str) -> str:
+    """`url` without its password, for log lines."""
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    netloc = parsed.netloc.rsplit("@", 1)[1]
+    user = f"{parsed.username}:***@" if parsed.username else ":***@"
+    return parsed._replace(netloc=user + netloc).geturl()
 
 
 class Backoff:

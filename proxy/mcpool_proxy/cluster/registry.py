@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections import Counter as Multiset
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..config import AffinityConfig
 from .keys import KeySchema, token_hex
-from .redisconn import REDIS_ERRORS, Backoff, open_redis
+from .redisconn import REDIS_ERRORS, Backoff, open_redis, redacted_url, redis_error_text
 
 __all__ = [
     "AffinityRegistry",
@@ -123,6 +123,13 @@ class RegistryMetrics:
         self.live = Gauge(
             "mcpool_affinity_live_connections",
             "Connections this pod has registered and not closed.",
+            registry=registry,
+        )
+        # --- collisions made visible (issue 10) ---
+        self.collided = Gauge(
+            "mcpool_affinity_collided_connections",
+            "Live connections of this pod whose token another pod owns: single-path (their joins go "
+            "to the owner and are reset) until the owner's connection closes. See docs/affinity.md.",
             registry=registry,
         )
         self.resyncs = Counter(
@@ -229,6 +236,7 @@ class MemoryRegistry:
     async def unregister_connection(self, token: int, cpe: str | None = None) -> None:
         cpe, last = self._local.remove(token, cpe)
         self.metrics.live.set(len(self._local.live))
+        self.metrics.collided.set(len(self._local.collided))
         if self.store.tokens.get(token) == self.pod_name:
             del self.store.tokens[token]
         if last and cpe is not None and self.store.cpes.get(cpe) == self.pod_name:
@@ -364,6 +372,10 @@ class RedisRegistry:
         self._reconnecting: asyncio.Task[None] | None = None
         self._backoff = Backoff()
         self._stopped = False
+        self._logged_error: str | None = None  # the last Redis failure logged above debug
+        # Called when a background loop (heartbeat, reconnect) dies of an unexpected error: the
+        # pod would look healthy while its registrations silently expire (PodAffinity wires it).
+        self.on_task_failure: Callable[[str, BaseException], None] | None = None
 
     @property
     def ttl_ms(self) -> int:
@@ -387,6 +399,15 @@ class RedisRegistry:
         try:
             await asyncio.wait_for(self._redis.ping(), self.op_timeout_s)
         except REDIS_ERRORS as exc:
+            # The registry begins "down", so _mark_down would not warn: say it now, once, in
+            # the server's own words (a protected-mode or password refusal explains itself).
+            self._logged_error = redis_error_text(exc)
+            log.error(
+                "redis %s unreachable at start: %s. This pod serves, but directors cannot steer to "
+                "it until it registers; retrying",
+                redacted_url(self._url),
+                self._logged_error,
+            )
             self._mark_down("connect", exc)
         else:
             self._set_up(True)
@@ -454,6 +475,7 @@ class RedisRegistry:
             self.metrics.registrations.labels("registered").inc()
             return RegistrationResult("registered", owner)
         self._local.collided[token] = owner
+        self.metrics.collided.set(len(self._local.collided))
         self.metrics.collisions.inc()
         self.metrics.registrations.labels("collision").inc()
         log.warning(
@@ -469,6 +491,7 @@ class RedisRegistry:
         was_collided = token in self._local.collided
         cpe, last = self._local.remove(token, cpe)
         self.metrics.live.set(len(self._local.live))
+        self.metrics.collided.set(len(self._local.collided))
         if self._up and cpe is not None and not was_collided:
             await self._release(token, cpe, last)
 
@@ -523,6 +546,7 @@ class RedisRegistry:
                 collided[int(pairs[i], 16)] = str(pairs[i + 1])
         # A token's collision ends when its first owner releases it and we claim it here.
         self._local.collided = {t: o for t, o in collided.items() if t in self._local.live}
+        self.metrics.collided.set(len(self._local.collided))
 
     async def _heartbeat_loop(self) -> None:
         while not self._stopped:
@@ -551,19 +575,27 @@ class RedisRegistry:
                 len(self._local.live),
             )
             self._set_up(True)
+            self._logged_error = None
             return
 
     def _mark_down(self, op: str, exc: BaseException) -> None:
         self._count_error(op, exc)
         if self._up:
-            log.warning("redis unreachable (%s: %r): keeping local state, retrying", op, exc)
+            self._logged_error = redis_error_text(exc)
+            log.warning("redis unreachable (%s: %s): keeping local state, retrying", op, self._logged_error)
         self._set_up(False)
         if not self._stopped and (self._reconnecting is None or self._reconnecting.done()):
             self._reconnecting = self._spawn(self._reconnect_loop())
 
     def _count_error(self, op: str, exc: BaseException) -> None:
         self.metrics.redis_errors.labels(op).inc()
-        log.debug("redis %s failed: %r", op, exc)
+        text = redis_error_text(exc)
+        if op == "reconnect" and text != self._logged_error:
+            # A new reason while retrying (e.g. the server now answers, but refuses us).
+            self._logged_error = text
+            log.warning("redis %s still unreachable: %s", redacted_url(self._url), text)
+        else:
+            log.debug("redis %s failed: %s", op, text)
 
     def _set_up(self, up: bool) -> None:
         self._up = up
@@ -573,7 +605,18 @@ class RedisRegistry:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        name = getattr(task.get_coro(), "__qualname__", "registry task")
+        log.critical("registry background task %s died: %s", name, exc, exc_info=exc)
+        if self.on_task_failure is not None:
+            self.on_task_failure(f"registry {name}", exc)
 
 
 def make_registry(

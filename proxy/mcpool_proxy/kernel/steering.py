@@ -2,6 +2,10 @@
 
 Only SYNs to the VIP reach userspace. The packet path in the director's namespace:
 
+0. nft `steer` first rate-limits SYNs to the VIP (the queue to userspace is the director's SYN
+   queue, `queue_max_len` deep, decided by one Python thread): per source address (IPv6: per
+   /64) and in total; a SYN over either limit is dropped in the kernel and counted
+   (`syn_over_source`, `syn_over_total`), so one flooding source cannot fill the queue for all.
 1. nft `steer` (prerouting, priority -200): an MP_JOIN SYN (`tcp option mptcp subtype 1`) is
    marked JOIN, any other SYN INITIAL; any other packet of a known flow gets its pod mark back
    from the `flows` map (keyed by CPE address, CPE port, VIP port); anything else to the VIP is
@@ -44,6 +48,7 @@ import logging
 import re
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT
@@ -62,6 +67,7 @@ __all__ = [
     "POD_RX_DEVICE",
     "RULE_PREF",
     "SLOT_DEVICE_PREFIX",
+    "SynLimits",
     "table_owner",
     "director_ruleset",
     "install_director",
@@ -123,6 +129,7 @@ def director_ruleset(
     max_flows: int = 1_048_576,
     table: str = NFT_TABLE,
     owner: str = "",
+    syn_limits: SynLimits | None = None,
 ) -> str:
     """The director's nftables table (an `nft -f` script). Pure; re-applying it keeps the flows.
 
@@ -130,6 +137,7 @@ def director_ruleset(
     every live subflow steered; only the chains are replaced.
     """
     fam, addr_type = _family(vip)
+    limits = syn_limits if syn_limits is not None else SynLimits()
     initial, join = queue_marks(mark_base)
     match = f"{fam} daddr {vip} tcp dport {{ {', '.join(str(p) for p in sorted(set(ports)))} }}"
     owned = f"meta mark & 0xffff0000 == {mark_base:#010x}"
@@ -143,6 +151,13 @@ def director_ruleset(
         f"add counter inet {table} queued_initial",
         f"add counter inet {table} queued_join",
         f"add counter inet {table} unknown_flow",
+        f"add counter inet {table} syn_over_source",
+        f"add counter inet {table} syn_over_total",
+        # One element per recent SYN source, each with its own token bucket; an idle source is
+        # forgotten after a minute, and a full set admits new sources unlimited per source (the
+        # total limit still holds).
+        f"add set inet {table} syn_sources {{ {_syn_source_type(fam, addr_type)}; flags dynamic,timeout; "
+        f"timeout 60s; size {limits.max_sources}; }}",
     ]
     # "add" then "delete" each chain: valid whether or not it exists, and the whole script is one
     # transaction, so packets never see a half-installed table.
@@ -155,6 +170,7 @@ def director_ruleset(
         "    type filter hook prerouting priority -200; policy accept;",
         # Every SYN is decided afresh, even one whose 4-tuple is still in `flows`: a CPE port
         # reused for a new subflow must not inherit the previous subflow's pod.
+        *_syn_limit_rules(match, fam, limits),
         f"    {match} tcp flags & (syn | ack) == syn tcp option mptcp subtype 1 meta mark set {join:#010x} counter name queued_join accept",
         f"    {match} tcp flags & (syn | ack) == syn meta mark set {initial:#010x} counter name queued_initial accept",
         f"    {match} meta mark set {fam} saddr . tcp sport . tcp dport map @flows counter name restored accept",
@@ -182,6 +198,46 @@ def director_ruleset(
         ]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class SynLimits:
+    """How many SYNs to the VIP may reach the queue per second: per source, and in total (0: no
+    limit). Bursts absorb a CPE opening its subflows together, or a reconnect storm."""
+
+    per_source: int = 200
+    per_source_burst: int = 400
+    total: int = 20_000
+    total_burst: int = 4096
+    max_sources: int = 65_536
+
+
+def _syn_source_key(fam: str) -> str:
+    # IPv6: a host owns its whole /64, so one address per SYN would escape a per-address limit.
+    # The key is the /64 read from the header itself (source address at byte 8): nft 1.0.6
+    # aborts on a masked `ip6 saddr & ffff:ffff:ffff:ffff::` as a dynamic set key.
+    return "ip saddr" if fam == "ip" else "@nh,64,64"
+
+
+def _syn_source_type(fam: str, addr_type: str) -> str:
+    return f"type {addr_type}" if fam == "ip" else "typeof @nh,64,64"
+
+
+def _syn_limit_rules(match: str, fam: str, limits: SynLimits) -> list[str]:
+    syn = f"{match} tcp flags & (syn | ack) == syn"
+    source = _syn_source_key(fam)
+    rules = []
+    if limits.per_source:
+        rules.append(
+            f"    {syn} add @syn_sources {{ {source} limit rate over {limits.per_source}/second "
+            f"burst {limits.per_source_burst} packets }} counter name syn_over_source drop"
+        )
+    if limits.total:
+        rules.append(
+            f"    {syn} limit rate over {limits.total}/second burst {limits.total_burst} packets "
+            "counter name syn_over_total drop"
+        )
+    return rules
 
 
 def _xtables(vip: str) -> str:
@@ -214,6 +270,7 @@ def install_director(
     flow_idle_timeout_s: int,
     table: str = NFT_TABLE,
     owner: str = "",
+    syn_limits: SynLimits | None = None,
 ) -> None:
     """Install (idempotently) the nft table, the NFQUEUE rule and forwarding sysctls.
 
@@ -236,7 +293,7 @@ def install_director(
         # Fatal only because the value is still wrong (write_sysctl reads first).
         raise RuntimeError(f"{forwarding} is not 1 and cannot be set: the director cannot forward")
     run(["nft", "-f", "-"], stdin=director_ruleset(vip, ports, mark_base, forward, flow_idle_timeout_s,
-                                                   table=table, owner=owner))  # fmt: skip
+                                                   table=table, owner=owner, syn_limits=syn_limits))  # fmt: skip
     rule = _queue_rule(mark_base, queue_num)
     xt = _xtables(vip)
     if subprocess.run([xt, rule[0], rule[1], "-C", *rule[2:]], capture_output=True).returncode != 0:
@@ -264,11 +321,42 @@ def remove_director(
     rule = _queue_rule(mark_base, queue_num)
     run([_xtables(vip), rule[0], rule[1], "-D", *rule[2:]], check=False)
     run(["nft", "delete", "table", "inet", table], check=False)
-    for dev in Path("/sys/class/net").iterdir():
-        suffix = dev.name.removeprefix(device_prefix)
-        if dev.name.startswith(device_prefix) and suffix.isdigit():
+    # The devices from netlink, not /sys/class/net: a sysfs mounted for another namespace (a
+    # container, `unshare -n`) would list the wrong ones.
+    for name in _link_names():
+        suffix = name.removeprefix(device_prefix)
+        if name.startswith(device_prefix) and suffix.isdigit():
             remove_slot(int(suffix), vip=vip, mark_base=mark_base, forward="vxlan",
                         route_table_base=route_table_base, device_prefix=device_prefix)  # fmt: skip
+    _remove_leftover_routing(vip, mark_base, route_table_base)
+
+
+def _link_names() -> list[str]:
+    names = []
+    for line in run(["ip", "-o", "link", "show"], check=False).splitlines():
+        parts = line.split(":", 2)
+        if len(parts) >= 2:
+            names.append(parts[1].strip().split("@", 1)[0])
+    return names
+
+
+def _remove_leftover_routing(vip: str, mark_base: int, route_table_base: int) -> None:
+    """fwmark rules and route tables of this director whose tunnel device is already gone (a
+    crash between the steps of add_slot, or a device deleted by hand)."""
+    v6 = ["-6"] if ipaddress.ip_address(vip).version == 6 else []
+    ours = range(route_table_base + 1, route_table_base + MAX_SLOTS + 1)
+    for line in run(["ip", *v6, "rule", "show", "pref", str(RULE_PREF)], check=False).splitlines():
+        match = re.search(r"fwmark (0x[0-9a-f]+)(?:/0x[0-9a-f]+)? lookup (\d+)", line)
+        if match and int(match.group(1), 16) & 0xFFFF0000 == mark_base and int(match.group(2)) in ours:
+            run(["ip", *v6, "rule", "del", "pref", str(RULE_PREF), "fwmark", match.group(1),
+                 "lookup", match.group(2)], check=False)  # fmt: skip
+    tables = set()
+    for line in run(["ip", *v6, "route", "show", "table", "all"], check=False).splitlines():
+        match = re.search(r"\btable (\d+)\b", line)
+        if match and int(match.group(1)) in ours:
+            tables.add(match.group(1))
+    for table in sorted(tables):
+        run(["ip", *v6, "route", "flush", "table", table], check=False)
 
 
 def add_slot(
