@@ -65,6 +65,10 @@ def test_laptop_tcp_is_converted_terminated_at_the_mcp_and_the_server_sees_the_l
     mcp_before = nft_counters(lab, "mcp", MCP_TABLE)
     with laptop_connect(lab, (server, SERVER_PORT)) as sock:
         port = sock.getsockname()[1]
+        # The server's peer is the laptop: no address translation anywhere (asserted before the
+        # download, which the server may finish, and close, before the laptop has read it).
+        wait_for(lambda: laptop in {host_of(p) for _, p in tcp_peers(lab, "srv", SERVER_PORT)}, 10,
+                 "the laptop's address as the server's peer")
         request_download(sock, 8_000_000, 21)
         # The CPE converted it (its own connection, the laptop as client)...
         cpe_conn = wait_for(lambda: proxy_connection(cpe, port), 10, "the CPE's connection")
@@ -80,8 +84,6 @@ def test_laptop_tcp_is_converted_terminated_at_the_mcp_and_the_server_sees_the_l
         conn = wait_for(at_mcp, 20, "the MCP's two subflows")
         assert conn["mode"] == "transparent"
         assert any(host_of(p) == lab.cpe_lte_ip for _, p in tcp_peers(lab, "mcp", JOIN_PORT))
-        # The server's peer is the laptop: no address translation anywhere.
-        assert laptop in {host_of(p) for _, p in tcp_peers(lab, "srv", SERVER_PORT)}
         finish_download(sock, 8_000_000, 21)
     assert nft_counters(lab, "cpe", CPE_TABLE)["converted"] > cpe_before["converted"]
     assert nft_counters(lab, "cpe", CPE_TABLE)["marked"] > cpe_before["marked"]
