@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print("implicit_bench: needs root", file=sys.stderr)
         return 1
     size, rounds, setups = (50_000_000, 1, 10) if args.quick else (300_000_000, 3, 50)
-    with ImplicitLab("mtb") as lab:
+    lab = ImplicitLab("mtb")
+    with lab:
         lab.start_testserver(f"[::]:{PORT}", mptcp=True)
         mcp_config = lab.mcp_config()
         mcp_config["listen"]["convert"] = "[::]:5124"

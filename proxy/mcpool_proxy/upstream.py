@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from .codec.convert import ErrorCode
 from .codec.socks5 import Reply
-from .kernel.mptcp import create_socket, set_nodelay, set_transparent, wait_writable
+from .kernel.mptcp import create_socket, set_mark, set_nodelay, set_transparent, wait_writable
 from .policy import IPAddress, address_text, format_endpoint, normalize_address
 
 __all__ = ["UpstreamError", "connect_upstream", "classify_errno"]
@@ -100,7 +100,7 @@ async def connect_upstream(
     try:
         set_nodelay(sock)
         if mark is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            set_mark(sock, mark)
         if source is not None:
             try:
                 set_transparent(sock)

@@ -33,6 +33,7 @@ from .sysctl import SYSCTL_MPTCP_ENABLED
 __all__ = [
     "IP_TRANSPARENT",
     "IPV6_TRANSPARENT",
+    "set_mark",
     "set_transparent",
     "IPPROTO_MPTCP",
     "MPTCP_FULL_INFO",
@@ -622,6 +623,13 @@ def set_transparent(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
     else:
         sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+
+
+def set_mark(sock: socket.socket, mark: int) -> None:
+    """SO_MARK on `sock`: every MPTCP subflow of it carries the mark (the CPE converter's marker,
+    turned into a DSCP by an nft rule, since IPV6_TCLASS is refused on MPTCP sockets). Needs
+    CAP_NET_ADMIN; raises OSError otherwise."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 
 
 def create_listener(host: str, port: int, *, backlog: int, fastopen_queue: int, mptcp: bool = True,
