@@ -10,7 +10,7 @@ setup:
 	@scripts/install-deps.sh
 
 demo: setup
-	$(VENV)/bin/mcpool demo --cluster
+	$(VENV)/bin/mcpool demo --cluster --implicit
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -22,9 +22,11 @@ from mcpool_proxy.config import (
     AffinityConfig,
     KernelConfig,
     ListenConfig,
+    MarkerConfig,
     PolicyConfig,
     ProxyConfig,
     RelayConfig,
+    TransparentConfig,
     UpstreamConfig,
 )
 
@@ -54,6 +56,8 @@ __all__ = [
 ]
 
 ADMIN_PORT = 9090
+# The on-path pods share the node's port space: their admin port is not the pods' 9090.
+ONPATH_ADMIN_PORT = 9095
 CONFIG_DIR = "/etc/mcpool"
 DIRECTOR_CONFIG_DIR = "/etc/mcpool-director"
 RUN_AS_USER = 10001
@@ -626,6 +630,122 @@ def build_director_daemonset(pool: Pool, *, image: str | None = None) -> dict[st
     }
 
 
+# --- implicit mode: the on-path DaemonSet ---------------------------------------------------------
+
+# The address rendered into the on-path configuration: each pod replaces it with its node's own
+# (`mcpool proxy --transparent-address $(NODE_IP)`), since one ConfigMap serves every node.
+ONPATH_PLACEHOLDER_ADDRESS = "192.0.2.1"
+ONPATH_CONFIG_DIR = "/etc/mcpool-onpath"
+
+
+def onpath_name(pool: Pool) -> str:
+    return f"{pool.name}-onpath"
+
+
+def build_onpath_config(pool: Pool) -> ProxyConfig:
+    """The on-path MCP's configuration: the pool's policy, relay and upstream, a transparent
+    listener instead of Convert/SOCKS5, the kernel rules installed by the proxy itself."""
+    spec = pool.spec
+    onpath = spec.on_path
+    base = build_proxy_config(pool, 0 if spec.affinity.mechanism == "join-address" else None)
+    address = ONPATH_PLACEHOLDER_ADDRESS
+    return ProxyConfig(
+        listen=ListenConfig(convert=None, socks5=None, transparent=[f"{address}:{onpath.port}"]),
+        admin=f"0.0.0.0:{ONPATH_ADMIN_PORT}",
+        upstream=base.upstream,
+        policy=base.policy,
+        relay=base.relay,
+        # The node's sysctls are the node's (a host-network pod cannot set them per pod):
+        # docs/implicit.md lists the ones the node must have.
+        kernel=KernelConfig(mptcp_checksum=spec.kernel.mptcp_checksum, tcp_fastopen_server=False,
+                            apply_sysctls=False),
+        transparent=TransparentConfig(
+            marker=MarkerConfig(dscp=onpath.marker.dscp, source=list(onpath.marker.source_prefixes)),
+            cpe_interfaces=list(onpath.cpe_interfaces),
+            join_address=f"{address}:{onpath.join_port}",
+            upstream_source=onpath.upstream_source,
+        ),
+        drain_timeout_s=spec.drain_timeout_seconds,
+        log_level=spec.log_level,
+    )
+
+
+def build_onpath_configmap(pool: Pool) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(pool, onpath_name(pool), "onpath"),
+        "data": {"onpath.yaml": build_onpath_config(pool).to_yaml()},
+    }
+
+
+def build_onpath_daemonset(pool: Pool) -> dict[str, Any]:
+    """Host-network MCPs on the gateway nodes. Capabilities: NET_ADMIN only (nftables, ip rules,
+    the path manager's endpoint, and IP_TRANSPARENT, which NET_ADMIN or NET_RAW allows: measured,
+    so NET_RAW is not added)."""
+    spec = pool.spec
+    onpath = spec.on_path
+    container: dict[str, Any] = {
+        "name": "proxy",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["mcpool"],
+        "args": ["proxy", "--config", f"{ONPATH_CONFIG_DIR}/onpath.yaml", "--transparent-address", "$(NODE_IP)"],
+        "env": [
+            {"name": "NODE_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}}},
+            *_proxy_env(pool),
+        ],
+        "ports": [{"name": "admin", "containerPort": ONPATH_ADMIN_PORT, "protocol": "TCP"}],
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "admin"}, "periodSeconds": 10,
+                          "failureThreshold": 3},
+        # Not ready while the transparent listener is unbound (its marked SYNs are dropped).
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "admin"}, "periodSeconds": 5,
+                           "failureThreshold": 2},
+        "securityContext": _container_security(["NET_ADMIN"]),
+        "volumeMounts": [
+            {"name": "config", "mountPath": ONPATH_CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    resources = _resources(pool)
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "hostNetwork": True,
+        "dnsPolicy": "ClusterFirstWithHostNet",
+        "serviceAccountName": service_account_name(pool),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": math.ceil(spec.drain_timeout_seconds) + 15,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": onpath_name(pool)}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        ],
+    }
+    if onpath.node_selector:
+        pod_spec["nodeSelector"] = dict(onpath.node_selector)
+    if onpath.tolerations:
+        pod_spec["tolerations"] = _tolerations(onpath.tolerations)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _meta(pool, onpath_name(pool), "onpath"),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(pool, "onpath")},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {
+                "metadata": {
+                    "labels": labels(pool, "onpath"),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(build_onpath_configmap(pool))},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
 def director_cleanup_name(pool: Pool) -> str:
     return f"{pool.name}-director-cleanup"
 
@@ -675,4 +795,6 @@ def build_children(pool: Pool, *, director_image: str | None = None) -> list[dic
     if pool.spec.affinity.mechanism == "director":
         children += [build_director_configmap(pool), build_director_daemonset(pool, image=director_image)]
     children += [build_statefulset(pool), build_pdb(pool)]
+    if pool.spec.on_path.enabled:
+        children += [build_onpath_configmap(pool), build_onpath_daemonset(pool)]
     return children

@@ -505,6 +505,61 @@ class OpenTelemetrySpec(_Spec):
     )
 
 
+class OnPathMarkerSpec(_Spec):
+    """How the on-path MCP tells a CPE-converted MPTCP connection from an end host's own."""
+
+    dscp: str | None = Field(
+        default="af11", max_length=8, pattern=r"^([a-z]{2}[0-9]{1,2}|ef|[0-9]{1,2})$",
+        description="DSCP the CPE converters set (default AF11); null: no DSCP test.",
+    )
+    source_prefixes: list[CIDRPrefix] = Field(
+        default_factory=list, max_length=4096,
+        description="If set, converted SYNs must also come from these prefixes (the CPEs' own addresses).",
+    )
+
+
+class OnPathSpec(_Spec):
+    """Implicit mode: a DaemonSet of host-network MCPs on the gateway nodes that subscriber traffic
+    is routed through (see docs/implicit.md for the routing prerequisites)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"{_cel_get('port', '5125')} != {_cel_get('joinPort', '5126')}",
+                    "message": "onPath.port and onPath.joinPort must differ",
+                },
+            ]
+        }
+    )
+
+    enabled: bool = Field(default=False, description="Run the on-path DaemonSet.")
+    port: Port = Field(default=5125, description="Port of the transparent listener on the node's address.")
+    join_port: Port = Field(default=5126, description="Port announced (ADD_ADDR) for the CPEs' other links to join.")
+    marker: OnPathMarkerSpec = Field(default_factory=OnPathMarkerSpec, description=OnPathMarkerSpec.__doc__)
+    cpe_interfaces: list[Annotated[str, Field(min_length=1, max_length=15)]] = Field(
+        default_factory=list, max_length=64,
+        description="Node interfaces facing the CPEs (only SYNs arriving there are intercepted); empty: any.",
+    )
+    upstream_source: Literal["client", "mcp"] = Field(
+        default="client",
+        description="'client': connect upstream from the subscriber's own address (no NAT; the return path "
+        "must pass the same node); 'mcp': from the node's address.",
+    )
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict, description="The gateway nodes that run the on-path MCP."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Their tolerations.")
+
+    @model_validator(mode="after")
+    def _check(self) -> OnPathSpec:
+        if self.port == self.join_port:
+            raise ValueError("onPath.port and onPath.joinPort must differ")
+        if not self.marker.dscp and not self.marker.source_prefixes:
+            raise ValueError("onPath.marker needs a dscp, sourcePrefixes or both")
+        return self
+
+
 class MCPPoolSpec(_Spec):
     """A pool of MPTCP concentrator proxy (MCP) pods, their Services, configuration and director."""
 
@@ -565,6 +620,7 @@ class MCPPoolSpec(_Spec):
     opentelemetry: OpenTelemetrySpec = Field(
         default_factory=OpenTelemetrySpec, description=OpenTelemetrySpec.__doc__
     )
+    on_path: OnPathSpec = Field(default_factory=OnPathSpec, description=OnPathSpec.__doc__)
     drain_timeout_seconds: float = Field(
         default=30.0,
         ge=0,

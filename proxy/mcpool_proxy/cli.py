@@ -20,9 +20,11 @@ import logging
 import resource
 import sys
 from collections.abc import Callable
+from typing import Any
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "proxy": ("mcpool_proxy.cli:proxy_main", "run the MPTCP concentrator proxy (--config FILE)"),
+    "cpe": ("mcpool_proxy.cpe.converter", "run the CPE converter: the LAN's TCP as marked MPTCP (--config FILE)"),
     "convert-client": ("mcpool_proxy.cpe.convert_client", "open a connection through an RFC 8803 converter"),
     "lab": ("mcpool_tools.lab", "build or remove the network-namespace lab topology"),
     "demo": ("mcpool_tools.demo", "bond two links through the proxy and cut one mid-transfer"),
@@ -62,6 +64,29 @@ def raise_open_files_limit(max_connections: int, max_pipes: int = 0) -> int:
     return soft
 
 
+def with_transparent_address(config: Any, address: str) -> Any:
+    """`config` with `address` as the host of its transparent listener of that family (the
+    other family's is dropped) and of its join address; ConfigError if `address` is no IP."""
+    import ipaddress
+
+    from .config import ConfigError, parse_config, split_hostport
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ConfigError(f"--transparent-address: {address!r} is not an IP address") from None
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    data = config.model_dump(mode="json")
+    ports = [split_hostport(a)[1] for a in config.listen.transparent]
+    if not ports:
+        raise ConfigError("--transparent-address: the configuration has no listen.transparent")
+    data["listen"]["transparent"] = [f"{host}:{ports[0]}"]
+    join = config.transparent.join_address
+    if join is not None:
+        data["transparent"]["join_address"] = f"{host}:{split_hostport(join)[1]}"
+    return parse_config(data, "--transparent-address")
+
+
 def proxy_main(argv: list[str]) -> int:
     """`mcpool proxy`: run the proxy until SIGTERM/SIGINT; the process's exit status."""
     from .config import ConfigError, load_config
@@ -71,9 +96,14 @@ def proxy_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mcpool proxy", description="Run the MPTCP concentrator proxy.")
     parser.add_argument("--config", required=True, help="YAML configuration file (see config.py)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log_level")
+    parser.add_argument("--transparent-address", metavar="IP",
+                        help="implicit mode: the host of listen.transparent (its family's entry) and of "
+                        "transparent.join_address, e.g. the node's address in an on-path DaemonSet")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        if args.transparent_address:
+            config = with_transparent_address(config, args.transparent_address)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

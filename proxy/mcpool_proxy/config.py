@@ -34,12 +34,15 @@ __all__ = [
     "KernelConfig",
     "LimitsConfig",
     "ListenConfig",
+    "MarkerConfig",
     "PolicyConfig",
     "ProxyConfig",
     "RelayConfig",
     "ResolverConfig",
     "Socks5User",
+    "TransparentConfig",
     "UpstreamConfig",
+    "dscp_value",
     "load_config",
     "parse_config",
     "split_hostport",
@@ -160,6 +163,12 @@ class ListenConfig(_Model):
     socks5: HostPort | None = Field(
         default=None, description="SOCKS5 listener address, e.g. '[::]:1080'; null disables it."
     )
+    transparent: list[HostPort] = Field(
+        default_factory=list,
+        description="Transparent (implicit mode) listeners: the MCP's own address and a port, at most "
+        "one IPv4 and one IPv6, e.g. ['198.51.100.7:5125', '[2001:db8::7]:5125'] (never a wildcard); "
+        "marked MPTCP SYNs of that family are sent to it by TPROXY (see `transparent`); empty: off.",
+    )
     backlog: int = Field(default=4096, ge=1, le=65535, description="listen() backlog per listener.")
     fastopen_queue: int = Field(
         default=4096,
@@ -170,10 +179,23 @@ class ListenConfig(_Model):
 
     @model_validator(mode="after")
     def _one_listener(self) -> ListenConfig:
-        if self.convert is None and self.socks5 is None:
-            raise ValueError("enable at least one of listen.convert and listen.socks5")
+        if self.convert is None and self.socks5 is None and not self.transparent:
+            raise ValueError("enable at least one of listen.convert, listen.socks5 and listen.transparent")
         if self.convert is not None and self.convert == self.socks5:
             raise ValueError("listen.convert and listen.socks5 must use different addresses")
+        families: set[int] = set()
+        for address in self.transparent:
+            host, _ = split_hostport(address)
+            ip = None if host == "localhost" else ipaddress.ip_address(host)
+            if ip is None or ip.is_unspecified:
+                # A wildcard listener would also catch the pass-through flows the socket rule sees.
+                raise ValueError(f"listen.transparent: {address!r} must be one of the MCP's own addresses, "
+                                 "not a wildcard")
+            if ip.version in families:
+                raise ValueError(f"listen.transparent: at most one IPv{ip.version} address")
+            families.add(ip.version)
+            if address in (self.convert, self.socks5):
+                raise ValueError("listen.transparent must not share an address with another listener")
         return self
 
 
@@ -490,6 +512,101 @@ class AffinityConfig(_Model):
         return self
 
 
+
+# -- implicit mode (issue 9): the MCP on the path; kept in its own block -----------------------------
+DSCP_NAMES: dict[str, int] = {
+    "cs0": 0, "cs1": 8, "af11": 10, "af12": 12, "af13": 14, "cs2": 16, "af21": 18, "af22": 20,
+    "af23": 22, "cs3": 24, "af31": 26, "af32": 28, "af33": 30, "cs4": 32, "af41": 34, "af42": 36,
+    "af43": 38, "cs5": 40, "ef": 46, "cs6": 48, "cs7": 56,
+}
+
+
+def _dscp(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text in DSCP_NAMES:
+        return text
+    if text.isdigit() and 0 <= int(text) < 64:
+        return text
+    raise ValueError(f"{value!r} is not a DSCP: a name (af11, cs1, ef...) or a number 0-63")
+
+
+DSCP = Annotated[str, AfterValidator(_dscp)]
+
+
+def dscp_value(dscp: str) -> int:
+    """The 6-bit DSCP of a name ('af11') or number ('10')."""
+    return DSCP_NAMES[dscp] if dscp in DSCP_NAMES else int(dscp)
+
+
+class MarkerConfig(_Model):
+    """How the MCP tells an MP_CAPABLE SYN that a CPE converter added from one an end host sent
+    itself: only SYNs passing every configured test are terminated here."""
+
+    dscp: DSCP | None = Field(
+        default="af11",
+        description="DSCP the CPE converter puts on its MPTCP subflows (default AF11, TOS 0x28); "
+        "null: no DSCP test.",
+    )
+    source: list[CIDR] = Field(
+        default_factory=list,
+        description="If set, a SYN counts as converted only when its source is in one of these "
+        "prefixes too (e.g. the CPEs' own access addresses); with dscp null, the only test.",
+    )
+
+    @model_validator(mode="after")
+    def _some_test(self) -> MarkerConfig:
+        if self.dscp is None and not self.source:
+            raise ValueError("transparent.marker: set dscp, source or both (with neither every MPTCP SYN "
+                             "would be terminated, including phones' own end-to-end connections)")
+        return self
+
+
+class TransparentConfig(_Model):
+    """Implicit mode: the MCP sits on the CPEs' DSL path and terminates only what the CPE converted
+    (TPROXY of marked MP_CAPABLE SYNs to `listen.transparent`); everything else is routed
+    untouched. Used only when `listen.transparent` is set."""
+
+    marker: MarkerConfig = Field(default_factory=MarkerConfig)
+    cpe_interfaces: list[Annotated[str, Field(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.:@-]+$")]] = Field(
+        default_factory=list,
+        description="Interfaces facing the CPEs; only SYNs arriving on them are intercepted. Empty: any.",
+    )
+    join_address: HostPort | None = Field(
+        default=None,
+        description="The MCP's own address:port announced with ADD_ADDR (C flag set) so a CPE's other "
+        "links join here although they never cross this path; the port must differ from "
+        "listen.transparent's. Null: no announcement (joins then cannot reach this MCP).",
+    )
+    upstream_source: Literal["client", "mcp"] = Field(
+        default="client",
+        description="'client': connect upstream from the client's own address (IP_TRANSPARENT, no "
+        "address translation; return traffic must route through this MCP); 'mcp': from the MCP's address.",
+    )
+    install_rules: bool = Field(
+        default=True,
+        description="Install the nftables table and policy routing at start (removed at exit); false "
+        "when something else provides them.",
+    )
+    nft_table: str = Field(
+        default="mcpool_tproxy", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$", description="The nftables table (inet)."
+    )
+    fwmark: int = Field(default=0x1, ge=1, le=0xFFFFFFFF, description="Mark routing intercepted packets locally.")
+    route_table: int = Field(default=100, ge=1, le=0xFFFFFFFE, description="Routing table with the local route.")
+    rule_priority: int = Field(default=4200, ge=1, le=32765, description="Priority of the fwmark ip rule.")
+    bind_retry_s: float = Field(
+        default=1.0, gt=0, le=60,
+        description="While listen.transparent cannot be bound, retry this often (marked SYNs are dropped "
+        "and /readyz fails meanwhile).",
+    )
+
+    @model_validator(mode="after")
+    def _join_port(self) -> TransparentConfig:
+        if self.join_address is not None:
+            host, _ = split_hostport(self.join_address)
+            if host == "localhost" or ipaddress.ip_address(host).is_unspecified:
+                raise ValueError("transparent.join_address must be an address of the MCP, not a wildcard")
+        return self
+
 class ProxyConfig(_Model):
     """The whole configuration of one MCP pod (`mcpool proxy --config FILE`)."""
 
@@ -511,6 +628,7 @@ class ProxyConfig(_Model):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     resolver: ResolverConfig = Field(default_factory=ResolverConfig)
     affinity: AffinityConfig = Field(default_factory=AffinityConfig)
+    transparent: TransparentConfig = Field(default_factory=TransparentConfig)
     drain_timeout_s: float = Field(
         default=30.0, ge=0, le=86_400, description="On SIGTERM, how long live connections may continue."
     )
@@ -525,6 +643,14 @@ class ProxyConfig(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log verbosity; logs are JSON lines on stderr when it is not a terminal."
     )
+
+    @model_validator(mode="after")
+    def _transparent_ports(self) -> ProxyConfig:
+        if self.transparent.join_address is not None:
+            if split_hostport(self.transparent.join_address)[1] in {split_hostport(a)[1] for a in self.listen.transparent}:
+                # The kernel opens its own join listener on the announced port: same port, EADDRINUSE.
+                raise ValueError("transparent.join_address needs a port different from listen.transparent's")
+        return self
 
     def to_yaml(self) -> str:
         """Render as YAML the proxy can load back (the operator's ConfigMap content)."""

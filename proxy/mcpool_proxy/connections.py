@@ -23,7 +23,7 @@ from .relay import Relay
 
 __all__ = ["Connection", "ConnectionObserver", "ConnectionTable"]
 
-Mode = Literal["convert", "socks5"]
+Mode = Literal["convert", "socks5", "transparent"]
 
 
 @dataclass(eq=False)

@@ -39,8 +39,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal, cast
 
+from .cluster.join_address import JoinAddress
 from .cluster.podside import PodAffinity
-from .config import ProxyConfig, split_hostport
+from .config import ProxyConfig, dscp_value, split_hostport
 from .connections import Connection, ConnectionObserver, ConnectionTable, Mode
 from .fronts import FRONTS, Destination, Front, Handshake
 from .kernel.admission import install_admission, remove_admission
@@ -56,12 +57,20 @@ from .kernel.mptcp import (
 )
 from .kernel.mptcp_events import MptcpEventHub
 from .kernel.sysctl import apply_kernel_settings
+from .kernel.tproxy import (
+    TproxyTarget,
+    install_routing,
+    install_table,
+    mcp_ruleset,
+    remove_routing,
+    remove_table,
+    table_counters,
+)
 from .limits import MAX_HANDSHAKES, ClientLimits
 from .observe.admin import AdminServer
 from .observe.logs import log_connection_closed
 from .observe.metrics import PathSample, ProxyMetrics, observe
 from .observe.telemetry import (
-    ConnectionTrace,
     SubflowWatcher,
     Telemetry,
     connection_fields,
@@ -85,11 +94,15 @@ from .relay import CloseReason, Relay, RelayPools, resolve_mode
 from .resolver import Resolver
 from .upstream import UpstreamError, UpstreamOptions, connect_upstream
 
-__all__ = ["READY_LINE", "Proxy", "run", "start_affinity"]
+__all__ = ["READY_LINE", "Connector", "Proxy", "run", "start_affinity"]
 
 log = logging.getLogger("mcpool.proxy")
 
 READY_LINE = "mcpool-proxy ready"
+
+# An upstream connector: (the connection's handshake, host, port, source address or None) ->
+# the connected non-blocking socket; raises UpstreamError.
+Connector = Callable[[Handshake, str, int, "str | None"], Awaitable[socket.socket]]
 
 # How many connections one readiness event of a listener accepts before yielding.
 _ACCEPT_BATCH = 64
@@ -119,8 +132,12 @@ class Proxy:
         telemetry: Telemetry | None = None,
         watch_subflows: bool = True,
         mptcp_events: MptcpEventHub | None = None,
+        connector: Connector | None = None,
     ) -> None:
         self.config = config
+        # How the upstream room connects (the CPE converter brings its own: marked MPTCP, or a
+        # Convert handshake with a converter); default `upstream.connect_upstream`.
+        self.connector = connector
         # The process's one mptcp_pm subscription: the subflow watcher's, and the pod affinity's
         # token publisher's when `run()` wires it in.
         self.mptcp_events = mptcp_events if mptcp_events is not None else MptcpEventHub()
@@ -161,6 +178,12 @@ class Proxy:
         self.admission_filter = False  # the kernel/admission.py table is installed
         self.admin: AdminServer | None = None
         self._listeners: dict[str, socket.socket] = {}
+        # Implicit mode: transparent listeners not bound yet (address -> last error), the kernel
+        # objects installed for them, the retry timer.
+        self.transparent_missing: dict[str, str] = {}
+        self._tproxy_installed = False
+        self._join: JoinAddress | None = None
+        self._bind_retry: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._handshakes = 0
         self._lingering = 0  # refusals at accept still lingering (fronts.base.Handshake.linger_s)
@@ -202,9 +225,13 @@ class Proxy:
         self.metrics.relay_mode.labels(self.relay_mode).set(1)
         try:
             for protocol in FRONTS:
+                if protocol == "transparent":
+                    continue
                 address: str | None = getattr(self.config.listen, protocol)
                 if address is not None:
                     self._listen(protocol, address)
+            if self.config.listen.transparent:
+                self._start_transparent()
             if self.config.admin is not None:
                 host, port = split_hostport(self.config.admin)
                 self.admin = AdminServer(
@@ -249,13 +276,14 @@ class Proxy:
                 "two-subflow streams may be corrupted on some kernels (set net.mptcp.checksum_enabled=1)"
             )
 
-    def _listen(self, protocol: str, address: str) -> None:
+    def _listen(self, protocol: str, address: str, *, key: str | None = None) -> None:
         host, port = split_hostport(address)
         if host == "localhost":
             host = "127.0.0.1"
         # "::" serves IPv4 clients too (as IPv4-mapped addresses, which policy unwraps).
         sock, is_mptcp = create_listener(
-            host, port, backlog=self.config.listen.backlog, fastopen_queue=self.config.listen.fastopen_queue
+            host, port, backlog=self.config.listen.backlog, fastopen_queue=self.config.listen.fastopen_queue,
+            transparent=protocol == "transparent",
         )
         if not is_mptcp:
             if self.config.kernel.require_mptcp:
@@ -271,20 +299,95 @@ class Proxy:
                 protocol,
             )
         bound = sock.getsockname()
-        self._listeners[protocol] = sock
-        self.listen_addresses[protocol] = (str(bound[0]), int(bound[1]))
-        self.listeners_mptcp[protocol] = is_mptcp
+        key = key or protocol
+        self._listeners[key] = sock
+        self.listen_addresses[key] = (str(bound[0]), int(bound[1]))
+        self.listeners_mptcp[key] = is_mptcp
         assert self._loop is not None
         self._loop.add_reader(sock.fileno(), self._on_acceptable, sock, protocol)
+
+    # -- implicit mode ---------------------------------------------------------------------------
+    def _start_transparent(self) -> None:
+        """Install the classification table and policy routing (kernel/tproxy.py), announce the
+        join address, bind the transparent listeners. A listener that cannot be bound is retried
+        every `transparent.bind_retry_s`: meanwhile the table drops the marked SYNs it would get
+        (fail closed) and /readyz fails. Failing to install the table is fatal (OSError): a
+        transparent listener without it would never see a SYN, and nothing would say so."""
+        cfg = self.config.transparent
+        targets = [TproxyTarget(*split_hostport(address)) for address in self.config.listen.transparent]
+        if cfg.install_rules:
+            script = mcp_ruleset(
+                targets, allowed=self.config.policy.allowed_cpes,
+                dscp=None if cfg.marker.dscp is None else dscp_value(cfg.marker.dscp),
+                marker_sources=cfg.marker.source, interfaces=cfg.cpe_interfaces, fwmark=cfg.fwmark,
+                table=cfg.nft_table,
+            )  # fmt: skip
+            try:
+                install_table(script)
+                self._tproxy_installed = True
+                install_routing(cfg.fwmark, cfg.route_table, cfg.rule_priority)
+            except (RuntimeError, OSError) as exc:
+                raise OSError(f"cannot install the transparent mode's kernel rules: {exc}") from None
+        if cfg.join_address is not None:
+            self._join = JoinAddress(cfg.join_address, [t.port for t in targets])
+            if not self._join.start():
+                log.error("transparent.join_address %s is not announced: CPEs' other links cannot join",
+                          cfg.join_address)
+        self.transparent_missing = {address: "not bound yet" for address in self.config.listen.transparent}
+        self._bind_transparent()
+
+    def _bind_transparent(self) -> None:
+        self._bind_retry = None
+        for address in list(self.transparent_missing):
+            key = "transparent6" if ":" in split_hostport(address)[0] else "transparent"
+            try:
+                self._listen("transparent", address, key=key)
+            except OSError as exc:
+                first = self.transparent_missing[address] == "not bound yet"
+                self.transparent_missing[address] = f"{exc.strerror or exc}"
+                if first:
+                    log.error(
+                        "cannot bind the transparent listener %s (%s): marked SYNs are dropped and /readyz "
+                        "fails until it is bound (retrying every %gs)", address, exc.strerror or exc,
+                        self.config.transparent.bind_retry_s,
+                    )  # fmt: skip
+                continue
+            del self.transparent_missing[address]
+            log.info("transparent listener bound", extra={"fields": {"listener": address}})
+        self.metrics.transparent_unbound.set(len(self.transparent_missing))
+        if self.transparent_missing and self._loop is not None and not self._draining:
+            self._bind_retry = self._loop.call_later(self.config.transparent.bind_retry_s, self._bind_transparent)
+
+    def _stop_transparent(self) -> None:
+        if self._bind_retry is not None:
+            self._bind_retry.cancel()
+            self._bind_retry = None
+        if self._join is not None:
+            self._join.stop()
+            self._join = None
+        cfg = self.config.transparent
+        if self._tproxy_installed:
+            remove_table(cfg.nft_table)
+            remove_routing(cfg.fwmark, cfg.route_table, cfg.rule_priority)
+            self._tproxy_installed = False
+
+    def transparent_counters(self) -> dict[str, int]:
+        """The classification table's counters (intercepted, unbound, stranger, passed)."""
+        if not self._tproxy_installed:
+            return {}
+        return table_counters(self.config.transparent.nft_table)
 
     def _start_subflow_watch(self) -> None:
         # Only MPTCP listeners have subflows to watch; the refusal counters are namespace-wide
         # and cumulative, so they are reported relative to now.
         self._join_refusals_at_start = join_refusals()
         self._mptcp_counters_at_start = mptcp_counters()
-        if not self._watch_subflows or not any(self.listeners_mptcp.values()):
+        if not self._watch_subflows or not (any(self.listeners_mptcp.values()) or self.config.listen.transparent):
             return
-        self.subflows.listen_ports = frozenset(port for _, port in self.listen_addresses.values())
+        # A transparent connection's local port is its original destination's, not a listener's:
+        # then every server-side connection of this namespace is watched.
+        ports = frozenset(port for _, port in self.listen_addresses.values())
+        self.subflows.listen_ports = frozenset() if self.config.listen.transparent else ports
         assert self._loop is not None
         self._watch_task = self._loop.create_task(self.subflows.run(self.mptcp_events))
 
@@ -391,6 +494,7 @@ class Proxy:
         self._draining = True
         self._close_listeners()
         self._abort_all()
+        self._stop_transparent()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._sweep_task is not None:
@@ -413,7 +517,7 @@ class Proxy:
     # -- admin target --------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self._listening and not self._draining and self.failure is None
+        return self._listening and not self._draining and self.failure is None and not self.transparent_missing
 
     def fail(self, reason: str) -> None:
         """A part the pod depends on died (e.g. the affinity's heartbeat): not ready from now on,
@@ -447,6 +551,7 @@ class Proxy:
             "mptcp": bool(self.listeners_mptcp) and all(self.listeners_mptcp.values()),
             "listeners_mptcp": dict(self.listeners_mptcp),
             "admission_filter": self.admission_filter,
+            **({"transparent_unbound": dict(self.transparent_missing)} if self.config.listen.transparent else {}),
         }
 
     def render_metrics(self, openmetrics: bool = False) -> bytes:
@@ -613,11 +718,16 @@ class Proxy:
         """Connect to the destination's candidates in turn; the first that answers (and how many
         of `dest.early_data` its SYN carried), else the last attempt's UpstreamError."""
         last_error: UpstreamError | None = None
-        options = UpstreamOptions(mss=dest.tcp_mss, fastopen_data=dest.early_data, liveness=self.config.limits)
+        source = None
+        if hs.protocol == "transparent" and self.config.transparent.upstream_source == "client":
+            source = hs.client[0]
+        options = UpstreamOptions(
+            mss=dest.tcp_mss, fastopen_data=dest.early_data, liveness=self.config.limits, source=source
+        )
         for candidate in dest.candidates:
             host = address_str(candidate)
             try:
-                upstream, sent = await self._connect_one(hs.trace, host, dest.port, options)
+                upstream, sent = await self._connect_one(hs, host, dest.port, options)
             except UpstreamError as exc:
                 last_error = exc
                 continue
@@ -629,21 +739,26 @@ class Proxy:
         raise last_error
 
     async def _connect_one(
-        self, trace: ConnectionTrace, host: str, port: int, options: UpstreamOptions
+        self, hs: Handshake, host: str, port: int, options: UpstreamOptions
     ) -> tuple[socket.socket, int]:
+        trace = hs.trace
         trace.begin_upstream(host, port)
         started = time.monotonic()
         try:
-            upstream = await connect_upstream(
-                host, port, self.config.upstream.protocol, self.config.upstream.connect_timeout_s, options
-            )
+            if self.connector is not None:
+                # A connector (the CPE converter's) opens its own way and sends no early data.
+                upstream, sent = await self.connector(hs, host, port, options.source), 0
+            else:
+                upstream, sent = await connect_upstream(
+                    host, port, self.config.upstream.protocol, self.config.upstream.connect_timeout_s, options
+                )
         except UpstreamError as exc:
             self.metrics.child(self.metrics.upstream_errors, exc.reason).inc()
             trace.end_upstream(exc.reason)
             raise
         observe(self.metrics.upstream_latency, time.monotonic() - started, trace.trace_id)
         trace.end_upstream()
-        return upstream
+        return upstream, sent
 
     def _tasks_pending(self) -> bool:
         current = asyncio.current_task()

@@ -37,8 +37,10 @@ from .kernel.mptcp import (
     create_socket,
     enable_fastopen_connect,
     set_liveness,
+    set_mark,
     set_nodelay,
     set_syn_mss,
+    set_transparent,
     wait_writable,
 )
 from .policy import IPAddress, address_text, format_endpoint, normalize_address
@@ -95,6 +97,8 @@ class UpstreamOptions:
     mss: int | None = None  # TCP_MAXSEG before connect: the MSS announced in the SYN
     fastopen_data: bytes = b""  # open with TCP Fast Open, these bytes in the SYN if a cookie allows
     liveness: LimitsConfig | None = None  # keepalive and TCP_USER_TIMEOUT (kernel.mptcp.set_liveness)
+    source: str | None = None  # implicit mode: bind the client's own address (IP_TRANSPARENT)
+    mark: int | None = None  # SO_MARK (the CPE converter's marker on every subflow)
 
 
 async def connect_upstream(
@@ -109,6 +113,11 @@ async def connect_upstream(
     Fast Open cookie of the server, the data goes in the SYN (0-RTT) and the server may answer
     before the handshake completes; without a cookie the SYN asks for one and nothing is sent
     early.
+
+    `options.source` (implicit mode): connect from this address although it is not ours
+    (IP_TRANSPARENT, bound before the connect), so the server sees the client's own address and
+    no address translation is needed; the replies must be routed back through this host.
+    `options.mark`: SO_MARK on the socket (reaches every MPTCP subflow; the CPE converter's marker).
     """
     opts = options or UpstreamOptions()
     host = address_text(address) if isinstance(address, str) else str(normalize_address(address))
@@ -120,6 +129,14 @@ async def connect_upstream(
         raise classify_errno(exc.errno, f"cannot create a socket: {exc.strerror}") from None
     try:
         set_nodelay(sock)
+        if opts.mark is not None:
+            set_mark(sock, opts.mark)
+        if opts.source is not None:
+            try:
+                set_transparent(sock)
+                sock.bind((address_text(opts.source), 0))
+            except OSError as exc:
+                raise classify_errno(exc.errno, f"cannot bind the client's address {opts.source}: {exc.strerror}") from None
         if opts.liveness is not None:
             live = opts.liveness
             set_liveness(sock, user_timeout_s=live.tcp_user_timeout_s, keepalive_idle_s=live.keepalive_idle_s,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from mcpool_tools.lab import Lab, LinkShaping, ProxyProcess, Topology
+from mcpool_tools.lab import ImplicitLab, Lab, LinkShaping, ProxyProcess, Topology
 from mcpool_tools.testserver import PatternReader, pattern_sha256
 
 __all__ = ["main", "run_demo"]
@@ -291,6 +291,115 @@ def run_cluster_demo(prefix: str, connections: int = 6, echo_bytes: int = 1_000_
         lab.down()
 
 
+def run_implicit_demo(prefix: str, size: int = 30_000_000, cut_fraction: float = 0.4,
+                      timeout_s: float = 60.0) -> bool:
+    """Third stage (`--implicit`, issue 9): the laptop's plain TCP is converted by the CPE into
+    marked MPTCP over DSL and LTE and terminated by the MCP on the DSL path, no address
+    translation; DSL is cut mid-transfer; meanwhile the phone's own MPTCP (Wi-Fi through CPE and
+    MCP, its cellular link around both) reaches the server end to end."""
+    from mcpool_proxy.kernel.mptcp import IPPROTO_MPTCP
+    from mcpool_proxy.kernel.tproxy import CPE_TABLE, MCP_TABLE
+
+    display = Display()
+    lab = ImplicitLab(prefix)
+    socks: list[socket.socket] = []
+    port = 8001
+
+    def peers(ns: str, local_port: int) -> list[str]:
+        out = lab.exec(ns, ["ss", "-tnH", "state", "established", f"( sport = :{local_port} )"]).stdout
+        return [line.split()[3].rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:") for line in out.splitlines() if line]
+
+    def counters(ns: str, table: str) -> dict[str, int]:
+        out = lab.exec(ns, ["nft", "list", "counters", "table", "inet", table]).stdout
+        found: dict[str, int] = {}
+        name = ""
+        for word in out.split():
+            if name == "?":
+                name = word
+            elif word == "counter":
+                name = "?"
+            elif word.isdigit() and name and name != "?" and name not in found:
+                found[name] = int(word)
+        return found
+
+    try:
+        display.say(f"implicit lab '{prefix}': laptop + phone -> CPE (converter) -> DSL -> MCP (on the path) -> "
+                    "server; CPE LTE and the phone's cellular link around the MCP")
+        lab.up()
+        for ns, dev, rate in (("mcp", "dsl", "40mbit"), ("cpe", "dsl", "40mbit"), ("rtr", "lte", "20mbit"),
+                              ("cpe", "lte", "20mbit")):
+            lab.exec(ns, ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "64kb",
+                          "latency", "50ms"])
+        lab.start_testserver(f"[::]:{port}", mptcp=True)
+        mcp = lab.start_proxy(lab.mcp_config(), name="mcp")
+        cpe = lab.start_cpe(lab.cpe_config())
+        display.say(f"MCP terminates only marked (DSCP AF11) MP_CAPABLE SYNs; joins announced at {lab.mcp_ip}:5126")
+        # The phone first: its own MPTCP, untouched by the CPE and the MCP.
+        with lab.in_netns("phn"):
+            phone = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP)
+            phone.settimeout(20)
+            phone.connect((lab.srv_ip, port))
+        socks.append(phone)
+        phone.sendall(b"ECHO\n")
+        with lab.in_netns("lap"):
+            laptop = socket.create_connection((lab.srv_ip, port), timeout=20)
+        socks.append(laptop)
+        laptop.settimeout(timeout_s)
+        laptop.sendall(f"SEND {size} {SEED}\n".encode())
+        phone_payload = os.urandom(200_000)
+        phone.sendall(phone_payload)
+        transfer = Transfer(size)
+        receiver = threading.Thread(target=_receive, args=(laptop, transfer, b""), daemon=True)
+        started = time.monotonic()
+        receiver.start()
+        cut_done = False
+        server_saw = False
+        server_peers: set[str] = set()
+        mcp_subflows: list[str] = []
+        while not transfer.done.wait(0.25):
+            conns = [c for c in mcp.connections() if c["client"].startswith(lab.laptop_ip)]
+            if conns:
+                mcp_subflows = sorted({s["remote"] for s in conns[0]["subflows"]} | set(mcp_subflows))
+            display.show([f"laptop download {transfer.reader.count / 1e6:5.1f}/{size / 1e6:.0f} MB "
+                          f"({_mbit(transfer.reader.count, time.monotonic() - started):5.1f} Mbit/s)",
+                          f"MCP subflows of the laptop's connection: {', '.join(mcp_subflows) or '-'}"])
+            if not server_saw:
+                server_peers = set(peers("srv", port))
+                server_saw = lab.laptop_ip in server_peers
+            if not cut_done and transfer.reader.count >= cut_fraction * size:
+                lab.cut_link("dsl")
+                cut_done = True
+                display.say(f"DSL cut at {transfer.reader.count / 1e6:.1f} MB: the rest must come over LTE")
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError("the download did not finish in time")
+        display.show([f"laptop download done in {time.monotonic() - started:.1f}s"], force=True)
+        verified = transfer.error is None and transfer.reader.count == size and \
+            transfer.reader.hexdigest() == pattern_sha256(SEED, size)
+        two_at_mcp = len(mcp_subflows) >= 2
+        lab.restore_link("dsl")
+        got = bytearray()
+        while len(got) < len(phone_payload):
+            data = phone.recv(262_144)
+            if not data:
+                break
+            got += data
+        phone_peers = [p for p in peers("srv", port) if p in (lab.phone_ip, lab.phone_cell_ip)]
+        phone_ok = bytes(got) == phone_payload and len(set(phone_peers)) == 2 and not [
+            c for c in mcp.connections() + cpe.connections() if c["client"].startswith(lab.phone_ip)]
+        display.say(f"server's peers during the download: {sorted(server_peers)} (the laptop's own address, no NAT)")
+        display.say(f"phone's subflows at the server: {sorted(set(phone_peers))}; terminated by the MCP: no")
+        display.say(f"nft counters: CPE {counters('cpe', CPE_TABLE)}; MCP {counters('mcp', MCP_TABLE)}")
+        ok = verified and two_at_mcp and server_saw and phone_ok
+        display.say(("PASS" if ok else "FAIL") + f": laptop {size / 1e6:.0f} MB sha256 "
+                    f"{'verified' if verified else 'MISMATCH'}, {len(mcp_subflows)} subflows at the MCP, server saw "
+                    f"the laptop: {server_saw}; phone end to end with both subflows: {phone_ok}")
+        return ok
+    finally:
+        for sock in socks:
+            sock.close()
+        lab.down()
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -306,6 +415,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cluster", action="store_true",
                         help="then run the cluster stage: two pods behind the director (issue 4)")
     parser.add_argument("--cluster-only", action="store_true", help="run only the cluster stage")
+    parser.add_argument("--implicit", action="store_true",
+                        help="then run the implicit stage: CPE converter + MCP on the path, a phone passing (issue 9)")
+    parser.add_argument("--implicit-only", action="store_true", help="run only the implicit stage")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("mcpool demo: needs root (it builds network namespaces)", file=sys.stderr)
@@ -313,10 +425,13 @@ def main(argv: list[str]) -> int:
     # SIGTERM tears down like Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        ok = args.cluster_only or run_demo(args.prefix, int(args.size_mb * 1e6), args.cut_at,
-                                           LinkShaping.parse(args.dsl), LinkShaping.parse(args.lte), args.timeout)
-        if ok and (args.cluster or args.cluster_only):
+        only = args.cluster_only or args.implicit_only
+        ok = only or run_demo(args.prefix, int(args.size_mb * 1e6), args.cut_at,
+                              LinkShaping.parse(args.dsl), LinkShaping.parse(args.lte), args.timeout)
+        if ok and (args.cluster or args.cluster_only) and not args.implicit_only:
             ok = run_cluster_demo(f"{args.prefix}c"[:8])
+        if ok and (args.implicit or args.implicit_only):
+            ok = run_implicit_demo(f"{args.prefix}i"[:8])
     except KeyboardInterrupt:
         print("interrupted; lab removed", file=sys.stderr)
         return 130

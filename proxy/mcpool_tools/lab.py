@@ -54,6 +54,7 @@ import yaml
 from mcpool_proxy.config import ProxyConfig, parse_config, split_hostport
 
 __all__ = [
+    "ImplicitLab",
     "Lab",
     "LabError",
     "LinkShaping",
@@ -69,7 +70,7 @@ REDIS_PORT = 6379  # in the director namespace (its own port space)
 DIRECTOR_METRICS_PORT = 9091
 READY_LINE = "mcpool-proxy ready"
 # Roles whose namespaces a lab may own; `down()` deletes only `{prefix}-{role}` of these.
-_ROLE_PATTERN = r"(cpe|rtr|srv|dir|mcp\d*)"
+_ROLE_PATTERN = r"(cpe|rtr|srv|dir|mcp\d*|lap|phn)"
 
 
 class LabError(RuntimeError):
@@ -779,6 +780,192 @@ class Lab:
             "srv": {"ip": self.srv_ip, "ip6": self.srv_ip6},
             "cpe_prefixes": self.cpe_prefixes,
         }
+
+
+class ImplicitLab(Lab):
+    r"""Implicit mode's topology (issue 9): a LAN behind the CPE, the MCP on the CPE's DSL path.
+
+    ```
+    {p}-lap eth0 198.18.10.2 -- lan0 \                                       / srv 198.18.200.1 -- {p}-srv 198.18.200.2
+    {p}-phn wlan 198.18.11.2 -- lan1  {p}-cpe dsl 198.18.1.2 -- dsl 198.18.1.1 {p}-mcp wan 198.18.100.2 -- mcp {p}-rtr
+            cell 198.18.3.2 ----------------- lte 198.18.2.2 ------------------------- lte 198.18.2.1 /
+                     \_______________________________________________________ cell 198.18.3.1 /
+    ```
+
+    (plus 2001:db8:<subnet>::/64 IPv6 on every link). The CPE (forwarding) routes by default over
+    DSL, i.e. through the MCP, and traffic from its LTE address over LTE; its LTE address is an
+    MPTCP `subflow` endpoint, `add_addr_accepted 0`. The MCP forwards everything else (it is the
+    CPE's DSL gateway) and the router routes the subscriber prefixes (LAN and DSL) back through
+    the MCP: a symmetric path, which an MCP that connects upstream from its clients' own
+    addresses needs. The phone routes by default over the CPE's Wi-Fi and from its cellular
+    address over its own link to the router, which never passes the CPE nor the MCP; its
+    cellular address is a `subflow` endpoint, so its own MPTCP has two subflows. The server is
+    MPTCP-capable. The CPE's and the MCP's processes are started by the caller.
+    """
+
+    def __init__(self, prefix: str = "mti") -> None:
+        super().__init__(Topology(prefix=prefix, access_links=("dsl", "lte")))
+        self.lan = {"lap": ("lan0", "198.18.10.1", "198.18.10.2", "2001:db8:10::1", "2001:db8:10::2"),
+                    "phn": ("lan1", "198.18.11.1", "198.18.11.2", "2001:db8:11::1", "2001:db8:11::2")}
+        self.laptop_ip, self.laptop_ip6 = "198.18.10.2", "2001:db8:10::2"
+        self.phone_ip, self.phone_ip6 = "198.18.11.2", "2001:db8:11::2"
+        self.phone_cell_ip, self.phone_cell_ip6 = "198.18.3.2", "2001:db8:3::2"
+        # The MCP's side of the CPE's DSL link (the CPE's gateway).
+        self.mcp_dsl_ip, self.mcp_dsl_ip6 = "198.18.1.1", "2001:db8:1::1"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.ns(r) for r in ("lap", "phn", "cpe", "mcp", "rtr", "srv")]
+
+    @property
+    def subscriber_prefixes(self) -> list[str]:
+        """The CPE's LAN and access prefixes: what the MCP's `policy.allowed_cpes` needs."""
+        return ["198.18.10.0/24", "198.18.11.0/24", "198.18.1.0/24", "198.18.2.0/24",
+                "2001:db8:10::/64", "2001:db8:11::/64", "2001:db8:1::/64", "2001:db8:2::/64"]
+
+    def _route(self, ns: str, dest: str, via: str) -> None:
+        self._ip(ns, *(["-6"] if ":" in dest else []), "route", "add", dest, "via", via)
+
+    def _build(self) -> None:
+        for ns in self.namespaces:
+            self._run(["ip", "netns", "add", ns])
+            self._ip(ns, "link", "set", "lo", "up")
+            base: dict[str, str | int] = {
+                "net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0,
+                "net.ipv6.conf.all.accept_dad": 0, "net.ipv6.conf.default.accept_dad": 0,
+                "net.ipv6.conf.all.keep_addr_on_down": 1, "net.ipv6.conf.default.keep_addr_on_down": 1,
+                "net.mptcp.enabled": 1, "net.mptcp.checksum_enabled": 1,
+            }
+            if ns in (self.ns("cpe"), self.ns("mcp"), self.ns("rtr")):
+                base.update({"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1})
+            self.sysctl(ns, base)
+        # LAN: one link per host (no bridge: bridge netfilter would lose TPROXY's socket).
+        for host, (dev, gw4, ip4, gw6, ip6) in self.lan.items():
+            hostdev = "eth0" if host == "lap" else "wlan"
+            self._veth("cpe", dev, host, hostdev)
+            self._addr("cpe", dev, gw4, gw6)
+            self._addr(host, hostdev, ip4, ip6)
+            self._ip(host, "route", "add", "default", "via", gw4, "dev", hostdev)
+            self._ip(host, "-6", "route", "add", "default", "via", gw6, "dev", hostdev)
+        dsl, lte = self.links["dsl"], self.links["lte"]
+        # DSL: CPE <-> MCP (on the path); MCP <-> router.
+        self._veth("cpe", "dsl", "mcp", "dsl")
+        self._addr("cpe", "dsl", dsl.cpe_ip, dsl.cpe_ip6)
+        self._addr("mcp", "dsl", self.mcp_dsl_ip, self.mcp_dsl_ip6)
+        pod = self.pods[0]
+        self._veth("mcp", "wan", "rtr", "mcp")
+        self._addr("mcp", "wan", pod.ip, pod.ip6)
+        self._addr("rtr", "mcp", pod.rtr_ip, pod.rtr_ip6)
+        # LTE: CPE <-> router; the phone's cellular link: phone <-> router.
+        self._veth("cpe", "lte", "rtr", "lte")
+        self._addr("cpe", "lte", lte.cpe_ip, lte.cpe_ip6)
+        self._addr("rtr", "lte", lte.rtr_ip, lte.rtr_ip6)
+        self._veth("phn", "cell", "rtr", "cell")
+        self._addr("phn", "cell", self.phone_cell_ip, self.phone_cell_ip6)
+        self._addr("rtr", "cell", "198.18.3.1", "2001:db8:3::1")
+        self._veth("srv", "eth0", "rtr", "srv")
+        self._addr("srv", "eth0", self.srv_ip, self.srv_ip6)
+        self._addr("rtr", "srv", "198.18.200.1", "2001:db8:200::1")
+        # Routes.
+        self._ip("cpe", "route", "add", "default", "via", self.mcp_dsl_ip, "dev", "dsl")
+        self._ip("cpe", "-6", "route", "add", "default", "via", self.mcp_dsl_ip6, "dev", "dsl")
+        for fam, src, gw in (("-4", lte.cpe_ip, lte.rtr_ip), ("-6", lte.cpe_ip6, lte.rtr_ip6)):
+            self._ip("cpe", fam, "rule", "add", "from", src, "table", str(lte.table), "pref", "1001")
+            self._ip("cpe", fam, "route", "add", "default", "via", gw, "dev", "lte", "table", str(lte.table))
+        self._ip("mcp", "route", "add", "default", "via", pod.rtr_ip)
+        self._ip("mcp", "-6", "route", "add", "default", "via", pod.rtr_ip6)
+        for net in ("198.18.10.0/24", "198.18.11.0/24"):
+            self._route("mcp", net, dsl.cpe_ip)
+            self._route("rtr", net, pod.ip)
+        for net in ("2001:db8:10::/64", "2001:db8:11::/64"):
+            self._route("mcp", net, dsl.cpe_ip6)
+            self._route("rtr", net, pod.ip6)
+        self._route("rtr", "198.18.1.0/24", pod.ip)
+        self._route("rtr", "2001:db8:1::/64", pod.ip6)
+        for fam, src, gw in (("-4", self.phone_cell_ip, "198.18.3.1"), ("-6", self.phone_cell_ip6, "2001:db8:3::1")):
+            self._ip("phn", fam, "rule", "add", "from", src, "table", "101", "pref", "1001")
+            self._ip("phn", fam, "route", "add", "default", "via", gw, "dev", "cell", "table", "101")
+        self._ip("srv", "route", "add", "default", "via", "198.18.200.1")
+        self._ip("srv", "-6", "route", "add", "default", "via", "2001:db8:200::1")
+        # MPTCP: the CPE's and the phone's second links are subflow endpoints.
+        self._ip("cpe", "mptcp", "limits", "set", "subflows", "2", "add_addr_accepted", "0")
+        for addr in (lte.cpe_ip, lte.cpe_ip6):
+            self._ip("cpe", "mptcp", "endpoint", "add", addr, "dev", "lte", "subflow")
+        self._ip("phn", "mptcp", "limits", "set", "subflows", "2", "add_addr_accepted", "0")
+        for addr in (self.phone_cell_ip, self.phone_cell_ip6):
+            self._ip("phn", "mptcp", "endpoint", "add", addr, "dev", "cell", "subflow")
+        self._ip("mcp", "mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "0")
+        self._ip("srv", "mptcp", "limits", "set", "subflows", "8", "add_addr_accepted", "8")
+        self._wait_carrier(self.namespaces)
+
+    def cut_link(self, name: str) -> None:
+        """Cut the DSL (at the MCP's end) or LTE (at the router's end), as the line losing sync:
+        the CPE's side keeps its addresses and routes, and MPTCP must notice by itself."""
+        self._ip("mcp" if name == "dsl" else "rtr", "link", "set", name, "down")
+
+    def restore_link(self, name: str) -> None:
+        self._ip("mcp" if name == "dsl" else "rtr", "link", "set", name, "up")
+        self._wait_carrier(["cpe", "mcp", "rtr"])
+        if name == "dsl":
+            # The kernel dropped the routes through the CPE when the device went down.
+            dsl = self.links["dsl"]
+            for net in ("198.18.10.0/24", "198.18.11.0/24"):
+                self._ip("mcp", "route", "replace", net, "via", dsl.cpe_ip)
+            for net in ("2001:db8:10::/64", "2001:db8:11::/64"):
+                self._ip("mcp", "-6", "route", "replace", net, "via", dsl.cpe_ip6)
+
+    def mcp_config(self, transparent_port: int = 5125, join_port: int = 5126) -> dict[str, Any]:
+        """The on-path MCP's configuration: transparent listeners on its own addresses, the
+        subscriber prefixes allowed, the IPv4 join address announced (IPv6 connections join it
+        too: an IPv6 ADD_ADDR with a port does not fit beside TCP timestamps)."""
+        return {
+            "listen": {"convert": None, "transparent": [f"{self.mcp_ip}:{transparent_port}",
+                                                        f"[{self.mcp_ip6}]:{transparent_port}"]},
+            "admin": "127.0.0.1:9090",
+            "policy": {"allowed_cpes": self.subscriber_prefixes},
+            "transparent": {"join_address": f"{self.mcp_ip}:{join_port}", "cpe_interfaces": ["dsl"]},
+            "log_level": "debug",
+        }
+
+    def cpe_config(self, **overrides: Any) -> dict[str, Any]:
+        """The lab CPE converter's configuration (`mcpool cpe`): both LAN links, implicit mode."""
+        config: dict[str, Any] = {
+            "listen": ["198.18.10.1:5200", "[2001:db8:10::1]:5200"],
+            "lan_interfaces": ["lan0", "lan1"],
+            "lan_prefixes": ["198.18.10.0/24", "198.18.11.0/24", "2001:db8:10::/64", "2001:db8:11::/64"],
+            "admin": "127.0.0.1:9091",
+            "log_level": "debug",
+        }
+        config.update(overrides)
+        return config
+
+    def start_cpe(self, config: Mapping[str, Any], *, ready_timeout_s: float = 20.0,
+                  name: str = "cpe") -> ProxyProcess:
+        """Run `mcpool cpe --config` in the CPE namespace and wait for its ready line."""
+        from mcpool_proxy.cpe.config import parse_cpe_config
+
+        if self.workdir is None:
+            raise LabError("lab is not up")
+        cfg = parse_cpe_config(dict(config), "start_cpe")
+        config_path = self.workdir / f"{name}.yaml"
+        config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        stderr_path = self.workdir / f"{name}.stderr"
+        with open(stderr_path, "w") as stderr_file:
+            proc = self.popen("cpe", self.python_argv("mcpool_proxy.cli", "cpe", "--config", str(config_path)),
+                              stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+        handle = ProxyProcess(self, self.ns("cpe"), proc, cfg.to_proxy_config(), config_path, stderr_path)
+        self._proxies.append(handle)
+        try:
+            handle.wait_ready(ready_timeout_s)
+        except BaseException:
+            handle.stop(2)
+            raise
+        return handle
+
+    def describe(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "namespaces": self.namespaces, "laptop": self.laptop_ip,
+                "phone": {"wlan": self.phone_ip, "cell": self.phone_cell_ip}, "cpe": {
+                    n: link.cpe_ip for n, link in self.links.items()}, "mcp": self.mcp_ip, "srv": self.srv_ip}
 
 
 def _wait_for_line(proc: subprocess.Popen[str], needle: str, timeout_s: float) -> subprocess.Popen[str]:

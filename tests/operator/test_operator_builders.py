@@ -69,6 +69,15 @@ EDGE_CASES: dict[str, dict[str, Any]] = {
         "accessPaths": [{"name": "dsl", "networks": ["100.64.0.0/16"]},
                         {"name": "lte", "networks": ["10.128.0.0/12", "2001:db8:4::/48"]}],
     },
+    "on-path-gateways": {
+        "policy": {"allowedCpes": ["198.18.10.0/24", "2001:db8:10::/64"]},
+        "onPath": {
+            "enabled": True,
+            "cpeInterfaces": ["eth1"],
+            "nodeSelector": {"mcp.mptcp.dev/gateway": "true"},
+            "tolerations": [{"key": "gateway", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    },
 }
 
 

@@ -164,6 +164,8 @@ CEL_REJECTS: dict[str, dict[str, Any]] = {
     "redis url with password": {"redis": {"url": "redis://:s3cret@redis:6379/0"}},
     "redis url with user and password": {"redis": {"url": "rediss://mcp:s3cret@redis:6380"}},
     "access path named other": {"accessPaths": [{"name": "other", "networks": ["198.18.1.0/24"]}]},
+    "onPath join port equal to its port": {"onPath": {"enabled": True, "port": 6000, "joinPort": 6000}},
+    "onPath join port equal to the default port": {"onPath": {"joinPort": 5125}},
 }
 
 ACCEPTS: dict[str, dict[str, Any]] = {
@@ -182,6 +184,7 @@ ACCEPTS: dict[str, dict[str, Any]] = {
     "quantities": {"resources": {"requests": {"cpu": 1, "memory": "1Gi"}}},
     "access paths": {"accessPaths": [{"name": "dsl", "networks": ["198.18.1.0/24", "2001:db8:1::/48"]},
                                      {"name": "lte", "networks": ["198.18.2.0/24"]}]},
+    "onPath gateways": {"onPath": {"enabled": True, "nodeSelector": {"gw": "yes"}, "cpeInterfaces": ["eth1"]}},
 }
 
 
@@ -215,7 +218,7 @@ def test_name_rule(name: str, ok: bool) -> None:
 def test_every_cel_rule_compiles() -> None:
     env = celpy.Environment()
     rules = [r["rule"] for _, node in walk(ROOT_SCHEMA) for r in node.get("x-kubernetes-validations") or []]
-    assert len(rules) == 11
+    assert len(rules) == 12  # 10 + accessPaths' names + onPath: port != joinPort
     for rule in rules:
         env.compile(rule)
 

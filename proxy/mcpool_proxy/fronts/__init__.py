@@ -1,4 +1,5 @@
-"""The ways into the proxy, one module each: `convert` (RFC 8803) and `socks5`.
+"""The ways into the proxy, one module each: `convert` (RFC 8803), `socks5` and `transparent`
+(implicit mode, TPROXY).
 
 A front is the protocol in front of one pipeline, as Envoy puts a protocol in a listener filter
 in front of one `tcp_proxy`. The pipeline (`server.Proxy`) runs every accepted connection
@@ -35,8 +36,10 @@ from typing import Any
 from .base import ClientGone, Destination, Front, Handshake, Oversize
 from .convert import ConvertFront
 from .socks5 import Socks5Front
+from .transparent import TransparentFront
 
-__all__ = ["FRONTS", "ClientGone", "ConvertFront", "Destination", "Front", "Handshake", "Oversize", "Socks5Front"]
+__all__ = ["FRONTS", "ClientGone", "ConvertFront", "Destination", "Front", "Handshake", "Oversize", "Socks5Front", "TransparentFront"]
 
 # Every front by its protocol name, in the order the proxy binds their listeners.
-FRONTS: dict[str, Front[Any]] = {front.protocol: front for front in (ConvertFront(), Socks5Front())}
+FRONTS: dict[str, Front[Any]] = {front.protocol: front for front in (ConvertFront(), Socks5Front(),
+                                                                     TransparentFront())}

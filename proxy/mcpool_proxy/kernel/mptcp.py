@@ -31,6 +31,10 @@ from dataclasses import dataclass
 from .sysctl import SYSCTL_MPTCP_ENABLED
 
 __all__ = [
+    "IP_TRANSPARENT",
+    "IPV6_TRANSPARENT",
+    "set_mark",
+    "set_transparent",
     "IPPROTO_MPTCP",
     "MPTCP_FULL_INFO",
     "MPTCP_INFO",
@@ -610,19 +614,44 @@ def enable_fastopen_listener(sock: socket.socket, queue_len: int) -> bool:
 # --- listeners and per-connection options ----------------------------------------------------------
 
 
-def create_listener(host: str, port: int, *, backlog: int, fastopen_queue: int) -> tuple[socket.socket, bool]:
+IP_TRANSPARENT = 19  # linux/in.h; socket.IP_TRANSPARENT is missing on some Python builds
+IPV6_TRANSPARENT = 75  # linux/in6.h
+
+
+def set_transparent(sock: socket.socket) -> None:
+    """IP_TRANSPARENT (IPV6_TRANSPARENT on IPv6 sockets): accept TPROXY'd connections for any
+    address, or bind a non-local address (a client's own) before connecting. Needs CAP_NET_ADMIN
+    or CAP_NET_RAW; raises OSError (EPERM) otherwise. Accepted sockets inherit it."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+
+
+def set_mark(sock: socket.socket, mark: int) -> None:
+    """SO_MARK on `sock`: every MPTCP subflow of it carries the mark (the CPE converter's marker,
+    turned into a DSCP by an nft rule, since IPV6_TCLASS is refused on MPTCP sockets). Needs
+    CAP_NET_ADMIN; raises OSError otherwise."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+
+
+def create_listener(host: str, port: int, *, backlog: int, fastopen_queue: int, mptcp: bool = True,
+                    transparent: bool = False) -> tuple[socket.socket, bool]:
     """A non-blocking listening socket on (host, port): MPTCP where the kernel has it (TCP clients
     are accepted either way), with TCP Fast Open when `fastopen_queue` > 0. Returns (sock,
     is_mptcp); raises OSError (e.g. EADDRINUSE) after closing what it opened.
 
     Bound to "::" it is dual-stack (IPv4 clients arrive as IPv4-mapped addresses); bound to any
-    other IPv6 address it is IPv6 only.
+    other IPv6 address it is IPv6 only. `transparent`: an IP_TRANSPARENT listener, to which TPROXY
+    hands connections for other addresses (`set_transparent`); `mptcp=False`: plain TCP.
     """
     ip = ipaddress.ip_address(host)
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    sock, is_mptcp = create_socket(family, mptcp=True)
+    sock, is_mptcp = create_socket(family, mptcp=mptcp)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if transparent:
+            set_transparent(sock)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if ip.is_unspecified else 1)
         sock.bind((host, port))

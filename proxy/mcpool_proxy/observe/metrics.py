@@ -400,6 +400,10 @@ class ProxyMetrics:
             "userspace check refuses them.",
             registry=r,
         )
+        self.transparent_unbound = Gauge(
+            "mcpool_transparent_unbound",
+            "Transparent listeners configured but not bound (their marked SYNs are dropped).", registry=r,
+        )
         self.subflows_per_connection = Histogram(
             "mcpool_mptcp_subflows_per_connection",
             "Most subflows a relayed connection had at once, observed at close (1 for plain TCP or "
