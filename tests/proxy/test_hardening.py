@@ -404,6 +404,8 @@ def test_admission_ruleset() -> None:
     assert "elements = { 10.0.0.0/8, 192.0.2.0/24 }" in script
     assert "2001:db8::/32" in script and "elements = { 1080, 5124 }" in script
     assert "tcp option mptcp subtype 1 accept" in script
+    # Non-TCP (ICMPv6 neighbour discovery, the director's VXLAN) passes before any address rule.
+    assert script.index("meta l4proto != tcp accept") < script.index("@cpes4")
     assert "limit rate over 400/second burst 800 packets" in script
     assert "update @rate4" not in admission_ruleset([], [5124])
     assert "cpes4 { type ipv4_addr; flags interval; auto-merge; }" in admission_ruleset([], [5124])

@@ -9,7 +9,9 @@ One nftables table (family `inet`, default name `mcpool_admission`) with:
   an IPv4-mapped IPv6 prefix is also entered as the IPv4 prefix it maps, since dual-stack
   listeners receive IPv4 clients as IPv4 packets);
 - set `ports` of the listeners' ports;
-- chain `input` (hook input, priority filter - 10): a SYN (SYN set, ACK/FIN/RST clear) to a
+- chain `input` (hook input, priority filter - 10): anything but TCP passes first (the address
+  rules below would otherwise drop a stranger's ICMPv6 neighbour discovery, or the director's
+  VXLAN packets); then a SYN (SYN set, ACK/FIN/RST clear) to a
   listener port from outside the sets is counted (counter `strangers`) and dropped. Everything
   else passes: established traffic, the admin port, and MP_JOIN SYNs (`tcp option mptcp subtype
   1`): a join may come from a CPE's other link, whose address is rightly not in `allowed_cpes`,
@@ -120,6 +122,7 @@ table inet {table} {{
   set ports {{ type inet_service;{elements([port_list])} }}
   chain input {{
     type filter hook input priority filter - 10; policy accept;
+    meta l4proto != tcp accept
     tcp flags & (fin | syn | rst | ack) != syn accept
     tcp dport != @ports accept
     tcp option mptcp subtype 1 accept
