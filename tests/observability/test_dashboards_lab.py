@@ -64,6 +64,10 @@ def _proxy_config(lab: Lab, pod: int, name: str) -> dict[str, Any]:
     config["admin"] = f"0.0.0.0:{ADMIN_PORT}"  # Prometheus scrapes the pod's address
     # IPv4 CPE addresses only: the CPE's IPv6 address is the "refused CPE" of the test.
     config["policy"]["allowed_cpes"] = [p for p in lab.cpe_prefixes if ":" not in p]
+    # The refused CPE must reach the userspace check, where its refusal is answered and counted
+    # by reason (the "refusals by reason" panel); with the kernel's admission filter (the
+    # default) its SYNs would be dropped before TCP and only the filter's counters see them.
+    config.setdefault("kernel", {})["admission_filter"] = False
     config["access_paths"] = {
         name: [p for p in lab.cpe_prefixes if p.startswith(link.cpe_ip.rsplit(".", 1)[0] + ".")
                or p.startswith(link.cpe_ip6.rsplit("::", 1)[0] + "::")]
