@@ -7,7 +7,7 @@ it measures, with the same load generator (`bench.loadgen`) for every path:
 - connection setup rate (connect + 64-byte request + 256-byte response + close, 64 in flight);
 for (a) direct MPTCP CPE -> server, (b) mcpool Convert (relay `splice` and `buffered`), and
 (c) HAProxy 2.6 from Debian under `mptcpize run` (`mode tcp`, nbthread 1), run LAST because of
-the kernel quirk in DESIGN.md. Then proxy RSS per idle connection (mcpool, `auto` relay, and
+the kernel quirk in README.md "Kernel facts". Then proxy RSS per idle connection (mcpool, `auto` relay, and
 HAProxy) with N idle connections acknowledged end to end by the server, and a sha256 content
 check through mcpool in every relay mode, so a broken relay cannot post a great number.
 
@@ -256,7 +256,7 @@ def busy_share(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, i
 
 
 class KernelHealth:
-    """Watches for the tcp_mem accounting leak (DESIGN.md, kernel quirks)."""
+    """Watches for the tcp_mem accounting leak (README.md, "Kernel facts")."""
 
     PATTERN = re.compile(r"inet_sock_destruct")
 
@@ -292,7 +292,7 @@ class KernelHealth:
         text = f"{when}: " + "; ".join(problems)
         bar = "!" * 78
         print(f"\n{bar}\n!! KERNEL TCP MEMORY LEAK SUSPECTED -- figures from here on are untrustworthy\n"
-              f"!! {text}\n!! (raise net.ipv4.tcp_mem or reboot; see DESIGN.md 'Kernel quirks')\n{bar}\n",
+              f"!! {text}\n!! (raise net.ipv4.tcp_mem or reboot; see README.md 'Kernel facts')\n{bar}\n",
               file=sys.stderr, flush=True)
         return text
 
@@ -746,7 +746,7 @@ backend rate
                 r.auto_mode = self.content_check(proxy, "auto")
                 self.idle_memory(res, proxy.proc.pid, f"{mcp}:{CONVERT_PORT}", f"{srv}:{PORTS['rate_tcp']}", proxy)
 
-            print("== (c) HAProxy under mptcpize (last: see DESIGN.md kernel quirks)", flush=True)
+            print("== (c) HAProxy under mptcpize (last: see README.md 'Kernel facts')", flush=True)
             hap = r.paths["haproxy"] = PathResult("haproxy", "(c) HAProxy 2.6 + mptcpize, mode tcp")
             with self.haproxy() as pid:
                 self.run_path(hap, pid, f"{mcp}:{HAPROXY_BULK_PORT}", f"{mcp}:{HAPROXY_RATE_PORT}", convert=False)

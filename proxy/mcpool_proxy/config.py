@@ -462,7 +462,7 @@ DEFAULT_POD_MAC = "02:6d:63:70:00:01"
 
 
 class AffinityConfig(_Model):
-    """How subflows of one MPTCP connection find the pod that owns it (see DESIGN.md)."""
+    """How subflows of one MPTCP connection find the pod that owns it (see docs/affinity.md)."""
 
     mechanism: Literal["director", "join-address", "none"] = Field(
         default="none", description="'director' (token steering via Redis), 'join-address' (C flag), or 'none'."

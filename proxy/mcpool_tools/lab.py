@@ -12,7 +12,7 @@ tests and the benchmark run on. It builds, on the real kernel:
 (plus 2001:db8:<subnet>::/64 IPv6 on every link). The CPE routes by source address (one policy
 rule and one table per access link), so a subflow bound to the LTE address leaves on LTE; its
 default route is DSL; every access address is an MPTCP `subflow` endpoint. Namespaces that
-terminate MPTCP (cpe, pods, srv) get `net.mptcp.checksum_enabled=1` (DESIGN.md: without it this
+terminate MPTCP (cpe, pods, srv) get `net.mptcp.checksum_enabled=1` (README.md "Kernel facts": without it this
 kernel occasionally corrupts two-subflow streams).
 
 Everything is done with `ip`/`tc`/`sysctl` subprocesses rather than pyroute2: the commands are

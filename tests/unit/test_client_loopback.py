@@ -455,7 +455,7 @@ def test_fastopen_first_fetches_cookie_then_sends_in_syn(netns: ThreadPoolExecut
                 seen = fake.received[attempt]
                 assert seen.message.connect == ConnectTLV(IPv4Address("198.18.3.4"), 5201)
                 # First connection: no cookie yet, the request follows the handshake. Later ones
-                # carry it in the SYN -- and stay MPTCP (cookies keep multipath, see DESIGN.md).
+                # carry it in the SYN -- and stay MPTCP (cookies keep multipath, see README.md "Kernel facts").
                 assert seen.syn_data is (attempt > 0)
                 assert fastopen_used(sock) is (attempt > 0)
                 assert seen.mptcp_token is not None

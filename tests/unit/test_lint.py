@@ -1,4 +1,4 @@
-"""The packages stay clean under ruff and mypy --strict (STYLE.md): a regression fails `make test`."""
+"""The packages stay clean under ruff and mypy --strict: a regression fails `make test`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """How the registry and the director talk to Redis: one client factory, one backoff, one error set.
 
-Redis holds only soft state (DESIGN.md), so every caller treats it as optional: operations get a
+Redis holds only soft state (docs/affinity.md), so every caller treats it as optional: operations get a
 short timeout and no hidden retries (redis-py retries by default, which would stall a connection
 accept for seconds while Redis is down); the callers keep working from local state and reconnect
 with `Backoff`.
