@@ -43,11 +43,27 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# Ports handed out by free_port(): each once per test run.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now and stays free until the proxy binds it: taken below the kernel's
+    ephemeral range (net.ipv4.ip_local_port_range starts at 32768), where no outgoing connection
+    of another test can grab it in between, and never handed out twice."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    for _ in range(1000):
+        port = random.randrange(20000, 32768)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def recv_all(sock: socket.socket) -> bytes:
