@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -334,6 +335,15 @@ def _tolerations(items: list[Any]) -> list[dict[str, Any]]:
     return [t.model_dump(by_alias=True, exclude_none=True) for t in items]
 
 
+def _place(pod_spec: dict[str, Any], node_selector: Mapping[str, str], tolerations: list[Any]) -> None:
+    """Node selector and tolerations of a pod spec, each only when set (an empty one would
+    still be a field the server-side apply owns)."""
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod_spec["tolerations"] = _tolerations(tolerations)
+
+
 def _resources(pool: Pool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if pool.spec.resources.requests:
@@ -397,10 +407,7 @@ def build_statefulset(pool: Pool) -> dict[str, Any]:
             {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         ],
     }
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = _tolerations(spec.tolerations)
+    _place(pod_spec, spec.node_selector, spec.tolerations)
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -608,10 +615,7 @@ def build_director_daemonset(pool: Pool, *, image: str | None = None) -> dict[st
             {"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}},
         ],
     }
-    if spec.director.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.director.node_selector)
-    if spec.director.tolerations:
-        pod_spec["tolerations"] = _tolerations(spec.director.tolerations)
+    _place(pod_spec, spec.director.node_selector, spec.director.tolerations)
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -724,10 +728,7 @@ def build_onpath_daemonset(pool: Pool) -> dict[str, Any]:
             {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         ],
     }
-    if onpath.node_selector:
-        pod_spec["nodeSelector"] = dict(onpath.node_selector)
-    if onpath.tolerations:
-        pod_spec["tolerations"] = _tolerations(onpath.tolerations)
+    _place(pod_spec, onpath.node_selector, onpath.tolerations)
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
