@@ -266,7 +266,7 @@ class _EpollClient:
         self.target = target
         self.payload = target.preamble + request
         self.ep = select.epoll()
-        # fd -> [socket, bytes received, first bytes (for the Convert reply length)]
+        # fd -> [socket, bytes received, first bytes (for the Convert reply length), started]
         self.conns: dict[int, list[Any]] = {}
         self.errors = 0
         self.error_samples: list[str] = []
@@ -286,7 +286,7 @@ class _EpollClient:
             self.error(f"connect: {os.strerror(rc)}")
             return
         fd = sock.fileno()
-        self.conns[fd] = [sock, 0, b""]
+        self.conns[fd] = [sock, 0, b"", time.monotonic()]
         self.ep.register(fd, select.EPOLLOUT)
 
     def expected_prefix(self, first: bytes) -> int | None:
@@ -337,16 +337,37 @@ class _EpollClient:
         state[0].close()
 
 
-def rate(target: Target, seconds: float, concurrency: int) -> dict[str, Any]:
+def rate(target: Target, seconds: float, concurrency: int, per_s: float | None = None) -> dict[str, Any]:
+    """Connections for `seconds`, at most `concurrency` in flight; with `per_s`, paced: a new one
+    starts only when the schedule of `per_s` a second allows (an open loop below saturation, so
+    the CPU a connection costs is measured at a load every path can carry)."""
     client = _EpollClient(target, RATE_REQUEST)
     done = 0
+    started = 0
+    durations: list[float] = []  # connect to the server's close, per completed connection
     start = time.monotonic()
     deadline = start + seconds
+
+    def due(now: float) -> bool:
+        return per_s is None or started < (now - start) * per_s + 1
+
     for _ in range(concurrency):
+        if not due(start):
+            break
         client.start_one()
+        started += 1
     now = start
-    while client.conns:
-        for fd, ev in client.ep.poll(1.0):
+    while client.conns or (per_s is not None and now < deadline):
+        if per_s is not None:
+            # Start what the schedule owes (within the in-flight bound), then sleep in poll
+            # until the next start is due or an event arrives.
+            while now < deadline and len(client.conns) < concurrency and due(now):
+                client.start_one()
+                started += 1
+            wait = max(0.0, min(1.0, (started - (now - start) * per_s) / per_s)) if now < deadline else 1.0
+        else:
+            wait = 1.0
+        for fd, ev in client.ep.poll(wait):
             if fd not in client.conns:
                 continue
             result = client.on_event(fd, ev)
@@ -360,14 +381,21 @@ def rate(target: Target, seconds: float, concurrency: int) -> dict[str, Any]:
                     client.error(f"got {result[1]} bytes, expected reply {prefix} + {RESPONSE_BYTES}")
                 else:
                     done += 1
-            if now < deadline:
+                    durations.append(time.monotonic() - state[3])
+            if now < deadline and per_s is None:
                 client.start_one()
         now = time.monotonic()
         if now >= deadline and not client.conns:
             break
     elapsed = time.monotonic() - start
+    durations.sort()
+
+    def quantile(q: float) -> float | None:
+        return round(durations[min(len(durations) - 1, int(q * len(durations)))] * 1e3, 3) if durations else None
+
     return {"connections": done, "errors": client.errors, "error_samples": client.error_samples,
-            "seconds": elapsed, "per_s": done / elapsed}
+            "seconds": elapsed, "per_s": done / elapsed, "latency_ms_p50": quantile(0.5),
+            "latency_ms_p99": quantile(0.99)}
 
 
 def idle(target: Target, count: int, concurrency: int) -> int:
@@ -435,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "rate":
             p.add_argument("--seconds", type=float, default=5.0)
             p.add_argument("--concurrency", type=int, default=64)
+            p.add_argument("--per-s", type=float, default=None, help="pace new connections to this many a second")
         if name == "idle":
             p.add_argument("--count", type=int, default=10_000)
             p.add_argument("--concurrency", type=int, default=256)
@@ -448,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bulk":
         _emit(bulk(target, args.direction, args.seconds, args.id))
     elif args.command == "rate":
-        _emit(rate(target, args.seconds, args.concurrency))
+        _emit(rate(target, args.seconds, args.concurrency, args.per_s))
     else:
         return idle(target, args.count, args.concurrency)
     return 0
