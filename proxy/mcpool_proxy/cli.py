@@ -115,7 +115,30 @@ def proxy_main(argv: list[str]) -> int:
     def announce() -> None:
         print(READY_LINE, flush=True)
 
-    return asyncio.run(run(config, ready=announce))
+    try:
+        factory, loop_name = loop_factory(config.event_loop)
+    except ImportError as exc:
+        print(f"event_loop: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("mcpool.proxy").debug("event loop: %s", loop_name)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(run(config, ready=announce))
+
+
+def loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    """The event loop for the `event_loop` setting: (factory or None for asyncio's, its name).
+
+    `auto` takes uvloop when it can be imported and asyncio's loop otherwise; `uvloop` insists
+    (ImportError if the package is missing)."""
+    if choice == "asyncio":
+        return None, "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ImportError("uvloop asked for, but the uvloop package is not installed (pip install uvloop)") from None
+        return None, "asyncio"
+    return uvloop.new_event_loop, "uvloop"
 
 
 def _usage() -> str:

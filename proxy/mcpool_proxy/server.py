@@ -178,6 +178,8 @@ class Proxy:
         self.admission_filter = False  # the kernel/admission.py table is installed
         self.admin: AdminServer | None = None
         self._listeners: dict[str, socket.socket] = {}
+        # Listeners (by fd) whose accepted sockets inherit the per-connection socket options.
+        self._preset: set[int] = set()
         # Implicit mode: transparent listeners not bound yet (address -> last error), the kernel
         # objects installed for them, the retry timer.
         self.transparent_missing: dict[str, str] = {}
@@ -266,6 +268,7 @@ class Proxy:
                     "kernel": self.kernel_state,
                     "own_addresses": [str(a) for a in self.policy.own_addresses],
                     "admission_filter": self.admission_filter,
+                    "event_loop": type(self._loop).__module__.split(".")[0],
                 }
             },
         )
@@ -300,6 +303,15 @@ class Proxy:
             )
         bound = sock.getsockname()
         key = key or protocol
+        # TCP_NODELAY and the keepalive settings are copied to every connection the listener
+        # accepts (TCP and MPTCP alike; tests/proxy/test_setup_cost.py reads them back on an
+        # accepted socket): set once here, not with several setsockopt calls per connection.
+        set_nodelay(sock)
+        live = self.config.limits
+        refused = set_liveness(sock, user_timeout_s=live.tcp_user_timeout_s, keepalive_idle_s=live.keepalive_idle_s,
+                               keepalive_interval_s=live.keepalive_interval_s, keepalive_count=live.keepalive_count)
+        if not refused:
+            self._preset.add(sock.fileno())
         self._listeners[key] = sock
         self.listen_addresses[key] = (str(bound[0]), int(bound[1]))
         self.listeners_mptcp[key] = is_mptcp
@@ -441,6 +453,7 @@ class Proxy:
             yield conn.id, None, conn.client[0], conn.client[0], conn.relay.bytes_up, conn.relay.bytes_down
 
     def _close_listeners(self) -> None:
+        self._preset.clear()
         for sock in self._listeners.values():
             if self._loop is not None:
                 self._loop.remove_reader(sock.fileno())
@@ -567,6 +580,7 @@ class Proxy:
     # -- accepting -----------------------------------------------------------------------------
     def _on_acceptable(self, listener: socket.socket, protocol: str) -> None:
         assert self._loop is not None
+        preset = listener.fileno() in self._preset
         for _ in range(_ACCEPT_BATCH):
             try:
                 sock, peer = listener.accept()
@@ -590,7 +604,7 @@ class Proxy:
                 reset_on_close(sock)
                 sock.close()
                 continue
-            task = self._loop.create_task(self._handle(sock, peer, protocol))
+            task = self._loop.create_task(self._handle(sock, peer, protocol, preset))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -598,7 +612,7 @@ class Proxy:
         if self._listening and listener.fileno() >= 0 and self._loop is not None:
             self._loop.add_reader(listener.fileno(), self._on_acceptable, listener, protocol)
 
-    async def _handle(self, sock: socket.socket, peer: Any, protocol: str) -> None:
+    async def _handle(self, sock: socket.socket, peer: Any, protocol: str, preset: bool = False) -> None:
         """One accepted connection, through the rooms: who may come in, the front's handshake,
         where to, upstream, relay. Catches everything: no input can stop the proxy."""
         self.metrics.child(self.metrics.accepted, protocol).inc()
@@ -618,9 +632,10 @@ class Proxy:
         try:
             sock.setblocking(False)
             set_nodelay(sock)
-            live = self.config.limits
-            set_liveness(sock, user_timeout_s=live.tcp_user_timeout_s, keepalive_idle_s=live.keepalive_idle_s,
-                         keepalive_interval_s=live.keepalive_interval_s, keepalive_count=live.keepalive_count)
+            if not preset:
+                live = self.config.limits
+                set_liveness(sock, user_timeout_s=live.tcp_user_timeout_s, keepalive_idle_s=live.keepalive_idle_s,
+                             keepalive_interval_s=live.keepalive_interval_s, keepalive_count=live.keepalive_count)
             # Refuse strangers and floods before reading anything: a client outside
             # policy.allowed_cpes, or one beyond policy.max_handshakes, must not hold a
             # descriptor for the whole handshake timeout (nor guess SOCKS5 passwords).
@@ -833,6 +848,10 @@ class Proxy:
         subflows = state.count if state is not None else 1
         max_subflows = max(state.max_subflows, 1) if state is not None else 1
         self.metrics.subflows_per_connection.observe(max_subflows)
+        if not (conn.trace.recording or log.isEnabledFor(logging.INFO)):
+            # Neither a span nor a log line would carry the fields: do not build them.
+            self._notify_closed(conn, str(reason))
+            return
         fields = connection_fields(
             connection_id=conn.id,
             mode=conn.mode,
@@ -852,9 +871,12 @@ class Proxy:
         error = conn.relay.error
         conn.trace.finish(fields, error=None if error is None else str(reason))
         log_connection_closed(log, fields, trace_id=conn.trace.trace_id, span_id=conn.trace.span_id, error=error)
+        self._notify_closed(conn, str(reason))
+
+    def _notify_closed(self, conn: Connection, reason: str) -> None:
         for observer in self.observers:
             try:
-                observer.closed(conn, str(reason))
+                observer.closed(conn, reason)
             except Exception:  # noqa: BLE001
                 log.exception("connection observer failed on close")
 

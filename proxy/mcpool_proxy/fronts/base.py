@@ -120,7 +120,14 @@ class Handshake:
         self.trace.set_destination(host, port, requested)
 
     async def send(self, data: bytes) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+        # A handshake answer fits the empty send buffer of a new connection: one send, no
+        # future; only what the kernel did not take goes the awaiting way.
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            await asyncio.get_running_loop().sock_sendall(self.sock, data[sent:])
 
     async def read_message(self, length_of: Callable[[bytes], int], deadline: float) -> bytes:
         """Read exactly one message whose length `length_of` reveals as its prefix arrives.

@@ -28,6 +28,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from ..fdwatch import FdWatch
 from .sysctl import SYSCTL_MPTCP_ENABLED
 
 __all__ = [
@@ -200,6 +201,7 @@ async def wait_writable(sock: socket.socket, timeout_s: float | None = None) -> 
     cancels the wait. The caller reads SO_ERROR for the outcome.
     """
     loop = asyncio.get_running_loop()
+    watch = FdWatch(loop)
     done: asyncio.Future[bool] = loop.create_future()
     fd = sock.fileno()
 
@@ -207,14 +209,14 @@ async def wait_writable(sock: socket.socket, timeout_s: float | None = None) -> 
         if not done.done():
             done.set_result(connected)
 
-    loop.add_writer(fd, finish, True)
+    watch.add_writer(fd, finish, True)
     timer = loop.call_later(timeout_s, finish, False) if timeout_s is not None else None
     try:
         return await done
     finally:
         if timer is not None:
             timer.cancel()
-        loop.remove_writer(fd)
+        watch.remove_writer(fd)
 
 
 def is_mptcp_socket(sock: socket.socket) -> bool:
