@@ -69,6 +69,9 @@ TARGET_VS_DIRECT = 0.95
 TARGET_VS_HAPROXY = 1.0
 TARGET_KIB_PER_IDLE = 16.0
 TARGET_GBIT_PER_CORE = 14.0  # what HAProxy reached in the issue's reference measurement
+# The paced connection-rate run: a load every path carries on one core, so the CPU per
+# connection is compared at the same rate whichever side would saturate first.
+PACED_RATE = 500.0
 # Other load above this share of a core during a measurement marks it as disturbed.
 BUSY_THRESHOLD = 0.10
 
@@ -120,6 +123,8 @@ class PathResult:
     up: Measurement | None = None
     down: Measurement | None = None
     rate: Measurement | None = None
+    paced: Measurement | None = None  # connections at PACED_RATE/s: the CPU one costs below saturation
+    cpu_owner: str = "proxy"  # whose CPU the figures are (the direct path has no proxy: the server's)
     idle_kib: float | None = None
     idle_detail: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -158,6 +163,20 @@ def proc_cpu_split(pid: int) -> tuple[float, float]:
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process (all its threads), in seconds."""
     return sum(proc_cpu_split(pid))
+
+
+def tree_cpu_s(pid: int) -> float:
+    """utime + stime of a process and every live descendant (a proxy's worker processes), in seconds."""
+    ticks = process_ticks()
+    family = {pid}
+    grew = True
+    while grew:
+        grew = False
+        for child, (parent, _) in ticks.items():
+            if parent in family and child not in family:
+                family.add(child)
+                grew = True
+    return sum(ticks[p][1] for p in family if p in ticks) / _clk_tck()
 
 
 def rss_kib(pid: int) -> int:
@@ -381,6 +400,18 @@ class DataPlaneBench:
                 self.results.leak.append(problem)
         return not self.leak_seen
 
+    @staticmethod
+    def pin(pid: int, core: int) -> None:
+        """Move a process and all its threads to one core."""
+        subprocess.run(["taskset", "-a", "-p", "-c", str(core), str(pid)], check=True, capture_output=True)
+
+    def prepare_namespaces(self) -> None:
+        for ns in ("cpe", "srv", "mcp"):
+            # Tens of thousands of short connections: use the whole port range, and let the
+            # server side reuse TIME_WAIT pairs.
+            self.lab.sysctl(ns, {"net.ipv4.ip_local_port_range": "1024 65535", "net.ipv4.tcp_tw_reuse": 1,
+                                 "net.core.somaxconn": 65535, "net.ipv4.tcp_max_syn_backlog": 65535})
+
     # -- measurements --
 
     def _measure(self, what: str, proxy_pid: int | None, args: list[str]) -> Measurement:
@@ -400,7 +431,8 @@ class DataPlaneBench:
                            proxy_user_s=None if cpu0 is None or cpu1 is None else cpu1[0] - cpu0[0],
                            core_busy=busy_share(t0, t1), background=foreign, trusted=trusted, detail=out)
 
-    def _best(self, what: str, attempt: Callable[[int], Measurement]) -> Measurement:
+    def _best(self, what: str, attempt: Callable[[int], Measurement],
+              key: Callable[[Measurement], float] = lambda m: m.value) -> Measurement:
         """Best of `repeat` undisturbed runs; disturbed runs (others used > BUSY_THRESHOLD of a core)
         are retried up to `extra_attempts` times, and used only if no undisturbed run exists."""
         clean: list[Measurement] = []
@@ -411,8 +443,8 @@ class DataPlaneBench:
             m = attempt(i)
             (clean if m.background <= BUSY_THRESHOLD else disturbed).append(m)
         if clean:
-            return max(clean, key=lambda m: m.value)
-        best = max(disturbed, key=lambda m: m.value)
+            return max(clean, key=key)
+        best = max(disturbed, key=key)
         self.results.disturbed.append(f"{what}: other processes used {best.background:.0%} of a core during the best run")
         return best
 
@@ -436,20 +468,30 @@ class DataPlaneBench:
 
         return self._best(f"{label} {direction}", attempt)
 
-    def rate(self, label: str, proxy_pid: int | None, connect: str, convert_to: str | None) -> Measurement:
+    def rate(self, label: str, proxy_pid: int | None, connect: str, convert_to: str | None,
+             per_s: float | None = None) -> Measurement:
+        """Connection rate, saturating (64 in flight) or paced at `per_s` (best: least CPU per
+        connection, the figure a paced run is for)."""
+        what = f"{label} rate" + (f" paced {per_s:g}/s" if per_s else "")
+
         def attempt(i: int) -> Measurement:
             args = ["rate", "--connect", connect, "--seconds", str(self.s.rate_seconds),
                     "--concurrency", str(self.s.rate_concurrency)]
+            if per_s:
+                args += ["--per-s", str(per_s)]
             if convert_to:
                 args += ["--convert-to", convert_to]
-            m = self._measure(f"{label} rate", proxy_pid, args)
+            m = self._measure(what, proxy_pid, args)
             if m.detail["errors"]:
-                raise LabError(f"{label} rate: {m.detail['errors']} failed connections: {m.detail['error_samples']}")
-            print(f"   {label:<16} rate {m.value:8.0f} conn/s  proxy CPU {_fmt(m.proxy_core_share, '{:.0%}')}  "
+                raise LabError(f"{what}: {m.detail['errors']} failed connections: {m.detail['error_samples']}")
+            print(f"   {label:<16} rate {m.value:8.0f} conn/s{' (paced)' if per_s else ''}  "
+                  f"proxy CPU {_fmt(m.proxy_core_share, '{:.0%}')} = {_fmt(_us_per_conn(m), '{:.0f}')} us/conn  "
                   f"cores {_cores(m)}  others {m.background:.0%}", flush=True)
             return m
 
-        return self._best(f"{label} rate", attempt)
+        if per_s:
+            return self._best(what, attempt, key=lambda m: -(_us_per_conn(m) or 0.0))
+        return self._best(what, attempt)
 
     def run_path(self, result: PathResult, proxy_pid: int | None, bulk_connect: str, rate_connect: str,
                  convert: bool) -> None:
@@ -458,6 +500,7 @@ class DataPlaneBench:
         result.up = self.bulk(result.name, "up", proxy_pid, bulk_connect, bulk_to)
         result.down = self.bulk(result.name, "down", proxy_pid, bulk_connect, bulk_to)
         result.rate = self.rate(result.name, proxy_pid, rate_connect, rate_to)
+        result.paced = self.rate(result.name, proxy_pid, rate_connect, rate_to, per_s=PACED_RATE)
 
     def idle_memory(self, result: PathResult, pid: int, connect: str, convert_to: str | None,
                     proxy: ProxyProcess | None = None) -> None:
@@ -561,26 +604,30 @@ class DataPlaneBench:
 
     # -- paths --
 
-    def mcpool_config(self, mode: str) -> dict[str, Any]:
-        return {
+    def mcpool_config(self, mode: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {**(extra or {}),
             "listen": {"convert": f"0.0.0.0:{CONVERT_PORT}"},
             "admin": "127.0.0.1:9090",
             "upstream": {"protocol": "tcp"},
             "policy": {"allowed_cpes": self.lab.cpe_prefixes, "max_connections": 50_000,
                        "max_connections_per_cpe": 50_000},
             "relay": {"mode": mode},
+            # One CPE namespace opens every connection of the bench: the per-CPE caps (200 new
+            # connections/s by default) would measure the limiter, not the proxy; HAProxy has none.
+            "limits": {"max_handshakes_per_cpe": 50_000, "new_connections_per_cpe_per_s": 1e6,
+                       "new_connections_burst_per_cpe": 1_000_000},
             # HAProxy runs without a log directive; per-connection info lines would be extra work
             # HAProxy is not asked to do.
             "log_level": "warning",
         }
 
     @contextlib.contextmanager
-    def mcpool(self, mode: str) -> Iterator[ProxyProcess]:
+    def mcpool(self, mode: str, extra: dict[str, Any] | None = None) -> Iterator[ProxyProcess]:
         # Start it with soft < hard open-files limit, to see whether it raises its own soft limit.
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
         try:
-            proxy = self.lab.start_proxy(self.mcpool_config(mode), name=f"mcpool-{mode}")
+            proxy = self.lab.start_proxy(self.mcpool_config(mode, extra), name=f"mcpool-{mode}")
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         try:
@@ -640,18 +687,25 @@ class DataPlaneBench:
         print(f"   mcpool {mode}: content check passed ({n} bytes each way, sha256), relay in use: {used}", flush=True)
         return "/".join(used)
 
-    def haproxy_config(self) -> str:
+    haproxy_rate_port = HAPROXY_RATE_PORT
+
+    def haproxy_config(self, tuned: bool = True) -> str:
+        """HAProxy as its users run a TCP relay: tuned, it splices both ways with 256 KiB
+        buffers (`option splice-auto` alone was measured never to splice: its heuristics want
+        a full buffer first); untuned, the defaults (16 KiB buffers, no splice)."""
         srv = self.lab.srv_ip
         mcp = self.lab.mcp_ip
+        tuning = ("    tune.bufsize 262144\n" if tuned else "")
+        splice = ("    option splice-request\n    option splice-response\n" if tuned else "")
         return f"""# Equivalent of the mcpool bench path: a plain TCP relay, same timeouts, one thread, no logs.
 global
     # As many as the open-files limit allows (HAProxy needs 2 per connection, like mcpool).
     maxconn {self.max_idle()}
     nbthread 1
-
+{tuning}
 defaults
     mode tcp
-    timeout connect 5s
+{splice}    timeout connect 5s
     timeout client 3600s
     timeout server 3600s
 
@@ -670,10 +724,10 @@ backend rate
 """
 
     @contextlib.contextmanager
-    def haproxy(self) -> Iterator[int]:
+    def haproxy(self, tuned: bool = True) -> Iterator[int]:
         assert self.lab.workdir is not None
-        cfg = self.lab.workdir / "haproxy.cfg"
-        cfg.write_text(self.haproxy_config())
+        cfg = self.lab.workdir / f"haproxy-{'tuned' if tuned else 'untuned'}.cfg"
+        cfg.write_text(self.haproxy_config(tuned))
         errfile = self.lab.workdir / "haproxy.stderr"
         with open(errfile, "w") as err:
             proc = self.lab.popen("mcp", ["taskset", "-c", str(PROXY_CORE), "mptcpize", "run", "haproxy", "-db",
@@ -717,19 +771,24 @@ backend rate
         r.load_at_start = Path("/proc/loadavg").read_text().split()[0]
         self.lab.up()
         try:
-            for ns in ("cpe", "srv", "mcp"):
-                # Tens of thousands of short connections: use the whole port range, and let the
-                # server side reuse TIME_WAIT pairs.
-                self.lab.sysctl(ns, {"net.ipv4.ip_local_port_range": "1024 65535", "net.ipv4.tcp_tw_reuse": 1,
-                                     "net.core.somaxconn": 65535, "net.ipv4.tcp_max_syn_backlog": 65535})
+            self.prepare_namespaces()
             self.start_server()
             self.lab.start_testserver(f"0.0.0.0:{TESTSERVER_PORT}")
             srv = self.lab.srv_ip
             mcp = self.lab.mcp_ip
 
-            print("== (a) direct MPTCP, no proxy", flush=True)
-            direct = r.paths["direct"] = PathResult("direct", "(a) direct MPTCP, no proxy")
-            self.run_path(direct, None, f"{srv}:{PORTS['bulk_mptcp']}", f"{srv}:{PORTS['rate_mptcp']}", convert=False)
+            print(f"== (a) direct MPTCP, no proxy; the server on the proxy's core ({PROXY_CORE})", flush=True)
+            direct = r.paths["direct"] = PathResult(
+                "direct", f"(a) direct MPTCP, no proxy, server on core {PROXY_CORE}", cpu_owner="server")
+            # Fair: the proxied paths use two cores (proxy, generator), so the direct path gets
+            # the same two: the server where the proxy runs, the client where the generator runs.
+            assert self.server is not None
+            self.pin(self.server.pid, PROXY_CORE)
+            try:
+                self.run_path(direct, self.server.pid, f"{srv}:{PORTS['bulk_mptcp']}", f"{srv}:{PORTS['rate_mptcp']}",
+                              convert=False)
+            finally:
+                self.pin(self.server.pid, LOADGEN_CORE)
 
             for mode in ("splice", "buffered"):
                 print(f"== (b) mcpool, relay {mode}", flush=True)
@@ -747,10 +806,15 @@ backend rate
                 self.idle_memory(res, proxy.proc.pid, f"{mcp}:{CONVERT_PORT}", f"{srv}:{PORTS['rate_tcp']}", proxy)
 
             print("== (c) HAProxy under mptcpize (last: see README.md 'Kernel facts')", flush=True)
-            hap = r.paths["haproxy"] = PathResult("haproxy", "(c) HAProxy 2.6 + mptcpize, mode tcp")
-            with self.haproxy() as pid:
+            hap = r.paths["haproxy"] = PathResult(
+                "haproxy", "(c) HAProxy 2.6 + mptcpize, mode tcp, tuned (splice both ways, 256 KiB buffers)")
+            with self.haproxy(tuned=True) as pid:
                 self.run_path(hap, pid, f"{mcp}:{HAPROXY_BULK_PORT}", f"{mcp}:{HAPROXY_RATE_PORT}", convert=False)
                 self.idle_memory(hap, pid, f"{mcp}:{HAPROXY_RATE_PORT}", None)
+            untuned = r.paths["haproxy-untuned"] = PathResult(
+                "haproxy-untuned", "(c) HAProxy 2.6 + mptcpize, mode tcp, untuned (defaults: 16 KiB buffers, no splice)")
+            with self.haproxy(tuned=False) as pid:
+                self.run_path(untuned, pid, f"{mcp}:{HAPROXY_BULK_PORT}", f"{mcp}:{HAPROXY_RATE_PORT}", convert=False)
             self.check_health("after HAProxy")
         finally:
             self.lab.down()
@@ -766,6 +830,13 @@ def _fmt(value: float | None, pattern: str = "{:.2f}") -> str:
 
 def _cores(m: Measurement) -> str:
     return " ".join(f"{k} {v:.0%}" for k, v in sorted(m.core_busy.items()))
+
+
+def _us_per_conn(m: Measurement | None) -> float | None:
+    """Proxy (or, on the direct path, server) CPU per connection of a rate run, in µs."""
+    if m is None or m.proxy_cpu_s is None or not m.detail.get("connections"):
+        return None
+    return m.proxy_cpu_s / float(m.detail["connections"]) * 1e6
 
 
 def _cpu_per_gbit(m: Measurement | None) -> float | None:
