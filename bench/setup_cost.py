@@ -20,8 +20,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a checkout whose proxy/ to run (default: this one)")
     parser.add_argument("--haproxy", action="store_true", help="also measure HAProxy, tuned")
     parser.add_argument("--profile", action="store_true", help="py-spy the proxy during a saturating run")
+    parser.add_argument("--strace", action="store_true", help="count the proxy's syscalls per connection (strace -c)")
     parser.add_argument("--workers", action="append", type=int, default=[], help="proxy worker processes (repeatable)")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--repeat", type=int, default=2)
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                             print(json.dumps(row), flush=True)
                     if args.profile:
                         _profile(bench, name, pid, f"{mcp}:{CONVERT_PORT}", rate_to)
+                    if args.strace:
+                        _strace(bench, name, pid, f"{mcp}:{CONVERT_PORT}", rate_to)
         if args.haproxy:
             for tuned in (True, False):
                 with bench.haproxy(tuned=tuned) as pid:
@@ -144,6 +149,32 @@ def main(argv: list[str] | None = None) -> int:
     for (path_name, load), row in seen.items():
         print(f"| {path_name} | {load} | {row['per_s']} | {row['cpu_us_per_conn']} |")
     return 0
+
+
+def _strace(bench: DataPlaneBench, label: str, pid: int, connect: str, convert_to: str | None) -> None:
+    """Syscalls of the proxy per connection during a paced run of 1,000 connections."""
+    assert bench.lab.workdir is not None
+    out = bench.lab.workdir / "strace.txt"
+    tracer = subprocess.Popen(["strace", "-c", "-f", "-o", str(out), "-p", str(pid)], stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # strace attaches asynchronously and says nothing when it has
+    args = ["rate", "--connect", connect, "--seconds", "4", "--per-s", "250", "--concurrency", "16"]
+    if convert_to:
+        args += ["--convert-to", convert_to]
+    result = bench.loadgen("cpe", *args)
+    time.sleep(0.5)
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait(10)
+    conns = max(int(result["connections"]), 1)
+    print(f"syscalls of {label} per connection ({conns} connections):", flush=True)
+    total = 0.0
+    for line in out.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+            calls = int(parts[3])
+            total += calls / conns
+            if calls / conns >= 0.2:
+                print(f"   {parts[-1]:<16} {calls / conns:6.2f}", flush=True)
+    print(f"   {'total':<16} {total:6.2f}", flush=True)
 
 
 def _profile(bench: DataPlaneBench, label: str, pid: int, connect: str, convert_to: str) -> None:

@@ -624,7 +624,7 @@ class Proxy:
             client = ("?", 0)
         front = FRONTS[protocol]
         hs = Handshake(sock, client, protocol, self.telemetry.connection(protocol, client), self.policy,
-                       self.config, self.metrics, self.resolver)  # fmt: skip
+                       self.config, self.metrics, self.resolver, loop=self._loop)  # fmt: skip
         started = time.monotonic()
         self._handshakes += 1
         in_handshake = True
@@ -765,7 +765,8 @@ class Proxy:
                 upstream, sent = await self.connector(hs, host, port, options.source), 0
             else:
                 upstream, sent = await connect_upstream(
-                    host, port, self.config.upstream.protocol, self.config.upstream.connect_timeout_s, options
+                    host, port, self.config.upstream.protocol, self.config.upstream.connect_timeout_s, options,
+                    loop=self._loop,
                 )
         except UpstreamError as exc:
             self.metrics.child(self.metrics.upstream_errors, exc.reason).inc()
@@ -776,7 +777,7 @@ class Proxy:
         return upstream, sent
 
     def _tasks_pending(self) -> bool:
-        current = asyncio.current_task()
+        current = asyncio.current_task(self._loop)
         return any(task is not current and not task.done() for task in self._tasks)
 
     def _finish_unrelayed(self, hs: Handshake, duration_s: float) -> None:
@@ -806,6 +807,7 @@ class Proxy:
             idle_timeout_s=self.config.relay.idle_timeout_s,
             pools=self.pools,
             initial_up=initial_up,
+            loop=self._loop,
         )
         conn = Connection(self.table.next_id(), cast(Mode, hs.protocol), hs.client, hs.destination, relay,
                           requested=hs.requested)

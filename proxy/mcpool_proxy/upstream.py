@@ -26,6 +26,7 @@ Failure.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 from dataclasses import dataclass
@@ -102,7 +103,8 @@ class UpstreamOptions:
 
 
 async def connect_upstream(
-    address: str | IPAddress, port: int, protocol: str, timeout_s: float, options: UpstreamOptions | None = None
+    address: str | IPAddress, port: int, protocol: str, timeout_s: float, options: UpstreamOptions | None = None,
+    *, loop: asyncio.AbstractEventLoop | None = None,
 ) -> tuple[socket.socket, int]:
     """Connect to `address` (numeric; IPv4-mapped IPv6 is connected as IPv4); returns the
     connected non-blocking socket and how many of `options.fastopen_data` it has sent (the rest
@@ -160,7 +162,7 @@ async def connect_upstream(
                 raise classify_errno(exc.errno, f"connect to {format_endpoint(*target)}: {exc.strerror}") from None
             err = errno.EINPROGRESS
         if err in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN):
-            if not await wait_writable(sock, timeout_s):
+            if not await wait_writable(sock, timeout_s, loop=loop):
                 raise classify_errno(
                     None, f"connect to {format_endpoint(*target)} timed out after {timeout_s:g}s"
                 )

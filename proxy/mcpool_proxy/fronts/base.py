@@ -89,11 +89,14 @@ class Handshake:
     # How long a refusal may linger reading what the client still sends (see close_after_answer);
     # the pipeline sets 0 when too many refusals linger already (a flood: see server.py).
     linger_s: float = _REFUSAL_LINGER_S
+    # The proxy's loop, when the pipeline knows it: asyncio.get_running_loop() costs a getpid()
+    # system call per call on Python 3.11, several times per connection.
+    loop: asyncio.AbstractEventLoop | None = None
 
     def deadline(self, timeout_s: float | None = None) -> float:
         """The loop time by which the client's messages must be complete."""
         limit = self.config.policy.handshake_timeout_s if timeout_s is None else timeout_s
-        return asyncio.get_running_loop().time() + limit
+        return (self.loop or asyncio.get_running_loop()).time() + limit
 
     def count_error(self, error: str) -> None:
         """Count a handshake that ended without a relay, and remember why for its span."""

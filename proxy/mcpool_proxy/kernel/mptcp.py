@@ -192,7 +192,8 @@ def create_socket(family: int, *, mptcp: bool = True, blocking: bool = True) -> 
     return socket.socket(family, kind, socket.IPPROTO_TCP), False
 
 
-async def wait_writable(sock: socket.socket, timeout_s: float | None = None) -> bool:
+async def wait_writable(sock: socket.socket, timeout_s: float | None = None, *,
+                        loop: asyncio.AbstractEventLoop | None = None) -> bool:
     """Wait until a non-blocking `connect_ex` on `sock` has finished; False if `timeout_s` passed.
 
     The asyncio way (`loop.sock_connect`) cannot open an outgoing MPTCP socket: glibc's
@@ -200,7 +201,8 @@ async def wait_writable(sock: socket.socket, timeout_s: float | None = None) -> 
     whose extra future showed in the proxy's per-connection profile; cancelling the caller
     cancels the wait. The caller reads SO_ERROR for the outcome.
     """
-    loop = asyncio.get_running_loop()
+    if loop is None:
+        loop = asyncio.get_running_loop()
     watch = FdWatch(loop)
     done: asyncio.Future[bool] = loop.create_future()
     fd = sock.fileno()
