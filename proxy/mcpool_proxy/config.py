@@ -306,8 +306,9 @@ class RelayConfig(_Model):
 
     mode: Literal["auto", "splice", "buffered"] = Field(
         default="auto",
-        description="'splice' keeps bytes in the kernel (os.splice through a pipe); 'buffered' copies "
-        "through userspace; 'auto' uses splice where the platform has it.",
+        description="'splice' keeps bytes in the kernel (os.splice through a pipe) past each direction's first "
+        "small reads, which are copied (a short request or reply costs no pipe); 'buffered' copies through "
+        "userspace; 'auto' uses splice where the platform has it.",
     )
     idle_timeout_s: float = Field(
         default=3600.0, gt=0, description="Close a connection after this long with no bytes either way."
