@@ -39,6 +39,7 @@ from bench.dataplane import (
     summarize_profile,
     tree_cpu_s,
 )
+from bench.loadgen import raise_nofile
 
 __all__ = ["main"]
 
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {1})
+    raise_nofile()  # HAProxy's maxconn is sized from this process's open-files limit
     bench.lab.up()
     try:
         bench.prepare_namespaces()
