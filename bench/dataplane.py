@@ -66,6 +66,9 @@ TESTSERVER_PORT = 7010
 # A proxy holds two descriptors per relayed connection; keep this many spare for listeners,
 # pipes, the admin server and the interpreter.
 SPARE_FDS = 200
+# Splice pipes tuned HAProxy may hold (two descriptors each; its default, maxconn / 4, would not
+# fit the open-files limit next to maxconn): far more than the connections in flight here.
+HAPROXY_MAXPIPES = 256
 
 # Targets from issue 2, point 11.
 TARGET_VS_DIRECT = 0.95
@@ -540,7 +543,7 @@ class DataPlaneBench:
     @staticmethod
     def max_idle() -> int:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        return 1_000_000 if hard == resource.RLIM_INFINITY else (hard - SPARE_FDS) // 2
+        return 1_000_000 if hard == resource.RLIM_INFINITY else (hard - SPARE_FDS - 2 * HAPROXY_MAXPIPES) // 2
 
     def profile(self, label: str, pid: int, connect: str, convert_to: str | None) -> None:
         """Where the proxy's CPU goes during a connection-rate run (py-spy, not counted in figures)."""
@@ -700,7 +703,7 @@ class DataPlaneBench:
         a full buffer first); untuned, the defaults (16 KiB buffers, no splice)."""
         srv = self.lab.srv_ip
         mcp = self.lab.mcp_ip
-        tuning = ("    tune.bufsize 262144\n" if tuned else "")
+        tuning = (f"    tune.bufsize 262144\n    maxpipes {HAPROXY_MAXPIPES}\n" if tuned else "")
         splice = ("    option splice-request\n    option splice-response\n" if tuned else "")
         return f"""# Equivalent of the mcpool bench path: a plain TCP relay, same timeouts, one thread, no logs.
 global
