@@ -56,7 +56,8 @@ def tcp_ext_counter(ns: str, name: str) -> int:
 
 
 class ProxyProcess:
-    def __init__(self, ns: str, config: dict[str, Any], workdir: Path) -> None:
+    def __init__(self, ns: str, config: dict[str, Any], workdir: Path, prefix: list[str] | None = None) -> None:
+        """`prefix`: a command the proxy runs under inside the namespace (e.g. setpriv)."""
         self.ns = ns
         self.config = config
         path = workdir / f"proxy-{next(_names)}.yaml"
@@ -64,7 +65,7 @@ class ProxyProcess:
         self.stderr_path = workdir / f"{path.stem}.stderr"
         self._stderr = self.stderr_path.open("w")
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *MCPOOL, "proxy", "--config", str(path)],
+            ["ip", "netns", "exec", ns, *(prefix or []), *MCPOOL, "proxy", "--config", str(path)],
             stdout=subprocess.PIPE, stderr=self._stderr, text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
