@@ -369,18 +369,22 @@ def _flood_argv(ns: str, mode: str, *args: str) -> list[str]:
 
 def run_flood(ns: str, server: DataServer, mode: str, target_port: int, *args: str,
               duration_s: float = 3.0) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """(flood result, transfer result): the allowed CPE transfers 1 MB at a time through the Convert
-    listener for `duration_s` while the flood runs against `target_port`."""
+    """(flood result, transfer result): the allowed CPE transfers 1 MB at a time through the
+    flooded listener (`target_port`: Convert 5124 or SOCKS5 1080) for `duration_s` while the flood
+    runs against it."""
     dest = f"{server.address[0]}:{server.address[1]}"
-    transfer = subprocess.Popen(_flood_argv(ns, "transfer", "--target", "127.0.0.1:5124", "--dest", dest,
+    protocol = "socks5" if target_port == 1080 else "convert"
+    transfer = subprocess.Popen(_flood_argv(ns, "transfer", "--target", f"127.0.0.1:{target_port}", "--dest", dest,
                                             "--source", CPE, "--duration", str(duration_s + 1),
-                                            "--pattern", "random"),
+                                            "--pattern", "random", "--protocol", protocol),
                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
     flood = subprocess.run(_flood_argv(ns, mode, "--target", f"127.0.0.1:{target_port}", "--duration",
                                        str(duration_s), *args), capture_output=True, text=True, timeout=60)  # fmt: skip
     out, _ = transfer.communicate(timeout=60)
     assert flood.returncode == 0, flood.stderr
-    return json.loads(flood.stdout), json.loads(out)
+    moved = json.loads(out)
+    assert moved["protocol"] == protocol, moved
+    return json.loads(flood.stdout), moved
 
 
 def _check_transfer(result: dict[str, Any]) -> None:
