@@ -124,7 +124,8 @@ def served(ns: str, dest: tuple[str, int], source: str, port: int = 5124) -> Non
         sock, _, _ = convert_connect((host, port), dest, source=source, early_data=b"SEND 200000 4\n", timeout_s=5)
     with sock:
         sock.settimeout(10)
-        assert sha256(recv_all(sock)) == sha256(pattern(4, 200_000))
+        got = recv_all(sock)
+        assert sha256(got) == sha256(pattern(4, 200_000)), (len(got), got[:64])
 
 
 def syn_answered(ns: str, source: str, port: int, wait_s: float = 1.5) -> bool:
@@ -177,7 +178,7 @@ CAP_NET_ADMIN = 12
 
 def test_filter_installed_before_a_proxy_without_net_admin(run_proxy: RunProxy, netns: str, ns_server: DataServer,
                                                            tmp_path: Path) -> None:  # fmt: skip
-    """The pod's init container: `mcpool admission install` (with CAP_NET_ADMIN) installs the table
+    """The pod's init container: `mcpool admission install` (with CAP_NET_ADMIN; without, exit 1) installs the table
     and its status file; the proxy, started without CAP_NET_ADMIN, finds it, reports it, has the
     strangers' SYNs dropped in the kernel, and leaves the table at exit (it did not install it).
     A status file for another configuration is not taken for the filter."""
@@ -185,8 +186,12 @@ def test_filter_installed_before_a_proxy_without_net_admin(run_proxy: RunProxy, 
     kernel = {"admission_status_file": str(status_file)}
     config_file = tmp_path / "proxy.yaml"
     config_file.write_text(yaml.safe_dump(proxy_config(kernel=kernel)))
-    installed = sh(netns, sys.executable, "-m", "mcpool_proxy.cli", "admission", "install", "--config",
-                   str(config_file), check=False)  # fmt: skip
+    install = [sys.executable, "-m", "mcpool_proxy.cli", "admission", "install", "--config", str(config_file)]
+    # Without CAP_NET_ADMIN the command fails loudly (the init container, and so the pod, with it).
+    refused = sh(netns, *WITHOUT_NET_ADMIN, *install, check=False)
+    assert refused.returncode == 1 and "admission filter not installed" in refused.stderr, refused.stderr
+    assert not status_file.exists()
+    installed = sh(netns, *install, check=False)
     assert installed.returncode == 0, installed.stderr
     assert json.loads(status_file.read_text())["table"] == "mcpool_admission"
     before = strangers_counter(netns)
