@@ -62,6 +62,10 @@ ONPATH_ADMIN_PORT = 9095
 CONFIG_DIR = "/etc/mcpool"
 DIRECTOR_CONFIG_DIR = "/etc/mcpool-director"
 RUN_AS_USER = 10001
+# The admission init container's status file (kernel.admission_status_file), on an emptyDir that
+# lives as long as the pod, as does the network namespace the filter is installed in.
+ADMISSION_DIR = "/run/mcpool"
+ADMISSION_STATUS_FILE = f"{ADMISSION_DIR}/admission.json"
 MANAGED_BY = "mcpool-operator"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 POOL_LABEL = "mcp.mptcp.dev/pool"
@@ -212,6 +216,9 @@ def build_proxy_config(pool: Pool, ordinal: int | None = None) -> ProxyConfig:
             mptcp_checksum=spec.kernel.mptcp_checksum,
             tcp_fastopen_server=spec.listeners.fast_open,
             apply_sysctls=False,
+            # Installed by the pod's init container (admission_container), so the proxy needs no
+            # CAP_NET_ADMIN for it.
+            admission_status_file=ADMISSION_STATUS_FILE,
         ),
         affinity=affinity,
         drain_timeout_s=spec.drain_timeout_seconds,
@@ -353,6 +360,34 @@ def _resources(pool: Pool) -> dict[str, Any]:
     return out
 
 
+def admission_container(pool: Pool) -> dict[str, Any]:
+    """The init container that installs the kernel admission filter (`mcpool admission install`)
+    in the pod's network namespace, so strangers' SYNs are dropped in every pool, whatever its
+    mechanism, while the proxy keeps only the capabilities its mechanism needs.
+
+    It alone holds CAP_NET_ADMIN (nft speaks netlink, which checks nothing else), as uid 0 because
+    Kubernetes gives an added capability to a non-root process only through file capabilities,
+    which allowPrivilegeEscalation=false disables. It runs for seconds and exits before the proxy
+    starts. Nothing needs removing: the table is in the pod's namespace, freed with the pod. A
+    changed configuration reaches the filter with a new pod (the config hash on the template rolls
+    the pods), whose init container installs it afresh."""
+    env = [e for e in _proxy_env(pool) if e["name"] == "POD_NAME"]  # $(POD_NAME) in the config path
+    return {
+        "name": "admission",
+        "image": pool.spec.image,
+        "imagePullPolicy": pool.spec.image_pull_policy,
+        "command": ["mcpool"],
+        "args": ["admission", "install", "--config", config_path(pool)],
+        "env": env,
+        "securityContext": _container_security(["NET_ADMIN"]),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "admission", "mountPath": ADMISSION_DIR},
+        ],
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+    }
+
+
 def build_statefulset(pool: Pool) -> dict[str, Any]:
     spec = pool.spec
     ports = [{"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}]
@@ -387,6 +422,7 @@ def build_statefulset(pool: Pool) -> dict[str, Any]:
     resources = _resources(pool)
     if resources:
         container["resources"] = resources
+    container["volumeMounts"].append({"name": "admission", "mountPath": ADMISSION_DIR, "readOnly": True})
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(pool),
         # The proxy never talks to the Kubernetes API.
@@ -401,10 +437,12 @@ def build_statefulset(pool: Pool) -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"},
             "sysctls": pod_sysctls(pool),
         },
+        "initContainers": [admission_container(pool)],
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": configmap_name(pool)}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+            {"name": "admission", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         ],
     }
     _place(pod_spec, spec.node_selector, spec.tolerations)
@@ -714,6 +752,7 @@ def build_onpath_daemonset(pool: Pool) -> dict[str, Any]:
     resources = _resources(pool)
     if resources:
         container["resources"] = resources
+    container["volumeMounts"].append({"name": "admission", "mountPath": ADMISSION_DIR, "readOnly": True})
     pod_spec: dict[str, Any] = {
         "hostNetwork": True,
         "dnsPolicy": "ClusterFirstWithHostNet",

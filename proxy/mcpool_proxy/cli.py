@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mcpool_tools.demo", "bond two links through the proxy and cut one mid-transfer"),
     "director": ("mcpool_proxy.cluster.director", "steer SYNs to the pod owning each connection (--config FILE)"),
     "operator": ("mcpool_operator.main", "run the kopf operator for MCPPool resources"),
+    "admission": ("mcpool_proxy.admission_cli", "install or remove the kernel admission filter (pod init container)"),
     "check-config": ("mcpool_proxy.checkconfig", "validate a proxy configuration file"),
     "top": ("mcpool_proxy.observe.top", "live connections and per-subflow rates of a proxy (admin API)"),
 }

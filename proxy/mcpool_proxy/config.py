@@ -349,13 +349,21 @@ class KernelConfig(_Model):
     admission_filter: bool = Field(
         default=True,
         description="Drop SYNs from clients outside policy.allowed_cpes in the kernel (an nftables table "
-        "`mcpool_admission` in the pod's namespace, removed at exit), so strangers never hold a handshake "
+        "`mcpool_admission` in the pod's namespace, removed at exit unless admission_status_file says it was "
+        "installed before the proxy), so strangers never hold a handshake "
         "slot. Needs nft and CAP_NET_ADMIN; without them the proxy logs it and refuses strangers in userspace.",
     )
     admission_table: str = Field(
         default="mcpool_admission",
         pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$",
         description="Name of the nftables table (family inet) of the admission filter.",
+    )
+    admission_status_file: str | None = Field(
+        default=None,
+        description="Where `mcpool admission install --config FILE` (run before the proxy, e.g. by the pod's "
+        "init container, the one container with CAP_NET_ADMIN) records the filter it installed. If the file is "
+        "there and matches this configuration, the proxy reports the filter active and neither installs nor "
+        "removes it; otherwise it installs the filter itself. null: the proxy always installs it itself.",
     )
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
 import signal
 import socket
@@ -44,7 +43,7 @@ from .cluster.podside import PodAffinity
 from .config import ProxyConfig, dscp_value, split_hostport
 from .connections import Connection, ConnectionObserver, ConnectionTable, Mode
 from .fronts import FRONTS, Destination, Front, Handshake
-from .kernel.admission import install_admission, remove_admission
+from .kernel.admission import install_script, preinstalled, remove_admission, ruleset_for
 from .kernel.mptcp import (
     create_listener,
     get_mptcp_info,
@@ -176,6 +175,7 @@ class Proxy:
         self.listen_addresses: dict[str, tuple[str, int]] = {}
         self.listeners_mptcp: dict[str, bool] = {}
         self.admission_filter = False  # the kernel/admission.py table is installed
+        self._admission_owned = False  # ... and by this process (else by `mcpool admission install`)
         self.admin: AdminServer | None = None
         self._listeners: dict[str, socket.socket] = {}
         # Listeners (by fd) whose accepted sockets inherit the per-connection socket options.
@@ -241,15 +241,7 @@ class Proxy:
                 )
                 await self.admin.start()
             if self.config.kernel.admission_filter:
-                ports = sorted({port for _, port in self.listen_addresses.values()})
-                # The kernel's per-CPE SYN limit is twice the userspace bucket: a coarse guard
-                # against one CPE's flood, never stricter than limits.new_connections_per_cpe_*.
-                limits = self.config.limits
-                self.admission_filter = await asyncio.to_thread(functools.partial(
-                    install_admission, self.config.policy.allowed_cpes, ports, self.config.kernel.admission_table,
-                    syn_rate_per_cpe=2 * limits.new_connections_per_cpe_per_s,
-                    syn_burst_per_cpe=2 * limits.new_connections_burst_per_cpe,
-                ))  # fmt: skip
+                await self._install_admission()
         except BaseException:
             await self.stop()
             raise
@@ -278,6 +270,19 @@ class Proxy:
                 "MPTCP checksums are OFF in this namespace although kernel.mptcp_checksum is set: "
                 "two-subflow streams may be corrupted on some kernels (set net.mptcp.checksum_enabled=1)"
             )
+
+    async def _install_admission(self) -> None:
+        """The kernel admission filter: found installed by `mcpool admission install` (the pod's
+        init container; then left alone at exit), else installed by the proxy itself."""
+        kernel = self.config.kernel
+        ports = sorted({port for _, port in self.listen_addresses.values()})
+        script = ruleset_for(self.config, ports)
+        if await asyncio.to_thread(preinstalled, kernel.admission_status_file, kernel.admission_table, script):
+            self.admission_filter = True
+            log.info("admission filter installed before the proxy (%s): left in place at exit",
+                     kernel.admission_status_file)  # fmt: skip
+            return
+        self._admission_owned = self.admission_filter = await asyncio.to_thread(install_script, script)
 
     def _listen(self, protocol: str, address: str, *, key: str | None = None) -> None:
         host, port = split_hostport(address)
@@ -521,9 +526,10 @@ class Proxy:
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None
-        if self.admission_filter:
+        if self._admission_owned:
             await asyncio.to_thread(remove_admission, self.config.kernel.admission_table)
-            self.admission_filter = False
+            self._admission_owned = False
+        self.admission_filter = False
         await self.resolver.close()
         self.pools.close()
 

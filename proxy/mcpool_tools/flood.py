@@ -3,8 +3,9 @@ in count and time and meant for loopback or the caller's own network namespaces 
 
 `python -m mcpool_tools.flood MODE [options]` runs one client and prints one JSON line of results:
 
-- `transfer`: an allowed CPE doing Convert transfers back to back (`SEND n seed` to the test data
-  server), each checked by sha256; throughput, transfers, bad transfers, errors;
+- `transfer`: an allowed CPE doing Convert (or, `--protocol socks5`, SOCKS5) transfers back to
+  back (`SEND n seed` to the test data server), each checked by sha256; throughput, transfers,
+  bad transfers, errors;
 - `strangers`: connections from random addresses of a prefix outside `policy.allowed_cpes`, at a
   target rate, each held open silently (up to `--hold` at once, the oldest closed first);
 - `cpe-flood`: one allowed address opening connections as fast as it can, held silently (up to
@@ -46,10 +47,20 @@ def _family(host: str) -> int:
 
 
 def transfer(target: tuple[str, int], dest: tuple[str, int], source: str, duration_s: float, size: int,
-             pattern: str = "testserver") -> dict[str, Any]:  # fmt: skip
+             pattern: str = "testserver", protocol: str = "convert") -> dict[str, Any]:  # fmt: skip
     """`pattern`: whose byte pattern the data server sends: `testserver` (mcpool_tools.testserver)
-    or `random` (random.Random(seed).randbytes, the proxy tests' data server)."""
+    or `random` (random.Random(seed).randbytes, the proxy tests' data server). `protocol`: the
+    listener's, `convert` or `socks5`."""
     from mcpool_proxy.cpe.convert_client import convert_connect
+    from mcpool_proxy.cpe.socks5_client import socks5_connect
+
+    def open_transfer(request: bytes) -> tuple[socket.socket, bytes]:
+        if protocol == "socks5":
+            sock = socks5_connect(target, dest, source=source, timeout_s=10)
+            sock.sendall(request)
+            return sock, b""
+        sock, _, early = convert_connect(target, dest, source=source, early_data=request, timeout_s=10)
+        return sock, early
 
     from .testserver import pattern_sha256
 
@@ -65,8 +76,7 @@ def transfer(target: tuple[str, int], dest: tuple[str, int], source: str, durati
         want = pattern_sha256(seed, size) if pattern == "testserver" else hashlib.sha256(_pattern(seed, size)).hexdigest()
         t0 = time.monotonic()
         try:
-            sock, _, early = convert_connect(target, dest, source=source, early_data=f"SEND {size} {seed}\n".encode(),
-                                             timeout_s=10)  # fmt: skip
+            sock, early = open_transfer(f"SEND {size} {seed}\n".encode())
             with sock:
                 sock.settimeout(10)
                 h = hashlib.sha256(early)
@@ -87,7 +97,7 @@ def transfer(target: tuple[str, int], dest: tuple[str, int], source: str, durati
         if got != size or h.hexdigest() != want:
             bad += 1
     seconds = time.monotonic() - started
-    return {"mode": "transfer", "transfers": transfers, "bad": bad, "errors": errors, "bytes": moved,
+    return {"mode": "transfer", "protocol": protocol, "transfers": transfers, "bad": bad, "errors": errors, "bytes": moved,
             "seconds": round(seconds, 3), "mbit_per_s": round(moved * 8 / seconds / 1e6, 1),
             "slowest_transfer_s": round(slowest, 3), "last_error": last_error}  # fmt: skip
 
@@ -220,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=100, help="slowloris connections (at most 5000)")
     parser.add_argument("--size", type=int, default=1_000_000, help="transfer: bytes per transfer")
     parser.add_argument("--protocol", choices=sorted(_SLOW_PAYLOADS), default="convert",
-                        help="slowloris: whose handshake to dribble")
+                        help="slowloris: whose handshake to dribble; transfer: through which listener")
     parser.add_argument("--pattern", choices=["testserver", "random"], default="testserver",
                         help="transfer: the data server's byte pattern")
     args = parser.parse_args(argv)
@@ -230,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     duration = min(args.duration, 120.0)
     target = split_hostport(args.target)
     if args.mode == "transfer":
-        result = transfer(target, split_hostport(args.dest), args.source, duration, args.size, args.pattern)
+        result = transfer(target, split_hostport(args.dest), args.source, duration, args.size, args.pattern,
+                          args.protocol)  # fmt: skip
     elif args.mode == "strangers":
         result = strangers(target, args.prefix, duration, args.rate, min(args.hold, 20_000))
     elif args.mode == "cpe-flood":

@@ -237,7 +237,42 @@ def test_scaling_changes_neither_config_nor_hash() -> None:
     assert hash_one == builders.build_statefulset(two)["spec"]["template"]["metadata"]["annotations"]
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_pool_gets_the_admission_filter_from_an_init_container(case: str) -> None:
+    """Whatever the mechanism (none too, whose proxy holds no capability), an init container with
+    CAP_NET_ADMIN alone installs the kernel admission filter for the proxy's own configuration,
+    and the proxy is told where to find it installed."""
+    pool = CASES[case]
+    pod = builders.build_statefulset(pool)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    proxy = pod["containers"][0]
+    assert init["name"] == "admission" and init["image"] == proxy["image"] == pool.spec.image
+    assert init["command"] == ["mcpool"]
+    assert init["args"] == ["admission", "install", "--config", builders.config_path(pool)]
+    assert init["securityContext"] == {
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False,
+    }  # fmt: skip
+    assert [e["name"] for e in init["env"]] == ["POD_NAME"]  # no secret reaches it
+    init_mounts = {m["name"]: m for m in init["volumeMounts"]}
+    proxy_mounts = {m["name"]: m for m in proxy["volumeMounts"]}
+    assert init_mounts["admission"]["mountPath"] == proxy_mounts["admission"]["mountPath"] == builders.ADMISSION_DIR
+    assert "readOnly" not in init_mounts["admission"] and proxy_mounts["admission"]["readOnly"] is True
+    assert init_mounts["config"] == proxy_mounts["config"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes["admission"]
+    for data in builders.build_configmap(pool)["data"].values():
+        kernel = parse_config(yaml.safe_load(data)).kernel
+        assert kernel.admission_filter is True and kernel.admission_status_file == builders.ADMISSION_STATUS_FILE
+    if pool.spec.affinity.mechanism == "none":
+        assert "NET_ADMIN" not in proxy["securityContext"]["capabilities"].get("add", [])
+
+
 def test_spec_change_changes_config_hash() -> None:
+    # The pods are rolled, so a new pod's admission init container installs the new allowed_cpes.
     a = pool_of({"metadata": {"name": "a", "namespace": "n"}, "spec": {}})
     b = pool_of({"metadata": {"name": "a", "namespace": "n"}, "spec": {"policy": {"allowedCpes": ["198.18.0.0/15"]}}})
     annotation = builders.CONFIG_HASH_ANNOTATION

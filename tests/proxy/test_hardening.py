@@ -55,10 +55,10 @@ def _refused(target: tuple[str, int], dest: tuple[str, int], source: str, **kwar
 
 
 def _served(proxy: ProxyThread, server: DataServer, source: str = "127.0.0.1", **kwargs: Any) -> None:
-    sock, _, _ = convert_connect(proxy.convert, server.address, source=source, mptcp=False,
-                                 early_data=b"SEND 100000 5\n", timeout_s=5, **kwargs)  # fmt: skip
-    with sock:
-        assert sha256(recv_all(sock)) == sha256(pattern(5, 100_000))
+    sock, _, early = convert_connect(proxy.convert, server.address, source=source, mptcp=False,
+                                     early_data=b"SEND 100000 5\n", timeout_s=5, **kwargs)  # fmt: skip
+    with sock:  # the server's first bytes may come with the Convert reply (`early`)
+        assert sha256(early + recv_all(sock)) == sha256(pattern(5, 100_000))
 
 
 # -- per-CPE caps ------------------------------------------------------------------------------------
@@ -411,3 +411,46 @@ def test_admission_ruleset() -> None:
     assert "cpes4 { type ipv4_addr; flags interval; auto-merge; }" in admission_ruleset([], [5124])
     with pytest.raises(ValueError):
         admission_ruleset(["10.0.0.0/8"], [])
+
+
+def test_preinstalled_filter_is_recognised_only_for_its_own_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The status file of `mcpool admission install` (pure: no nft on PATH, so nft cannot tell
+    whether the table is there and the file decides): same ruleset -> installed; another ruleset,
+    another table, no file or garbage -> not, the mismatch with a warning."""
+    from mcpool_proxy.config import parse_config
+    from mcpool_proxy.kernel.admission import config_ports, preinstalled, ruleset_for, write_status
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    config = parse_config({"listen": {"convert": "[::]:5124", "socks5": "[::]:1080"},
+                           "policy": {"allowed_cpes": ["198.18.0.0/15"]}})  # fmt: skip
+    assert config_ports(config) == [1080, 5124]
+    script = ruleset_for(config, config_ports(config))
+    status = tmp_path / "admission.json"
+    assert not preinstalled(status, "mcpool_admission", script)  # no file yet
+    assert not preinstalled(None, "mcpool_admission", script)
+    write_status(status, "mcpool_admission", script)
+    assert status.stat().st_mode & 0o777 == 0o644  # the proxy runs as another user
+    assert preinstalled(status, "mcpool_admission", script)
+    assert not preinstalled(status, "other_table", script)
+    other = parse_config({"listen": {"convert": "[::]:5124", "socks5": "[::]:1080"},
+                          "policy": {"allowed_cpes": ["198.18.0.0/15", "203.0.113.0/24"]}})  # fmt: skip
+    assert not preinstalled(status, "mcpool_admission", ruleset_for(other, config_ports(other)))
+    assert "is for another configuration" in caplog.text
+    status.write_text("{not json")
+    assert not preinstalled(status, "mcpool_admission", script)
+
+
+def test_admission_command_refuses_what_it_cannot_install(tmp_path: Path) -> None:
+    """`mcpool admission install`: invalid configuration or a port the kernel would choose -> 2,
+    kernel.admission_filter false -> nothing done, 0 (no nft needed for either)."""
+    from mcpool_proxy.admission_cli import main
+
+    config = tmp_path / "proxy.yaml"
+    config.write_text("listen: {convert: '[::]:0'}\n")
+    assert main(["install", "--config", str(config)]) == 2
+    config.write_text("listen: {convert: '[::]:5124'}\nkernel: {admission_filter: false}\n")
+    assert main(["install", "--config", str(config)]) == 0
+    config.write_text("listen: {convert: 5124}\n")
+    assert main(["install", "--config", str(config)]) == 2

@@ -70,23 +70,28 @@ def netns() -> Iterator[str]:
 RunProxy = Callable[..., ProxyProcess]
 
 
+def proxy_config(**overrides: Any) -> dict[str, Any]:
+    """The tests' proxy configuration, each top-level key of `overrides` merged into it."""
+    config: dict[str, Any] = {
+        "listen": {"convert": "[::]:5124", "socks5": "[::]:1080"},
+        "admin": "127.0.0.1:9090",
+        "policy": {"allowed_cpes": ["127.0.0.0/8", "10.88.0.0/16", "2001:db8:88::/48"],
+                   "deny_default_destinations": False, "handshake_timeout_s": 2, "max_handshakes": 512},
+        "upstream": {"connect_timeout_s": 1},
+        "drain_timeout_s": 1,
+    }  # fmt: skip
+    for key, value in overrides.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
+    return config
+
+
 @pytest.fixture
 def run_proxy(netns: str) -> Iterator[RunProxy]:
     started: list[ProxyProcess] = []
     workdir = Path(tempfile.mkdtemp(prefix="mhd-"))
 
-    def start(**overrides: Any) -> ProxyProcess:
-        config: dict[str, Any] = {
-            "listen": {"convert": "[::]:5124", "socks5": "[::]:1080"},
-            "admin": "127.0.0.1:9090",
-            "policy": {"allowed_cpes": ["127.0.0.0/8", "10.88.0.0/16", "2001:db8:88::/48"],
-                       "deny_default_destinations": False, "handshake_timeout_s": 2, "max_handshakes": 512},
-            "upstream": {"connect_timeout_s": 1},
-            "drain_timeout_s": 1,
-        }  # fmt: skip
-        for key, value in overrides.items():
-            config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
-        proc = ProxyProcess(netns, config, workdir)
+    def start(prefix: list[str] | None = None, **overrides: Any) -> ProxyProcess:
+        proc = ProxyProcess(netns, proxy_config(**overrides), workdir, prefix)
         started.append(proc)
         return proc
 
@@ -116,10 +121,12 @@ def metric(proxy: ProxyProcess, name: str, **labels: str) -> float:
 def served(ns: str, dest: tuple[str, int], source: str, port: int = 5124) -> None:
     host = "::1" if ":" in source else "127.0.0.1"
     with in_netns(ns):
-        sock, _, _ = convert_connect((host, port), dest, source=source, early_data=b"SEND 200000 4\n", timeout_s=5)
+        sock, _, early = convert_connect((host, port), dest, source=source, early_data=b"SEND 200000 4\n", timeout_s=5)
     with sock:
         sock.settimeout(10)
-        assert sha256(recv_all(sock)) == sha256(pattern(4, 200_000))
+        # The server's first bytes may arrive with the Convert reply: convert_connect returns them.
+        got = early + recv_all(sock)
+        assert sha256(got) == sha256(pattern(4, 200_000)), (len(got), got[:64])
 
 
 def syn_answered(ns: str, source: str, port: int, wait_s: float = 1.5) -> bool:
@@ -162,6 +169,61 @@ def test_strangers_syns_are_dropped_in_the_kernel(run_proxy: RunProxy, netns: st
     proxy.proc.send_signal(signal.SIGTERM)
     assert proxy.proc.wait(20) == 0
     assert sh(netns, "nft", "list", "table", "inet", "mcpool_admission", check=False).returncode != 0
+
+
+# What a pod's proxy runs under when its pool's mechanism needs no capability: root of the
+# namespace without CAP_NET_ADMIN (nor anything it could pass on).
+WITHOUT_NET_ADMIN = ["setpriv", "--inh-caps=-all", "--bounding-set=-net_admin", "--"]
+CAP_NET_ADMIN = 12
+
+
+def test_filter_installed_before_a_proxy_without_net_admin(run_proxy: RunProxy, netns: str, ns_server: DataServer,
+                                                           tmp_path: Path) -> None:  # fmt: skip
+    """The pod's init container: `mcpool admission install` (with CAP_NET_ADMIN; without, exit 1) installs the table
+    and its status file; the proxy, started without CAP_NET_ADMIN, finds it, reports it, has the
+    strangers' SYNs dropped in the kernel, and leaves the table at exit (it did not install it).
+    A status file for another configuration is not taken for the filter."""
+    status_file = tmp_path / "admission.json"
+    kernel = {"admission_status_file": str(status_file)}
+    config_file = tmp_path / "proxy.yaml"
+    config_file.write_text(yaml.safe_dump(proxy_config(kernel=kernel)))
+    install = [sys.executable, "-m", "mcpool_proxy.cli", "admission", "install", "--config", str(config_file)]
+    # Without CAP_NET_ADMIN the command fails loudly (the init container, and so the pod, with it).
+    refused = sh(netns, *WITHOUT_NET_ADMIN, *install, check=False)
+    assert refused.returncode == 1 and "admission filter not installed" in refused.stderr, refused.stderr
+    assert not status_file.exists()
+    installed = sh(netns, *install, check=False)
+    assert installed.returncode == 0, installed.stderr
+    assert json.loads(status_file.read_text())["table"] == "mcpool_admission"
+    before = strangers_counter(netns)
+
+    proxy = run_proxy(prefix=WITHOUT_NET_ADMIN, kernel=kernel)
+    cap_eff = next(line for line in Path(f"/proc/{proxy.proc.pid}/status").read_text().splitlines()
+                   if line.startswith("CapEff:"))  # fmt: skip
+    assert not int(cap_eff.split()[1], 16) & (1 << CAP_NET_ADMIN), cap_eff
+    status, ready = proxy.admin("/readyz")
+    assert status == 200 and ready["admission_filter"] is True
+    assert metric(proxy, "mcpool_admission_filter_active") == 1
+    assert any("installed before the proxy" in e["msg"] for e in proxy.logs())
+    for stranger in (STRANGER, STRANGER6):
+        for port in (5124, 1080):
+            assert not syn_answered(netns, stranger, port), f"{stranger} -> {port} got a SYN-ACK"
+    assert strangers_counter(netns) >= before + 4
+    assert metric(proxy, "mcpool_connections_accepted_total") == 0
+    served(netns, ns_server.address, CPE)
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(20) == 0
+    assert sh(netns, "nft", "list", "table", "inet", "mcpool_admission", check=False).returncode == 0
+
+    # Another configuration (one more allowed prefix): the installed filter is not its filter; the
+    # proxy tries its own, which it may not, and says so.
+    other = run_proxy(prefix=WITHOUT_NET_ADMIN, kernel=kernel,
+                      policy={"allowed_cpes": ["127.0.0.0/8", "10.88.0.0/16", "10.99.0.0/16"]})  # fmt: skip
+    status, ready = other.admin("/readyz")
+    assert status == 200 and ready["admission_filter"] is False
+    messages = [e["msg"] for e in other.logs()]
+    assert any("is for another configuration" in m for m in messages), messages
+    assert any("admission filter not installed" in m for m in messages), messages
 
 
 def test_without_nft_strangers_are_refused_in_userspace(tmp_path: Path, netns: str, ns_server: DataServer,
@@ -313,18 +375,22 @@ def _flood_argv(ns: str, mode: str, *args: str) -> list[str]:
 
 def run_flood(ns: str, server: DataServer, mode: str, target_port: int, *args: str,
               duration_s: float = 3.0) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """(flood result, transfer result): the allowed CPE transfers 1 MB at a time through the Convert
-    listener for `duration_s` while the flood runs against `target_port`."""
+    """(flood result, transfer result): the allowed CPE transfers 1 MB at a time through the
+    flooded listener (`target_port`: Convert 5124 or SOCKS5 1080) for `duration_s` while the flood
+    runs against it."""
     dest = f"{server.address[0]}:{server.address[1]}"
-    transfer = subprocess.Popen(_flood_argv(ns, "transfer", "--target", "127.0.0.1:5124", "--dest", dest,
+    protocol = "socks5" if target_port == 1080 else "convert"
+    transfer = subprocess.Popen(_flood_argv(ns, "transfer", "--target", f"127.0.0.1:{target_port}", "--dest", dest,
                                             "--source", CPE, "--duration", str(duration_s + 1),
-                                            "--pattern", "random"),
+                                            "--pattern", "random", "--protocol", protocol),
                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
     flood = subprocess.run(_flood_argv(ns, mode, "--target", f"127.0.0.1:{target_port}", "--duration",
                                        str(duration_s), *args), capture_output=True, text=True, timeout=60)  # fmt: skip
     out, _ = transfer.communicate(timeout=60)
     assert flood.returncode == 0, flood.stderr
-    return json.loads(flood.stdout), json.loads(out)
+    moved = json.loads(out)
+    assert moved["protocol"] == protocol, moved
+    return json.loads(flood.stdout), moved
 
 
 def _check_transfer(result: dict[str, Any]) -> None:

@@ -52,17 +52,21 @@ def socks5_connect(
     password: str | None = None,
     mptcp: bool = True,
     timeout_s: float = 10.0,
+    source: str | None = None,
 ) -> socket.socket:
     """Open a connection to `destination` through the SOCKS5 proxy; return the connected socket.
 
     `destination` host may be an IP address or a domain name (sent as ATYP 3, resolved by the
-    proxy). MPTCP is used when the kernel has it (`mptcp=False` forces TCP). Raises
+    proxy). MPTCP is used when the kernel has it (`mptcp=False` forces TCP); `source`: the local
+    address to connect from. Raises
     `Socks5Refused` with the proxy's reply code on any refusal, OSError on network errors.
     """
     family = socket.AF_INET6 if ":" in proxy[0] else socket.AF_INET
     sock, _ = create_socket(family, mptcp=mptcp)
     try:
         sock.settimeout(timeout_s)
+        if source is not None:
+            sock.bind((source, 0))
         sock.connect(proxy)
         if username is not None:
             sock.sendall(encode_greeting((Method.USERNAME_PASSWORD,)))

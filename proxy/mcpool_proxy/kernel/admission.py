@@ -29,22 +29,45 @@ and returns False) and it must never be the only guard.
 
 `admission_ruleset` is pure (tested without a kernel); `install_admission` / `remove_admission`
 run `nft -f -` / `nft delete table`, at the proxy's start and exit.
+
+Installed before the proxy: in a pod the filter is installed by an init container running
+`mcpool admission install --config FILE` (`admission_cli.py`), the only container of the pod with
+CAP_NET_ADMIN in pools whose proxy needs none. It then writes a status file
+(`kernel.admission_status_file`, on a volume both containers mount) naming the table and the
+sha256 of the ruleset it installed. The proxy, finding that file with the digest of the ruleset
+it would install itself (`preinstalled`), reports the filter as active and never removes it: it
+did not install it, and could not (no CAP_NET_ADMIN). Nothing is left behind: the table lives in
+the pod's network namespace, which the kernel frees with the pod.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import logging
 import math
+import os
 import subprocess
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import ProxyConfig
 
 __all__ = [
     "ADMISSION_TABLE",
     "admission_ruleset",
+    "config_ports",
     "install_admission",
+    "install_script",
+    "preinstalled",
     "remove_admission",
+    "ruleset_for",
     "strangers_dropped",
+    "table_present",
+    "write_status",
 ]
 
 log = logging.getLogger("mcpool.proxy")
@@ -149,23 +172,7 @@ def install_admission(
     if the kernel or the `nft` command refuses (the proxy then relies on its userspace check)."""
     script = admission_ruleset(list(allowed_cpes), ports, table, syn_rate_per_cpe=syn_rate_per_cpe,
                                syn_burst_per_cpe=syn_burst_per_cpe)  # fmt: skip
-    try:
-        proc = _nft(["-f", "-"], script)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning(
-            "admission filter not installed (cannot run nft: %s): strangers are refused in userspace only, "
-            "each costing an accept and a handshake slot; install nftables or set kernel.admission_filter=false",
-            exc,
-        )
-        return False
-    if proc.returncode != 0:
-        log.warning(
-            "admission filter not installed (nft: %s): strangers are refused in userspace only, each costing "
-            "an accept and a handshake slot; the proxy needs CAP_NET_ADMIN, or set kernel.admission_filter=false",
-            proc.stderr.strip() or f"exit status {proc.returncode}",
-        )
-        return False
-    return True
+    return install_script(script)
 
 
 def remove_admission(table: str = ADMISSION_TABLE) -> None:
@@ -198,3 +205,101 @@ def strangers_dropped(table: str = ADMISSION_TABLE) -> int | None:
         return int(words[words.index("packets") + 1])
     except (ValueError, IndexError):
         return None
+
+
+def config_ports(config: ProxyConfig) -> list[int]:
+    """The listener ports of a configuration (what the proxy binds: convert, socks5, transparent)."""
+    from ..config import split_hostport
+
+    addresses = [a for a in (config.listen.convert, config.listen.socks5) if a is not None]
+    addresses.extend(config.listen.transparent)
+    return sorted({split_hostport(a)[1] for a in addresses})
+
+
+def ruleset_for(config: ProxyConfig, ports: Sequence[int]) -> str:
+    """The ruleset the proxy and `mcpool admission install` install for `config`: the kernel's
+    per-CPE SYN limit is twice the userspace bucket, a coarse guard against one CPE's flood, never
+    stricter than limits.new_connections_per_cpe_*."""
+    limits = config.limits
+    return admission_ruleset(
+        config.policy.allowed_cpes, ports, config.kernel.admission_table,
+        syn_rate_per_cpe=2 * limits.new_connections_per_cpe_per_s,
+        syn_burst_per_cpe=2 * limits.new_connections_burst_per_cpe,
+    )  # fmt: skip
+
+
+def _digest(script: str) -> str:
+    return hashlib.sha256(script.encode()).hexdigest()
+
+
+def install_script(script: str) -> bool:
+    """`install_admission` for a ruleset already built (`ruleset_for`)."""
+    try:
+        proc = _nft(["-f", "-"], script)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning(
+            "admission filter not installed (cannot run nft: %s): strangers are refused in userspace only, "
+            "each costing an accept and a handshake slot; install nftables or set kernel.admission_filter=false",
+            exc,
+        )
+        return False
+    if proc.returncode != 0:
+        log.warning(
+            "admission filter not installed (nft: %s): strangers are refused in userspace only, each costing "
+            "an accept and a handshake slot; the proxy needs CAP_NET_ADMIN, or set kernel.admission_filter=false",
+            proc.stderr.strip() or f"exit status {proc.returncode}",
+        )
+        return False
+    return True
+
+
+def write_status(path: str | Path, table: str, script: str) -> None:
+    """Record that `script` is installed as `table` (written whole, then renamed into place, so a
+    reader never sees half a file)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps({"table": table, "ruleset_sha256": _digest(script),
+                               "installed_by": "mcpool admission install"}) + "\n")  # fmt: skip
+    tmp.chmod(0o644)  # the proxy runs as another user
+    os.replace(tmp, target)
+
+
+def table_present(table: str) -> bool | None:
+    """Whether the table exists in this namespace; None if nft cannot tell (listing it needs
+    CAP_NET_ADMIN too, which a proxy of a `mechanism: none` pool does not have)."""
+    try:
+        proc = _nft(["list", "table", "inet", table])
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode == 0:
+        return _OWNER in proc.stdout
+    if "No such file or directory" in proc.stderr:
+        return False
+    return None
+
+
+def preinstalled(status_file: str | Path | None, table: str, script: str) -> bool:
+    """Whether `mcpool admission install` installed exactly `script` as `table` before the proxy
+    started (its status file says so and, where nft can tell, the table is there); False, with a
+    warning when the file is there but does not match, so the caller installs the filter itself."""
+    if status_file is None:
+        return False
+    try:
+        status: Any = json.loads(Path(status_file).read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        log.warning("admission filter status file %s unreadable (%s): ignored", status_file, exc)
+        return False
+    if not isinstance(status, dict) or status.get("table") != table or status.get("ruleset_sha256") != _digest(script):
+        log.warning(
+            "the admission filter installed before the proxy (status file %s) is for another configuration "
+            "(table, policy.allowed_cpes, listener ports or limits differ): the proxy installs its own, which needs "
+            "CAP_NET_ADMIN; otherwise the old filter stays in force until the pod is recreated",
+            status_file,
+        )
+        return False
+    if table_present(table) is False:
+        log.warning("admission filter status file %s names table inet %s, which is not there", status_file, table)
+        return False
+    return True
