@@ -12,6 +12,7 @@ for an MCP exposed to the Internet: nobody may connect until `policy.allowed_cpe
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -50,6 +51,7 @@ __all__ = [
     "parse_config",
     "redis_target",
     "split_hostport",
+    "split_redis_address",
     "DEFAULT_DENIED_DESTINATIONS",
     "DEFAULT_PRIVATE_DESTINATIONS",
 ]
@@ -469,14 +471,35 @@ DEFAULT_POD_MAC = "02:6d:63:70:00:01"
 # (pods and directors share these, so both speak the same modes with the same keys)
 
 
-def _node_address(value: str) -> str:
-    host, _ = split_hostport(value)
-    if not host:
-        raise ValueError(f"{value!r}: a Redis address needs a host, e.g. 'redis-0.redis:6379'")
-    return value
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
 
-RedisAddress = Annotated[HostPort, AfterValidator(_node_address)]
+def split_redis_address(value: str) -> tuple[str, int]:
+    """Split a Redis node's "host:port" (a DNS name, an IPv4 address or "[v6]:port")."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string like 'redis-sentinel.redis:26379', got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        host, port = split_hostport(text)
+        return host, port
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r}: a Redis address needs a host and a port, e.g. 'redis-0.redis:6379'")
+    if ":" in host:
+        raise ValueError(f"{value!r}: write IPv6 addresses in brackets, e.g. '[{host}]:{port_text}'")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{value!r}: port must be a number from 1 to 65535")
+    if not _DNS_NAME.match(host):
+        raise ValueError(f"{value!r}: {host!r} is neither a host name nor an IP address")
+    return host, int(port_text)
+
+
+def _redis_address(value: str) -> str:
+    split_redis_address(value)
+    return value.strip()
+
+
+RedisAddress = Annotated[str, AfterValidator(_redis_address)]
 
 
 class RedisSentinelConfig(_Model):

@@ -46,7 +46,7 @@ from ..observe.metrics import observe
 from ..observe.telemetry import Telemetry
 from .keys import KeySchema
 from .packet import MAX_IPV6_EXT_BYTES, Syn, parse_syn
-from .redisconn import REDIS_ERRORS, Backoff, describe_target, open_redis, redis_error_text
+from .redisconn import REDIS_ERRORS, Backoff, connect, describe_target, open_redis, redis_error_text
 from .table import AffinityTable, Decision, PodEntry, decide
 
 __all__ = ["Director", "DirectorConfig", "DirectorMetrics", "DirectorTaskDied", "load_director_config", "main"]
@@ -437,8 +437,10 @@ class Director:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                pubsub = redis.pubsub()
+                pubsub = None
                 try:
+                    await connect(redis, self.config.redis_timeout_s)
+                    pubsub = redis.pubsub()
                     await asyncio.wait_for(pubsub.subscribe(self.keys.events), self.config.redis_timeout_s)
                     self._connected_at = loop.time()
                     # Subscribe first, then read: no event can fall between the two.
@@ -469,8 +471,9 @@ class Director:
                     self.metrics.redis_errors.inc()
                     await asyncio.sleep(backoff.next_delay_s())
                 finally:
-                    with contextlib.suppress(*REDIS_ERRORS):
-                        await asyncio.wait_for(pubsub.aclose(), self.config.redis_timeout_s)  # type: ignore[no-untyped-call]
+                    if pubsub is not None:
+                        with contextlib.suppress(*REDIS_ERRORS):
+                            await asyncio.wait_for(pubsub.aclose(), self.config.redis_timeout_s)  # type: ignore[no-untyped-call]
         finally:
             with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
                 await asyncio.wait_for(redis.aclose(), self.config.redis_timeout_s)

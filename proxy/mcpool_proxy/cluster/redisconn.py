@@ -26,12 +26,13 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ..config import RedisClusterConfig, RedisSentinelConfig, RedisTarget, split_hostport
+from ..config import RedisClusterConfig, RedisSentinelConfig, RedisTarget, split_redis_address
 
 __all__ = [
     "REDIS_ERRORS",
     "Backoff",
     "RedisClient",
+    "connect",
     "describe_target",
     "is_cluster",
     "open_redis",
@@ -81,7 +82,7 @@ def _open_sentinel(target: RedisSentinelConfig, password: str | None, common: di
     if target.sentinel_username:
         sentinel_kwargs["username"] = target.sentinel_username
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        [split_hostport(a) for a in target.addresses],
+        [split_redis_address(a) for a in target.addresses],
         sentinel_kwargs=sentinel_kwargs,
         **common,
         **tls,
@@ -97,7 +98,7 @@ def _open_sentinel(target: RedisSentinelConfig, password: str | None, common: di
 
 
 def _open_cluster(target: RedisClusterConfig, password: str | None, common: dict[str, Any]) -> RedisCluster:
-    nodes = [ClusterNode(*split_hostport(a)) for a in target.addresses]
+    nodes = [ClusterNode(*split_redis_address(a)) for a in target.addresses]
     kwargs: dict[str, Any] = dict(common)
     if target.tls:
         kwargs["ssl"] = True
@@ -113,6 +114,13 @@ def _open_cluster(target: RedisClusterConfig, password: str | None, common: dict
 def is_cluster(client: RedisClient) -> bool:
     """Whether `client` talks to a Redis Cluster (no multi-command scripts in one pipeline there)."""
     return isinstance(client, RedisCluster)
+
+
+async def connect(client: RedisClient, timeout_s: float) -> None:
+    """Make sure `client` can route: a cluster client learns the slot map first (its pub/sub picks
+    the node by the channel's slot and cannot do that before). A no-op for the other modes."""
+    if isinstance(client, RedisCluster):
+        await asyncio.wait_for(client.initialize(), timeout_s)
 
 
 def describe_target(target: RedisTarget) -> str:

@@ -527,11 +527,16 @@ class RedisRegistry:
         event = json.dumps(
             {"t": "pod", "op": "add", "pod": self.pod_name, "addr": self.advertise, "state": state}
         )
+        cluster = is_cluster(self._redis)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
             pipe.pexpire(key, self.ttl_ms)
-            pipe.publish(self.keys.events, event)
+            if not cluster:
+                pipe.publish(self.keys.events, event)
             await asyncio.wait_for(pipe.execute(), self.op_timeout_s)
+        if cluster:
+            # A cluster pipeline refuses PUBLISH (not a key command): send it on its own.
+            await asyncio.wait_for(self._redis.publish(self.keys.events, event), self.op_timeout_s)
 
     async def _refresh_all(self) -> None:
         """Heartbeat: the pod key and every live token/CPE, claimed or extended, pipelined."""
