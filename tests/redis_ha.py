@@ -101,8 +101,11 @@ class SentinelGroup(_Processes):
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1", wrap: Sequence[str] = (),
                  master_name: str = "mcpool", down_after_ms: int = 1000,
-                 ports: tuple[int, int, tuple[int, int, int]] | None = None) -> None:  # fmt: skip
+                 ports: tuple[int, int, tuple[int, int, int]] | None = None,
+                 password: str | None = None, sentinel_password: str | None = None) -> None:  # fmt: skip
         super().__init__(workdir, host, wrap)
+        self.password = password  # of the data nodes (requirepass, masterauth)
+        self.sentinel_password = sentinel_password  # of the sentinels themselves
         self.master_name = master_name
         self.down_after_ms = down_after_ms
         if ports is None:
@@ -118,8 +121,9 @@ class SentinelGroup(_Processes):
         return {"addresses": self.sentinel_addresses, "master_name": self.master_name, **overrides}
 
     def start(self, timeout_s: float = 20.0) -> None:
-        self.spawn(self.primary_port, _server_args(self.primary_port, self.host, self.workdir))
-        replica = _server_args(self.replica_port, self.host, self.workdir)
+        auth = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
+        self.spawn(self.primary_port, [*_server_args(self.primary_port, self.host, self.workdir), *auth])
+        replica = [*_server_args(self.replica_port, self.host, self.workdir), *auth]
         self.spawn(self.replica_port, [*replica, "--replicaof", self.host, str(self.primary_port),
                                        "--replica-announce-ip", self.host])  # fmt: skip
         for port in self.sentinel_ports:
@@ -132,14 +136,19 @@ class SentinelGroup(_Processes):
                 f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {self.master_name} 10000\n"
                 f"sentinel parallel-syncs {self.master_name} 1\n"
+                + (f"sentinel auth-pass {self.master_name} {self.password}\n" if self.password else "")
+                + (f"requirepass {self.sentinel_password}\nsentinel sentinel-pass {self.sentinel_password}\n"
+                   if self.sentinel_password else "")
             )
             self.spawn(port, ["redis-server", str(conf), "--sentinel"])
-        wait_until(lambda: "master_link_status:up" in self.cli(self.replica_port, "info", "replication"),
+        wait_until(lambda: "master_link_status:up" in self.cli(self.replica_port, "info", "replication",
+                                                                password=self.password),
                    timeout_s, "the replica to sync")  # fmt: skip
 
         def sentinels_agree() -> bool:
             for port in self.sentinel_ports:
-                info = self.cli(port, "sentinel", "master", self.master_name).split("\n")
+                info = self.cli(port, "sentinel", "master", self.master_name,
+                                password=self.sentinel_password).split("\n")  # fmt: skip
                 fields = dict(zip(info[::2], info[1::2], strict=False))
                 if fields.get("num-slaves") != "1" or fields.get("num-other-sentinels") != "2":
                     return False
@@ -152,7 +161,8 @@ class SentinelGroup(_Processes):
         """The port the sentinels name as the primary now."""
         for port in self.sentinel_ports:
             if self.running(port):
-                reply = self.cli(port, "sentinel", "get-master-addr-by-name", self.master_name).split("\n")
+                reply = self.cli(port, "sentinel", "get-master-addr-by-name", self.master_name,
+                                 password=self.sentinel_password).split("\n")  # fmt: skip
                 if len(reply) == 2 and reply[1].isdigit():
                     return int(reply[1])
         raise RuntimeError("no sentinel names a primary")
@@ -161,8 +171,9 @@ class SentinelGroup(_Processes):
 class ClusterGroup(_Processes):
     """A Redis Cluster of `masters` primaries (no replicas) on loopback, slots spread evenly."""
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1", masters: int = 3) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", masters: int = 3, password: str | None = None) -> None:
         super().__init__(workdir, host)
+        self.password = password
         # The cluster bus listens on port + 10000.
         self.ports = [free_port(span=10001) for _ in range(masters)]
 
@@ -176,19 +187,24 @@ class ClusterGroup(_Processes):
             node_dir.mkdir()
             self.spawn(port, [*_server_args(port, self.host, node_dir), "--cluster-enabled", "yes",
                               "--cluster-config-file", str(node_dir / "nodes.conf"),
-                              "--cluster-node-timeout", "2000"])  # fmt: skip
+                              "--cluster-node-timeout", "2000",
+                              *(["--requirepass", self.password, "--masterauth", self.password]
+                                if self.password else [])])  # fmt: skip
         for port in self.ports:
-            wait_until(lambda port=port: self.cli(port, "ping") == "PONG", timeout_s, f"node {port}")  # type: ignore[misc]
-        created = subprocess.run(["redis-cli", "--cluster", "create", *self.addresses, "--cluster-replicas", "0",
-                                  "--cluster-yes"], capture_output=True, text=True, timeout=60)  # fmt: skip
+            wait_until(lambda port=port: self.cli(port, "ping", password=self.password) == "PONG",  # type: ignore[misc]
+                       timeout_s, f"node {port}")  # fmt: skip
+        auth = ["--no-auth-warning", "-a", self.password] if self.password else []
+        created = subprocess.run(["redis-cli", *auth, "--cluster", "create", *self.addresses, "--cluster-replicas",
+                                  "0", "--cluster-yes"], capture_output=True, text=True, timeout=60)  # fmt: skip
         assert created.returncode == 0, created.stdout + created.stderr
-        wait_until(lambda: all("cluster_state:ok" in self.cli(p, "cluster", "info") for p in self.ports),
+        wait_until(lambda: all("cluster_state:ok" in self.cli(p, "cluster", "info", password=self.password)
+                               for p in self.ports),
                    timeout_s, "cluster_state:ok on every node")  # fmt: skip
 
     def slot_owner(self, key: str) -> int:
         """Port of the master serving `key`'s slot."""
-        slot = int(self.cli(self.ports[0], "cluster", "keyslot", key))
-        for line in self.cli(self.ports[0], "cluster", "nodes").splitlines():
+        slot = int(self.cli(self.ports[0], "cluster", "keyslot", key, password=self.password))
+        for line in self.cli(self.ports[0], "cluster", "nodes", password=self.password).splitlines():
             fields = line.split()
             if "master" not in fields[2]:
                 continue

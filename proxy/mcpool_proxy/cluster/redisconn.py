@@ -22,9 +22,9 @@ from urllib.parse import urlparse
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ..config import RedisClusterConfig, RedisSentinelConfig, RedisTarget, split_redis_address
 
@@ -44,7 +44,8 @@ __all__ = [
 RedisClient = aioredis.Redis | RedisCluster
 
 # Everything an unreachable, restarting or overloaded Redis can raise through redis-py.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+# RedisClusterException ("cannot be connected", "slot not covered") is no RedisError in redis-py.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 def open_redis(target: RedisTarget, timeout_s: float) -> RedisClient:
@@ -73,6 +74,37 @@ def open_redis(target: RedisTarget, timeout_s: float) -> RedisClient:
     return _open_cluster(target, password, common)
 
 
+class _Sentinel(Sentinel):
+    """redis-py's Sentinel, with the reasons each sentinel gave when none names a primary.
+
+    redis-py words that failure with each sentinel client's repr and the refusal's repr
+    (`auth:AuthenticationError`), which loses the server's text ("invalid username-password
+    pair ..."): this says which sentinel answered what, in the server's words.
+    """
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        reasons: list[str] = []
+        for number, sentinel in enumerate(self.sentinels):
+            kwargs = sentinel.connection_pool.connection_kwargs
+            where = f"sentinel {kwargs.get('host')}:{kwargs.get('port')}"
+            try:
+                masters = await sentinel.sentinel_masters()
+            except REDIS_ERRORS as exc:
+                reasons.append(f"{where}: {redis_error_text(exc)}")
+                continue
+            state = masters.get(service_name) if isinstance(masters, dict) else None
+            if not state:
+                reasons.append(f"{where}: monitors no primary named {service_name!r}")
+                continue
+            if not self.check_master_state(state, service_name):
+                reasons.append(f"{where}: primary {state['ip']}:{state['port']} is down or failing over")
+                continue
+            # Ask the one that answered first next time.
+            self.sentinels[0], self.sentinels[number] = sentinel, self.sentinels[0]
+            return state["ip"], int(state["port"])
+        raise MasterNotFoundError(f"no sentinel names a primary for {service_name!r}: {'; '.join(reasons)}")
+
+
 def _open_sentinel(target: RedisSentinelConfig, password: str | None, common: dict[str, Any]) -> aioredis.Redis:
     sentinel_password = os.environ.get("REDIS_SENTINEL_PASSWORD") or None
     tls: dict[str, Any] = {"ssl": True} if target.tls else {}
@@ -81,7 +113,7 @@ def _open_sentinel(target: RedisSentinelConfig, password: str | None, common: di
         sentinel_kwargs["password"] = sentinel_password
     if target.sentinel_username:
         sentinel_kwargs["username"] = target.sentinel_username
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = _Sentinel(  # type: ignore[no-untyped-call]
         [split_redis_address(a) for a in target.addresses],
         sentinel_kwargs=sentinel_kwargs,
         **common,
