@@ -97,11 +97,11 @@ class _Sentinel(Sentinel):
                 reasons.append(f"{where}: monitors no primary named {service_name!r}")
                 continue
             if not self.check_master_state(state, service_name):
-                reasons.append(f"{where}: primary {state['ip']}:{state['port']} is down or failing over")
+                reasons.append(f"{where}: primary {state.get('ip')}:{state.get('port')} is down or failing over")
                 continue
             # Ask the one that answered first next time.
             self.sentinels[0], self.sentinels[number] = sentinel, self.sentinels[0]
-            return state["ip"], int(state["port"])
+            return str(state.get("ip")), int(state.get("port", 0))
         raise MasterNotFoundError(f"no sentinel names a primary for {service_name!r}: {'; '.join(reasons)}")
 
 
