@@ -26,12 +26,15 @@ from mcpool_proxy.config import (
     MarkerConfig,
     PolicyConfig,
     ProxyConfig,
+    RedisClusterConfig,
+    RedisSentinelConfig,
     RelayConfig,
     TransparentConfig,
     UpstreamConfig,
 )
+from pydantic import BaseModel
 
-from .spec import Pool
+from .spec import Pool, RedisSpec
 
 __all__ = [
     "ADMIN_PORT",
@@ -170,11 +173,10 @@ def build_proxy_config(pool: Pool, ordinal: int | None = None) -> ProxyConfig:
         address = spec.affinity.join_addresses[ordinal]
         host = f"[{address}]" if ":" in address else address
         join_address = f"{host}:{spec.effective_join_port()}"
-    redis_url = spec.redis.url if spec.redis is not None else None
     affinity = AffinityConfig(
         mechanism=mechanism,
-        backend="redis" if redis_url else "memory",
-        redis_url=redis_url,
+        backend="redis" if spec.redis is not None else "memory",
+        **redis_keys(spec.redis),
         pool=registry_pool_name(pool),
         # pod_name and advertise stay null: the proxy reads POD_NAME and POD_IP from its
         # environment (downward API), which a shared ConfigMap cannot know.
@@ -330,12 +332,28 @@ def _proxy_env(pool: Pool) -> list[dict[str, Any]]:
     return env
 
 
+def redis_keys(redis: RedisSpec | None) -> dict[str, Any]:
+    """The proxy's and the director's Redis keys (redis_url, redis_sentinel or redis_cluster)."""
+    if redis is None:
+        return {}
+    if redis.sentinel is not None:
+        sentinel = redis.sentinel
+        return {"redis_sentinel": RedisSentinelConfig(addresses=sentinel.addresses, master_name=sentinel.master_name,
+                                                      db=sentinel.db, tls=sentinel.tls)}  # fmt: skip
+    if redis.cluster is not None:
+        return {"redis_cluster": RedisClusterConfig(addresses=redis.cluster.addresses, tls=redis.cluster.tls)}
+    return {"redis_url": redis.url}
+
+
 def _redis_env(pool: Pool) -> list[dict[str, Any]]:
     redis = pool.spec.redis
-    if redis is None or redis.password_secret_ref is None:
+    if redis is None:
         return []
-    ref = redis.password_secret_ref
-    return [{"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+    refs = [("REDIS_PASSWORD", redis.password_secret_ref)]
+    if redis.sentinel is not None:
+        refs.append(("REDIS_SENTINEL_PASSWORD", redis.sentinel.password_secret_ref))
+    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+            for name, ref in refs if ref is not None]  # fmt: skip
 
 
 def _tolerations(items: list[Any]) -> list[dict[str, Any]]:
@@ -590,7 +608,8 @@ def director_config(pool: Pool) -> dict[str, Any]:
     return {
         "vip": pool.spec.director_vip(),
         "ports": pool.spec.listener_ports(),
-        "redis_url": redis.url if redis is not None else None,
+        **{key: value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else value
+           for key, value in redis_keys(redis).items()},  # fmt: skip
         "pool": registry_pool_name(pool),
         "nft_table": f"mcpool_{index:03x}",
         "device_prefix": f"mcp{index:03x}v",  # + slot: at most 9 characters

@@ -41,6 +41,8 @@ __all__ = [
     "MCPPoolSpec",
     "Pool",
     "PolicySpec",
+    "RedisClusterSpec",
+    "RedisSentinelSpec",
     "RedisSpec",
     "RelaySpec",
     "ResourcesSpec",
@@ -242,30 +244,77 @@ class SecretKeyRef(_Spec):
     key: str = Field(default="password", min_length=1, max_length=253, description="Key in the Secret.")
 
 
+RedisAddressSpec = Annotated[str, Field(min_length=3, max_length=261, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")]
+
+
+class RedisSentinelSpec(_Spec):
+    """Redis behind Sentinel: pods and directors ask the sentinels for the primary and follow a failover."""
+
+    addresses: list[RedisAddressSpec] = Field(
+        min_length=1, max_length=16, description="host:port of the sentinels (usually three, port 26379)."
+    )
+    master_name: str = Field(
+        min_length=1, max_length=253, description="Name of the monitored primary (`sentinel monitor NAME ...`)."
+    )
+    db: int = Field(default=0, ge=0, le=65535, description="Database number on the primary.")
+    tls: bool = Field(default=False, description="TLS to the sentinels and the data nodes.")
+    password_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the sentinels' own password (`requirepass` on the sentinels), "
+        "given to pods and directors as REDIS_SENTINEL_PASSWORD; the data nodes' password is "
+        "redis.passwordSecretRef.",
+    )
+
+
+class RedisClusterSpec(_Spec):
+    """A Redis Cluster: every key of a pool carries the pool's hash tag, so one pool lives in one slot."""
+
+    addresses: list[RedisAddressSpec] = Field(
+        min_length=1, max_length=16, description="host:port of one or more cluster nodes to learn the slot map from."
+    )
+    tls: bool = Field(default=False, description="TLS to every node.")
+
+
+REDIS_ONE_MODE_MESSAGE = "redis: set exactly one of url, sentinel and cluster"
+
+
 class RedisSpec(_Spec):
-    """The Redis holding the affinity table (soft state the pods rebuild by re-registering)."""
+    """The Redis holding the affinity table (soft state the pods rebuild): one URL, Sentinel or a Redis Cluster."""
 
     model_config = ConfigDict(
         json_schema_extra={
-            "x-kubernetes-validations": [{"rule": "!self.url.contains('@')", "message": REDIS_URL_CREDENTIALS_MESSAGE}]
+            "x-kubernetes-validations": [
+                {"rule": "!" + _cel_get("url", "''") + ".contains('@')", "message": REDIS_URL_CREDENTIALS_MESSAGE},
+                {
+                    "rule": f"({_cel_has('url')} ? 1 : 0) + ({_cel_has('sentinel')} ? 1 : 0) + "
+                    f"({_cel_has('cluster')} ? 1 : 0) == 1",
+                    "message": REDIS_ONE_MODE_MESSAGE,
+                },
+            ]
         }
     )
 
-    url: str = Field(
+    url: str | None = Field(
+        default=None,
         min_length=9,
         max_length=1024,
         pattern=r"^rediss?://",
-        description="redis://host:port/db or rediss:// for TLS, without credentials (no '@': the URL "
-        "is rendered into ConfigMaps in plain text; use passwordSecretRef).",
+        description="A single Redis: redis://host:port/db or rediss:// for TLS, without credentials (no '@': "
+        "the URL is rendered into ConfigMaps in plain text; use passwordSecretRef).",
     )
+    sentinel: RedisSentinelSpec | None = Field(default=None, description=RedisSentinelSpec.__doc__)
+    cluster: RedisClusterSpec | None = Field(default=None, description=RedisClusterSpec.__doc__)
     password_secret_ref: SecretKeyRef | None = Field(
         default=None, description="Secret key holding the Redis password (given to pods as REDIS_PASSWORD)."
     )
 
     @model_validator(mode="after")
     def _no_credentials(self) -> RedisSpec:
-        if "@" in self.url:
+        if self.url is not None and "@" in self.url:
             raise ValueError(REDIS_URL_CREDENTIALS_MESSAGE)
+        given = [name for name in ("url", "sentinel", "cluster") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"{REDIS_ONE_MODE_MESSAGE} (got {', '.join(given) or 'none'})")
         return self
 
 

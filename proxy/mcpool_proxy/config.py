@@ -12,6 +12,7 @@ for an MCP exposed to the Internet: nobody may connect until `policy.allowed_cpe
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,6 +38,9 @@ __all__ = [
     "MarkerConfig",
     "PolicyConfig",
     "ProxyConfig",
+    "RedisClusterConfig",
+    "RedisSentinelConfig",
+    "RedisTarget",
     "RelayConfig",
     "ResolverConfig",
     "Socks5User",
@@ -45,7 +49,9 @@ __all__ = [
     "dscp_value",
     "load_config",
     "parse_config",
+    "redis_target",
     "split_hostport",
+    "split_redis_address",
     "DEFAULT_DENIED_DESTINATIONS",
     "DEFAULT_PRIVATE_DESTINATIONS",
 ]
@@ -470,6 +476,101 @@ DEFAULT_VXLAN_PORT = 4789
 DEFAULT_POD_MAC = "02:6d:63:70:00:01"
 
 
+# -- where the affinity table lives: one Redis, Redis behind Sentinel, or a Redis Cluster ---------
+# (pods and directors share these, so both speak the same modes with the same keys)
+
+
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def split_redis_address(value: str) -> tuple[str, int]:
+    """Split a Redis node's "host:port" (a DNS name, an IPv4 address or "[v6]:port")."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string like 'redis-sentinel.redis:26379', got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        host, port = split_hostport(text)
+        return host, port
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r}: a Redis address needs a host and a port, e.g. 'redis-0.redis:6379'")
+    if ":" in host:
+        raise ValueError(f"{value!r}: write IPv6 addresses in brackets, e.g. '[{host}]:{port_text}'")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{value!r}: port must be a number from 1 to 65535")
+    if not _DNS_NAME.match(host):
+        raise ValueError(f"{value!r}: {host!r} is neither a host name nor an IP address")
+    return host, int(port_text)
+
+
+def _redis_address(value: str) -> str:
+    split_redis_address(value)
+    return value.strip()
+
+
+RedisAddress = Annotated[str, AfterValidator(_redis_address)]
+
+
+class RedisSentinelConfig(_Model):
+    """Redis behind Sentinel: the sentinels name the current primary and clients follow a failover.
+
+    The data nodes' password comes from $REDIS_PASSWORD, the sentinels' own (when they have
+    `requirepass`) from $REDIS_SENTINEL_PASSWORD: neither is written into a configuration file.
+    """
+
+    addresses: list[RedisAddress] = Field(
+        min_length=1,
+        description="host:port of the sentinels (usually three or more, port 26379); any one that "
+        "answers names the primary.",
+    )
+    master_name: str = Field(
+        min_length=1, description="Name of the monitored primary (`sentinel monitor NAME ...`), e.g. 'mymaster'."
+    )
+    db: int = Field(default=0, ge=0, description="Database number on the primary.")
+    username: str | None = Field(default=None, description="ACL user on the data nodes (default: 'default').")
+    sentinel_username: str | None = Field(default=None, description="ACL user on the sentinels.")
+    tls: bool = Field(default=False, description="TLS to the sentinels and to the data nodes.")
+
+
+class RedisClusterConfig(_Model):
+    """A Redis Cluster: the client learns the slot map from any seed node and follows resharding
+    and replica promotion. Every key of a pool shares the pool's hash tag (one slot), so the
+    registry's scripts stay single-slot. The password comes from $REDIS_PASSWORD."""
+
+    addresses: list[RedisAddress] = Field(
+        min_length=1, description="host:port of one or more cluster nodes to learn the slot map from."
+    )
+    username: str | None = Field(default=None, description="ACL user (default: 'default').")
+    tls: bool = Field(default=False, description="TLS to every node.")
+
+
+RedisTarget = str | RedisSentinelConfig | RedisClusterConfig
+
+
+def redis_target(
+    section: str,
+    url: str | None,
+    sentinel: RedisSentinelConfig | None,
+    cluster: RedisClusterConfig | None,
+) -> RedisTarget | None:
+    """The one Redis that `section` names (None if none); ValueError naming the keys if several.
+
+    `section` is the keys' parent as the user writes it ('affinity'), '' for top-level keys."""
+    def key(name: str) -> str:
+        return f"{section}.{name}" if section else name
+
+    given = [key(name) for name, value in (("redis_url", url), ("redis_sentinel", sentinel),
+                                           ("redis_cluster", cluster)) if value is not None]  # fmt: skip
+    if len(given) > 1:
+        raise ValueError(
+            f"set only one of {key('redis_url')}, {key('redis_sentinel')}, {key('redis_cluster')} "
+            f"(got {' and '.join(given)})"
+        )
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"{key('redis_url')} must start with redis://, rediss:// or unix://, got {url!r}")
+    return url if url is not None else sentinel if sentinel is not None else cluster
+
+
 class AffinityConfig(_Model):
     """How subflows of one MPTCP connection find the pod that owns it (see docs/affinity.md)."""
 
@@ -481,7 +582,18 @@ class AffinityConfig(_Model):
     )
     redis_url: str | None = Field(
         default=None,
-        description="redis://[:password@]host:port/db; the password may instead come from REDIS_PASSWORD.",
+        description="A single Redis: redis://[:password@]host:port/db; the password may instead come from "
+        "REDIS_PASSWORD. Exclusive with redis_sentinel and redis_cluster.",
+    )
+    redis_sentinel: RedisSentinelConfig | None = Field(
+        default=None,
+        description="Redis behind Sentinel, which survives the primary's failure: {addresses: [sentinel "
+        "host:port...], master_name, db, username, sentinel_username, tls}. Data nodes' password from "
+        "REDIS_PASSWORD, the sentinels' from REDIS_SENTINEL_PASSWORD.",
+    )
+    redis_cluster: RedisClusterConfig | None = Field(
+        default=None,
+        description="A Redis Cluster: {addresses: [seed host:port...], username, tls}; password from REDIS_PASSWORD.",
     )
     pool: str = Field(default="default", min_length=1, max_length=63, description="Pool name (key prefix).")
     pod_name: str | None = Field(
@@ -511,14 +623,22 @@ class AffinityConfig(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> AffinityConfig:
-        if self.backend == "redis" and not self.redis_url:
-            raise ValueError("affinity.backend 'redis' needs affinity.redis_url")
+        target = redis_target("affinity", self.redis_url, self.redis_sentinel, self.redis_cluster)
+        if self.backend == "redis" and target is None:
+            raise ValueError(
+                "affinity.backend 'redis' needs affinity.redis_url, affinity.redis_sentinel or affinity.redis_cluster"
+            )
         if self.mechanism == "director" and self.backend != "redis":
             # The director learns token ownership only from the shared table.
             raise ValueError("affinity.mechanism 'director' needs affinity.backend 'redis'")
         if self.mechanism == "join-address" and self.join_address is None:
             raise ValueError("affinity.mechanism 'join-address' needs affinity.join_address")
         return self
+
+    @property
+    def redis(self) -> RedisTarget | None:
+        """The Redis of the affinity table, whichever way it is given."""
+        return redis_target("affinity", self.redis_url, self.redis_sentinel, self.redis_cluster)
 
 
 

@@ -26,6 +26,8 @@ from conftest import RedisServer, free_port
 from mcpool_proxy.cluster import RedisRegistry
 from mcpool_proxy.cluster.director import Director, DirectorConfig
 from mcpool_proxy.cluster.redisconn import redacted_url, redis_error_text
+from mcpool_proxy.config import RedisClusterConfig, RedisSentinelConfig, RedisTarget
+from redis_ha import ClusterGroup, SentinelGroup
 from support import require_command, requires_netns
 
 WRONG_PASSWORD = "invalid username-password pair"
@@ -149,3 +151,67 @@ def test_protected_mode_is_logged_at_start_with_the_servers_words() -> None:
     director = [line for line in lines if line.startswith("WARNING mcpool.director")]
     assert len(director) == 1 and PROTECTED in director[0], proc.stdout
     assert not [line for line in lines if "server:ResponseError" in line], proc.stdout
+
+
+# --- every mode (issue 13): Sentinel and Cluster refusals reach the log in the server's words too ---
+
+
+async def _refusal_lines(target: RedisTarget, caplog: pytest.LogCaptureFixture) -> tuple[str, list[str]]:
+    """The registry's first error at start, and the director's warnings, against `target`."""
+    caplog.set_level(logging.DEBUG)
+    registry = RedisRegistry(target, "mtf", "pod-a", "198.18.10.1", heartbeat_ttl_s=1.0)
+    await registry.start()
+    try:
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("mcpool")]
+        assert errors and "unreachable at start" in errors[0], errors
+        assert not registry.redis_up
+    finally:
+        await registry.stop()
+    caplog.clear()
+    director = Director(DirectorConfig.model_validate({
+        "vip": "198.18.0.10", "ports": [5124], "metrics_listen": None,
+        "redis_sentinel" if isinstance(target, RedisSentinelConfig) else "redis_cluster": target.model_dump(),
+    }))  # fmt: skip
+    await _feed_for(director, 1.5)
+    warned = [r.getMessage() for r in caplog.records if r.name == "mcpool.director" and r.levelno >= logging.WARNING]
+    return errors[0], warned
+
+
+@pytest.mark.parametrize("wrong", ["data", "sentinel"])
+async def test_sentinel_refusals_are_logged_with_the_servers_words(
+    wrong: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_command("redis-server", "redis-server")
+    group = SentinelGroup(tmp_path, password="data-pass", sentinel_password="sentinel-pass")
+    try:
+        group.start()
+        monkeypatch.setenv("REDIS_PASSWORD", "bad-Pw7" if wrong == "data" else "data-pass")
+        monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", "bad-Pw7" if wrong == "sentinel" else "sentinel-pass")
+        target = RedisSentinelConfig.model_validate(group.config())
+        first, warned = await _refusal_lines(target, caplog)
+        assert WRONG_PASSWORD in first and "sentinel mcpool via" in first, first
+        assert len(warned) == 1 and WRONG_PASSWORD in warned[0], warned
+        for secret in ("bad-Pw7", "data-pass", "sentinel-pass"):  # no password in the log
+            assert secret not in first + warned[0], (first, warned)
+        if wrong == "sentinel":
+            # The sentinels refused, not the primary: each one named, none by a client's repr.
+            assert "no sentinel names a primary for 'mcpool'" in first and first.count(WRONG_PASSWORD) == 3, first
+            assert "<redis" not in first and "auth:" not in first, first
+    finally:
+        group.stop()
+
+
+async def test_cluster_refusal_is_logged_with_the_servers_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_command("redis-server", "redis-server")
+    require_command("redis-cli", "redis-tools")
+    group = ClusterGroup(tmp_path, password="cluster-pass")
+    try:
+        group.start()
+        monkeypatch.setenv("REDIS_PASSWORD", "bad-Pw7")
+        first, warned = await _refusal_lines(RedisClusterConfig(addresses=group.addresses), caplog)
+        assert WRONG_PASSWORD in first and "cluster via" in first, first
+        assert len(warned) == 1 and WRONG_PASSWORD in warned[0], warned
+    finally:
+        group.stop()

@@ -20,6 +20,7 @@ from chart_support import (
     NAMESPACE,
     SCENARIOS,
     Doc,
+    fails,
     of_kind,
     one,
     pod_templates,
@@ -491,6 +492,36 @@ def test_example_pool_is_valid_for_the_operator(values: str, extra: tuple[str, .
 def test_example_pool_external_redis() -> None:
     pool = one(scenario("helm4", "external-redis"), "MCPPool")
     assert pool["spec"]["redis"] == {"url": "rediss://redis.cache.svc:6380/2"}
+
+
+EXT = "redis.external"
+SENTINEL_VALUES = ("--set", "redis.external.url=", "--set", f"{EXT}.sentinel.addresses={{s-0.redis:26379,[2001:db8::5]:26379}}",
+                   "--set", f"{EXT}.sentinel.masterName=mcpool", "--set", f"{EXT}.sentinel.existingSecret=sentinel-auth",
+                   "--set", f"{EXT}.existingSecret=redis-auth", "--set", f"{EXT}.existingSecretKey=pw")  # fmt: skip
+CLUSTER_VALUES = ("--set", "redis.external.url=", "--set", f"{EXT}.cluster.addresses={{redis-0.redis:6379,redis-1.redis:6379}}",
+                  "--set", f"{EXT}.tls=true")  # fmt: skip
+
+
+@pytest.mark.parametrize("helm", ["helm4", "helm3"])
+def test_example_pool_on_sentinel_and_cluster(helm: str) -> None:
+    pool = one(scenario(helm, "external-redis", *SENTINEL_VALUES), "MCPPool")
+    assert pool["spec"]["redis"] == {
+        "sentinel": {"addresses": ["s-0.redis:26379", "[2001:db8::5]:26379"], "masterName": "mcpool",
+                     "passwordSecretRef": {"name": "sentinel-auth", "key": "password"}},
+        "passwordSecretRef": {"name": "redis-auth", "key": "pw"},
+    }  # fmt: skip
+    parse_spec(pool["spec"])
+    pool = one(scenario(helm, "external-redis", *CLUSTER_VALUES), "MCPPool")
+    assert pool["spec"]["redis"] == {"cluster": {"addresses": ["redis-0.redis:6379", "redis-1.redis:6379"], "tls": True}}
+    parse_spec(pool["spec"])
+
+
+def test_redis_modes_are_exclusive_and_complete() -> None:
+    assert "set only one of url, sentinel.addresses and cluster.addresses" in fails(
+        "helm4", "-f", str(CHART / "ci" / "external-redis-values.yaml"), "--set", f"{EXT}.cluster.addresses={{r:6379}}")
+    assert "mutually exclusive" in fails("helm4", "--set", "redis.bundled.enabled=true",
+                                         "--set", f"{EXT}.cluster.addresses={{r:6379}}")  # fmt: skip
+    assert "needs redis.external.sentinel.masterName" in fails("helm4", "--set", f"{EXT}.sentinel.addresses={{s:26379}}")
 
 
 def test_no_example_pool_by_default() -> None:

@@ -158,7 +158,7 @@ def test_a_wrong_value_fails_naming_the_key(helm: str, setting: str, key: str) -
 CONFLICTS = {
     "bundled and external redis": (
         ["--set", "redis.bundled.enabled=true", "--set", "redis.external.url=redis://r:6379"],
-        "redis.bundled.enabled and redis.external.url are mutually exclusive",
+        "redis.bundled.enabled and redis.external (url, sentinel or cluster) are mutually exclusive",
     ),
     "two monitors": (
         ["--set", "monitoring.serviceMonitor.enabled=true", "--set", "monitoring.podMonitor.enabled=true"],

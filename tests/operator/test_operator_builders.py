@@ -391,3 +391,38 @@ def test_image_repository_and_allowlist() -> None:
     assert image_refusal("ghcr.io/mptcp-dev/mcpool-evil:1", allowed) is not None  # no prefix match
     assert image_refusal("registry.example:5000/mcpx/a:1", allowed) is not None
     assert image_refusal("anything:latest", ()) is None  # no list: any image
+
+
+@pytest.mark.parametrize("mode", ["sentinel", "cluster"])
+def test_redis_sentinel_and_cluster_render_for_pods_and_directors(mode: str) -> None:
+    from mcpool_proxy.cluster.director import DirectorConfig
+
+    redis: dict[str, Any] = {"passwordSecretRef": {"name": "redis-auth"}}
+    if mode == "sentinel":
+        redis["sentinel"] = {"addresses": ["redis-sentinel.redis:26379", "[2001:db8::5]:26379"],
+                             "masterName": "mcpool", "db": 2, "passwordSecretRef": {"name": "sentinel-auth", "key": "pw"}}  # fmt: skip
+    else:
+        redis["cluster"] = {"addresses": ["redis-0.redis:6379", "redis-1.redis:6379"], "tls": True}
+    pool = pool_of({"apiVersion": "mcp.mptcp.dev/v1alpha1", "kind": "MCPPool", "metadata": {"name": "ha", "namespace": "mcp"},
+                    "spec": {"affinity": {"mechanism": "director"}, "director": {"vip": "198.18.0.10"}, "redis": redis}})  # fmt: skip
+    proxy = parse_config(yaml.safe_load(builders.build_configmap(pool)["data"]["config.yaml"])).affinity
+    director = DirectorConfig.model_validate(yaml.safe_load(builders.build_director_configmap(pool)["data"]["director.yaml"]))
+    assert proxy.backend == "redis" and proxy.redis_url is None and director.redis_url is None
+    # Pods and directors are told the same Redis.
+    assert proxy.redis == director.redis
+    if mode == "sentinel":
+        assert proxy.redis_sentinel is not None and proxy.redis_cluster is None
+        assert proxy.redis_sentinel.addresses == ["redis-sentinel.redis:26379", "[2001:db8::5]:26379"]
+        assert (proxy.redis_sentinel.master_name, proxy.redis_sentinel.db) == ("mcpool", 2)
+    else:
+        assert proxy.redis_cluster is not None and proxy.redis_sentinel is None
+        assert proxy.redis_cluster.addresses == ["redis-0.redis:6379", "redis-1.redis:6379"] and proxy.redis_cluster.tls
+    sts_env = builders.build_statefulset(pool)["spec"]["template"]["spec"]["containers"][0]["env"]
+    ds_env = builders.build_director_daemonset(pool)["spec"]["template"]["spec"]["containers"][0]["env"]
+    for env in (sts_env, ds_env):
+        secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+        assert secrets["REDIS_PASSWORD"] == {"name": "redis-auth", "key": "password"}
+        if mode == "sentinel":
+            assert secrets["REDIS_SENTINEL_PASSWORD"] == {"name": "sentinel-auth", "key": "pw"}
+        else:
+            assert "REDIS_SENTINEL_PASSWORD" not in secrets

@@ -131,8 +131,10 @@ SCHEMA_REJECTS: dict[str, dict[str, Any]] = {
     "bad service type": {"service": {"type": "ExternalName"}},
     "zero timeout": {"policy": {"handshakeTimeoutSeconds": 0}},
     "tiny buffer": {"relay": {"bufferBytes": 1}},
-    "redis without url": {"redis": {}},
     "redis bad scheme": {"redis": {"url": "http://redis:6379"}},
+    "redis sentinel without master name": {"redis": {"sentinel": {"addresses": ["s:26379"]}}},
+    "redis sentinel without addresses": {"redis": {"sentinel": {"addresses": [], "masterName": "m"}}},
+    "redis cluster address without port": {"redis": {"cluster": {"addresses": ["redis-0.redis"]}}},
     "list for map": {"nodeSelector": ["a"]},
     "bad access path name": {"accessPaths": [{"name": "DSL", "networks": ["198.18.1.0/24"]}]},
     "access path without networks": {"accessPaths": [{"name": "dsl", "networks": []}]},
@@ -162,6 +164,10 @@ CEL_REJECTS: dict[str, dict[str, Any]] = {
     "same ports": {"listeners": {"socks5": {"enabled": True, "port": 5124}}},
     "two LB addresses": {"service": {"addresses": ["198.18.0.1", "198.18.0.2"]}},
     "redis url with password": {"redis": {"url": "redis://:s3cret@redis:6379/0"}},
+    "redis without a mode": {"redis": {}},
+    "redis url and sentinel": {"redis": {"url": "redis://r:6379", "sentinel": {"addresses": ["s:26379"], "masterName": "m"}}},
+    "redis sentinel and cluster": {"redis": {"sentinel": {"addresses": ["s:26379"], "masterName": "m"},
+                                             "cluster": {"addresses": ["c:6379"]}}},
     "redis url with user and password": {"redis": {"url": "rediss://mcp:s3cret@redis:6380"}},
     "access path named other": {"accessPaths": [{"name": "other", "networks": ["198.18.1.0/24"]}]},
     "onPath join port equal to its port": {"onPath": {"enabled": True, "port": 6000, "joinPort": 6000}},
@@ -177,6 +183,15 @@ ACCEPTS: dict[str, dict[str, Any]] = {
         "director": {"vip": "198.18.0.1"},
     },
     "1000 replicas without a director": {"replicas": 1000},
+    "director on sentinel": {
+        "affinity": {"mechanism": "director"}, "director": {"vip": "198.18.0.1"},
+        "redis": {"sentinel": {"addresses": ["redis-sentinel.redis:26379", "[2001:db8::5]:26379"], "masterName": "mcpool",
+                               "passwordSecretRef": {"name": "sentinel"}}, "passwordSecretRef": {"name": "redis"}},
+    },
+    "director on a redis cluster": {
+        "affinity": {"mechanism": "director"}, "director": {"vip": "198.18.0.1"},
+        "redis": {"cluster": {"addresses": ["redis-0.redis:6379", "10.0.0.7:6379"], "tls": True}},
+    },
     "cluster ranges": {"cluster": {"podCIDRs": ["10.244.0.0/16", "fd00:10:244::/56"], "serviceCIDRs": ["10.96.0.0/12"]}},
     "allowed destinations": {"policy": {"allowedDestinations": ["10.20.0.0/16"]}},
     "socks only": {"listeners": {"convert": {"enabled": False}, "socks5": {"enabled": True}}},
@@ -218,7 +233,7 @@ def test_name_rule(name: str, ok: bool) -> None:
 def test_every_cel_rule_compiles() -> None:
     env = celpy.Environment()
     rules = [r["rule"] for _, node in walk(ROOT_SCHEMA) for r in node.get("x-kubernetes-validations") or []]
-    assert len(rules) == 12  # 10 + accessPaths' names + onPath: port != joinPort
+    assert len(rules) == 13  # 10 + accessPaths' names + onPath: port != joinPort + redis: one mode
     for rule in rules:
         env.compile(rule)
 

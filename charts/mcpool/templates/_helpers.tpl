@@ -77,8 +77,17 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Checks of values that the schema cannot express; included by every template that depends on them. */}}
 {{- define "mcpool.validate" -}}
-{{- if and .Values.redis.bundled.enabled .Values.redis.external.url }}
-{{- fail "redis.bundled.enabled and redis.external.url are mutually exclusive: choose the bundled Redis or an external one" }}
+{{- $ext := .Values.redis.external }}
+{{- $modes := 0 }}
+{{- range (list $ext.url $ext.sentinel.addresses $ext.cluster.addresses) }}{{ if . }}{{ $modes = add1 $modes }}{{ end }}{{ end }}
+{{- if gt $modes 1 }}
+{{- fail "redis.external: set only one of url, sentinel.addresses and cluster.addresses" }}
+{{- end }}
+{{- if and .Values.redis.bundled.enabled (gt $modes 0) }}
+{{- fail "redis.bundled.enabled and redis.external (url, sentinel or cluster) are mutually exclusive: choose the bundled Redis or an external one" }}
+{{- end }}
+{{- if and $ext.sentinel.addresses (not $ext.sentinel.masterName) }}
+{{- fail "redis.external.sentinel.addresses needs redis.external.sentinel.masterName (the primary the sentinels monitor)" }}
 {{- end }}
 {{- if and .Values.redis.bundled.existingSecret (not .Values.redis.bundled.enabled) }}
 {{- fail "redis.bundled.existingSecret is set but redis.bundled.enabled is false" }}
@@ -98,6 +107,36 @@ app.kubernetes.io/component: {{ .component }}
 {{- else }}
 {{- .Values.redis.external.url }}
 {{- end }}
+{{- end }}
+
+{{/* The spec.redis of a pool on the bundled or external Redis, as JSON; "{}" when none. */}}
+{{- define "mcpool.redisSpec" -}}
+{{- $ext := .Values.redis.external }}
+{{- $redis := dict }}
+{{- if .Values.redis.bundled.enabled }}
+{{- $key := ternary .Values.redis.bundled.existingSecretKey "password" (ne .Values.redis.bundled.existingSecret "") }}
+{{- $redis = dict "url" (include "mcpool.redisURL" .) "passwordSecretRef" (dict "name" (include "mcpool.redisSecretName" .) "key" $key) }}
+{{- else if or $ext.url $ext.sentinel.addresses $ext.cluster.addresses }}
+{{- if $ext.url }}
+{{- $_ := set $redis "url" $ext.url }}
+{{- else if $ext.sentinel.addresses }}
+{{- $sentinel := dict "addresses" $ext.sentinel.addresses "masterName" $ext.sentinel.masterName }}
+{{- if $ext.sentinel.db }}{{ $_ := set $sentinel "db" $ext.sentinel.db }}{{ end }}
+{{- if $ext.tls }}{{ $_ := set $sentinel "tls" true }}{{ end }}
+{{- if $ext.sentinel.existingSecret }}
+{{- $_ := set $sentinel "passwordSecretRef" (dict "name" $ext.sentinel.existingSecret "key" $ext.sentinel.existingSecretKey) }}
+{{- end }}
+{{- $_ := set $redis "sentinel" $sentinel }}
+{{- else }}
+{{- $cluster := dict "addresses" $ext.cluster.addresses }}
+{{- if $ext.tls }}{{ $_ := set $cluster "tls" true }}{{ end }}
+{{- $_ := set $redis "cluster" $cluster }}
+{{- end }}
+{{- if $ext.existingSecret }}
+{{- $_ := set $redis "passwordSecretRef" (dict "name" $ext.existingSecret "key" $ext.existingSecretKey) }}
+{{- end }}
+{{- end }}
+{{- toJson $redis }}
 {{- end }}
 
 {{- define "mcpool.redisSecretName" -}}

@@ -30,13 +30,23 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT, ConfigError, HostPort, split_hostport
+from ..config import (
+    DEFAULT_POD_MAC,
+    DEFAULT_VXLAN_PORT,
+    ConfigError,
+    HostPort,
+    RedisClusterConfig,
+    RedisSentinelConfig,
+    RedisTarget,
+    redis_target,
+    split_hostport,
+)
 from ..kernel import steering
 from ..observe.metrics import observe
 from ..observe.telemetry import Telemetry
 from .keys import KeySchema
 from .packet import MAX_IPV6_EXT_BYTES, Syn, parse_syn
-from .redisconn import REDIS_ERRORS, Backoff, open_redis, redacted_url, redis_error_text
+from .redisconn import REDIS_ERRORS, Backoff, connect, describe_target, open_redis, redis_error_text
 from .table import AffinityTable, Decision, PodEntry, decide
 
 __all__ = ["Director", "DirectorConfig", "DirectorMetrics", "DirectorTaskDied", "load_director_config", "main"]
@@ -55,7 +65,17 @@ class DirectorConfig(BaseModel):
 
     vip: str = Field(description="The pool's virtual IP (IPv4 or IPv6) whose SYNs this director steers.")
     ports: list[int] = Field(min_length=1, description="TCP ports of the VIP to steer (the proxy's listeners).")
-    redis_url: str = Field(description="redis://[:password@]host:port/db of the pool's affinity table.")
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://[:password@]host:port/db of the pool's affinity table (a single Redis); "
+        "exclusive with redis_sentinel and redis_cluster.",
+    )
+    redis_sentinel: RedisSentinelConfig | None = Field(
+        default=None, description="The table's Redis behind Sentinel (the pods' affinity.redis_sentinel)."
+    )
+    redis_cluster: RedisClusterConfig | None = Field(
+        default=None, description="The table's Redis Cluster (the pods' affinity.redis_cluster)."
+    )
     pool: str = Field(default="default", min_length=1, max_length=63, description="Pool name (key prefix).")
     queue_num: int = Field(
         default=4242, ge=0, le=65535, description="NFQUEUE number the SYNs go to (unique per pool on a node)."
@@ -159,7 +179,16 @@ class DirectorConfig(BaseModel):
     def _marks(self) -> DirectorConfig:
         if self.mark_base & 0xFFFF or not self.mark_base:
             raise ValueError("mark_base must be non-zero with its low 16 bits clear, e.g. 0x4d430000")
+        if redis_target("", self.redis_url, self.redis_sentinel, self.redis_cluster) is None:
+            raise ValueError("set one of redis_url, redis_sentinel or redis_cluster (the pool's table)")
         return self
+
+    @property
+    def redis(self) -> RedisTarget:
+        """The Redis of the pool's table, whichever way it is given."""
+        target = redis_target("", self.redis_url, self.redis_sentinel, self.redis_cluster)
+        assert target is not None  # validated above
+        return target
 
     def syn_limits(self) -> steering.SynLimits:
         return steering.SynLimits(
@@ -403,13 +432,15 @@ class Director:
     # -- the table feed -------------------------------------------------------------------------
 
     async def _feed(self) -> None:
-        redis = open_redis(self.config.redis_url, self.config.redis_timeout_s)
+        redis = open_redis(self.config.redis, self.config.redis_timeout_s)
         backoff = Backoff()
         loop = asyncio.get_running_loop()
         try:
             while True:
-                pubsub = redis.pubsub()
+                pubsub = None
                 try:
+                    await connect(redis, self.config.redis_timeout_s)
+                    pubsub = redis.pubsub()
                     await asyncio.wait_for(pubsub.subscribe(self.keys.events), self.config.redis_timeout_s)
                     self._connected_at = loop.time()
                     # Subscribe first, then read: no event can fall between the two.
@@ -433,15 +464,16 @@ class Director:
                         # The server's own words: "server:ResponseError" (repr) hides a
                         # protected-mode or password refusal.
                         log.warning("redis %s unreachable: %s; keeping the last table, retrying",
-                                    redacted_url(self.config.redis_url), text)  # fmt: skip
+                                    describe_target(self.config.redis), text)  # fmt: skip
                     self._redis_error = text
                     self._redis_up = False
                     self.metrics.redis_up.set(0)
                     self.metrics.redis_errors.inc()
                     await asyncio.sleep(backoff.next_delay_s())
                 finally:
-                    with contextlib.suppress(*REDIS_ERRORS):
-                        await asyncio.wait_for(pubsub.aclose(), self.config.redis_timeout_s)  # type: ignore[no-untyped-call]
+                    if pubsub is not None:
+                        with contextlib.suppress(*REDIS_ERRORS):
+                            await asyncio.wait_for(pubsub.aclose(), self.config.redis_timeout_s)  # type: ignore[no-untyped-call]
         finally:
             with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
                 await asyncio.wait_for(redis.aclose(), self.config.redis_timeout_s)
@@ -606,7 +638,7 @@ class Director:
         log.info(
             "director for %s ports %s: queue %d, forward %s, redis %s pool %s",
             self.config.vip, self.config.ports, self.config.queue_num, self.config.forward,
-            redacted_url(self.config.redis_url), self.config.pool,
+            describe_target(self.config.redis), self.config.pool,
         )  # fmt: skip
         if ready is not None:
             ready()

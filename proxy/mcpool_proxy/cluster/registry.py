@@ -29,9 +29,16 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..config import AffinityConfig
+from ..config import AffinityConfig, RedisTarget
 from .keys import KeySchema, token_hex
-from .redisconn import REDIS_ERRORS, Backoff, open_redis, redacted_url, redis_error_text
+from .redisconn import (
+    REDIS_ERRORS,
+    Backoff,
+    describe_target,
+    is_cluster,
+    open_redis,
+    redis_error_text,
+)
 
 __all__ = [
     "AffinityRegistry",
@@ -344,7 +351,7 @@ class RedisRegistry:
 
     def __init__(
         self,
-        redis_url: str,
+        redis_url: RedisTarget,
         pool: str,
         pod_name: str,
         advertise: str,
@@ -360,7 +367,8 @@ class RedisRegistry:
         self.heartbeat_interval_s = heartbeat_ttl_s / 3
         self.op_timeout_s = op_timeout_s
         self.metrics = metrics if metrics is not None else RegistryMetrics()
-        self._url = redis_url
+        # A URL, Sentinel or Cluster (redisconn.open_redis); the name is historical.
+        self._where = describe_target(redis_url)
         self._redis = open_redis(redis_url, op_timeout_s)
         self._register = self._redis.register_script(_REGISTER_LUA)
         self._unregister = self._redis.register_script(_UNREGISTER_LUA)
@@ -405,7 +413,7 @@ class RedisRegistry:
             log.error(
                 "redis %s unreachable at start: %s. This pod serves, but directors cannot steer to "
                 "it until it registers; retrying",
-                redacted_url(self._url),
+                self._where,
                 self._logged_error,
             )
             self._mark_down("connect", exc)
@@ -519,11 +527,16 @@ class RedisRegistry:
         event = json.dumps(
             {"t": "pod", "op": "add", "pod": self.pod_name, "addr": self.advertise, "state": state}
         )
+        cluster = is_cluster(self._redis)
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
             pipe.pexpire(key, self.ttl_ms)
-            pipe.publish(self.keys.events, event)
+            if not cluster:
+                pipe.publish(self.keys.events, event)
             await asyncio.wait_for(pipe.execute(), self.op_timeout_s)
+        if cluster:
+            # A cluster pipeline refuses PUBLISH (not a key command): send it on its own.
+            await asyncio.wait_for(self._redis.publish(self.keys.events, event), self.op_timeout_s)
 
     async def _refresh_all(self) -> None:
         """Heartbeat: the pod key and every live token/CPE, claimed or extended, pipelined."""
@@ -533,13 +546,24 @@ class RedisRegistry:
         if not tokens and not cpes:
             return
         collided: dict[int, str] = {}
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for start in range(0, max(len(tokens), len(cpes)), REFRESH_CHUNK):
-                chunk_t = tokens[start : start + REFRESH_CHUNK]
-                chunk_c = cpes[start : start + REFRESH_CHUNK]
-                args: list[Any] = [self.keys.prefix, self.pod_name, self.ttl_ms, len(chunk_t)]
-                await self._refresh(keys=[self.keys.events], args=args + chunk_t + chunk_c, client=pipe)
-            replies = await asyncio.wait_for(pipe.execute(), self.op_timeout_s * 4)
+        chunks: list[list[Any]] = []
+        for start in range(0, max(len(tokens), len(cpes)), REFRESH_CHUNK):
+            chunk_t = tokens[start : start + REFRESH_CHUNK]
+            chunk_c = cpes[start : start + REFRESH_CHUNK]
+            chunks.append([self.keys.prefix, self.pod_name, self.ttl_ms, len(chunk_t), *chunk_t, *chunk_c])
+        replies: list[Any] = []
+        if is_cluster(self._redis):
+            # A cluster pipeline cannot load a script the node lacks (NOSCRIPT after a failover or
+            # on a fresh node); one call per chunk can, and all chunks go to the pool's one slot.
+            for args in chunks:
+                replies.append(
+                    await asyncio.wait_for(self._refresh(keys=[self.keys.events], args=args), self.op_timeout_s * 4)
+                )
+        else:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for args in chunks:
+                    await self._refresh(keys=[self.keys.events], args=args, client=pipe)  # type: ignore[arg-type]
+                replies = await asyncio.wait_for(pipe.execute(), self.op_timeout_s * 4)
         for reply in replies:
             pairs = list(reply)
             for i in range(0, len(pairs), 2):
@@ -593,7 +617,7 @@ class RedisRegistry:
         if op == "reconnect" and text != self._logged_error:
             # A new reason while retrying (e.g. the server now answers, but refuses us).
             self._logged_error = text
-            log.warning("redis %s still unreachable: %s", redacted_url(self._url), text)
+            log.warning("redis %s still unreachable: %s", self._where, text)
         else:
             log.debug("redis %s failed: %s", op, text)
 
@@ -629,9 +653,10 @@ def make_registry(
     metrics = RegistryMetrics(metrics_registry)
     advertise = config.advertise or ""
     if config.backend == "redis":
-        assert config.redis_url is not None  # AffinityConfig validates this
+        target = config.redis
+        assert target is not None  # AffinityConfig validates this
         return RedisRegistry(
-            config.redis_url,
+            target,
             config.pool,
             pod_name,
             advertise,
