@@ -13,7 +13,7 @@ import asyncio
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import kopf
 from mcpool_proxy.config import split_hostport
@@ -141,8 +141,10 @@ async def run(
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     post_event: EventPoster = kopf_event,
+    on_reconciler: Callable[[Reconciler], None] | None = None,
 ) -> None:
-    """Run the operator until `stop_flag` is set (or forever)."""
+    """Run the operator until `stop_flag` is set (or forever). `on_reconciler` is shown the
+    reconciler before kopf starts (tests wait on its per-pool reconcile counters)."""
     client = KubeClient(connection, request_timeout_s=options.request_timeout_s)
     metrics = OperatorMetrics()
     reconciler = Reconciler(
@@ -153,6 +155,8 @@ async def run(
         metrics=metrics,
     )
     registry = build_registry(options, reconciler)
+    if on_reconciler is not None:
+        on_reconciler(reconciler)
     server = None
     if options.metrics_listen is not None:
         host, port = split_hostport(options.metrics_listen)
