@@ -237,6 +237,9 @@ def operator_options() -> OperatorOptions:
         resync_interval_s=3600.0,
         request_timeout_s=10.0,
         worker_idle_timeout_s=0.3,
+        # A fixed port (the default 8081) collides with any other operator test run on the
+        # machine; the Prometheus test gives its own.
+        metrics_listen=None,
     )
 
 

@@ -56,6 +56,7 @@ import attrs
 import kmock
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal import enums, rendering
+from kmock._internal.k8s import KubernetesObjectNotFoundError
 
 POOLS = "mcp.mptcp.dev/v1alpha1/mcppools"
 
@@ -233,9 +234,33 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         # kopf releases its finalizer with a JSON patch (a list), others with a merge patch.
         releasing = "finalizers" in meta or isinstance(request.data, list)
         late_child = request.action == enums.action.CREATE and bool(meta.get("ownerReferences"))
-        if request.resource is not None and (request.action == enums.action.DELETE or releasing or late_child):
+        if request.resource is None:
+            return response
+        key = (request.resource, request.namespace, request.name)
+        if request.action == enums.action.DELETE or (
+            releasing and (key not in self._objects or self._objects[key].deleted)
+        ):
             await self._collect_garbage()
+        elif late_child:
+            await self._collect_if_orphaned(request.resource, request.namespace, meta.get("name"))
         return response
+
+    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+        # kmock scans every object for a GET; a lookup by key answers the same.
+        if not request.name:
+            return await super()._serve_fetch(request)
+        key = (request.resource, request.namespace, request.name)
+        if key not in self._objects or self._objects[key].deleted:
+            raise KubernetesObjectNotFoundError()
+        return self._objects[key].raw
+
+    async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
+        # kmock's _handle stored the object under this key; kmock scans every object to find it.
+        meta = request.data.get("metadata") or {} if isinstance(request.data, dict) else {}
+        key = (request.resource, request.namespace or meta.get("namespace"), request.name or meta.get("name"))
+        if key not in self._objects:
+            return await super()._serve_create(request)
+        return self._objects[key].raw
 
     def _stale_version(self, request: rendering.Request) -> str | None:
         """The API server's words if a patch names a resourceVersion that is not the current one."""
@@ -389,7 +414,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
                 raw = obj.raw
         if not exists and (raw.get("metadata") or {}).get("ownerReferences"):
-            await self._collect_garbage()  # created after its owner was deleted
+            await self._collect_if_orphaned(request.resource, request.namespace, request.name)
         return aiohttp.web.json_response(raw, status=200 if exists else 201)
 
     # --- scale subresource ---------------------------------------------------------------------
@@ -428,6 +453,23 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         )
 
     # --- garbage collector ---------------------------------------------------------------------
+
+    def _owner_alive(self, namespace: str | None, reference: Mapping[str, Any]) -> bool:
+        for resource, info in RESOURCES.items():
+            if info["kind"] == reference.get("kind"):
+                owner = self.get(resource, str(namespace), str(reference.get("name")))
+                return owner is not None and owner["metadata"].get("uid") == reference.get("uid")
+        return any(obj.raw["metadata"].get("uid") == reference.get("uid") for obj in self._objects.values() if not obj.deleted)
+
+    async def _collect_if_orphaned(self, resource: Any, namespace: str | None, name: str | None) -> None:
+        """The collector for one object just created: O(1), not a scan of every object."""
+        key = (resource, namespace, name)
+        if key not in self._objects or self._objects[key].deleted:
+            return
+        obj = self._objects[key]
+        refs = obj.raw["metadata"].get("ownerReferences") or []
+        if refs and not any(self._owner_alive(namespace, ref) for ref in refs):
+            await self._collect_garbage()
 
     async def _collect_garbage(self) -> None:
         async with self._lock:
