@@ -84,6 +84,8 @@ class OperatorOptions:
     allowed_images: tuple[str, ...] = ()
     # HOST:PORT of the Prometheus metrics endpoint (None: not served).
     metrics_listen: str | None = None
+    # Pools reconciled at once (0: no limit).
+    max_concurrent_reconciles: int = 8
 
 
 def configure_settings(settings: kopf.OperatorSettings, options: OperatorOptions) -> None:

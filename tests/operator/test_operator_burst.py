@@ -92,10 +92,12 @@ async def test_child_edited_by_hand_is_restored(cluster: Cluster, operator_runne
     await eventually(
         lambda: (cluster.child(STS, "drift") or {}).get("spec", {}).get("replicas") == 2, what="StatefulSet restored"
     )
-    updated = [e for e in cluster.children("v1/events") if e.get("reason") == "Updated"]
-    assert {"ConfigMap drift-config", "StatefulSet drift"} <= {
-        " ".join(e["message"].split()[1:3]) for e in updated
-    }
+
+    def updated() -> set[str]:
+        return {" ".join(e["message"].split()[1:3]) for e in cluster.children("v1/events") if e.get("reason") == "Updated"}
+
+    # Events are posted through kopf's queue, a moment after the apply.
+    await eventually(lambda: {"ConfigMap drift-config", "StatefulSet drift"} <= updated(), what="Updated events")
 
 
 async def test_child_deleted_by_hand_is_recreated(cluster: Cluster, operator_runner: OperatorRunner) -> None:
