@@ -197,10 +197,17 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
         pool = labels.get(builders.POOL_LABEL)
         if not pool or namespace is None:
             return None
+        if resource.plural == "pods":
+            # What the status reads of a pod (sysctl rejection, readiness, revision); a pod's spec
+            # would only cost memory, one copy per pod.
+            meta = body.get("metadata") or {}
+            pod = {"metadata": {k: meta[k] for k in ("name", "namespace", "uid", "labels") if k in meta},
+                   "status": body.get("status") or {}}  # fmt: skip
+            return {(namespace, pool): {"apiVersion": "v1", "kind": "Pod", **pod}}
         snapshot = _snapshot(body)
         # Watch events carry them, but an index entry must never lack them.
         snapshot["apiVersion"] = f"{resource.group}/{resource.version}" if resource.group else resource.version
-        snapshot["kind"] = KIND_OF_PLURAL.get(resource.plural, "Pod")
+        snapshot["kind"] = KIND_OF_PLURAL[resource.plural]
         return {(namespace, pool): snapshot}
 
     for group, version, plural in CHILD_RESOURCES:
