@@ -12,6 +12,12 @@ process and the timer interval can come from the command line.
   away) reconciles the pool, which surfaces it as `Degraded=True`; while the pool says so, a pod
   becoming Ready reconciles it too (that is what clears the condition).
 - A pool gone for good: the reconciler forgets its per-pool state.
+
+Every reconcile reads through kopf indexes (`@kopf.index`) instead of the API: one per child
+kind and one of the pods, keyed by (namespace, pool label), plus the pools themselves. kopf
+fills them from the same watches that deliver the events above, and holds every handler until
+they are complete at start-up. Reconciles triggered by child and pod events are coalesced per
+pool (see Reconciler.reconcile).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +33,8 @@ import kopf
 
 from . import builders
 from .kube import load_connection
-from .reconcile import Reconciler, as_body, is_subset
-from .spec import GROUP, PLURAL, VERSION, Pool, SpecError
+from .reconcile import Reconciler, is_subset
+from .spec import GROUP, PLURAL, VERSION, SpecError
 
 __all__ = ["ANNOTATION_PREFIX", "FINALIZER", "OperatorOptions", "build_registry", "configure_settings"]
 
@@ -78,6 +84,8 @@ class OperatorOptions:
     allowed_images: tuple[str, ...] = ()
     # HOST:PORT of the Prometheus metrics endpoint (None: not served).
     metrics_listen: str | None = None
+    # Pools reconciled at once (0: no limit).
+    max_concurrent_reconciles: int = 8
 
 
 def configure_settings(settings: kopf.OperatorSettings, options: OperatorOptions) -> None:
@@ -108,18 +116,45 @@ def configure_settings(settings: kopf.OperatorSettings, options: OperatorOptions
     settings.execution.max_workers = 4
 
 
+# Index ids (kwargs of every handler): children by plural, pods, pools.
+CHILD_INDEX = {plural: f"children_{plural}" for _, _, plural in CHILD_RESOURCES}
+POD_INDEX = "pod_index"
+POOL_INDEX = "pool_index"
+
+
 def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec", "status") if key in body}
+    return {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec", "status", "data") if key in body}
+
+
+class IndexCache:
+    """The reconciler's view (`ClusterCache`) of kopf's indexes, as handlers receive them."""
+
+    def __init__(self, kwargs: Mapping[str, Any]) -> None:
+        self._children = [kwargs[index] for index in CHILD_INDEX.values()]
+        self._pods = kwargs[POD_INDEX]
+        self._pools = kwargs[POOL_INDEX]
+
+    def children(self, namespace: str, pool: str) -> Sequence[Mapping[str, Any]]:
+        key = (namespace, pool)
+        return [obj for index in self._children for obj in index.get(key, ())]
+
+    def pods(self, namespace: str, pool: str) -> Sequence[Mapping[str, Any]]:
+        return list(self._pods.get((namespace, pool), ()))
+
+    def pool(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        for body in self._pools.get((namespace, name), ()):
+            result: Mapping[str, Any] = body
+            return result
+        return None
 
 
 def _desired_child(reconciler: Reconciler, pool_body: Mapping[str, Any], kind: str, name: str) -> dict[str, Any] | None:
     try:
-        children = reconciler.desired_children(Pool.from_body(pool_body))
+        children = reconciler.adopted_children(pool_body)
     except (SpecError, ValueError):
         return None
-    for child in children:
+    for child, _ in children:
         if child["kind"] == kind and child["metadata"]["name"] == name:
-            kopf.adopt(child, owner=as_body(pool_body))
             return child
     return None
 
@@ -151,27 +186,51 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_settings(settings, options)
 
-    @kopf.index(*pools, registry=registry, id="pool_index")
-    def pool_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
+    @kopf.index(*pools, registry=registry, id=POOL_INDEX)
+    async def pool_index(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
         return {(str(namespace), name): _snapshot(body)}
 
-    async def reconcile_or_fail(body: kopf.Body, logger: kopf.Logger) -> None:
-        outcome = await reconciler.reconcile(body, logger)
+    # Coroutines, not functions: kopf runs a sync handler in a thread pool, a cost per event.
+    async def child_index(
+        namespace: str | None, labels: Mapping[str, str], body: kopf.Body, resource: kopf.Resource, **_: Any
+    ) -> dict[tuple[str, str], Any] | None:
+        pool = labels.get(builders.POOL_LABEL)
+        if not pool or namespace is None:
+            return None
+        if resource.plural == "pods":
+            # What the status reads of a pod (sysctl rejection, readiness, revision); a pod's spec
+            # would only cost memory, one copy per pod.
+            meta = body.get("metadata") or {}
+            pod = {"metadata": {k: meta[k] for k in ("name", "namespace", "uid", "labels") if k in meta},
+                   "status": body.get("status") or {}}  # fmt: skip
+            return {(namespace, pool): {"apiVersion": "v1", "kind": "Pod", **pod}}
+        snapshot = _snapshot(body)
+        # Watch events carry them, but an index entry must never lack them.
+        snapshot["apiVersion"] = f"{resource.group}/{resource.version}" if resource.group else resource.version
+        snapshot["kind"] = KIND_OF_PLURAL[resource.plural]
+        return {(namespace, pool): snapshot}
+
+    for group, version, plural in CHILD_RESOURCES:
+        kopf.index(group, version, plural, labels=managed, registry=registry, id=CHILD_INDEX[plural])(child_index)
+    kopf.index("", "v1", "pods", labels=managed, registry=registry, id=POD_INDEX)(child_index)
+
+    async def reconcile_or_fail(body: kopf.Body, logger: kopf.Logger, kwargs: Mapping[str, Any]) -> None:
+        outcome = await reconciler.reconcile(body, logger, cache=IndexCache(kwargs))
         if outcome.spec_error is not None:
             # Degraded=True and an Event are written; retrying cannot help until the spec changes.
             raise kopf.PermanentError(outcome.spec_error)
 
     @kopf.on.create(*pools, registry=registry, id="reconcile")
-    async def pool_created(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-        await reconcile_or_fail(body, logger)
+    async def pool_created(body: kopf.Body, logger: kopf.Logger, **kwargs: Any) -> None:
+        await reconcile_or_fail(body, logger, kwargs)
 
     @kopf.on.update(*pools, registry=registry, id="reconcile")
-    async def pool_updated(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-        await reconcile_or_fail(body, logger)
+    async def pool_updated(body: kopf.Body, logger: kopf.Logger, **kwargs: Any) -> None:
+        await reconcile_or_fail(body, logger, kwargs)
 
     @kopf.on.resume(*pools, registry=registry, id="reconcile")
-    async def pool_resumed(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-        await reconcile_or_fail(body, logger)
+    async def pool_resumed(body: kopf.Body, logger: kopf.Logger, **kwargs: Any) -> None:
+        await reconcile_or_fail(body, logger, kwargs)
 
     @kopf.on.delete(*pools, registry=registry, id="node-cleanup")
     async def pool_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
@@ -188,9 +247,9 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
         registry=registry,
         id="resync",
     )
-    async def pool_resync(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+    async def pool_resync(body: kopf.Body, logger: kopf.Logger, **kwargs: Any) -> None:
         # Never raises for a bad spec: the status already says so, and a timer must keep going.
-        await reconciler.reconcile(body, logger)
+        await reconciler.reconcile(body, logger, cache=IndexCache(kwargs))
 
     def pool_of(pool_index: kopf.Index[Any, Any], namespace: str | None, labels: Mapping[str, str]) -> dict[str, Any] | None:
         name = labels.get(builders.POOL_LABEL)
@@ -213,16 +272,17 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
         logger: kopf.Logger,
         **kwargs: Any,
     ) -> None:
-        pool_body = pool_of(kwargs["pool_index"], namespace, labels)
+        pool_body = pool_of(kwargs[POOL_INDEX], namespace, labels)
         if pool_body is None:
             return
         kind = KIND_OF_PLURAL[resource.plural]
         deleted = type == "DELETED"
         desired = _desired_child(reconciler, pool_body, kind, name)
         drifted = desired is None or not is_subset(desired, dict(body))
-        # A StatefulSet's status carries the ready count the pool's status reports.
+        # A StatefulSet's status carries the ready count the pool's status reports; a
+        # reconcile that finds the children as applied writes at most the status.
         if deleted or drifted or kind == "StatefulSet":
-            await reconciler.reconcile(pool_body, logger)
+            await reconciler.reconcile(pool_body, logger, cache=IndexCache(kwargs), coalesce=True)
 
     for group, version, plural in CHILD_RESOURCES:
         kopf.on.event(group, version, plural, labels=managed, registry=registry, id=f"child-{plural}")(
@@ -242,17 +302,17 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
         ready = _is_ready(body)
         if not (rejected or ready or type == "DELETED"):
             return
-        pool_body = pool_of(kwargs["pool_index"], namespace, labels)
+        pool_body = pool_of(kwargs[POOL_INDEX], namespace, labels)
         if pool_body is None:
             return
         # A Ready pod matters only to a pool degraded by rejected pods (the StatefulSet's own
         # status change reconciles the rest); skipping the others keeps pod churn cheap.
         if ready and not (rejected or type == "DELETED") and not _sysctl_degraded(pool_body):
             return
-        await reconciler.reconcile(pool_body, logger)
+        await reconciler.reconcile(pool_body, logger, cache=IndexCache(kwargs), coalesce=True)
 
     @kopf.on.event(*pools, registry=registry, id="forget")
-    def pool_gone(type: str, namespace: str | None, name: str, **_: Any) -> None:
+    async def pool_gone(type: str, namespace: str | None, name: str, **_: Any) -> None:
         if type == "DELETED":
             reconciler.forget(str(namespace), name)
 

@@ -186,6 +186,18 @@ class KubeClient:
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Any:
+        _, body = await self._request_with_status(method, path, json=json, params=params, content_type=content_type)
+        return body
+
+    async def _request_with_status(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any]:
         for attempt in (1, 2):
             conn = self._conn()
             headers = {"Accept": "application/json"}
@@ -210,7 +222,7 @@ class KubeClient:
                         str(status.get("reason") or response.reason),
                         str(status.get("message") or ""),
                     )
-                return body
+                return response.status, body
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def get(self, ref: ObjectRef, subresource: str | None = None) -> dict[str, Any] | None:
@@ -244,14 +256,21 @@ class KubeClient:
         """Server-side apply, forcing ownership: creates the object if it is missing; otherwise the
         fields the operator manages end up as applied and those it stopped setting are removed.
         An apply that changes nothing leaves `resourceVersion` as it was."""
-        result: dict[str, Any] = await self._request(
+        result, _ = await self.apply_created(ref, obj, field_manager)
+        return result
+
+    async def apply_created(
+        self, ref: ObjectRef, obj: Mapping[str, Any], field_manager: str
+    ) -> tuple[dict[str, Any], bool]:
+        """`apply`, and whether it created the object (the API server answers 201 Created)."""
+        status, result = await self._request_with_status(
             "PATCH",
             ref.path(),
             json=obj,
             params={"fieldManager": field_manager, "force": "true"},
             content_type="application/apply-patch+yaml",
         )
-        return result
+        return result, status == 201
 
     async def delete(self, ref: ObjectRef) -> bool:
         """Delete in the background (dependents are garbage-collected); False if already gone."""

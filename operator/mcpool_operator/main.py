@@ -13,7 +13,7 @@ import asyncio
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import kopf
 from mcpool_proxy.config import split_hostport
@@ -31,7 +31,7 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
@@ -91,6 +91,9 @@ def parse_args(argv: Sequence[str]) -> OperatorOptions:
         "entry ending in '/' allows every repository under it); a pool naming another gets "
         "Degraded=True (ImageNotAllowed) and no child objects. Unset: any image",
     )
+    parser.add_argument("--max-concurrent-reconciles", type=_positive_int, default=8, metavar="N",
+                        help="reconcile at most N pools at once; the others wait in arrival order (a "
+                        "burst of new pools is then ready a few at a time instead of all at the end)")
     parser.add_argument("--log-format", choices=("json", "plain", "full"), default="json")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     args = parser.parse_args(list(argv))
@@ -114,6 +117,7 @@ def parse_args(argv: Sequence[str]) -> OperatorOptions:
         director_image=args.director_image or None,
         allowed_images=tuple(e.strip() for arg in args.allowed_images for e in arg.split(",") if e.strip()),
         metrics_listen=args.metrics_listen or None,
+        max_concurrent_reconciles=args.max_concurrent_reconciles,
     )
 
 
@@ -141,8 +145,10 @@ async def run(
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
     post_event: EventPoster = kopf_event,
+    on_reconciler: Callable[[Reconciler], None] | None = None,
 ) -> None:
-    """Run the operator until `stop_flag` is set (or forever)."""
+    """Run the operator until `stop_flag` is set (or forever). `on_reconciler` is shown the
+    reconciler before kopf starts (tests wait on its per-pool reconcile counters)."""
     client = KubeClient(connection, request_timeout_s=options.request_timeout_s)
     metrics = OperatorMetrics()
     reconciler = Reconciler(
@@ -151,8 +157,11 @@ async def run(
         director_image=options.director_image,
         allowed_images=options.allowed_images,
         metrics=metrics,
+        max_concurrent=options.max_concurrent_reconciles,
     )
     registry = build_registry(options, reconciler)
+    if on_reconciler is not None:
+        on_reconciler(reconciler)
     server = None
     if options.metrics_listen is not None:
         host, port = split_hostport(options.metrics_listen)

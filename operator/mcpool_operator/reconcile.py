@@ -1,40 +1,56 @@
 """The one idempotent reconcile of an MCPPool: make the cluster match the builders' output.
 
 Called from kopf's create/update/resume handlers, a slow timer, and the watches on the pool's
-children and pods. Each call: builds the desired children (pure), server-side applies every one
-of them (field manager `mcpool-operator`, forced), deletes children the spec no longer asks for,
-and writes `.status` only when it differs from the live one. An invalid spec becomes a
-`Degraded=True` condition and an Event, never an exception loop.
+children and pods. Each call: builds the desired children (pure, memoised per pool spec),
+server-side applies those that drifted (field manager `mcpool-operator`, forced), deletes
+children the spec no longer asks for, and writes `.status` only when it differs from the live
+one. An invalid spec becomes a `Degraded=True` condition and an Event, never an exception loop.
 
-Why always apply, and never POST or compare client-side: an apply is the only write whose field
-ownership lets the API server *remove* what the operator stopped setting (a dropped nodeSelector,
-the director's capabilities after a mechanism switch); fields of an object created by POST belong
-to an "Update" manager and an apply never prunes them. And only the API server can tell whether
-its normalised form ("1" vs 1, 1Gi vs 1024Mi) differs from ours: a no-op apply is cheap and does
-not change `resourceVersion`, which is what decides whether an "Updated" Event is posted.
+Reads come from a `ClusterCache` (kopf indexes fed by the operator's watches, see handlers.py),
+not from the API: a reconcile of a pool whose children are as applied makes no request at all,
+so a StatefulSet status change costs a comparison, not seven reads and six applies. Reconciles
+triggered by watch events are coalesced: while one waits for the pool's lock, later events of
+the same pool join it instead of queueing another (it reads the cache when it starts, so it sees
+them). Without a cache (`cache=None`) every read goes to the API, as before.
+
+Why apply, and never POST: an apply is the only write whose field ownership lets the API server
+*remove* what the operator stopped setting (a dropped nodeSelector, the director's capabilities
+after a mechanism switch); fields of an object created by POST belong to an "Update" manager and
+an apply never prunes them. When to skip it: a child is applied again unless this process
+applied the same body before *and* the cached object is unchanged since (same generation and
+metadata for kinds whose status a controller writes, same resourceVersion otherwise) or still
+holds every value the operator sets. A change of the desired body always applies (that is what
+prunes dropped fields); the first reconcile after a start applies everything once. Only the API
+server can tell whether its normalised form ("1" vs 1, 1Gi vs 1024Mi) differs from ours, so a
+child that fails the client-side check is applied; a no-op apply does not change
+`resourceVersion`, which is what decides whether an "Updated" Event is posted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import kopf
 from opentelemetry import trace
 
 from . import builders
-from .kube import ApiError, KubeClient, ObjectRef, ref_of
+from .kube import PLURALS, ApiError, KubeClient, ObjectRef, ref_of
 from .metrics import OperatorMetrics
 from .spec import GROUP, KIND, VERSION, MCPPoolSpec, Pool, SpecError
 from .status import Observation, build_status, find_condition, revision_ready, sysctl_failure
 
 __all__ = [
     "FIELD_MANAGER",
+    "ClusterCache",
     "EventPoster",
     "Outcome",
     "Reconciler",
@@ -49,6 +65,12 @@ POOL_API_VERSION = f"{GROUP}/{VERSION}"
 # Kinds whose set of objects varies with the spec (join Services, director objects): the only
 # ones that may need pruning.
 PRUNABLE = (("v1", "Service"), ("v1", "ConfigMap"), ("apps/v1", "DaemonSet"))
+
+# Kinds whose status a controller writes (bumping resourceVersion, not generation): their
+# "unchanged since our apply" test uses generation and metadata instead of resourceVersion.
+STATUS_WRITTEN_KINDS = frozenset({"StatefulSet", "DaemonSet", "PodDisruptionBudget"})
+# How many memoised desired-children lists are kept (one per pool spec in use).
+DESIRED_MEMO_SIZE = 4096
 
 # (body, event type "Normal"/"Warning", reason, message)
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
@@ -83,6 +105,31 @@ def is_subset(desired: Any, live: Any) -> bool:
     return bool(desired == live)
 
 
+class ClusterCache(Protocol):
+    """What a reconcile reads instead of the API: objects as the operator's watches last saw them."""
+
+    def children(self, namespace: str, pool: str) -> Sequence[Mapping[str, Any]]:
+        """Every managed child labelled for the pool (any kind; `apiVersion` and `kind` set)."""
+        ...
+
+    def pods(self, namespace: str, pool: str) -> Sequence[Mapping[str, Any]]:
+        """The managed pods labelled for the pool."""
+        ...
+
+    def pool(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        """The MCPPool as last seen (None if not seen)."""
+        ...
+
+
+@dataclass
+class _Applied:
+    """What this process last applied for one child and how the object looked afterwards."""
+
+    digest: str
+    fingerprint: tuple[Any, ...]
+    resource_version: str | None
+
+
 @dataclass
 class Outcome:
     """What one reconcile did (for logs, tests and the benchmark)."""
@@ -95,6 +142,10 @@ class Outcome:
     status_written: bool = False
     # Why the node cleanup of a pool that left mechanism 'director' is not finished (None: done).
     cleanup_pending: str | None = None
+    # Children left alone because they are as last applied (no request made for them).
+    unchanged: list[str] = field(default_factory=list)
+    # This call joined a reconcile of the same pool already waiting to start (nothing done here).
+    coalesced: bool = False
 
 
 class Reconciler:
@@ -109,6 +160,7 @@ class Reconciler:
         director_image: str | None = None,
         allowed_images: Sequence[str] = (),
         metrics: OperatorMetrics | None = None,
+        max_concurrent: int = 0,
     ) -> None:
         self.client = client
         # `--allowed-images`: repositories spec.image may name (empty: any). The pods run with
@@ -120,28 +172,99 @@ class Reconciler:
         # (the director runs as uid 0 with NET_ADMIN on the host network; see docs/operator.md).
         self.director_image = director_image
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # At most this many pools reconcile at once; the others wait their turn in arrival order.
+        # In a burst, all pools interleaved finish together at the end; taken a few at a time, the
+        # first ones are done early and the median halves, for the same total work.
+        self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent > 0 else None
+        # Pools with a coalesced reconcile waiting for the lock -> the newest body it was given.
+        self._queued: dict[tuple[str, str], Mapping[str, Any]] = {}
+        # Per child: what was last applied and the object that came back.
+        self._applied: dict[ObjectRef, _Applied] = {}
+        # Per pool: the status this process last wrote.
+        self._written_status: dict[tuple[str, str], dict[str, Any]] = {}
+        # Memo of adopted desired children per (pool identity, spec, labels).
+        self._desired: dict[str, list[tuple[dict[str, Any], str]]] = {}
+        # Reconcile passes per pool: started and finished (tests wait on these).
+        self.started: dict[tuple[str, str], int] = {}
+        self.finished: dict[tuple[str, str], int] = {}
 
     def desired_children(self, pool: Pool) -> list[dict[str, Any]]:
         """Every child object of the pool as the operator wants it (before adoption)."""
         return builders.build_children(pool, director_image=self.director_image)
 
+    def adopted_children(self, body: Mapping[str, Any]) -> list[tuple[dict[str, Any], str]]:
+        """The pool's desired children adopted by `body`, each with the digest of its apply body.
+
+        Memoised on what the result depends on (identity, generation, spec, labels): watch
+        events of children ask for it on every event. Raises SpecError/ValueError like
+        Pool.from_body. The objects are shared: callers must not modify them."""
+        meta = body.get("metadata") or {}
+        memo_key = json.dumps(
+            [meta.get("namespace"), meta.get("name"), meta.get("uid"), meta.get("generation"),
+             meta.get("labels"), body.get("spec")],
+            sort_keys=True, default=str,
+        )  # fmt: skip
+        cached = self._desired.get(memo_key)
+        if cached is not None:
+            return cached
+        pool = Pool.from_body(body)
+        result = []
+        for obj in self.desired_children(pool):
+            kopf.adopt(obj, owner=as_body(body))
+            result.append((obj, _digest(_apply_body(obj))))
+        if len(self._desired) >= DESIRED_MEMO_SIZE:
+            self._desired.pop(next(iter(self._desired)))
+        self._desired[memo_key] = result
+        return result
+
     def forget(self, namespace: str, name: str) -> None:
         """Drop what is kept per pool; called when the pool is gone."""
-        self._locks.pop((namespace, name), None)
-        self.metrics.forget((namespace, name))
+        key = (namespace, name)
+        self._locks.pop(key, None)
+        self._written_status.pop(key, None)
+        self.started.pop(key, None)
+        self.finished.pop(key, None)
+        for ref in [r for r in self._applied if r.namespace == namespace]:
+            # Children are named after the pool; a name prefix is enough to find them.
+            if ref.name is not None and (ref.name == name or ref.name.startswith(f"{name}-")):
+                del self._applied[ref]
+        self.metrics.forget(key)
 
-    async def reconcile(self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]) -> Outcome:
+    async def reconcile(
+        self,
+        body: Mapping[str, Any],
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        *,
+        cache: ClusterCache | None = None,
+        coalesce: bool = False,
+    ) -> Outcome:
+        """Reconcile the pool of `body`. With `coalesce` (watch events of children and pods), a
+        call made while another coalesced one waits for the pool's lock returns at once: the
+        waiting one reads the cache (and the newest pool body) when it starts."""
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
         lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
+        if coalesce:
+            if key in self._queued:
+                self._queued[key] = body
+                return Outcome(coalesced=True)
+            self._queued[key] = body
+        async with lock, (self._slots or contextlib.nullcontext()):
+            if coalesce:
+                body = self._queued.pop(key, body)
+                fresher = cache.pool(*key) if cache is not None else None
+                if fresher is not None and not (fresher.get("metadata") or {}).get("deletionTimestamp"):
+                    body = fresher
+                meta = body.get("metadata") or {}
+            self.started[key] = self.started.get(key, 0) + 1
             started = time.monotonic()
             result = "exception"
             try:
-                outcome = await self._traced_reconcile(key, meta, body, logger)
+                outcome = await self._traced_reconcile(key, meta, body, logger, cache)
                 result = "invalid_spec" if outcome.spec_error else "apply_error" if outcome.apply_error else "ok"
                 return outcome
             finally:
+                self.finished[key] = self.finished.get(key, 0) + 1
                 self.metrics.duration.observe(time.monotonic() - started)
                 self.metrics.reconciles.labels(result).inc()
                 if result != "ok":
@@ -153,6 +276,7 @@ class Reconciler:
         meta: Mapping[str, Any],
         body: Mapping[str, Any],
         logger: logging.Logger | logging.LoggerAdapter[Any],
+        cache: ClusterCache | None,
     ) -> Outcome:
         with _tracer.start_as_current_span(
             "mcpool.reconcile",
@@ -162,7 +286,7 @@ class Reconciler:
                 "mcpool.generation": int(meta.get("generation") or 0),
             },
         ) as span:
-            outcome = await self._reconcile(body, logger)
+            outcome = await self._reconcile(body, logger, cache)
             span.set_attribute("mcpool.created", len(outcome.created))
             span.set_attribute("mcpool.updated", len(outcome.updated))
             span.set_attribute("mcpool.deleted", len(outcome.deleted))
@@ -170,7 +294,12 @@ class Reconciler:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.spec_error))
             return outcome
 
-    async def _reconcile(self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]) -> Outcome:
+    async def _reconcile(
+        self,
+        body: Mapping[str, Any],
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        cache: ClusterCache | None = None,
+    ) -> Outcome:
         outcome = Outcome()
         meta = body.get("metadata") or {}
         if meta.get("deletionTimestamp"):
@@ -178,24 +307,24 @@ class Reconciler:
         generation = int(meta.get("generation") or 0)
         try:
             pool = Pool.from_body(body)
-            desired = self.desired_children(pool)
+            desired = self.adopted_children(body)
         except (SpecError, ValueError) as exc:
             outcome.spec_error = str(exc)
-            await self._write_invalid(body, generation, outcome, logger)
+            await self._write_invalid(body, generation, outcome, logger, cache=cache)
             return outcome
         refused_image = image_refusal(pool.spec.image, self.allowed_images)
         if refused_image is not None:
             # Nothing is created or updated: the children keep their last allowed image.
             outcome.spec_error = refused_image
-            await self._write_invalid(body, generation, outcome, logger, reason=IMAGE_NOT_ALLOWED)
+            await self._write_invalid(body, generation, outcome, logger, reason=IMAGE_NOT_ALLOWED, cache=cache)
             return outcome
 
+        cached = None if cache is None else _by_ref(cache.children(pool.namespace, pool.name))
         apply_error: str | None = None
         statefulset: Mapping[str, Any] | None = None
-        for obj in desired:
-            kopf.adopt(obj, owner=as_body(body))
+        for obj, digest in desired:
             try:
-                live = await self._apply(obj, body, outcome, logger)
+                live = await self._apply(obj, digest, body, outcome, logger, cached)
             except ApiError as exc:
                 apply_error = f"{ref_of(obj)}: {exc}"
                 logger.error("cannot apply %s: %s", ref_of(obj), exc)
@@ -203,26 +332,30 @@ class Reconciler:
                 continue
             if obj["kind"] == "StatefulSet":
                 statefulset = live
-        wanted = {ref_of(obj) for obj in desired}
+        wanted = {ref_of(obj) for obj, _ in desired}
         if pool.spec.affinity.mechanism != "director":
             # The director's ConfigMap and the cleanup DaemonSet belong to the node cleanup until
             # it has finished (the cleanup pods mount that ConfigMap).
-            outcome.cleanup_pending = await self._node_cleanup(body, logger, pool=pool)
+            outcome.cleanup_pending = await self._node_cleanup(body, logger, pool=pool, cached=cached)
             wanted |= {self._director_configmap_ref(pool), self._cleanup_ref(pool)}
-        await self._prune(pool, wanted, body, outcome, logger)
+        await self._prune(pool, wanted, body, outcome, logger, cached)
 
-        pods = await self.client.list("v1", "Pod", pool.namespace, builders.status_selector(pool))
+        selector = builders.status_selector(pool)
+        if cache is None:
+            pods: Sequence[Mapping[str, Any]] = await self.client.list("v1", "Pod", pool.namespace, selector)
+        else:
+            pods = [p for p in cache.pods(pool.namespace, pool.name) if _matches_selector(p, selector)]
         seen = Observation(
             generation=generation,
             desired_replicas=pool.spec.replicas,
-            selector=builders.status_selector(pool),
+            selector=selector,
             statefulset=statefulset,
             sysctl_error=sysctl_failure(pods),
             apply_error=apply_error,
             revision_ready=revision_ready(pods, statefulset),
             cluster_defaulted=tuple(pool.spec.cluster.defaulted()),
         )
-        await self._write_status(body, seen, outcome, logger)
+        await self._write_status(body, seen, outcome, logger, cache=cache)
         return outcome
 
     # -- node cleanup (issue 10): nothing of a pool left on the director nodes --------------------
@@ -238,7 +371,8 @@ class Reconciler:
     async def node_cleanup(
         self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]
     ) -> str | None:
-        """`_node_cleanup` for a deleted pool, under the pool's lock (no reconcile in between)."""
+        """`_node_cleanup` for a deleted pool, under the pool's lock (no reconcile in between).
+        Reads the API (a deletion is rare, and must not act on a lagging cache)."""
         meta = body.get("metadata") or {}
         lock = self._locks.setdefault((str(meta.get("namespace")), str(meta.get("name"))), asyncio.Lock())
         async with lock:
@@ -250,6 +384,7 @@ class Reconciler:
         logger: logging.Logger | logging.LoggerAdapter[Any],
         *,
         pool: Pool | None = None,
+        cached: Mapping[ObjectRef, Mapping[str, Any]] | None = None,
     ) -> str | None:
         """Remove what the pool's directors left on their nodes (nft table and VIP drop rule,
         NFQUEUE rule, ip rules, tunnels) after the pool was deleted or left mechanism 'director':
@@ -266,6 +401,13 @@ class Reconciler:
                             spec=MCPPoolSpec(), uid=str(meta.get("uid") or ""))  # fmt: skip
         config_ref = self._director_configmap_ref(pool)
         cleanup_ref = self._cleanup_ref(pool)
+        if cached is not None and config_ref not in cached:
+            # The common case (a pool that never had a director) costs no request. A cached
+            # cleanup DaemonSet without its ConfigMap is a leftover: delete it.
+            if cleanup_ref in cached and await self.client.delete(cleanup_ref):
+                logger.info("deleted %s", cleanup_ref)
+            return None
+        # A node cleanup is under way (rare): it reads the API, not the cache.
         if await self.client.get(config_ref) is None:
             # Nothing to clean, or cleaned already (a leftover cleanup DaemonSet cannot work).
             if await self.client.delete(cleanup_ref):
@@ -297,12 +439,33 @@ class Reconciler:
     async def _apply(
         self,
         obj: dict[str, Any],
+        digest: str,
         owner: Mapping[str, Any],
         outcome: Outcome,
         logger: logging.Logger | logging.LoggerAdapter[Any],
+        cached: Mapping[ObjectRef, Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         ref = ref_of(obj)
-        live = await self.client.get(ref)
+        remembered = self._applied.get(ref)
+        live: dict[str, Any] | None
+        if cached is None:
+            live = await self.client.get(ref)
+        else:
+            hit = cached.get(ref)
+            live = None if hit is None else dict(hit)
+            if live is not None and remembered is not None and remembered.digest == digest:
+                fingerprint = _fingerprint(live)
+                if fingerprint == remembered.fingerprint or is_subset(obj, live):
+                    # As last applied: no request. (A lagging cache shows an older version
+                    # that still holds our values; the next event brings the newer one.)
+                    remembered.fingerprint = fingerprint
+                    outcome.unchanged.append(str(ref))
+                    return live
+            if live is None and remembered is None:
+                # Never applied by this process and not in the cache (not created yet, or not
+                # labelled as ours): ask the API, so that an object of somebody else's is never
+                # taken over by a forced apply.
+                live = await self.client.get(ref)
         if live is not None:
             owner_uid = (owner.get("metadata") or {}).get("uid")
             for reference in (live.get("metadata") or {}).get("ownerReferences") or []:
@@ -312,12 +475,16 @@ class Reconciler:
                     )
             live = await self._upgrade_ownership(ref, live, logger)
         # Creates a missing object too (the API server authorises that as "create").
-        applied = await self.client.apply(ref, _apply_body(obj), FIELD_MANAGER)
-        if live is None:
+        applied, created = await self.client.apply_created(ref, _apply_body(obj), FIELD_MANAGER)
+        applied_version = _resource_version(applied)
+        known = {_resource_version(live) if live is not None else None,
+                 remembered.resource_version if remembered is not None else None}  # fmt: skip
+        self._applied[ref] = _Applied(digest, _fingerprint(applied), applied_version)
+        if created:
             outcome.created.append(str(ref))
             logger.info("created %s", ref)
             self.post_event(owner, "Normal", "Created", f"created {ref.kind} {ref.name}")
-        elif _resource_version(applied) != _resource_version(live):
+        elif applied_version not in known:
             outcome.updated.append(str(ref))
             logger.info("restored %s to the spec", ref)
             self.post_event(owner, "Normal", "Updated", f"updated {ref.kind} {ref.name} to match the spec")
@@ -352,17 +519,24 @@ class Reconciler:
         owner: Mapping[str, Any],
         outcome: Outcome,
         logger: logging.Logger | logging.LoggerAdapter[Any],
+        cached: Mapping[ObjectRef, Mapping[str, Any]] | None = None,
     ) -> None:
         selector = f"{builders.POOL_LABEL}={pool.name},{builders.MANAGED_BY_LABEL}={builders.MANAGED_BY}"
+        candidates: list[tuple[ObjectRef, Mapping[str, Any]]] = []
         for api_version, kind in PRUNABLE:
-            for live in await self.client.list(api_version, kind, pool.namespace, selector):
-                ref = ref_of({**live, "apiVersion": api_version, "kind": kind})
-                if ref in wanted or not _owned_by(live, pool.uid):
-                    continue
-                if await self.client.delete(ref):
-                    outcome.deleted.append(str(ref))
-                    logger.info("deleted %s (no longer in the spec)", ref)
-                    self.post_event(owner, "Normal", "Deleted", f"deleted {kind} {ref.name} (no longer in the spec)")
+            if cached is not None:
+                candidates += [(r, o) for r, o in cached.items() if (r.api_version, r.kind) == (api_version, kind)]
+                continue
+            for listed in await self.client.list(api_version, kind, pool.namespace, selector):
+                candidates.append((ref_of({**listed, "apiVersion": api_version, "kind": kind}), listed))
+        for ref, child in candidates:
+            if ref in wanted or not _owned_by(child, pool.uid):
+                continue
+            self._applied.pop(ref, None)
+            if await self.client.delete(ref):
+                outcome.deleted.append(str(ref))
+                logger.info("deleted %s (no longer in the spec)", ref)
+                self.post_event(owner, "Normal", "Deleted", f"deleted {ref.kind} {ref.name} (no longer in the spec)")
 
     async def _write_invalid(
         self,
@@ -371,6 +545,7 @@ class Reconciler:
         outcome: Outcome,
         logger: logging.Logger | logging.LoggerAdapter[Any],
         reason: str = "InvalidSpec",
+        cache: ClusterCache | None = None,
     ) -> None:
         assert outcome.spec_error is not None
         meta = body.get("metadata") or {}
@@ -380,7 +555,7 @@ class Reconciler:
         seen = Observation(generation=generation, desired_replicas=0, selector=selector,
                            spec_error=outcome.spec_error, spec_error_reason=reason)  # fmt: skip
         logger.error("invalid spec: %s", outcome.spec_error)
-        previous = await self._write_status(body, seen, outcome, logger)
+        previous = await self._write_status(body, seen, outcome, logger, cache=cache)
         if previous is None:
             return  # the pool is gone
         before = find_condition(previous.get("conditions") or [], "Degraded")
@@ -398,22 +573,35 @@ class Reconciler:
         seen: Observation,
         outcome: Outcome,
         logger: logging.Logger | logging.LoggerAdapter[Any],
+        cache: ClusterCache | None = None,
     ) -> dict[str, Any] | None:
         """Write the status built from `seen` if it differs from the live one; return the live
         status it was compared with (None if the pool no longer exists)."""
         ref = ref_of({**body, "apiVersion": POOL_API_VERSION, "kind": KIND})
-        # The live object, not `body`: a watch event or index entry may lag behind the last
-        # write, and a status cleared or edited by somebody else must be rewritten.
-        live = await self.client.get(ref)
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace")), str(meta.get("name")))
+        # The live object, not `body`: a watch event may lag behind the last write, and a status
+        # cleared or edited by somebody else must be rewritten. The cached pool is live enough
+        # when its status is the one this process last wrote (or it wrote none yet); otherwise
+        # the cache lags behind a write, or somebody else wrote: ask the API.
+        live: Mapping[str, Any] | None = None
+        if cache is not None:
+            seen_pool = cache.pool(*key)
+            written = self._written_status.get(key)
+            if seen_pool is not None and (written is None or _same_status(seen_pool.get("status") or {}, written)):
+                live = seen_pool
+        if live is None:
+            live = await self.client.get(ref)
         if live is None:
             return None
         previous: dict[str, Any] = dict(live.get("status") or {})
         new = build_status(previous, seen)
-        meta = body.get("metadata") or {}
-        self.metrics.pool_conditions((str(meta.get("namespace")), str(meta.get("name"))), new["conditions"])
+        self.metrics.pool_conditions(key, new["conditions"])
         if _same_status(previous, new):
+            self._written_status[key] = previous
             return previous
-        await self.client.patch(ref, {"status": new}, subresource="status")
+        result = await self.client.patch(ref, {"status": new}, subresource="status")
+        self._written_status[key] = dict(result.get("status") or new)
         outcome.status_written = True
         for type_ in ("Ready", "Degraded"):
             old_c = find_condition(previous.get("conditions") or [], type_)
@@ -472,6 +660,38 @@ def _apply_body(obj: Mapping[str, Any]) -> dict[str, Any]:
         k: v for k, v in meta.items() if k in ("name", "namespace", "labels", "annotations", "ownerReferences")
     }
     return body
+
+
+def _digest(obj: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fingerprint(obj: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What changes when anybody but a controller's status write changes the object."""
+    meta = obj.get("metadata") or {}
+    if obj.get("kind") in STATUS_WRITTEN_KINDS and meta.get("generation") is not None:
+        # The API server bumps generation on every spec change; metadata edits do not bump it.
+        shown = {k: meta.get(k) for k in ("labels", "annotations", "ownerReferences")}
+        return ("generation", meta.get("generation"), json.dumps(shown, sort_keys=True, default=str))
+    return ("resourceVersion", meta.get("resourceVersion"))
+
+
+def _by_ref(objects: Sequence[Mapping[str, Any]]) -> dict[ObjectRef, Mapping[str, Any]]:
+    result: dict[ObjectRef, Mapping[str, Any]] = {}
+    for obj in objects:
+        if obj.get("apiVersion") and obj.get("kind") and obj["kind"] in PLURALS:
+            result[ref_of(obj)] = obj
+    return result
+
+
+def _matches_selector(obj: Mapping[str, Any], selector: str) -> bool:
+    """Equality-based label selector ("a=b,c=d"), what status_selector() writes."""
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for term in filter(None, selector.split(",")):
+        key, _, value = term.partition("=")
+        if labels.get(key.strip()) != value.strip():
+            return False
+    return True
 
 
 def _resource_version(obj: Mapping[str, Any]) -> str | None:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mcpool_operator.handlers import OperatorOptions  # noqa: E402
 from mcpool_operator.kube import Connection  # noqa: E402
 from mcpool_operator.main import parse_args, run  # noqa: E402
+from mcpool_operator.reconcile import Reconciler  # noqa: E402
 from operator_emulator import POOLS, ClusterEmulator  # noqa: E402
 
 NAMESPACE = "mcp-test"
@@ -173,11 +174,17 @@ class OperatorRunner:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        # The running operator's reconciler (a new one on every start).
+        self.reconciler: Reconciler | None = None
 
     def _main(self, ready: threading.Event) -> None:
+        def keep(reconciler: Reconciler) -> None:
+            self.reconciler = reconciler
+
         try:
             asyncio.run(
-                run(self.options, connection=Connection(server=self.cluster.url), stop_flag=self._stop, ready_flag=ready)
+                run(self.options, connection=Connection(server=self.cluster.url), stop_flag=self._stop,
+                    ready_flag=ready, on_reconciler=keep)  # fmt: skip
             )
         except BaseException as exc:  # reported by stop()
             self.error = exc
@@ -191,6 +198,22 @@ class OperatorRunner:
         if not await asyncio.to_thread(ready.wait, 20):
             await self.stop()
             raise AssertionError(f"the operator did not become ready within 20 s: {self.error!r}")
+
+    def reconciles_started(self, name: str, namespace: str = NAMESPACE) -> int:
+        """Reconcile passes of the pool begun by the running operator (0 before its first)."""
+        assert self.reconciler is not None
+        return self.reconciler.started.get((namespace, name), 0)
+
+    async def reconciled_since(self, started: int, name: str, namespace: str = NAMESPACE) -> None:
+        """Wait until a reconcile pass of the pool that began after `reconciles_started()`
+        returned `started` has finished (the operator makes no request when nothing changed,
+        so its own counters are the only signal)."""
+
+        def finished() -> bool:
+            assert self.reconciler is not None
+            return self.reconciler.finished.get((namespace, name), 0) > started
+
+        await eventually(finished, what=f"a reconcile of {name}")
 
     async def stop(self) -> None:
         if self._thread is None:
@@ -214,6 +237,9 @@ def operator_options() -> OperatorOptions:
         resync_interval_s=3600.0,
         request_timeout_s=10.0,
         worker_idle_timeout_s=0.3,
+        # A fixed port (the default 8081) collides with any other operator test run on the
+        # machine; the Prometheus test gives its own.
+        metrics_listen=None,
     )
 
 

@@ -21,7 +21,14 @@ added here and nothing more:
   owns every field it sets (fields it stopped setting are removed); it does not model several
   managers sharing an object. An apply that changes nothing keeps `resourceVersion` and sends no
   watch event, as on a real server;
-- a `labelSelector` on lists (equality terms only);
+- a `labelSelector` on lists and watches (equality terms only);
+- lists answer the current `resourceVersion`, and a watch from a `resourceVersion` sends every
+  change after it, then live ones (what an informer's list-then-watch relies on: nothing is lost
+  between the two); a watch without one starts with an ADDED event per existing object. A
+  watch ends after its `timeoutSeconds`, as the real server ends it;
+- a merge patch naming `metadata.resourceVersion` is refused with 409 Conflict unless it is the
+  object's current one (optimistic concurrency);
+- every write request counted by kind of write (`writes()`), for tests that assert none;
 - integer query parameters (`timeoutSeconds`, `limit`, `gracePeriodSeconds`) parsed as the real
   server parses them (Go's `strconv.ParseInt`): `timeoutSeconds=300.0` is a 400 with the real
   server's words, as kube-apiserver answers it;
@@ -33,18 +40,23 @@ explicitly, e.g. acting as the StatefulSet controller by writing its status.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import collections
+import contextlib
 import copy
 import datetime
-import itertools
+import time
 import uuid
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, cast
 
 import aiohttp.web
 import attrs
 import kmock
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal import enums, rendering
+from kmock._internal.k8s import KubernetesObjectNotFoundError
 
 POOLS = "mcp.mptcp.dev/v1alpha1/mcppools"
 
@@ -112,6 +124,52 @@ def integer_param_error(params: Mapping[str, str]) -> str | None:
     return None
 
 
+class _Versions:
+    """The cluster-wide resourceVersion counter; `last` is the newest one handed out."""
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def __iter__(self) -> _Versions:
+        return self
+
+    def __next__(self) -> int:
+        self.last += 1
+        return self.last
+
+
+class _EventFeed:
+    """Every watch event of one resource, numbered from the resourceVersion counter, so that a
+    watch can start from any resourceVersion (kmock's bus only has what comes after a reader
+    joined). Takes the place of kmock's bus: `put` is what kmock's writes call."""
+
+    def __init__(self, versions: _Versions) -> None:
+        self._versions = versions
+        self.numbers: list[int] = []
+        self.events: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+
+    async def put(self, event: dict[str, Any]) -> None:
+        number = next(self._versions)
+        obj = copy.deepcopy(event["object"])
+        if event["type"] == "DELETED":
+            # The real server gives a deletion its own resourceVersion.
+            obj.setdefault("metadata", {})["resourceVersion"] = str(number)
+        self.numbers.append(number)
+        self.events.append({"type": event["type"], "object": obj})
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    def position_after(self, version: int) -> int:
+        return bisect.bisect_right(self.numbers, version)
+
+    async def wait(self, position: int) -> None:
+        """Until an event exists at `position`."""
+        if position < len(self.events):
+            return
+        await self._wake.wait()
+
+
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -129,12 +187,14 @@ def _matches_selector(obj: Mapping[str, Any], selector: str) -> bool:
 class ClusterEmulator(kmock.KubernetesEmulator):
     """kmock's emulator with uid/resourceVersion/generation, status and scale subresources, GC."""
 
-    _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _versions: _Versions = attrs.field(factory=_Versions, init=False)
     # Every request served, oldest first (kmock's own log is trimmed, see _handle).
     log: list[rendering.Request] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        feeds: collections.defaultdict[Any, _EventFeed] = collections.defaultdict(lambda: _EventFeed(self._versions))
+        self._buses = feeds  # type: ignore[assignment]
         for key, info in RESOURCES.items():
             self.resources[key] = kmock.ResourceInfo(namespaced=True, verbs=VERBS, **info)
         for key, info in CLUSTER_RESOURCES.items():
@@ -150,6 +210,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         bad_integer = integer_param_error(request.params)
         if bad_integer is not None:
             return status_response(400, "BadRequest", bad_integer)
+        conflict = self._stale_version(request)
+        if conflict is not None:
+            return status_response(409, "Conflict", conflict)
         if request.resource is not None and request.subresource == "scale":
             return await self._serve_scale(request)
         if (
@@ -171,9 +234,46 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         # kopf releases its finalizer with a JSON patch (a list), others with a merge patch.
         releasing = "finalizers" in meta or isinstance(request.data, list)
         late_child = request.action == enums.action.CREATE and bool(meta.get("ownerReferences"))
-        if request.resource is not None and (request.action == enums.action.DELETE or releasing or late_child):
+        if request.resource is None:
+            return response
+        key = (request.resource, request.namespace, request.name)
+        if request.action == enums.action.DELETE or (
+            releasing and (key not in self._objects or self._objects[key].deleted)
+        ):
             await self._collect_garbage()
+        elif late_child:
+            await self._collect_if_orphaned(request.resource, request.namespace, meta.get("name"))
         return response
+
+    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+        # kmock scans every object for a GET; a lookup by key answers the same.
+        if not request.name:
+            return await super()._serve_fetch(request)
+        key = (request.resource, request.namespace, request.name)
+        if key not in self._objects or self._objects[key].deleted:
+            raise KubernetesObjectNotFoundError()
+        return self._objects[key].raw
+
+    async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
+        # kmock's _handle stored the object under this key; kmock scans every object to find it.
+        meta = request.data.get("metadata") or {} if isinstance(request.data, dict) else {}
+        key = (request.resource, request.namespace or meta.get("namespace"), request.name or meta.get("name"))
+        if key not in self._objects:
+            return await super()._serve_create(request)
+        return self._objects[key].raw
+
+    def _stale_version(self, request: rendering.Request) -> str | None:
+        """The API server's words if a patch names a resourceVersion that is not the current one."""
+        if request.resource is None or request.action != enums.action.UPDATE or not isinstance(request.data, dict):
+            return None
+        wanted = (request.data.get("metadata") or {}).get("resourceVersion")
+        current = self.get(str(request.resource), str(request.namespace), str(request.name)) if request.name else None
+        if wanted is None or current is None or str(wanted) == str(current["metadata"].get("resourceVersion")):
+            return None
+        return (
+            f'Operation cannot be fulfilled on {request.resource.plural} "{request.name}": the object has been '
+            "modified; please apply your changes to the latest version and try again"
+        )
 
     def _on_create(self, request: rendering.Request) -> None:
         meta = request.data.setdefault("metadata", {})
@@ -206,11 +306,61 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         data.setdefault("metadata", {})["resourceVersion"] = str(next(self._versions))
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        # Read before the objects: a change in between is sent again by a watch from here
+        # (harmless), never lost.
+        version = self._versions.last
         result = await super()._serve_list(request)
         selector = request.params.get("labelSelector")
-        if selector and isinstance(result, dict):
-            result["items"] = [o for o in result["items"] if _matches_selector(o, selector)]
+        if isinstance(result, dict):
+            if selector:
+                result["items"] = [o for o in result["items"] if _matches_selector(o, selector)]
+            result["metadata"] = {"resourceVersion": str(version)}
         return result
+
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
+        yield b""  # the headers, at once
+        assert request.resource is not None
+        feed = cast(_EventFeed, self._buses[request.resource])
+        selector = request.params.get("labelSelector") or ""
+        timeout = float(request.params.get("timeoutSeconds") or 0) or None
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def wanted(obj: Mapping[str, Any]) -> bool:
+            meta = obj.get("metadata") or {}
+            return (
+                (request.namespace is None or meta.get("namespace") == request.namespace)
+                and (request.name is None or meta.get("name") == request.name)
+                and _matches_selector(obj, selector)
+            )
+
+        since = request.params.get("resourceVersion")
+        async with self._lock:
+            # Every version this emulator hands out is a number; "0" means "any", like no version.
+            if since and since.isdigit() and since != "0":
+                position = feed.position_after(int(since))
+                initial: list[dict[str, Any]] = []
+            else:
+                position = len(feed.events)
+                initial = [
+                    {"type": "ADDED", "object": copy.deepcopy(obj.raw)}
+                    for (res, _, _), obj in self._objects.items()
+                    if res == request.resource and not obj.deleted
+                ]
+        for event in initial:
+            if wanted(event["object"]):
+                yield event
+        while True:
+            while position < len(feed.events):
+                event = feed.events[position]
+                position += 1
+                if wanted(event["object"]):
+                    yield event
+            remaining = 3600.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return  # the server ends the watch; the client lists or watches again
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await feed.wait(position)
 
     # --- server-side apply ---------------------------------------------------------------------
 
@@ -264,7 +414,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
                 raw = obj.raw
         if not exists and (raw.get("metadata") or {}).get("ownerReferences"):
-            await self._collect_garbage()  # created after its owner was deleted
+            await self._collect_if_orphaned(request.resource, request.namespace, request.name)
         return aiohttp.web.json_response(raw, status=200 if exists else 201)
 
     # --- scale subresource ---------------------------------------------------------------------
@@ -304,6 +454,23 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     # --- garbage collector ---------------------------------------------------------------------
 
+    def _owner_alive(self, namespace: str | None, reference: Mapping[str, Any]) -> bool:
+        for resource, info in RESOURCES.items():
+            if info["kind"] == reference.get("kind"):
+                owner = self.get(resource, str(namespace), str(reference.get("name")))
+                return owner is not None and owner["metadata"].get("uid") == reference.get("uid")
+        return any(obj.raw["metadata"].get("uid") == reference.get("uid") for obj in self._objects.values() if not obj.deleted)
+
+    async def _collect_if_orphaned(self, resource: Any, namespace: str | None, name: str | None) -> None:
+        """The collector for one object just created: O(1), not a scan of every object."""
+        key = (resource, namespace, name)
+        if key not in self._objects or self._objects[key].deleted:
+            return
+        obj = self._objects[key]
+        refs = obj.raw["metadata"].get("ownerReferences") or []
+        if refs and not any(self._owner_alive(namespace, ref) for ref in refs):
+            await self._collect_garbage()
+
     async def _collect_garbage(self) -> None:
         async with self._lock:
             while True:
@@ -325,6 +492,16 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     await self._buses[resource].put({"type": "DELETED", "object": raw})
 
     # --- helpers for tests ---------------------------------------------------------------------
+
+    def writes(self, start: int = 0, user_agent_prefix: str = "") -> list[rendering.Request]:
+        """Write requests (POST, PUT, PATCH, DELETE) served since log entry `start`, optionally
+        only those from clients whose User-Agent starts with `user_agent_prefix`."""
+        return [
+            r
+            for r in self.log[start:]
+            if r.method in (enums.method.POST, enums.method.PUT, enums.method.PATCH, enums.method.DELETE)
+            and r.headers.get("User-Agent", "").startswith(user_agent_prefix)
+        ]
 
     def live(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Current (not deleted) objects of a resource, e.g. live('apps/v1/statefulsets', 'ns')."""

@@ -200,21 +200,6 @@ def operator_requests(cluster: Cluster, start: int = 0) -> list[Any]:
     return [r for r in cluster.emulator.log[start:] if r.headers.get("User-Agent", "").startswith("mcpool-operator/")]
 
 
-async def reconciled_since(cluster: Cluster, start: int, name: str) -> None:
-    """Wait for a reconcile that began after log entry `start` to reach its last step (reading the
-    pool's live status), then give a status write that would follow it the time to arrive."""
-    await eventually(
-        lambda: any(
-            r.method == "GET" and r.resource.plural == "mcppools" and r.name == name and r.subresource is None
-            for r in operator_requests(cluster, start)
-            if r.resource is not None
-        ),
-        what="a reconcile",
-    )
-    # A status PATCH follows that GET within milliseconds; none arriving in 0.5 s means none.
-    await asyncio.sleep(0.5)
-
-
 def status_writes(cluster: Cluster, start: int = 0) -> int:
     return len([r for r in operator_requests(cluster, start) if r.method == "PATCH" and r.subresource == "status"])
 
@@ -264,19 +249,21 @@ async def test_sysctl_forbidden_pods_surface_as_degraded(cluster: Cluster, opera
     # deletion and rejection no rejected pod exists, yet the failure must not flap.
     for _ in range(2):
         mark = len(cluster.emulator.log)
+        passes = operator_runner.reconciles_started("edge")
         await cluster.delete(f"{pods}/edge-0")
-        await reconciled_since(cluster, mark, "edge")
+        await operator_runner.reconciled_since(passes, "edge")
+        passes = operator_runner.reconciles_started("edge")
         await make_pod("edge-new", rejected)
-        await reconciled_since(cluster, mark, "edge")
+        await operator_runner.reconciled_since(passes, "edge")
         assert status_writes(cluster, mark) == 0
         assert condition_of(cluster.pool("edge"), "Degraded") == degraded
     assert warnings(cluster, "SysctlForbidden") == 1
 
     # A Ready pod of an older revision proves nothing about the current one.
     await cluster.delete(f"{pods}/edge-0")
-    mark = len(cluster.emulator.log)
+    passes = operator_runner.reconciles_started("edge")
     await make_pod("edge-old", {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]})
-    await reconciled_since(cluster, mark, "edge")
+    await operator_runner.reconciled_since(passes, "edge")
     assert condition_of(cluster.pool("edge"), "Degraded") == degraded
     # The kubelet was fixed: a pod of the current revision runs and is Ready; the condition clears.
     await cluster.delete(f"{pods}/edge-0")
@@ -364,7 +351,7 @@ async def test_unchanged_pool_is_left_alone(cluster: Cluster, operator_runner: O
     mark = len(cluster.emulator.log)
     await operator_runner.stop()
     await operator_runner.start()
-    await reconciled_since(cluster, mark, "steer")
+    await operator_runner.reconciled_since(0, "steer")
     applies = [r for r in operator_requests(cluster, mark) if r.headers.get("Content-Type", "").startswith("application/apply")]
     # Everything was applied again (the resume reconcile, and more) ...
     applied = {f"{r.resource.group + '/' if r.resource.group else ''}{r.resource.version}/{r.resource.plural}/{r.name}" for r in applies}
@@ -441,12 +428,8 @@ async def test_restart_creates_no_duplicates(cluster: Cluster, operator_runner: 
 
     await operator_runner.stop()
     await operator_runner.start()
-    # The resumed operator reconciles every pool once: wait until it has read the StatefulSet.
-    gets = len([r for r in cluster.emulator.log if r.method == "GET" and r.name == "edge"])
-    await eventually(
-        lambda: len([r for r in cluster.emulator.log if r.method == "GET" and r.name == "edge"]) > gets, what="resume reconcile"
-    )
-    await asyncio.sleep(0.5)
+    # The resumed operator reconciles every pool once.
+    await operator_runner.reconciled_since(0, "edge")
     after = {res: [c["metadata"]["uid"] for c in cluster.children(res)] for res in (STS, SVC, CM, SA, PDB)}
     assert after == before
     posts_after = len([r for r in cluster.emulator.log if r.method == "POST" and r.resource and r.resource.plural != "events"])

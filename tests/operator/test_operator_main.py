@@ -100,3 +100,15 @@ def test_watch_server_timeout_must_be_whole_positive_seconds(value: str, capsys:
     with pytest.raises(SystemExit):
         parse_args(["-A", "--watch-server-timeout", value])
     assert "--watch-server-timeout" in capsys.readouterr().err
+
+
+def test_max_concurrent_reconciles_flag() -> None:
+    assert parse_args(["-A"]).max_concurrent_reconciles == 8
+    assert parse_args(["-A", "--max-concurrent-reconciles", "3"]).max_concurrent_reconciles == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_max_concurrent_reconciles_must_be_positive(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["-A", "--max-concurrent-reconciles", value])
+    assert "--max-concurrent-reconciles" in capsys.readouterr().err
