@@ -80,6 +80,7 @@ async def point(url: str, live: int, pods: int, directors: int, window_s: float,
             raise RuntimeError(f"directors never loaded the table: {[len(d.table.tokens) for d in dirs]}")
         await asyncio.sleep(0.05)
     await asyncio.sleep(ttl_s / 3)  # one heartbeat round in, so the window is steady state
+    print(f"# {live}: directors loaded the table", file=sys.stderr, flush=True)
     calls0, cpu0 = await info(client)
     w0 = time.monotonic()
     await asyncio.sleep(window_s)
@@ -89,6 +90,7 @@ async def point(url: str, live: int, pods: int, directors: int, window_s: float,
     # A director's catch-up after a reconnect: one full read of the table.
     probe = Director(config)
     redis = aioredis.from_url(url, decode_responses=True)
+    print(f"# {live}: window done", file=sys.stderr, flush=True)
     c0 = time.monotonic()
     await probe._resync(redis)
     catch_up_s = time.monotonic() - c0
@@ -100,6 +102,7 @@ async def point(url: str, live: int, pods: int, directors: int, window_s: float,
     for task in feeds:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    print(f"# {live}: catch-up {catch_up_s:.2f}s", file=sys.stderr, flush=True)
     for reg in registries:
         await reg.stop()
     await client.aclose()
