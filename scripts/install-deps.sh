@@ -14,6 +14,7 @@ DEB_PACKAGES=(
   libnetfilter-queue-dev gcc                              # netfilterqueue (director) builds against it
   unzip                                                   # scripts/install-helm.sh (chart tests)
   prometheus                                              # dashboards/alerts proof (prometheus, promtool)
+  python3-nftables                                        # director token map (libnftables in process)
 )
 
 missing=()
@@ -45,6 +46,15 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
+fi
+
+# libnftables' Python binding ships only as a Debian package (it must match the system's
+# libnftables): link that one package into the venv rather than open all of dist-packages.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+ln -sfn /usr/lib/python3/dist-packages/nftables "$site/nftables"
+if ! .venv/bin/python -c 'import nftables; nftables.Nftables()' >/dev/null 2>&1; then
+  echo "install-deps: python module nftables (Debian package python3-nftables) does not load in .venv" >&2
+  exit 1
 fi
 
 # Every command the demo, the tests and the benchmarks call, with the package that brings it.

@@ -242,7 +242,6 @@ def test_initial_hashed_and_join_steered_by_token(lab: Lab) -> None:
     joins = m.get('mcpool_director_decisions_total{outcome="token_hit"}', 0) + m.get(
         'mcpool_director_decisions_total{outcome="token_hit_after_wait"}', 0
     )
-    assert initial >= count and joins >= count, m
     assert m.get('mcpool_director_decisions_total{outcome="token_miss_after_wait"}', 0) == 0
 
     # Bulk bytes never reached userspace: the queue saw only the SYNs, while the kernel's flow
@@ -252,6 +251,9 @@ def test_initial_hashed_and_join_steered_by_token(lab: Lab) -> None:
         name: (int(p), int(b))
         for name, p, b in re.findall(r"counter (\w+) \{\s*packets (\d+) bytes (\d+)", out)
     }
+    # A join usually arrives before its token is registered (userspace holds it); one that comes
+    # after is decided by the kernel's token map and never queued.
+    assert initial >= count and joins + counters["token_hit"][0] >= count, (m, counters)
     queued = counters["queued_initial"][0] + counters["queued_join"][0]
     assert queue_packets_seen(4343) == queued
     assert queued == initial + joins  # every queued SYN got exactly one decision

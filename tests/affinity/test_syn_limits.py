@@ -29,7 +29,8 @@ def test_ruleset_limits_syns_before_they_are_queued() -> None:
     assert "add @syn_sources { ip saddr limit rate over 7/second burst 9 packets }" in lines[0]
     assert lines[0].endswith("counter name syn_over_source drop")
     assert "limit rate over 70/second burst 90 packets counter name syn_over_total drop" in lines[1]
-    assert "queued_join" in lines[2] and "queued_initial" in lines[3]
+    assert "map @tokens counter name token_hit" in lines[2]  # the kernel's token map, then the queue
+    assert "queued_join" in lines[3] and "queued_initial" in lines[4]
     six = steering.director_ruleset("2001:db8::1", [5124], 0x4D430000, "vxlan", 60)
     assert "typeof @nh,64,64" in six and "add @syn_sources { @nh,64,64 limit rate over 200/second" in six
     off = steering.director_ruleset(VIP, [5124], 0x4D430000, "vxlan", 60, syn_limits=steering.SynLimits(per_source=0, total=0))

@@ -93,7 +93,11 @@ def test_50_connections_all_subflows_on_one_pod_then_dsl_cut(lab: Lab, cluster: 
     assert all(len(v) == 25 for v in by_pod.values()), {k: len(v) for k, v in by_pod.items()}
 
     after = decisions(lab)
-    assert delta(after, before, "token_hit", "token_hit_after_wait") >= 50, after
+    # A join is decided in userspace (held for its token, or found) or, when its token reached
+    # the director's kernel map first, by nftables alone (counter token_hit).
+    counters = lab.director_counters()
+    kernel_hits = counters["token_hit"][0] - counters_before.get("token_hit", (0, 0))[0]
+    assert delta(after, before, "token_hit", "token_hit_after_wait") + kernel_hits >= 50, (after, kernel_hits)
     assert delta(after, before, "token_miss_after_wait", "collision") == 0, after
 
     parallel(lambda c: c.echo(256 * KB), conns)
@@ -132,6 +136,7 @@ def test_join_address_with_a_director_that_only_hashes(lab: Lab, cluster: Cluste
             assert locals_.count(lab.vip) == 1 and locals_.count(pod.ip) == len(subflows) - 1, subflows
     counters = lab.director_counters()
     assert counters["queued_join"][0] - counters_before.get("queued_join", (0, 0))[0] == 0
+    assert counters["token_hit"][0] - counters_before.get("token_hit", (0, 0))[0] == 0  # nor the kernel map
     after = decisions(lab)
     assert delta(after, before, "token_hit", "token_hit_after_wait", "token_miss_after_wait") == 0
 

@@ -5,6 +5,8 @@ only SYNs: an initial SYN goes to a ready pod by rendezvous hashing of the CPE a
 table already maps keeps its pod); an MP_JOIN SYN goes to the pod that registered its token.
 nftables hands the SYNs to NFQUEUE; the verdict carries the pod's mark, nftables remembers the
 flow, and every later packet is forwarded in the kernel (see kernel/steering.py for the packet path).
+A join whose token is already in the kernel's token map (fed from the table by mapsync.py) is
+steered by nftables alone and never reaches this process.
 
 The decision reads a local copy of the affinity table (`table.AffinityTable`) kept current by
 the registry's pub/sub events and a periodic full read of Redis. Redis unreachable: the last
@@ -42,9 +44,11 @@ from ..config import (
     split_hostport,
 )
 from ..kernel import steering
+from ..kernel.tokenmap import TokenMap
 from ..observe.metrics import observe
 from ..observe.telemetry import Telemetry
 from .keys import KeySchema
+from .mapsync import TokenMapSync
 from .packet import MAX_IPV6_EXT_BYTES, Syn, parse_syn
 from .redisconn import REDIS_ERRORS, Backoff, connect, describe_target, open_redis, redis_error_text
 from .table import AffinityTable, Decision, PodEntry, decide
@@ -134,6 +138,13 @@ class DirectorConfig(BaseModel):
     )
     flow_idle_timeout_s: int = Field(
         default=3600, ge=10, description="A subflow idle this long is forgotten by the kernel flow map."
+    )
+    token_map_timeout_s: int = Field(
+        default=3600,
+        ge=0,
+        description="Kernel timeout of each entry of the MP_JOIN token map (joins to a token in it "
+        "are steered without userspace; entries are also deleted when their connection closes, "
+        "and re-added before they expire). 0: no token map, every join is queued to userspace.",
     )
     # --- the SYN queue's admission in the kernel (issue 10) ---
     syn_rate_per_source: int = Field(
@@ -329,6 +340,7 @@ class Director:
         self._now: Callable[[], float] = time.monotonic  # the drop warning's clock (tests replace it)
         self._drops_unreported: dict[str, int] = {}
         self._drop_warned_at = float("-inf")
+        self.mapsync: TokenMapSync | None = None  # the kernel token map's feed (run() makes it)
 
     # -- decisions (the hot path: one call per SYN) --------------------------------------------
 
@@ -486,6 +498,8 @@ class Director:
             if not isinstance(event, dict):
                 raise ValueError("not a JSON object")
             self.table.apply_event(event)
+            if self.mapsync is not None:
+                self.mapsync.event_applied(event)
         except (ValueError, TypeError, KeyError) as exc:
             self.metrics.malformed.labels("event").inc()
             log.warning("skipping a malformed table event %.200r: %s", data, exc)
@@ -521,6 +535,8 @@ class Director:
         self.table.replace(pods, tokens, cpes, now=loop.time(),
                            keep_missing_s=self.config.snapshot_grace_s if recent else 0.0)  # fmt: skip
         self.metrics.resyncs.inc()
+        if self.mapsync is not None:
+            self.mapsync.snapshot_loaded()
         self._table_changed()
 
     @staticmethod
@@ -559,6 +575,8 @@ class Director:
                 self._plumbing_changed.set()
                 continue
             self._plumbed_version = version
+            if self.mapsync is not None:
+                self.mapsync.pods_changed()
             if departed:
                 # Come back when a departed pod's grace period has ended.
                 self._spawn(self._wake_later(self.config.pod_grace_s))
@@ -602,6 +620,24 @@ class Director:
             log.info("pod %s (%s) on slot %d", name, addr, slot)
         return bool(self._departed)
 
+    def _token_owner_marks(self) -> dict[str, int]:
+        """pod -> mark of every pod in the table whose forwarding is in place (what the token map
+        may steer to; the same pods `decide` + `_verdict` steer joins to)."""
+        base = self.config.mark_base
+        return {pod: steering.slot_mark(base, slot) for pod, (slot, _) in dict(self.slots).items()
+                if pod in self.table.pods}  # fmt: skip
+
+    def _make_mapsync(self) -> TokenMapSync | None:
+        if not self.config.token_map_timeout_s:
+            return None
+        try:
+            tokenmap = TokenMap(self.config.nft_table, self.config.token_map_timeout_s)
+        except RuntimeError as exc:  # python3-nftables missing: steer every join in userspace
+            log.error("no kernel token map, every MP_JOIN goes to userspace: %s", exc)
+            return None
+        return TokenMapSync(tokenmap, self._token_owner_marks, lambda: self.table.tokens,
+                            registry=self.metrics.registry)  # fmt: skip
+
     async def _wake_later(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         self._plumbing_changed.set()
@@ -633,6 +669,9 @@ class Director:
         fd = queue.get_fd()
         self._loop.add_reader(fd, self._drain_queue)
         self._died: asyncio.Future[None] = self._loop.create_future()
+        self.mapsync = self._make_mapsync()
+        if self.mapsync is not None:
+            self._spawn_critical(self.mapsync.run(), "token map")
         self._spawn_critical(self._feed(), "redis feed")
         self._spawn_critical(self._plumbing(), "plumbing")
         log.info(

@@ -6,8 +6,9 @@ Only SYNs to the VIP reach userspace. The packet path in the director's namespac
    queue, `queue_max_len` deep, decided by one Python thread): per source address (IPv6: per
    /64) and in total; a SYN over either limit is dropped in the kernel and counted
    (`syn_over_source`, `syn_over_total`), so one flooding source cannot fill the queue for all.
-1. nft `steer` (prerouting, priority -200): an MP_JOIN SYN (`tcp option mptcp subtype 1`) is
-   marked JOIN, any other SYN INITIAL; any other packet of a known flow gets its pod mark back
+1. nft `steer` (prerouting, priority -200): an MP_JOIN SYN (`tcp option mptcp subtype 1`) whose
+   token is in the `tokens` map gets its pod's mark there (counter `token_hit`: no userspace, see
+   kernel/tokenmap.py); any other MP_JOIN SYN is marked JOIN, any other SYN INITIAL; any other packet of a known flow gets its pod mark back
    from the `flows` map (keyed by CPE address, CPE port, VIP port); anything else to the VIP is
    an unknown flow and dropped (counted).
 2. xtables mangle (priority -150): marks JOIN/INITIAL go to NFQUEUE (`--queue-bypass`: with no
@@ -59,6 +60,7 @@ from .sysctl import (
     read_sysctl,
     write_sysctl,
 )
+from .tokenmap import TOKEN_MAP
 
 __all__ = [
     "DEFAULT_POD_MAC",
@@ -128,6 +130,7 @@ def director_ruleset(
     flow_idle_timeout_s: int,
     max_flows: int = 1_048_576,
     table: str = NFT_TABLE,
+    max_tokens: int = 1_048_576,
     owner: str = "",
     syn_limits: SynLimits | None = None,
 ) -> str:
@@ -147,6 +150,13 @@ def director_ruleset(
         f"add map inet {table} flows {{ type {addr_type} . inet_service . inet_service : mark; "
         f"flags dynamic,timeout; timeout {flow_idle_timeout_s}s; size {max_flows}; }}",
         f"add map inet {table} pod_addrs {{ type mark : {addr_type}; }}",
+        # MP_JOIN receiver token -> pod mark, fed by the director (kernel/tokenmap.py); each
+        # element carries its own timeout. The map needs a default timeout too: without one, nft
+        # 1.0.6 reads every element back before adding one with a timeout (measured: 117 ms per
+        # add at 100k elements, 0.2 ms with the default).
+        f"add map inet {table} {TOKEN_MAP} {{ typeof tcp option @30,32,32 : meta mark; flags timeout; "
+        f"timeout 1h; size {max_tokens}; }}",
+        f"add counter inet {table} token_hit",
         f"add counter inet {table} restored",
         f"add counter inet {table} queued_initial",
         f"add counter inet {table} queued_join",
@@ -171,6 +181,10 @@ def director_ruleset(
         # Every SYN is decided afresh, even one whose 4-tuple is still in `flows`: a CPE port
         # reused for a new subflow must not inherit the previous subflow's pod.
         *_syn_limit_rules(match, fam, limits),
+        # A join whose token is in the map is decided here; a miss (no element) ends this rule
+        # and the next one queues the join to userspace, which waits for the token.
+        f"    {match} tcp flags & (syn | ack) == syn tcp option mptcp subtype 1 "
+        f"meta mark set tcp option @30,32,32 map @{TOKEN_MAP} counter name token_hit accept",
         f"    {match} tcp flags & (syn | ack) == syn tcp option mptcp subtype 1 meta mark set {join:#010x} counter name queued_join accept",
         f"    {match} tcp flags & (syn | ack) == syn meta mark set {initial:#010x} counter name queued_initial accept",
         f"    {match} meta mark set {fam} saddr . tcp sport . tcp dport map @flows counter name restored accept",
