@@ -564,6 +564,7 @@ class Director:
                 route_table_base=cfg.route_table_base, vxlan_port=cfg.vxlan_port,
                 vxlan_vni_base=cfg.vxlan_vni_base, tunnel_mtu=cfg.tunnel_mtu, pod_mac=cfg.pod_mac,
                 table=cfg.nft_table, device_prefix=cfg.device_prefix,
+                flow_idle_timeout_s=cfg.flow_idle_timeout_s,
             )  # fmt: skip
             used.add(slot)
             self.slots[name] = (slot, addr)
