@@ -213,15 +213,20 @@ def run_demo(prefix: str, size: int, cut_fraction: float, dsl: LinkShaping, lte:
         display.say(f"lab '{prefix}' removed")
 
 
-def run_cluster_demo(prefix: str, connections: int = 6, echo_bytes: int = 1_000_000) -> bool:
+def run_cluster_demo(prefix: str, connections: int = 6, echo_bytes: int = 1_000_000,
+                     failover_bytes: int = 16_000_000) -> bool:
     """Second stage (`--cluster`): two pods behind the director; several CPE connections, each
-    with both subflows on one pod, every byte echoed and verified."""
+    with both subflows on one pod, every byte echoed and verified; then failover behind the
+    director: a download started on DSL, joined on LTE (steered to the same pod by its token),
+    DSL cut part-way, the rest over LTE through that same pod, sha256 verified."""
     import hashlib
 
     from mcpool_proxy.cpe.convert_client import convert_connect
 
     display = Display()
-    lab = Lab(Topology(prefix=prefix, pods=2, director=True))
+    # Shaped (rate only) so the failover download lasts long enough to be cut part-way.
+    shaping = {"dsl": LinkShaping(rate_mbit=40), "lte": LinkShaping(rate_mbit=20)}
+    lab = Lab(Topology(prefix=prefix, pods=2, director=True, shaping=shaping))
     socks: list[tuple[str, socket.socket]] = []
     try:
         display.say(f"cluster lab '{prefix}': CPE (dsl + lte) -> router -> director (VIP, Redis) -> 2 MCP pods")
@@ -284,11 +289,94 @@ def run_cluster_demo(prefix: str, connections: int = 6, echo_bytes: int = 1_000_
                     f"bytes steered in the kernel {counters['restored'][1]}")
         display.say(("PASS" if ok else "FAIL") + f": {len(socks)} connections, each with both subflows on one pod, "
                     f"{echo_bytes} bytes echoed each, sha256 " + ("verified" if ok else "MISMATCH or missing subflows"))
-        return ok
+        for _source, sock in socks:
+            sock.close()
+        socks.clear()
+        return ok and _cluster_failover(lab, proxies, display, failover_bytes)
     finally:
         for _source, sock in socks:
             sock.close()
         lab.down()
+
+
+def _cluster_failover(lab: Lab, proxies: dict[str, ProxyProcess], display: Display, size: int,
+                      cut_fraction: float = 0.4, timeout_s: float = 60.0) -> bool:
+    """The single-pod story behind the director: DSL cut mid-download, the rest over LTE through
+    the pod that held the connection, every byte verified."""
+    from mcpool_proxy.cpe.convert_client import convert_connect
+    from mcpool_proxy.kernel.mptcp import get_subflows
+
+    def holder() -> tuple[str, dict[str, Any]] | None:
+        for name, proxy in proxies.items():
+            for conn in proxy.connections():
+                if conn["client"].endswith(f":{port}") and lab.cpe_dsl_ip in conn["client"]:
+                    return name, conn
+        return None
+
+    display.say(f"failover behind the director: download {size / 1e6:.0f} MB from DSL, cut DSL at "
+                f"{cut_fraction:.0%}")
+    with lab.in_netns("cpe"):
+        sock, _, initial = convert_connect((lab.vip, CONVERT_PORT), (lab.srv_ip, SERVER_PORT),
+                                           source=lab.cpe_dsl_ip, timeout_s=20)
+    try:
+        port = sock.getsockname()[1]
+        sock.settimeout(None)
+        sock.sendall(f"SEND {size} {SEED}\n".encode())
+        transfer = Transfer(size)
+        receiver = threading.Thread(target=_receive, args=(sock, transfer, initial), daemon=True)
+        started = time.monotonic()
+        receiver.start()
+        pods_seen: set[str] = set()
+        token = ""
+        before_cut: set[str] = set()
+        after_cut: set[str] = set()
+        lte_at_cut = lte_now = 0
+        cut = False
+        while not transfer.done.wait(0.25):
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError(f"the failover download did not finish in {timeout_s:.0f}s")
+            received = transfer.reader.count
+            lines = [f"received {received / 1e6:5.1f} / {size / 1e6:.0f} MB" + ("   DSL CUT" if cut else "")]
+            for sf in get_subflows(sock):
+                link = _link_of(lab, _fmt_addr(sf.local))
+                if link == "lte":
+                    lte_now = sf.bytes_received or 0
+                lines.append(f"  {link:>3} {_fmt_addr(sf.local):>18} -> {_fmt_addr(sf.remote):<18} "
+                             f"{(sf.bytes_received or 0) / 1e6:6.1f} MB")
+            with contextlib.suppress(Exception):
+                held = holder()
+                if held is not None:
+                    name, conn = held
+                    pods_seen.add(name)
+                    token = conn["token"]
+                    links = {_link_of(lab, sub["remote"]) for sub in conn["subflows"]}
+                    (after_cut if cut else before_cut).update(links)
+                    lines.append(f"  pod {name}: token {token}, subflows from {', '.join(sorted(links))}")
+            display.show(lines)
+            if not cut and received >= cut_fraction * size:
+                lab.cut_link("dsl")
+                cut = True
+                lte_at_cut = lte_now
+                display.say(f"*** cut the DSL link at {received / 1e6:.1f} MB ({time.monotonic() - started:.1f}s); "
+                            "the transfer must continue on LTE, through the same pod ***")
+        elapsed = time.monotonic() - started
+        receiver.join(5)
+        for sf in get_subflows(sock):
+            if _link_of(lab, _fmt_addr(sf.local)) == "lte":
+                lte_now = sf.bytes_received or 0
+        digest, count = transfer.reader.hexdigest(), transfer.reader.count
+        verified = transfer.error is None and count == size and digest == pattern_sha256(SEED, size)
+        same_pod = len(pods_seen) == 1
+        bonded = {"dsl", "lte"} <= before_cut
+        display.say(f"received {count} bytes in {elapsed:.1f}s; LTE carried {(lte_now - lte_at_cut) / 1e6:.1f} MB "
+                    f"after the cut; pods that held the connection: {sorted(pods_seen) or 'none'} (token {token})")
+        ok = verified and same_pod and bonded and cut
+        display.say(("PASS" if ok else "FAIL") + f": {size / 1e6:.0f} MB sha256 "
+                    f"{'verified' if verified else 'MISMATCH'}, both links on one pod before the cut: {bonded}, "
+                    f"the same pod to the end: {same_pod}")
+        return ok
+    finally:
+        sock.close()
 
 
 def run_implicit_demo(prefix: str, size: int = 30_000_000, cut_fraction: float = 0.4,

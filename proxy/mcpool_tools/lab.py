@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -117,6 +118,7 @@ class Topology:
     # Issue 4: a `{prefix}-dir` namespace holding the pool's VIP, redis-server and the director,
     # with every pod ready to receive the director's VXLAN (VIP on lo, direct server return).
     director: bool = False
+    # IPv4 or IPv6 (issue 13: e.g. VIP6 = "2001:db8:255::1"); the router routes it to the director.
     vip: str = "198.19.255.1"
 
     def __post_init__(self) -> None:
@@ -129,6 +131,14 @@ class Topology:
         for name in self.shaping:
             if name not in self.access_links:
                 raise ValueError(f"shaping for unknown access link {name!r}")
+        try:
+            ipaddress.ip_address(self.vip)
+        except ValueError:
+            raise ValueError(f"vip {self.vip!r}: not an IPv4 or IPv6 address") from None
+
+    @property
+    def vip_is_ipv6(self) -> bool:
+        return ipaddress.ip_address(self.vip).version == 6
 
 
 @dataclass(frozen=True)
@@ -303,6 +313,7 @@ class Lab:
         # Routed by nobody: the router answers ICMP net-unreachable for it.
         self.unreachable_ip = "198.18.250.1"
         self.dir_ip = "198.18.99.2"
+        self.dir_ip6 = "2001:db8:99::2"
         self.redis: subprocess.Popen[Any] | None = None
         self.director: subprocess.Popen[str] | None = None
         self.workdir: Path | None = None
@@ -499,12 +510,17 @@ class Lab:
 
         mtu = str(1500 + VXLAN_OVERHEAD + 50)
         self._veth("dir", "eth0", "rtr", "dir")
-        self._addr("dir", "eth0", self.dir_ip, "2001:db8:99::2")
+        self._addr("dir", "eth0", self.dir_ip, self.dir_ip6)
         self._addr("rtr", "dir", "198.18.99.1", "2001:db8:99::1")
         for ns, dev in (("dir", "eth0"), ("rtr", "dir")):
             self._ip(ns, "link", "set", dev, "mtu", mtu)
         self._ip("dir", "route", "add", "default", "via", "198.18.99.1")
-        self._ip("rtr", "route", "add", f"{self.vip}/32", "via", self.dir_ip)
+        # An IPv6 VIP's tunnels may run over IPv6 too (pods advertising their IPv6 address).
+        self._ip("dir", "-6", "route", "add", "default", "via", "2001:db8:99::1")
+        if self.topology.vip_is_ipv6:
+            self._ip("rtr", "-6", "route", "add", f"{self.vip}/128", "via", self.dir_ip6)
+        else:
+            self._ip("rtr", "route", "add", f"{self.vip}/32", "via", self.dir_ip)
         for pod in self.pods:
             for ns, dev in ((pod.ns, "eth0"), ("rtr", f"pod{pod.index}")):
                 self._ip(ns, "link", "set", dev, "mtu", mtu)
@@ -519,6 +535,45 @@ class Lab:
     @property
     def vip(self) -> str:
         return self.topology.vip
+
+    @property
+    def cpe_addrs(self) -> tuple[str, str]:
+        """The CPE's (DSL, LTE) addresses of the VIP's family: where its subflows to the VIP come from."""
+        if self.topology.vip_is_ipv6:
+            return self.cpe_dsl_ip6, self.cpe_lte_ip6
+        return self.cpe_dsl_ip, self.cpe_lte_ip
+
+    @property
+    def srv_addr(self) -> str:
+        """The server's address of the VIP's family."""
+        return self.srv_ip6 if self.topology.vip_is_ipv6 else self.srv_ip
+
+    def pod_addr(self, pod: int) -> str:
+        """Pod `pod`'s address of the VIP's family (what it advertises to the director by default)."""
+        return self.pods[pod].ip6 if self.topology.vip_is_ipv6 else self.pods[pod].ip
+
+    def route_replies_via_director(self, enabled: bool = True) -> None:
+        """Route the pods' packets to the CPE's access prefixes through `dir` (a policy rule per
+        pod link in the router), or stop doing so. `forward: dnat` needs it: the director's
+        conntrack must see the replies to turn the pod's address back into the VIP."""
+        table = "250"
+        nets = [(("-6" if ":" in net else "-4"), net) for net in self.cpe_prefixes]
+        for fam, net in nets:
+            for pod in self.pods:
+                argv = ["ip", "-n", self.ns("rtr"), fam, "rule", "del", "iif", f"pod{pod.index}", "to", net,
+                        "lookup", table, "pref", "900"]
+                while self._run(argv, check=False).returncode == 0:
+                    pass  # also removes duplicates left by a crashed run
+        for fam in ("-4", "-6"):
+            self._run(["ip", "-n", self.ns("rtr"), fam, "route", "flush", "table", table], check=False)
+        if not enabled:
+            return
+        self._ip("rtr", "route", "replace", "default", "via", self.dir_ip, "table", table)
+        self._ip("rtr", "-6", "route", "replace", "default", "via", self.dir_ip6, "table", table)
+        for fam, net in nets:
+            for pod in self.pods:
+                self._ip("rtr", fam, "rule", "add", "iif", f"pod{pod.index}", "to", net, "lookup", table,
+                         "pref", "900")
 
     @property
     def redis_url(self) -> str:
@@ -603,7 +658,7 @@ class Lab:
         """`affinity` section for the proxy in pod `pod`, registered as `name`."""
         config: dict[str, Any] = {
             "mechanism": mechanism, "backend": "redis", "redis_url": self.redis_url, "pool": "lab",
-            "pod_name": name, "advertise": self.pods[pod].ip, "heartbeat_ttl_s": 3.0,
+            "pod_name": name, "advertise": self.pod_addr(pod), "heartbeat_ttl_s": 3.0,
         }  # fmt: skip
         if mechanism == "join-address":
             config["join_address"] = f"{self.pods[pod].ip}:5124"
@@ -611,14 +666,15 @@ class Lab:
         return config
 
     def cluster_pod_names(self) -> tuple[str, ...]:
-        """Registry names for the pods such that the CPE's DSL and LTE addresses hash to
-        different pods: a join could then reach its connection's pod only by token steering
-        (or the join address), never by luck, and connections started on each link use both."""
+        """Registry names for the pods such that the CPE's DSL and LTE addresses (of the VIP's
+        family) hash to different pods: a join could then reach its connection's pod only by token
+        steering (or the join address), never by luck, and connections started on each link use both."""
         from mcpool_proxy.cluster.hashing import rendezvous_pick
 
+        dsl, lte = self.cpe_addrs
         for i in range(1000):
             names = tuple(f"pod{j}-{i}" for j in range(len(self.pods)))
-            if rendezvous_pick(names, self.cpe_dsl_ip) != rendezvous_pick(names, self.cpe_lte_ip):
+            if rendezvous_pick(names, dsl) != rendezvous_pick(names, lte):
                 return names
         raise LabError("no pod names split the CPE's two addresses")
 
@@ -1010,6 +1066,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pods", type=int, default=1, help="number of MCP pod namespaces")
     parser.add_argument("--director", action="store_true",
                         help="add the director namespace (VIP, redis-server, `mcpool director`) in front of the pods")
+    parser.add_argument("--vip", default=Topology.vip,
+                        help=f"the pool's VIP with --director, IPv4 or IPv6 (default {Topology.vip}; "
+                             "e.g. 2001:db8:255::1: the director then steers IPv6 CPEs)")
     parser.add_argument("--shape", action="append", default=[], metavar="LINK=SPEC",
                         help="shape an access link, e.g. dsl=40mbit,10ms (repeatable)")
     args = parser.parse_args(argv)
@@ -1020,7 +1079,13 @@ def main(argv: list[str]) -> int:
     for item in args.shape:
         link, _, spec = item.partition("=")
         shaping[link] = LinkShaping.parse(spec)
-    lab = Lab(Topology(prefix=args.prefix, pods=args.pods, shaping=shaping, director=args.director))
+    try:
+        topology = Topology(prefix=args.prefix, pods=args.pods, shaping=shaping, director=args.director,
+                            vip=args.vip)
+    except ValueError as exc:
+        print(f"mcpool lab: {exc}", file=sys.stderr)
+        return 2
+    lab = Lab(topology)
     if args.action == "down":
         lab.down()
         print(f"lab {args.prefix}: down")

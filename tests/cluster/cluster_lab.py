@@ -68,7 +68,7 @@ OPENED: list[CpeConn] = []
 def open_conn(lab: Lab, source: str, timeout_s: float = 20.0) -> CpeConn:
     with lab.in_netns("cpe"):
         sock, _, early = convert_connect(
-            (lab.vip, CONVERT_PORT), (lab.srv_ip, SERVER_PORT), source=source, timeout_s=timeout_s
+            (lab.vip, CONVERT_PORT), (lab.srv_addr, SERVER_PORT), source=source, timeout_s=timeout_s
         )
     assert early == b""
     sock.settimeout(60)

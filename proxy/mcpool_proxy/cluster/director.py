@@ -62,6 +62,13 @@ log = logging.getLogger("mcpool.director")
 QUEUE_COPY_BYTES = 40 + MAX_IPV6_EXT_BYTES + 60
 
 
+def _same_family(addr: str, vip: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).version == ipaddress.ip_address(vip).version
+    except ValueError:
+        return False
+
+
 class DirectorConfig(BaseModel):
     """Configuration of one director (YAML, `mcpool director --config FILE`)."""
 
@@ -609,11 +616,17 @@ class Director:
             if not slot:
                 log.error("more than %d pods: %s gets no slot", steering.MAX_SLOTS, name)
                 continue
+            if cfg.forward == "dnat" and not _same_family(addr, cfg.vip):
+                # NAT cannot change the family; the other pods must still get their slots.
+                log.error("forward dnat: pod %s address %s is not of the VIP's family (%s): it gets no slot; "
+                          "advertise its address of that family, or use forward vxlan", name, addr, cfg.vip)
+                continue
             steering.add_slot(
                 slot, addr, vip=cfg.vip, mark_base=cfg.mark_base, forward=cfg.forward,
                 route_table_base=cfg.route_table_base, vxlan_port=cfg.vxlan_port,
                 vxlan_vni_base=cfg.vxlan_vni_base, tunnel_mtu=cfg.tunnel_mtu, pod_mac=cfg.pod_mac,
                 table=cfg.nft_table, device_prefix=cfg.device_prefix,
+                flow_idle_timeout_s=cfg.flow_idle_timeout_s,
             )  # fmt: skip
             used.add(slot)
             self.slots[name] = (slot, addr)

@@ -17,6 +17,11 @@ Only SYNs to the VIP reach userspace. The packet path in the director's namespac
 3. userspace sets a verdict carrying the pod's mark (`mark_base | slot << 8`).
 4. nft `remember` (priority -140): a packet with a pod mark adds/refreshes its flow in `flows`,
    so every later packet of the subflow is steered in step 1 without userspace.
+   IPv6 differs in how flows are kept (see `_flows6_script`): one dynamic set per pod slot
+   (`flows6_<slot>`, no data) instead of one map, because nft 1.0.6 (Debian 12) cannot write a
+   map element from the packet path whose key is longer than 16 bytes (an IPv6 address plus
+   the ports is 20): the address first aborts nft, the address last silently stores a key
+   with the mark written over 4 of its bytes, so no later packet matches.
 5. forwarding by mark:
    - `vxlan` (default; the production design, direct server return): `ip rule fwmark M lookup
      T`, table T routes the VIP into a per-pod VXLAN device whose remote is the pod; a permanent
@@ -93,6 +98,9 @@ SLOT_DEVICE_PREFIX = "mcpv"  # default director side: mcpv1, mcpv2, ... one per 
 # the VIP by the default route. Rules of several pools share it; their marks differ.
 RULE_PREF = 4300
 VXLAN_OVERHEAD = 50  # outer IPv4 + UDP + VXLAN + inner Ethernet
+FLOWS6_RESTORE = "restore6"  # IPv6: per slot, "this subflow's key is in flows6_<slot>: set its mark"
+FLOWS6_REMEMBER = "remember6"  # IPv6: per slot, "a packet with this slot's mark: refresh its key"
+FLOWS6_KEY = "tcp sport . tcp dport . ip6 saddr"
 MARK_INITIAL = 0x1
 MARK_JOIN = 0x2
 MAX_SLOTS = 255
@@ -140,6 +148,7 @@ def director_ruleset(
     every live subflow steered; only the chains are replaced.
     """
     fam, addr_type = _family(vip)
+    v6 = fam == "ip6"
     limits = syn_limits if syn_limits is not None else SynLimits()
     initial, join = queue_marks(mark_base)
     match = f"{fam} daddr {vip} tcp dport {{ {', '.join(str(p) for p in sorted(set(ports)))} }}"
@@ -147,8 +156,6 @@ def director_ruleset(
     comment = owner.replace('"', "")
     lines = [
         f'add table inet {table} {{ comment "{comment}"; }}' if comment else f"add table inet {table}",
-        f"add map inet {table} flows {{ type {addr_type} . inet_service . inet_service : mark; "
-        f"flags dynamic,timeout; timeout {flow_idle_timeout_s}s; size {max_flows}; }}",
         f"add map inet {table} pod_addrs {{ type mark : {addr_type}; }}",
         # MP_JOIN receiver token -> pod mark, fed by the director (kernel/tokenmap.py); each
         # element carries its own timeout. The map needs a default timeout too: without one, nft
@@ -169,11 +176,22 @@ def director_ruleset(
         f"add set inet {table} syn_sources {{ {_syn_source_type(fam, addr_type)}; flags dynamic,timeout; "
         f"timeout 60s; size {limits.max_sources}; }}",
     ]
+    if not v6:  # IPv6 keeps one set per slot instead (add_slot, _flows6_script)
+        lines.insert(1, f"add map inet {table} flows {{ type {addr_type} . inet_service . inet_service : mark; "
+                        f"flags dynamic,timeout; timeout {flow_idle_timeout_s}s; size {max_flows}; }}")
     # "add" then "delete" each chain: valid whether or not it exists, and the whole script is one
     # transaction, so packets never see a half-installed table.
     for chain in ("raw", "steer", "remember", "nat"):
         lines.append(f"add chain inet {table} {chain}")
         lines.append(f"delete chain inet {table} {chain}")
+    if v6:
+        # Regular chains holding one rule per pod slot (add_slot): kept, with their sets, when
+        # the table is re-applied, so a restarted director keeps every live IPv6 subflow too.
+        lines += [f"add chain inet {table} {FLOWS6_RESTORE}", f"add chain inet {table} {FLOWS6_REMEMBER}"]
+    restore = (f"    {match} jump {FLOWS6_RESTORE}" if v6 else
+               f"    {match} meta mark set {fam} saddr . tcp sport . tcp dport map @flows counter name restored accept")
+    remember = (f"    {owned} meta mark & 0x0000ff00 != 0 jump {FLOWS6_REMEMBER}" if v6 else
+                f"    {owned} meta mark & 0x0000ff00 != 0 update @flows {{ {fam} saddr . tcp sport . tcp dport : meta mark }}")
     lines += [
         f"table inet {table} {{",
         "  chain steer {",
@@ -187,12 +205,12 @@ def director_ruleset(
         f"meta mark set tcp option @30,32,32 map @{TOKEN_MAP} counter name token_hit accept",
         f"    {match} tcp flags & (syn | ack) == syn tcp option mptcp subtype 1 meta mark set {join:#010x} counter name queued_join accept",
         f"    {match} tcp flags & (syn | ack) == syn meta mark set {initial:#010x} counter name queued_initial accept",
-        f"    {match} meta mark set {fam} saddr . tcp sport . tcp dport map @flows counter name restored accept",
+        restore,
         f"    {match} counter name unknown_flow drop",
         "  }",
         "  chain remember {",
         "    type filter hook prerouting priority -140; policy accept;",
-        f"    {owned} meta mark & 0x0000ff00 != 0 update @flows {{ {fam} saddr . tcp sport . tcp dport : meta mark }}",
+        remember,
         "  }",
     ]
     if forward == "vxlan":
@@ -387,14 +405,25 @@ def add_slot(
     pod_mac: str,
     table: str = NFT_TABLE,
     device_prefix: str = SLOT_DEVICE_PREFIX,
+    flow_idle_timeout_s: int = 3600,
+    max_flows: int = 1_048_576,
 ) -> None:
     """Make packets carrying this slot's mark reach `pod_addr` (idempotent)."""
     mark = slot_mark(mark_base, slot)
+    v6_vip = ipaddress.ip_address(vip).version == 6
     if forward == "dnat":
+        if ipaddress.ip_address(pod_addr).version != ipaddress.ip_address(vip).version:
+            # NAT cannot change the address family; vxlan can carry either inside either.
+            raise RuntimeError(f"forward dnat: pod address {pod_addr} is not of the VIP's family ({vip}); "
+                               "advertise the pod's address of that family, or use forward vxlan")
+        if v6_vip:
+            run(["nft", "-f", "-"], stdin=_flows6_script(slot, mark, table, flow_idle_timeout_s, max_flows))
         run(["nft", "add", "element", "inet", table, "pod_addrs", f"{{ {mark:#x} : {pod_addr} }}"])
         return
     remove_slot(slot, vip=vip, mark_base=mark_base, forward=forward, route_table_base=route_table_base,
-                table=table, device_prefix=device_prefix)  # fmt: skip
+                table=table, device_prefix=device_prefix, keep_flows=True)  # fmt: skip
+    if v6_vip:
+        run(["nft", "-f", "-"], stdin=_flows6_script(slot, mark, table, flow_idle_timeout_s, max_flows))
     dev = f"{device_prefix}{slot}"
     route_table = str(route_table_base + slot)
     v6 = ["-6"] if ipaddress.ip_address(vip).version == 6 else []
@@ -417,8 +446,14 @@ def remove_slot(
     route_table_base: int,
     table: str = NFT_TABLE,
     device_prefix: str = SLOT_DEVICE_PREFIX,
+    keep_flows: bool = False,
 ) -> None:
+    """Undo add_slot (ignores what is already gone). `keep_flows`: keep an IPv6 slot's flow set
+    and rules (add_slot re-plumbing the same slot keeps its live subflows steered)."""
     mark = slot_mark(mark_base, slot)
+    if ipaddress.ip_address(vip).version == 6 and not keep_flows:
+        script = _delete_flows6_rules(slot, table)
+        run(["nft", "-f", "-"], stdin=script + f"delete set inet {table} flows6_{slot}\n", check=False)
     if forward == "dnat":
         run(["nft", "delete", "element", "inet", table, "pod_addrs", f"{{ {mark:#x} }}"], check=False)
         return
@@ -430,6 +465,36 @@ def remove_slot(
             break
     run(["ip", *v6, "route", "flush", "table", route_table], check=False)
     run(["ip", "link", "del", f"{device_prefix}{slot}"], check=False)
+
+
+def _delete_flows6_rules(slot: int, table: str) -> str:
+    """`nft -f` lines deleting slot `slot`'s rules from the IPv6 flow chains (by handle)."""
+    lines = []
+    for chain in (FLOWS6_RESTORE, FLOWS6_REMEMBER):
+        out = run(["nft", "-a", "list", "chain", "inet", table, chain], check=False)
+        for line in out.splitlines():
+            found = re.search(rf"@flows6_{slot}\b.*# handle (\d+)", line)
+            if found:
+                lines.append(f"delete rule inet {table} {chain} handle {found.group(1)}\n")
+    return "".join(lines)
+
+
+def _flows6_script(slot: int, mark: int, table: str, flow_idle_timeout_s: int, max_flows: int) -> str:
+    """An IPv6 slot's flow set and its two rules, replacing any it had (one transaction).
+
+    The set has no data, so nft 1.0.6 writes its 20-byte key (`FLOWS6_KEY`) correctly from the
+    packet path; the slot's mark is a constant of its rules instead. Cost: a packet of a known
+    flow is looked up in up to one set per pod before it matches (a hash lookup each).
+    """
+    name = f"flows6_{slot}"
+    return (
+        f"add set inet {table} {name} {{ typeof {FLOWS6_KEY}; flags dynamic,timeout; "
+        f"timeout {flow_idle_timeout_s}s; size {max_flows}; }}\n"
+        + _delete_flows6_rules(slot, table)
+        + f"add rule inet {table} {FLOWS6_RESTORE} {FLOWS6_KEY} @{name} meta mark set {mark:#010x} "
+        "counter name restored accept\n"
+        f"add rule inet {table} {FLOWS6_REMEMBER} meta mark {mark:#010x} update @{name} {{ {FLOWS6_KEY} }}\n"
+    )
 
 
 def setup_pod_receive(
