@@ -8,7 +8,10 @@ never imports the tools package (`mcpool_tools`: lab, demo) until one of its com
 `mcpool proxy --config FILE` validates the configuration (one line per problem and exit status 2
 if invalid), raises the open-files limit, then runs `server.run()`, which applies the kernel
 settings of `config.kernel` in the proxy's network namespace, binds the listeners and the admin
-server, and prints exactly `mcpool-proxy ready` on stdout.
+server, and prints exactly `mcpool-proxy ready` on stdout. `--cleanup-only` instead removes what a
+killed proxy of that configuration left in the network namespace (`server.cleanup_kernel`) and
+exits; `--idle` then waits for SIGTERM (the operator's on-path node cleanup: a Ready pod means a
+clean node).
 """
 
 from __future__ import annotations
@@ -99,6 +102,13 @@ def proxy_main(argv: list[str]) -> int:
     parser.add_argument("--transparent-address", metavar="IP",
                         help="implicit mode: the host of listen.transparent (its family's entry) and of "
                         "transparent.join_address, e.g. the node's address in an on-path DaemonSet")
+    parser.add_argument("--cleanup-only", action="store_true",
+                        help="remove the kernel objects a killed proxy of this configuration left "
+                        "(implicit mode's nft table, ip rules and routes, join endpoint; the admission "
+                        "filter) and exit")
+    parser.add_argument("--idle", action="store_true",
+                        help="after --cleanup-only, do nothing until SIGTERM (the operator's on-path node "
+                        "cleanup DaemonSet: a Ready pod means its node is clean)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -108,6 +118,8 @@ def proxy_main(argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     configure_logging(args.log_level or config.log_level)
+    if args.cleanup_only:
+        return _cleanup_only(config, idle=args.idle)
     raise_open_files_limit(
         config.policy.max_connections, config.limits.pipe_budget_bytes // config.relay.buffer_bytes
     )
@@ -116,6 +128,24 @@ def proxy_main(argv: list[str]) -> int:
         print(READY_LINE, flush=True)
 
     return asyncio.run(run(config, ready=announce))
+
+
+def _cleanup_only(config: Any, *, idle: bool) -> int:
+    import signal
+
+    from .server import cleanup_kernel
+
+    try:
+        removed = cleanup_kernel(config)
+    except (RuntimeError, OSError) as exc:
+        log.error("cleanup failed: %s", exc)
+        return 1
+    log.info("cleanup done", extra={"fields": {"removed": removed}})
+    if idle:
+        stop = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
+    return 0
 
 
 def _usage() -> str:

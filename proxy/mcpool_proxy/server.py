@@ -56,6 +56,7 @@ from .kernel.mptcp import (
     set_nodelay,
 )
 from .kernel.mptcp_events import MptcpEventHub
+from .kernel.path_manager import delete_endpoint, find_signal_endpoint
 from .kernel.sysctl import apply_kernel_settings
 from .kernel.tproxy import (
     TproxyTarget,
@@ -65,6 +66,7 @@ from .kernel.tproxy import (
     remove_routing,
     remove_table,
     table_counters,
+    table_exists,
 )
 from .limits import MAX_HANDSHAKES, ClientLimits
 from .observe.admin import AdminServer
@@ -94,7 +96,7 @@ from .relay import CloseReason, Relay, RelayPools, resolve_mode
 from .resolver import Resolver
 from .upstream import UpstreamError, UpstreamOptions, connect_upstream
 
-__all__ = ["READY_LINE", "Connector", "Proxy", "run", "start_affinity"]
+__all__ = ["READY_LINE", "Connector", "Proxy", "cleanup_kernel", "run", "start_affinity"]
 
 log = logging.getLogger("mcpool.proxy")
 
@@ -861,6 +863,36 @@ class Proxy:
 
 def _tri(value: bool | None) -> int:
     return -1 if value is None else int(value)
+
+
+# -- crash leftovers ------------------------------------------------------------------------------
+def cleanup_kernel(config: ProxyConfig) -> list[str]:
+    """Remove what a proxy of `config` installs in its network namespace and cannot remove when
+    it is killed (SIGKILL, OOM, a node's eviction past the grace period): implicit mode's nft
+    table and policy routing, the join address's path-manager endpoint, the admission filter.
+    A normal exit removes them itself, and a start replaces them (one `nft -f` transaction,
+    stale ip rules deleted first), so this is for a node the proxy leaves for good:
+    `mcpool proxy --cleanup-only`, which the operator's on-path node cleanup runs. Idempotent;
+    returns what it removed; RuntimeError or OSError if `nft`/`ip` cannot run."""
+    removed: list[str] = []
+    cfg = config.transparent
+    if config.listen.transparent and cfg.install_rules:
+        if table_exists(cfg.nft_table):
+            remove_table(cfg.nft_table)
+            removed.append(f"nft table inet {cfg.nft_table}")
+        remove_routing(cfg.fwmark, cfg.route_table, cfg.rule_priority)
+        removed.append(f"ip rule fwmark {cfg.fwmark:#x} lookup {cfg.route_table} and its routes")
+    if config.listen.transparent and cfg.join_address is not None:
+        host, port = split_hostport(cfg.join_address)
+        ports = {split_hostport(address)[1] for address in config.listen.transparent}
+        endpoint = find_signal_endpoint(host, None if port in ports else port)
+        if endpoint is not None:
+            delete_endpoint(endpoint)
+            removed.append(f"mptcp endpoint {endpoint} ({cfg.join_address})")
+    if config.kernel.admission_filter:
+        remove_admission(config.kernel.admission_table)
+        removed.append(f"nft table inet {config.kernel.admission_table} (if it was the admission filter)")
+    return removed
 
 
 # -- main -----------------------------------------------------------------------------------------
