@@ -149,6 +149,8 @@ class Proxy:
         self.resolver = Resolver(config.resolver)
         self.table = ConnectionTable()
         self.metrics = ProxyMetrics(live=self.table.totals)
+        if config.listen.transparent:
+            self.metrics.add_transparent_counters(self.transparent_counters)
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.metrics.add_tracing(self.telemetry.accounting, self.telemetry.enabled)
         self.subflows = SubflowWatcher()

@@ -8,29 +8,21 @@ from __future__ import annotations
 import socket
 
 import pytest
-from implicit_e2e import JOIN_PORT, SERVER_PORT, download, mcp_config, mptcp_connect, nft_counters
+from implicit_e2e import NO_LEFTOVERS as NONE
+from implicit_e2e import (
+    ONE_MCP,
+    SERVER_PORT,
+    download,
+    leftovers,
+    mcp_config,
+    mptcp_connect,
+    nft_counters,
+)
 from mcpool_proxy.kernel.tproxy import CPE_TABLE, MCP_TABLE
 from mcpool_tools.lab import ImplicitLab, ProxyProcess
 from support import requires_netns
 
 pytestmark = [requires_netns, pytest.mark.netns]
-
-ROUTE_TABLE = 100  # transparent.route_table and the CPE's route_table (their defaults)
-
-
-def leftovers(lab: ImplicitLab, ns: str, table: str) -> dict[str, int]:
-    """How many of each kernel object of a table named `table` (and the fwmark routing) `ns` holds."""
-    tables = lab.exec(ns, ["nft", "list", "tables"]).stdout.splitlines()
-    found = {"tables": sum(1 for line in tables if line.strip() == f"table inet {table}")}
-    for fam in ("-4", "-6"):
-        rules = lab.exec(ns, ["ip", fam, "rule", "show"]).stdout.splitlines()
-        found[f"rules{fam}"] = sum(1 for line in rules if "fwmark 0x1" in line and f"lookup {ROUTE_TABLE}" in line)
-        routes = lab.exec(ns, ["ip", fam, "route", "show", "table", str(ROUTE_TABLE)], check=False).stdout
-        found[f"routes{fam}"] = len([line for line in routes.splitlines() if line.strip()])
-    endpoints = lab.exec(ns, ["ip", "mptcp", "endpoint", "show"]).stdout.splitlines()
-    found["join_endpoints"] = sum(1 for line in endpoints if "signal" in line and f"port {JOIN_PORT}" in line)
-    return found
-
 
 def kill(handle: ProxyProcess) -> None:
     handle.proc.kill()
@@ -43,10 +35,6 @@ def cleanup_only(lab: ImplicitLab, ns: str, command: str, handle: ProxyProcess) 
     for _ in range(2):  # idempotent: the second run finds nothing and still succeeds
         done = lab.exec(ns, argv, check=False)
         assert done.returncode == 0, done.stderr
-
-
-ONE_MCP = {"tables": 1, "rules-4": 1, "rules-6": 1, "routes-4": 1, "routes-6": 1, "join_endpoints": 1}
-NONE = dict.fromkeys(ONE_MCP, 0)
 
 
 def test_a_killed_mcp_fails_closed_is_replaced_at_restart_and_cleaned_up(lab: ImplicitLab) -> None:
