@@ -242,8 +242,13 @@ class Proxy:
                     self, "127.0.0.1" if host == "localhost" else host, port, self.config.admin_trusted_clients
                 )
                 await self.admin.start()
-            if self.config.kernel.admission_filter:
-                ports = sorted({port for _, port in self.listen_addresses.values()})
+            # Explicit listeners only: a SYN reaches a transparent listener with its original
+            # destination port, and implicit mode's table refuses strangers itself (rule 4). With
+            # no explicit listener there is nothing to filter (and a transparent listener still
+            # unbound must not stop the start).
+            ports = sorted({port for key, (_, port) in self.listen_addresses.items()
+                            if not key.startswith("transparent")})  # fmt: skip
+            if self.config.kernel.admission_filter and ports:
                 # The kernel's per-CPE SYN limit is twice the userspace bucket: a coarse guard
                 # against one CPE's flood, never stricter than limits.new_connections_per_cpe_*.
                 limits = self.config.limits
