@@ -107,8 +107,9 @@ def proxy_main(argv: list[str]) -> int:
                         "(implicit mode's nft table, ip rules and routes, join endpoint; the admission "
                         "filter) and exit")
     parser.add_argument("--idle", action="store_true",
-                        help="after --cleanup-only, do nothing until SIGTERM (the operator's on-path node "
-                        "cleanup DaemonSet: a Ready pod means its node is clean)")
+                        help="do nothing until SIGTERM, after --cleanup-only if given (the operator's on-path "
+                        "node cleanup DaemonSet runs --cleanup-only in an init container, then this: a Ready "
+                        "pod means its node is clean)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -118,8 +119,8 @@ def proxy_main(argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     configure_logging(args.log_level or config.log_level)
-    if args.cleanup_only:
-        return _cleanup_only(config, idle=args.idle)
+    if args.cleanup_only or args.idle:
+        return _cleanup_only(config, cleanup=args.cleanup_only, idle=args.idle)
     raise_open_files_limit(
         config.policy.max_connections, config.limits.pipe_budget_bytes // config.relay.buffer_bytes
     )
@@ -130,20 +131,22 @@ def proxy_main(argv: list[str]) -> int:
     return asyncio.run(run(config, ready=announce))
 
 
-def _cleanup_only(config: Any, *, idle: bool) -> int:
+def _cleanup_only(config: Any, *, cleanup: bool, idle: bool) -> int:
     import signal
 
     from .server import cleanup_kernel
 
-    try:
-        removed = cleanup_kernel(config)
-    except (RuntimeError, OSError) as exc:
-        log.error("cleanup failed: %s", exc)
-        return 1
-    log.info("cleanup done", extra={"fields": {"removed": removed}})
+    if cleanup:
+        try:
+            removed = cleanup_kernel(config)
+        except (RuntimeError, OSError) as exc:
+            log.error("cleanup failed: %s", exc)
+            return 1
+        log.info("cleanup done", extra={"fields": {"removed": removed}})
     if idle:
         stop = {signal.SIGTERM, signal.SIGINT}
         signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        log.info("idle until SIGTERM")
         signal.sigwait(stop)
     return 0
 
