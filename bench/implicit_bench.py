@@ -85,7 +85,7 @@ def render(results: list[dict[str, Any]], size: int, rounds: int, setups: int, q
         f"downloads of {size / 1e6:.0f} MB (sha256 checked) and the median of {setups} connect-to-first-byte "
         "times; the MCP connects upstream over TCP. CPU: the MCP's and the CPE converter's processes "
         f"(user + system) over the downloads, per GB, and over the {setups} short connections, per "
-        f"connection. Taken on {os.cpu_count()} cores; on a machine shared with other work the "
+        f"connection (resolution: one {1000 // os.sysconf('SC_CLK_TCK')} ms clock tick per phase). Taken on {os.cpu_count()} cores; on a machine shared with other work the "
         "throughput and latency figures are noisy, the CPU per unit of work much less so.",
         "",
         "| CPE mode | MCP path | download (Mbit/s) | connect to first byte (ms) | MCP CPU per connection (µs) "
