@@ -120,7 +120,7 @@ def proxy_main(argv: list[str]) -> int:
         return 2
     configure_logging(args.log_level or config.log_level)
     if args.cleanup_only or args.idle:
-        return _cleanup_only(config, cleanup=args.cleanup_only, idle=args.idle)
+        return _cleanup_and_idle(config, cleanup=args.cleanup_only, idle=args.idle)
     raise_open_files_limit(
         config.policy.max_connections, config.limits.pipe_budget_bytes // config.relay.buffer_bytes
     )
@@ -131,7 +131,7 @@ def proxy_main(argv: list[str]) -> int:
     return asyncio.run(run(config, ready=announce))
 
 
-def _cleanup_only(config: Any, *, cleanup: bool, idle: bool) -> int:
+def _cleanup_and_idle(config: Any, *, cleanup: bool, idle: bool) -> int:
     import signal
 
     from .server import cleanup_kernel
