@@ -805,6 +805,45 @@ def build_onpath_daemonset(pool: Pool) -> dict[str, Any]:
     }
 
 
+def onpath_cleanup_name(pool: Pool) -> str:
+    return f"{pool.name}-onpath-cleanup"
+
+
+def build_onpath_cleanup_daemonset(pool: Pool) -> dict[str, Any]:
+    """Runs `mcpool proxy --cleanup-only` on every node an on-path MCP of the pool may have run on
+    (same nodeSelector and tolerations, host network, the on-path ConfigMap and the node's
+    address), in an init container: a Ready pod means its node holds no nft table, ip rule,
+    route or join endpoint of the pool. An on-path MCP removes them itself at exit; this is for
+    one that was killed (OOM, a grace period exceeded). Made when the pool is deleted or turns
+    onPath off, deleted once every pod is Ready."""
+    ds = build_onpath_daemonset(pool)
+    ds["metadata"]["name"] = onpath_cleanup_name(pool)
+    ds["metadata"]["labels"] = labels(pool, "onpath-cleanup")
+    ds["spec"]["selector"] = {"matchLabels": selector_labels(pool, "onpath-cleanup")}
+    template = ds["spec"]["template"]
+    template["metadata"] = {"labels": labels(pool, "onpath-cleanup")}
+    pod_spec = template["spec"]
+    proxy = pod_spec["containers"][0]
+    cleanup = {key: value for key, value in proxy.items()
+               if key not in ("ports", "livenessProbe", "readinessProbe", "resources")}  # fmt: skip
+    cleanup["name"] = "cleanup"
+    cleanup["args"] = [*proxy["args"], "--cleanup-only"]
+    idle = {
+        "name": "done",
+        "image": proxy["image"],
+        "imagePullPolicy": proxy["imagePullPolicy"],
+        "command": ["mcpool"],
+        "args": ["proxy", "--config", f"{ONPATH_CONFIG_DIR}/onpath.yaml", "--idle"],
+        "securityContext": _container_security([]),
+        "resources": {"requests": {"cpu": "1m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "volumeMounts": [{"name": "config", "mountPath": ONPATH_CONFIG_DIR, "readOnly": True}],
+    }
+    pod_spec["initContainers"] = [cleanup]
+    pod_spec["containers"] = [idle]
+    pod_spec["terminationGracePeriodSeconds"] = 5
+    return ds
+
+
 def director_cleanup_name(pool: Pool) -> str:
     return f"{pool.name}-director-cleanup"
 

@@ -234,8 +234,9 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
 
     @kopf.on.delete(*pools, registry=registry, id="node-cleanup")
     async def pool_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-        # The pool's finalizer holds the deletion until its directors' nodes are clean (the
-        # garbage collector would delete the DaemonSet and leave the nodes' kernel objects).
+        # The pool's finalizer holds the deletion until its directors' and on-path MCPs' nodes
+        # are clean (the garbage collector would delete the DaemonSets and leave the nodes'
+        # kernel objects).
         pending = await reconciler.node_cleanup(body, logger)
         if pending is not None:
             raise kopf.TemporaryError(pending, delay=2)

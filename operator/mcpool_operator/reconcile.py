@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import kopf
 from opentelemetry import trace
@@ -71,6 +71,9 @@ PRUNABLE = (("v1", "Service"), ("v1", "ConfigMap"), ("apps/v1", "DaemonSet"))
 STATUS_WRITTEN_KINDS = frozenset({"StatefulSet", "DaemonSet", "PodDisruptionBudget"})
 # How many memoised desired-children lists are kept (one per pool spec in use).
 DESIRED_MEMO_SIZE = 4096
+# The pool's host-network DaemonSets that leave kernel objects on their nodes.
+NodeKind = Literal["director", "onpath"]
+NODE_KINDS: tuple[NodeKind, ...] = ("director", "onpath")
 
 # (body, event type "Normal"/"Warning", reason, message)
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
@@ -140,7 +143,8 @@ class Outcome:
     spec_error: str | None = None
     apply_error: str | None = None  # a child object the API refused (the first such error)
     status_written: bool = False
-    # Why the node cleanup of a pool that left mechanism 'director' is not finished (None: done).
+    # Why the node cleanup of a pool that left mechanism 'director' or turned onPath off is not
+    # finished (None: done).
     cleanup_pending: str | None = None
     # Children left alone because they are as last applied (no request made for them).
     unchanged: list[str] = field(default_factory=list)
@@ -333,11 +337,14 @@ class Reconciler:
             if obj["kind"] == "StatefulSet":
                 statefulset = live
         wanted = {ref_of(obj) for obj, _ in desired}
-        if pool.spec.affinity.mechanism != "director":
-            # The director's ConfigMap and the cleanup DaemonSet belong to the node cleanup until
-            # it has finished (the cleanup pods mount that ConfigMap).
-            outcome.cleanup_pending = await self._node_cleanup(body, logger, pool=pool, cached=cached)
-            wanted |= {self._director_configmap_ref(pool), self._cleanup_ref(pool)}
+        unwanted = self._unwanted_node_kinds(pool)
+        if unwanted:
+            # A node component's ConfigMap and its cleanup DaemonSet belong to the node cleanup
+            # until it has finished (the cleanup pods mount that ConfigMap).
+            outcome.cleanup_pending = await self._node_cleanup(body, logger, kinds=unwanted, pool=pool, cached=cached)
+            for kind in unwanted:
+                config_ref, _, cleanup_ref = self._node_refs(pool, kind)
+                wanted |= {config_ref, cleanup_ref}
         await self._prune(pool, wanted, body, outcome, logger, cached)
 
         selector = builders.status_selector(pool)
@@ -358,39 +365,59 @@ class Reconciler:
         await self._write_status(body, seen, outcome, logger, cache=cache)
         return outcome
 
-    # -- node cleanup (issue 10): nothing of a pool left on the director nodes --------------------
+    # -- node cleanup: nothing of a pool left on the director or on-path nodes ---------------------
+    # The director (issue 10) and the on-path MCPs (issue 9) run with host networking and leave
+    # kernel objects on their nodes when they are killed; each has its own cleanup DaemonSet.
 
     @staticmethod
-    def _director_configmap_ref(pool: Pool) -> ObjectRef:
-        return ObjectRef("v1", "ConfigMap", pool.namespace, builders.director_name(pool))
+    def _node_refs(pool: Pool, kind: NodeKind) -> tuple[ObjectRef, ObjectRef, ObjectRef]:
+        """(its ConfigMap, its DaemonSet, its cleanup DaemonSet) of node component `kind`."""
+        if kind == "director":
+            name, cleanup = builders.director_name(pool), builders.director_cleanup_name(pool)
+        else:
+            name, cleanup = builders.onpath_name(pool), builders.onpath_cleanup_name(pool)
+        return (ObjectRef("v1", "ConfigMap", pool.namespace, name), ObjectRef("apps/v1", "DaemonSet", pool.namespace, name),
+                ObjectRef("apps/v1", "DaemonSet", pool.namespace, cleanup))  # fmt: skip
+
+    def _cleanup_daemonset(self, pool: Pool, kind: NodeKind) -> dict[str, Any]:
+        if kind == "director":
+            return builders.build_director_cleanup_daemonset(pool, image=self.director_image)
+        return builders.build_onpath_cleanup_daemonset(pool)
 
     @staticmethod
-    def _cleanup_ref(pool: Pool) -> ObjectRef:
-        return ObjectRef("apps/v1", "DaemonSet", pool.namespace, builders.director_cleanup_name(pool))
+    def _unwanted_node_kinds(pool: Pool) -> tuple[NodeKind, ...]:
+        kinds: list[NodeKind] = []
+        if pool.spec.affinity.mechanism != "director":
+            kinds.append("director")
+        if not pool.spec.on_path.enabled:
+            kinds.append("onpath")
+        return tuple(kinds)
 
     async def node_cleanup(
         self, body: Mapping[str, Any], logger: logging.Logger | logging.LoggerAdapter[Any]
     ) -> str | None:
-        """`_node_cleanup` for a deleted pool, under the pool's lock (no reconcile in between).
-        Reads the API (a deletion is rare, and must not act on a lagging cache)."""
+        """`_node_cleanup` of every node component, for a deleted pool, under the pool's lock (no
+        reconcile in between). Reads the API (a deletion is rare, and must not act on a lagging
+        cache)."""
         meta = body.get("metadata") or {}
         lock = self._locks.setdefault((str(meta.get("namespace")), str(meta.get("name"))), asyncio.Lock())
         async with lock:
-            return await self._node_cleanup(body, logger)
+            return await self._node_cleanup(body, logger, kinds=NODE_KINDS)
 
     async def _node_cleanup(
         self,
         body: Mapping[str, Any],
         logger: logging.Logger | logging.LoggerAdapter[Any],
         *,
+        kinds: Sequence[NodeKind],
         pool: Pool | None = None,
         cached: Mapping[ObjectRef, Mapping[str, Any]] | None = None,
     ) -> str | None:
-        """Remove what the pool's directors left on their nodes (nft table and VIP drop rule,
-        NFQUEUE rule, ip rules, tunnels) after the pool was deleted or left mechanism 'director':
-        stop the directors, run `mcpool director --cleanup-only` on their nodes (a DaemonSet with
-        the directors' own ConfigMap), and when every node has run it, delete both. Returns why
-        it is not finished, or None (done, or the pool never had a director)."""
+        """Remove what the pool's directors or on-path MCPs left on their nodes (nft tables, ip
+        rules and routes, tunnels, path-manager endpoints) after the pool was deleted or stopped
+        using them: stop the DaemonSet, run its component's `--cleanup-only` on the same nodes
+        (a cleanup DaemonSet with the component's own ConfigMap), and when every node has run it,
+        delete both. Returns why it is not finished, or None (done, or nothing to clean)."""
         if pool is None:
             meta = body.get("metadata") or {}
             try:
@@ -399,10 +426,21 @@ class Reconciler:
                 # Placement and image of a spec that no longer parses: the defaults.
                 pool = Pool(name=str(meta.get("name")), namespace=str(meta.get("namespace")),
                             spec=MCPPoolSpec(), uid=str(meta.get("uid") or ""))  # fmt: skip
-        config_ref = self._director_configmap_ref(pool)
-        cleanup_ref = self._cleanup_ref(pool)
+        pending = [why for kind in kinds if (why := await self._clean_nodes(body, logger, pool, kind, cached)) is not None]
+        return "; ".join(pending) or None
+
+    async def _clean_nodes(
+        self,
+        body: Mapping[str, Any],
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        pool: Pool,
+        kind: NodeKind,
+        cached: Mapping[ObjectRef, Mapping[str, Any]] | None,
+    ) -> str | None:
+        config_ref, workload_ref, cleanup_ref = self._node_refs(pool, kind)
+        what = "directors'" if kind == "director" else "on-path MCPs'"
         if cached is not None and config_ref not in cached:
-            # The common case (a pool that never had a director) costs no request. A cached
+            # The common case (a pool that never had this component) costs no request. A cached
             # cleanup DaemonSet without its ConfigMap is a leftover: delete it.
             if cleanup_ref in cached and await self.client.delete(cleanup_ref):
                 logger.info("deleted %s", cleanup_ref)
@@ -413,27 +451,27 @@ class Reconciler:
             if await self.client.delete(cleanup_ref):
                 logger.info("deleted %s", cleanup_ref)
             return None
-        director_ref = ObjectRef("apps/v1", "DaemonSet", pool.namespace, builders.director_name(pool))
-        if await self.client.delete(director_ref):
-            logger.info("deleted %s: its nodes are cleaned up next", director_ref)
-        cleanup = builders.build_director_cleanup_daemonset(pool, image=self.director_image)
+        if await self.client.delete(workload_ref):
+            logger.info("deleted %s: its nodes are cleaned up next", workload_ref)
+        cleanup = self._cleanup_daemonset(pool, kind)
         kopf.adopt(cleanup, owner=as_body(body))
         live = await self.client.get(cleanup_ref)
         if live is None:
             live = await self.client.apply(cleanup_ref, _apply_body(cleanup), FIELD_MANAGER)
             logger.info("created %s", cleanup_ref)
             self.post_event(body, "Normal", "NodeCleanup",
-                            f"removing the directors' kernel objects from their nodes ({cleanup_ref.name})")  # fmt: skip
+                            f"removing the {what} kernel objects from their nodes ({cleanup_ref.name})")  # fmt: skip
         status = live.get("status") or {}
         generation = int((live.get("metadata") or {}).get("generation") or 0)
         desired = status.get("desiredNumberScheduled")
         ready = int(status.get("numberReady") or 0)
         if desired is None or int(status.get("observedGeneration") or 0) < generation or ready < int(desired):
-            return f"node cleanup: {ready} of {desired if desired is not None else '?'} director nodes clean"
+            nodes = "director" if kind == "director" else "on-path"
+            return f"node cleanup: {ready} of {desired if desired is not None else '?'} {nodes} nodes clean"
         for ref in (cleanup_ref, config_ref):
             await self.client.delete(ref)
-        logger.info("node cleanup done on %s nodes", desired)
-        self.post_event(body, "Normal", "NodeCleanupDone", f"the directors' nodes are clean ({desired} nodes)")
+        logger.info("node cleanup done on %s nodes (%s)", desired, kind)
+        self.post_event(body, "Normal", "NodeCleanupDone", f"the {what} nodes are clean ({desired} nodes)")
         return None
 
     async def _apply(

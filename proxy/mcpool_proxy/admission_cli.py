@@ -53,6 +53,9 @@ def main(argv: list[str]) -> int:
         remove_admission(kernel.admission_table)
         return 0
     ports = config_ports(config)
+    if not ports:
+        print("mcpool admission: no explicit listener (listen.convert, listen.socks5): nothing to filter", file=sys.stderr)
+        return 0
     if 0 in ports:
         print("mcpool admission: listen: port 0 is chosen by the kernel when the proxy binds; the filter "
               "needs the ports in the configuration", file=sys.stderr)  # fmt: skip

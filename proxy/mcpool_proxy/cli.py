@@ -8,7 +8,10 @@ never imports the tools package (`mcpool_tools`: lab, demo) until one of its com
 `mcpool proxy --config FILE` validates the configuration (one line per problem and exit status 2
 if invalid), raises the open-files limit, then runs `server.run()`, which applies the kernel
 settings of `config.kernel` in the proxy's network namespace, binds the listeners and the admin
-server, and prints exactly `mcpool-proxy ready` on stdout.
+server, and prints exactly `mcpool-proxy ready` on stdout. `--cleanup-only` instead removes what a
+killed proxy of that configuration left in the network namespace (`server.cleanup_kernel`) and
+exits; `--idle` then waits for SIGTERM (the operator's on-path node cleanup: a Ready pod means a
+clean node).
 """
 
 from __future__ import annotations
@@ -100,6 +103,14 @@ def proxy_main(argv: list[str]) -> int:
     parser.add_argument("--transparent-address", metavar="IP",
                         help="implicit mode: the host of listen.transparent (its family's entry) and of "
                         "transparent.join_address, e.g. the node's address in an on-path DaemonSet")
+    parser.add_argument("--cleanup-only", action="store_true",
+                        help="remove the kernel objects a killed proxy of this configuration left "
+                        "(implicit mode's nft table, ip rules and routes, join endpoint; the admission "
+                        "filter) and exit")
+    parser.add_argument("--idle", action="store_true",
+                        help="do nothing until SIGTERM, after --cleanup-only if given (the operator's on-path "
+                        "node cleanup DaemonSet runs --cleanup-only in an init container, then this: a Ready "
+                        "pod means its node is clean)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -109,6 +120,8 @@ def proxy_main(argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     configure_logging(args.log_level or config.log_level)
+    if args.cleanup_only or args.idle:
+        return _cleanup_and_idle(config, cleanup=args.cleanup_only, idle=args.idle)
     raise_open_files_limit(
         config.policy.max_connections, config.limits.pipe_budget_bytes // config.relay.buffer_bytes
     )
@@ -140,6 +153,26 @@ def loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] |
             raise ImportError("uvloop asked for, but the uvloop package is not installed (pip install uvloop)") from None
         return None, "asyncio"
     return uvloop.new_event_loop, "uvloop"
+
+
+def _cleanup_and_idle(config: Any, *, cleanup: bool, idle: bool) -> int:
+    import signal
+
+    from .server import cleanup_kernel
+
+    if cleanup:
+        try:
+            removed = cleanup_kernel(config)
+        except (RuntimeError, OSError) as exc:
+            log.error("cleanup failed: %s", exc)
+            return 1
+        log.info("cleanup done", extra={"fields": {"removed": removed}})
+    if idle:
+        stop = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        log.info("idle until SIGTERM")
+        signal.sigwait(stop)
+    return 0
 
 
 def _usage() -> str:

@@ -55,6 +55,7 @@ from .kernel.mptcp import (
     set_nodelay,
 )
 from .kernel.mptcp_events import MptcpEventHub
+from .kernel.path_manager import delete_endpoint, find_signal_endpoint
 from .kernel.sysctl import apply_kernel_settings
 from .kernel.tproxy import (
     TproxyTarget,
@@ -64,6 +65,7 @@ from .kernel.tproxy import (
     remove_routing,
     remove_table,
     table_counters,
+    table_exists,
 )
 from .limits import MAX_HANDSHAKES, ClientLimits
 from .observe.admin import AdminServer
@@ -93,7 +95,7 @@ from .relay import CloseReason, Relay, RelayPools, resolve_mode
 from .resolver import Resolver
 from .upstream import UpstreamError, UpstreamOptions, connect_upstream
 
-__all__ = ["READY_LINE", "Connector", "Proxy", "run", "start_affinity"]
+__all__ = ["READY_LINE", "Connector", "Proxy", "cleanup_kernel", "run", "start_affinity"]
 
 log = logging.getLogger("mcpool.proxy")
 
@@ -146,6 +148,8 @@ class Proxy:
         self.resolver = Resolver(config.resolver)
         self.table = ConnectionTable()
         self.metrics = ProxyMetrics(live=self.table.totals)
+        if config.listen.transparent:
+            self.metrics.add_transparent_counters(self.transparent_counters)
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.metrics.add_tracing(self.telemetry.accounting, self.telemetry.enabled)
         self.subflows = SubflowWatcher()
@@ -275,7 +279,13 @@ class Proxy:
         """The kernel admission filter: found installed by `mcpool admission install` (the pod's
         init container; then left alone at exit), else installed by the proxy itself."""
         kernel = self.config.kernel
-        ports = sorted({port for _, port in self.listen_addresses.values()})
+        # Explicit listeners only: a SYN reaches a transparent listener with its original
+        # destination port, and implicit mode's table refuses strangers itself (rule 4). With no
+        # explicit listener there is nothing to filter (and a transparent listener still unbound
+        # must not stop the start).
+        ports = sorted({port for key, (_, port) in self.listen_addresses.items() if not key.startswith("transparent")})
+        if not ports:
+            return
         script = ruleset_for(self.config, ports)
         if await asyncio.to_thread(preinstalled, kernel.admission_status_file, kernel.admission_table, script):
             self.admission_filter = True
@@ -891,6 +901,36 @@ class Proxy:
 
 def _tri(value: bool | None) -> int:
     return -1 if value is None else int(value)
+
+
+# -- crash leftovers ------------------------------------------------------------------------------
+def cleanup_kernel(config: ProxyConfig) -> list[str]:
+    """Remove what a proxy of `config` installs in its network namespace and cannot remove when
+    it is killed (SIGKILL, OOM, a node's eviction past the grace period): implicit mode's nft
+    table and policy routing, the join address's path-manager endpoint, the admission filter.
+    A normal exit removes them itself, and a start replaces them (one `nft -f` transaction,
+    stale ip rules deleted first), so this is for a node the proxy leaves for good:
+    `mcpool proxy --cleanup-only`, which the operator's on-path node cleanup runs. Idempotent;
+    returns what it removed; RuntimeError or OSError if `nft`/`ip` cannot run."""
+    removed: list[str] = []
+    cfg = config.transparent
+    if config.listen.transparent and cfg.install_rules:
+        if table_exists(cfg.nft_table):
+            remove_table(cfg.nft_table)
+            removed.append(f"nft table inet {cfg.nft_table}")
+        remove_routing(cfg.fwmark, cfg.route_table, cfg.rule_priority)
+        removed.append(f"ip rule fwmark {cfg.fwmark:#x} lookup {cfg.route_table} and its routes")
+    if config.listen.transparent and cfg.join_address is not None:
+        host, port = split_hostport(cfg.join_address)
+        ports = {split_hostport(address)[1] for address in config.listen.transparent}
+        endpoint = find_signal_endpoint(host, None if port in ports else port)
+        if endpoint is not None:
+            delete_endpoint(endpoint)
+            removed.append(f"mptcp endpoint {endpoint} ({cfg.join_address})")
+    if config.kernel.admission_filter:
+        remove_admission(config.kernel.admission_table)
+        removed.append(f"nft table inet {config.kernel.admission_table} (if it was the admission filter)")
+    return removed
 
 
 # -- main -----------------------------------------------------------------------------------------

@@ -126,3 +126,25 @@ def proxy_connection(proxy: ProxyProcess, client_port: int) -> dict[str, Any] | 
         if int(conn["client"].rsplit(":", 1)[1]) == client_port:
             return dict(conn)
     return None
+
+
+ROUTE_TABLE = 100  # transparent.route_table and the CPE's route_table (their defaults)
+
+
+def leftovers(lab: ImplicitLab, ns: str, table: str) -> dict[str, int]:
+    """How many of each kernel object of a table named `table` (and the fwmark routing) `ns` holds."""
+    tables = lab.exec(ns, ["nft", "list", "tables"]).stdout.splitlines()
+    found = {"tables": sum(1 for line in tables if line.strip() == f"table inet {table}")}
+    for fam in ("-4", "-6"):
+        rules = lab.exec(ns, ["ip", fam, "rule", "show"]).stdout.splitlines()
+        found[f"rules{fam}"] = sum(1 for line in rules if "fwmark 0x1" in line and f"lookup {ROUTE_TABLE}" in line)
+        routes = lab.exec(ns, ["ip", fam, "route", "show", "table", str(ROUTE_TABLE)], check=False).stdout
+        found[f"routes{fam}"] = len([line for line in routes.splitlines() if line.strip()])
+    endpoints = lab.exec(ns, ["ip", "mptcp", "endpoint", "show"]).stdout.splitlines()
+    found["join_endpoints"] = sum(1 for line in endpoints if "signal" in line and f"port {JOIN_PORT}" in line)
+    return found
+
+
+# One MCP's kernel objects (table, fwmark rule and local route per family, join endpoint), and none.
+ONE_MCP = {"tables": 1, "rules-4": 1, "rules-6": 1, "routes-4": 1, "routes-6": 1, "join_endpoints": 1}
+NO_LEFTOVERS = dict.fromkeys(ONE_MCP, 0)

@@ -122,9 +122,11 @@ def test_the_phones_own_mptcp_passes_cpe_and_mcp(lab: ImplicitLab, mcp: ProxyPro
     assert nft_counters(lab, "cpe", CPE_TABLE)["passed_mptcp"] > cpe_before["passed_mptcp"]
 
 
-def test_half_close_crosses_the_converter(lab: ImplicitLab, mcp: ProxyProcess, cpe: ProxyProcess) -> None:
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_half_close_crosses_the_converter(lab: ImplicitLab, mcp: ProxyProcess, cpe: ProxyProcess, family: str) -> None:
     up, reply = 3_000_000, 2_000_000
-    with laptop_connect(lab, (lab.srv_ip, SERVER_PORT)) as sock:
+    server = lab.srv_ip6 if family == "ipv6" else lab.srv_ip
+    with laptop_connect(lab, (server, SERVER_PORT)) as sock:
         sock.sendall(f"SINK {reply} 25\n".encode())
         for chunk in pattern_chunks(24, up):
             sock.sendall(chunk)
@@ -144,19 +146,33 @@ def test_half_close_crosses_the_converter(lab: ImplicitLab, mcp: ProxyProcess, c
         assert reader.count == reply and reader.hexdigest() == pattern_sha256(25, reply)
 
 
-def test_a_reset_from_the_laptop_closes_both_hops(lab: ImplicitLab, mcp: ProxyProcess, cpe: ProxyProcess) -> None:
-    sock = laptop_connect(lab, (lab.srv_ip, SERVER_PORT))
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_a_reset_from_the_laptop_closes_both_hops(
+    lab: ImplicitLab, mcp: ProxyProcess, cpe: ProxyProcess, family: str
+) -> None:
+    server, laptop = (lab.srv_ip6, lab.laptop_ip6) if family == "ipv6" else (lab.srv_ip, lab.laptop_ip)
+    resets_before = _sample(cpe, 'mcpool_connections_closed_total{reason="client_reset"}')
+    sock = laptop_connect(lab, (server, SERVER_PORT))
     sock.sendall(b"ECHO\n")
     sock.sendall(b"ping")
     assert sock.recv(4) == b"ping"
     port = sock.getsockname()[1]
     assert proxy_connection(cpe, port) is not None
+    # Both hops carry it: the MCP terminated the CPE's marked MPTCP for this laptop.
+    wait_for(lambda: [c for c in mcp.connections() if host_of(c["client"]) == laptop], 10, "the MCP's relay")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
     wait_for(lambda: proxy_connection(cpe, port) is None, 10, "the CPE's relay to end")
-    wait_for(lambda: not [c for c in mcp.connections() if host_of(c["client"]) == lab.laptop_ip], 10,
+    wait_for(lambda: not [c for c in mcp.connections() if host_of(c["client"]) == laptop], 10,
              "the MCP's relay to end")
-    assert 'mcpool_connections_closed_total{reason="client_reset"}' in cpe.admin_get("/metrics")
+    assert _sample(cpe, 'mcpool_connections_closed_total{reason="client_reset"}') == resets_before + 1
+
+
+def _sample(handle: ProxyProcess, series: str) -> float:
+    for line in handle.admin_get("/metrics").splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_convert_mode_reaches_the_mcps_convert_listener(

@@ -71,12 +71,16 @@ def test_marked_mptcp_is_terminated_with_two_subflows_and_the_clients_address(
     assert 'mcpool_connections_accepted_total{protocol="transparent"}' in metrics or 'mode="transparent"' in metrics
 
 
-def test_unmarked_mptcp_from_an_allowed_prefix_passes_end_to_end(lab: ImplicitLab, mcp: ProxyProcess) -> None:
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_unmarked_mptcp_from_an_allowed_prefix_passes_end_to_end(
+    lab: ImplicitLab, mcp: ProxyProcess, family: str
+) -> None:
     """The phone's own MPTCP: Wi-Fi through the CPE and the MCP, cellular around both."""
     before = nft_counters(lab, "mcp", MCP_TABLE)
-    with mptcp_connect(lab, "phn", (lab.srv_ip, SERVER_PORT), marked=False) as sock:
+    server = lab.srv_ip6 if family == "ipv6" else lab.srv_ip
+    with mptcp_connect(lab, "phn", (server, SERVER_PORT), marked=False) as sock:
         port = sock.getsockname()[1]
-        hosts = {lab.phone_ip, lab.phone_cell_ip}
+        hosts = {lab.phone_ip6, lab.phone_cell_ip6} if family == "ipv6" else {lab.phone_ip, lab.phone_cell_ip}
         request_download(sock, 20_000_000, 12)
         wait_for(lambda: server_subflows_for(lab, hosts) == 2, 20, "the phone's two subflows at the server")
         assert proxy_connection(mcp, port) is None
@@ -87,13 +91,16 @@ def test_unmarked_mptcp_from_an_allowed_prefix_passes_end_to_end(lab: ImplicitLa
     assert after["intercepted"] == before["intercepted"]
 
 
-def test_a_marked_syn_from_a_stranger_is_refused(lab: ImplicitLab, mcp: ProxyProcess) -> None:
-    stranger = "198.18.9.2"
-    lab.exec("cpe", ["ip", "addr", "replace", f"{stranger}/32", "dev", "lo"])
-    lab.exec("mcp", ["ip", "route", "replace", stranger, "via", lab.cpe_dsl_ip])
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_a_marked_syn_from_a_stranger_is_refused(lab: ImplicitLab, mcp: ProxyProcess, family: str) -> None:
+    v6 = family == "ipv6"
+    stranger, server = ("2001:db8:99::2", lab.srv_ip6) if v6 else ("198.18.9.2", lab.srv_ip)
+    fam = ["-6"] if v6 else []
+    lab.exec("cpe", ["ip", *fam, "addr", "replace", f"{stranger}/{128 if v6 else 32}", "dev", "lo"])
+    lab.exec("mcp", ["ip", *fam, "route", "replace", stranger, "via", lab.cpe_dsl_ip6 if v6 else lab.cpe_dsl_ip])
     before = nft_counters(lab, "mcp", MCP_TABLE)["stranger"]
     with pytest.raises(ConnectionRefusedError):
-        mptcp_connect(lab, "cpe", (lab.srv_ip, SERVER_PORT), marked=True, source=stranger)
+        mptcp_connect(lab, "cpe", (server, SERVER_PORT), marked=True, source=stranger)
     assert nft_counters(lab, "mcp", MCP_TABLE)["stranger"] == before + 1
     assert stranger not in {host_of(p) for _, p in tcp_peers(lab, "srv", SERVER_PORT)}
 
@@ -107,21 +114,25 @@ def test_the_table_and_routing_go_at_exit_and_a_busy_listener_fails_closed(
     # Somebody else holds the transparent port: the proxy starts, says it is not ready, and the
     # kernel drops marked SYNs instead of letting them reach the server end to end.
     with lab.in_netns("mcp"):
-        blocker = socket.create_server((lab.mcp_ip, TRANSPARENT_PORT))
+        blockers = [socket.create_server((lab.mcp_ip, TRANSPARENT_PORT)),
+                    socket.create_server((lab.mcp_ip6, TRANSPARENT_PORT), family=socket.AF_INET6)]
     try:
         proxy = lab.start_proxy(mcp_config(lab), name="failclosed")
         status, body = proxy.admin_request("GET", "/readyz")
         assert status == 503, body
         assert b"transparent_unbound" in body
-        before = nft_counters(lab, "mcp", MCP_TABLE)["unbound"]
-        with pytest.raises((TimeoutError, socket.timeout)):
-            mptcp_connect(lab, "cpe", (lab.srv_ip, SERVER_PORT), marked=True, timeout_s=2.5)
-        assert nft_counters(lab, "mcp", MCP_TABLE)["unbound"] > before
-        assert lab.cpe_dsl_ip not in {host_of(p) for _, p in tcp_peers(lab, "srv", SERVER_PORT)}
+        for server, client in ((lab.srv_ip, lab.cpe_dsl_ip), (lab.srv_ip6, lab.cpe_dsl_ip6)):
+            before = nft_counters(lab, "mcp", MCP_TABLE)["unbound"]
+            with pytest.raises((TimeoutError, socket.timeout)):
+                mptcp_connect(lab, "cpe", (server, SERVER_PORT), marked=True, timeout_s=2.5)
+            assert nft_counters(lab, "mcp", MCP_TABLE)["unbound"] > before
+            assert client not in {host_of(p) for _, p in tcp_peers(lab, "srv", SERVER_PORT)}
     finally:
-        blocker.close()
-    # The port is free again: the retry binds it, /readyz turns 200, marked SYNs are served.
+        for blocker in blockers:
+            blocker.close()
+    # The ports are free again: the retry binds them, /readyz turns 200, marked SYNs are served.
     wait_for(lambda: proxy.admin_request("GET", "/readyz")[0] == 200, 10, "/readyz 200 once the port is free")
-    with mptcp_connect(lab, "cpe", (lab.srv_ip, SERVER_PORT), marked=True) as sock:
-        download(sock, 500_000, 13)
+    for server in (lab.srv_ip, lab.srv_ip6):
+        with mptcp_connect(lab, "cpe", (server, SERVER_PORT), marked=True) as sock:
+            download(sock, 500_000, 13)
     assert proxy.stop() == 0

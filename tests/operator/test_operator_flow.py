@@ -509,3 +509,44 @@ async def test_cluster_ranges_are_refused_and_a_warning_says_when_defaulted(
     assert {"10.50.0.0/16", "fd00:50::/56"} <= set(policy().denied_destinations)
     assert "10.96.0.0/12" not in policy().denied_destinations
     assert warnings(cluster, "ClusterRangesDefaulted") == 1
+
+
+ON_PATH = {**BASIC, "onPath": {"enabled": True, "nodeSelector": {"mcp.mptcp.dev/gateway": "true"},
+                               "cpeInterfaces": ["eth1"]}}
+
+
+async def test_delete_of_an_on_path_pool_cleans_its_nodes_first(cluster: Cluster, operator_runner: OperatorRunner) -> None:
+    await cluster.create_pool("gw", ON_PATH)
+    await eventually(lambda: cluster.child(DS, "gw-onpath"), what="on-path DaemonSet")
+    await cluster.delete(cluster.pool_path("gw"))
+    # The finalizer holds the pool until every on-path node ran `mcpool proxy --cleanup-only`
+    # (an on-path MCP that was killed left its nft table and ip rules on the host).
+    cleanup = await eventually(lambda: cluster.child(DS, "gw-onpath-cleanup"), what="on-path node cleanup")
+    await eventually(lambda: cluster.child(DS, "gw-onpath") is None, what="on-path MCPs stopped")
+    pod_spec = cleanup["spec"]["template"]["spec"]
+    assert pod_spec["hostNetwork"] is True and pod_spec["nodeSelector"] == {"mcp.mptcp.dev/gateway": "true"}
+    (init,) = pod_spec["initContainers"]
+    assert init["args"] == ["proxy", "--config", "/etc/mcpool-onpath/onpath.yaml",
+                            "--transparent-address", "$(NODE_IP)", "--cleanup-only"]
+    assert init["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    assert pod_spec["containers"][0]["args"][-1] == "--idle"
+    assert "add" not in pod_spec["containers"][0]["securityContext"]["capabilities"]
+    assert {"name": "config", "configMap": {"name": "gw-onpath"}} in pod_spec["volumes"]
+    await cluster.set_daemonset_ready("gw-onpath-cleanup", 2, 1)
+    await asyncio.sleep(2.5)  # a kopf retry (delay 2 s) sees one node still to clean
+    assert cluster.pool("gw") is not None
+    await cluster.set_daemonset_ready("gw-onpath-cleanup", 2, 2)
+    await eventually(lambda: cluster.pool("gw") is None, limit_s=15, what="pool deleted (finalizer released)")
+    for resource in (STS, DS, SVC, CM, SA, PDB):
+        assert cluster.children(resource) == [], resource
+
+
+async def test_turning_on_path_off_cleans_its_nodes(cluster: Cluster, operator_runner: OperatorRunner) -> None:
+    await cluster.create_pool("gw", ON_PATH)
+    await eventually(lambda: names(cluster, DS) == {"gw-onpath"}, what="on-path DaemonSet")
+    await cluster.patch(cluster.pool_path("gw"), {"spec": {"onPath": {"enabled": False}}})
+    await eventually(lambda: names(cluster, DS) == {"gw-onpath-cleanup"}, what="on-path replaced by its cleanup")
+    assert "gw-onpath" in names(cluster, CM)  # the cleanup pods mount it
+    await cluster.set_daemonset_ready("gw-onpath-cleanup", 1, 1)
+    await eventually(lambda: names(cluster, DS) == set(), what="cleanup finished")
+    await eventually(lambda: "gw-onpath" not in names(cluster, CM), what="on-path config removed")

@@ -1,17 +1,22 @@
 """The on-path gateways of an MCPPool (`spec.onPath`, implicit mode): a host-network DaemonSet on
 the selected nodes with NET_ADMIN only, and a configuration the proxy accepts once the pod's
-node address is put in (`mcpool proxy --transparent-address $(NODE_IP)`)."""
+node address is put in (`mcpool proxy --transparent-address $(NODE_IP)`); its node cleanup
+DaemonSet (`--cleanup-only` on the same nodes)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
+from kubernetes_validate.utils import latest_version
 from mcpool_operator import builders
 from mcpool_operator.spec import Pool, SpecError, parse_spec
 from mcpool_proxy.cli import with_transparent_address
 from mcpool_proxy.config import parse_config
+
+K8S_OLDEST = "1.29"
 
 
 def _pool(on_path: dict[str, Any]) -> Pool:
@@ -49,3 +54,26 @@ def test_bad_on_path_settings_are_refused_with_the_field_named() -> None:
         parse_spec({"onPath": {"enabled": True, "port": 6000, "joinPort": 6000}})
     with pytest.raises(SpecError, match="marker"):
         parse_spec({"onPath": {"marker": {"dscp": None}}})
+
+
+@pytest.mark.parametrize("version", [K8S_OLDEST, latest_version()])
+def test_the_node_cleanup_daemonset_runs_cleanup_only_where_the_on_path_mcps_ran(version: str) -> None:
+    pool = _pool({"enabled": True, "nodeSelector": {"gw": "yes"},
+                  "tolerations": [{"key": "gw", "operator": "Exists", "effect": "NoSchedule"}]})
+    children = {(o["kind"], o["metadata"]["name"]): o for o in builders.build_children(pool)}
+    onpath = children[("DaemonSet", "edge-onpath")]["spec"]["template"]["spec"]
+    cleanup = builders.build_onpath_cleanup_daemonset(pool)
+    kubernetes_validate.validate(cleanup, version, strict=True)
+    assert cleanup["metadata"]["name"] == "edge-onpath-cleanup"
+    pod = cleanup["spec"]["template"]["spec"]
+    # The same nodes, the same host network namespace, the same configuration and node address.
+    for key in ("hostNetwork", "nodeSelector", "tolerations", "volumes"):
+        assert pod[key] == onpath[key], key
+    (init,) = pod["initContainers"]
+    assert init["args"] == [*onpath["containers"][0]["args"], "--cleanup-only"]
+    assert init["env"] == onpath["containers"][0]["env"]
+    assert init["securityContext"] == onpath["containers"][0]["securityContext"]
+    (idle,) = pod["containers"]
+    assert idle["args"][-1] == "--idle" and "add" not in idle["securityContext"]["capabilities"]
+    # Its own selector: never adopting the on-path MCPs' pods.
+    assert cleanup["spec"]["selector"] != children[("DaemonSet", "edge-onpath")]["spec"]["selector"]

@@ -454,3 +454,7 @@ def test_admission_command_refuses_what_it_cannot_install(tmp_path: Path) -> Non
     assert main(["install", "--config", str(config)]) == 0
     config.write_text("listen: {convert: 5124}\n")
     assert main(["install", "--config", str(config)]) == 2
+    # Transparent listeners are not filtered (their SYNs carry the original destination's port,
+    # and implicit mode's own table refuses strangers): nothing to install, 0, no nft needed.
+    config.write_text("listen: {transparent: ['192.0.2.1:7000']}\n")
+    assert main(["install", "--config", str(config)]) == 0

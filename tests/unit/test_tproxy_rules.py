@@ -3,6 +3,11 @@ the MCP fail closed, the families, and the configuration's refusals of unsafe se
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from mcpool_proxy.config import ConfigError, dscp_value, parse_config
 from mcpool_proxy.kernel.tproxy import TproxyTarget, cpe_ruleset, mcp_ruleset, routing_commands
@@ -91,3 +96,24 @@ def test_cpe_config_derives_the_pipeline_and_refuses_inconsistent_settings() -> 
         parse_cpe_config({"listen": ["[::]:5200"], "lan_interfaces": ["lan0"]})
     with pytest.raises(ConfigError, match="lan_interfaces"):
         parse_cpe_config({"listen": ["192.168.1.1:5200"], "lan_interfaces": []})
+
+
+def test_idle_waits_for_sigterm_and_exits_zero(tmp_path: Path) -> None:
+    """`mcpool proxy --idle`: the on-path node cleanup's main container (no capability, no kernel
+    change); a Ready pod means its init container's `--cleanup-only` succeeded."""
+    config = tmp_path / "onpath.yaml"
+    config.write_text("listen: {convert: null, transparent: ['198.51.100.7:5125']}\npolicy: {allowed_cpes: ['192.0.2.0/24']}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "mcpool_proxy.cli", "proxy", "--config", str(config), "--idle"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # signals are blocked (then waited for) before this line
+            if "idle until SIGTERM" in line:
+                break
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -47,6 +47,7 @@ from ..kernel.tproxy import (
     install_table,
     remove_routing,
     remove_table,
+    table_exists,
 )
 from ..observe.logs import configure_logging
 from ..server import READY_LINE, Proxy
@@ -105,6 +106,18 @@ class CpeConverter:
             remove_table(cfg.nft_table)
             remove_routing(cfg.fwmark, cfg.route_table, cfg.rule_priority)
             self._installed = False
+
+    def cleanup(self) -> list[str]:
+        """Remove what a killed converter of this configuration left in the namespace (its nft
+        table, ip rules and routes): `mcpool cpe --cleanup-only`. A start replaces them anyway."""
+        cfg = self.config
+        removed = []
+        if table_exists(cfg.nft_table):
+            remove_table(cfg.nft_table)
+            removed.append(f"nft table inet {cfg.nft_table}")
+        remove_routing(cfg.fwmark, cfg.route_table, cfg.rule_priority)
+        removed.append(f"ip rule fwmark {cfg.fwmark:#x} lookup {cfg.route_table} and its routes")
+        return removed
 
     async def _connect(self, hs: Handshake, host: str, port: int, source: str | None) -> socket.socket:
         cfg = self.config
@@ -187,6 +200,9 @@ async def _run(config: CpeConfig) -> int:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mcpool cpe", description="Run the CPE converter (implicit or Convert mode).")
     parser.add_argument("--config", required=True, help="YAML configuration file (see cpe/config.py)")
+    parser.add_argument("--cleanup-only", action="store_true",
+                        help="remove the nft table, ip rules and routes a killed converter of this "
+                        "configuration left, and exit")
     args = parser.parse_args(argv)
     try:
         config = load_cpe_config(args.config)
@@ -194,4 +210,12 @@ def main(argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    if args.cleanup_only:
+        try:
+            removed = CpeConverter(config).cleanup()
+        except (RuntimeError, OSError) as exc:
+            log.error("cleanup failed: %s", exc)
+            return 1
+        log.info("cleanup done", extra={"fields": {"removed": removed}})
+        return 0
     return asyncio.run(_run(config))

@@ -208,11 +208,12 @@ def strangers_dropped(table: str = ADMISSION_TABLE) -> int | None:
 
 
 def config_ports(config: ProxyConfig) -> list[int]:
-    """The listener ports of a configuration (what the proxy binds: convert, socks5, transparent)."""
+    """The explicit listener ports of a configuration (convert, socks5). Transparent listeners are
+    left out: their SYNs carry the original destination's port, and implicit mode's own table
+    refuses strangers."""
     from ..config import split_hostport
 
     addresses = [a for a in (config.listen.convert, config.listen.socks5) if a is not None]
-    addresses.extend(config.listen.transparent)
     return sorted({split_hostport(a)[1] for a in addresses})
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "remove_table",
     "set_transparent",
     "table_counters",
+    "table_exists",
 ]
 
 log = logging.getLogger("mcpool.kernel.tproxy")
@@ -232,6 +233,11 @@ def install_table(script: str) -> None:
 
 def remove_table(table: str) -> None:
     run(["nft", "delete", "table", "inet", table], check=False)
+
+
+def table_exists(table: str) -> bool:
+    """Whether this network namespace has nft table `inet <table>` (OSError: no `nft`)."""
+    return subprocess.run(["nft", "list", "table", "inet", table], capture_output=True).returncode == 0
 
 
 def table_counters(table: str) -> dict[str, int]:

@@ -137,6 +137,43 @@ class _SubflowCollector(Collector):
         yield source
 
 
+class _TransparentCollector(Collector):
+    """`mcpool_transparent_syns_total{verdict}`: MP_CAPABLE SYNs implicit mode's nft table
+    classified (intercepted: sent to the transparent listener; unbound: marked but no listener,
+    dropped; stranger: marked from outside policy.allowed_cpes, reset; passed: unmarked,
+    routed untouched as end-to-end MPTCP). One `nft list counters` per scrape."""
+
+    VERDICTS = ("intercepted", "unbound", "stranger", "passed")
+
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self._read = read
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "mcpool_transparent_syns",
+            "MP_CAPABLE SYNs classified by implicit mode's nft table, by verdict (intercepted, "
+            "unbound: dropped for want of a listener, stranger: marked from outside "
+            "policy.allowed_cpes and reset, passed: unmarked, end-to-end MPTCP).",
+            labels=["verdict"],
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        # Registration asks for the names: without this it would run `nft` before the table exists.
+        yield self._family()
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            counters = self._read()
+        except (RuntimeError, OSError):
+            counters = {}
+        family = self._family()
+        for verdict in self.VERDICTS:
+            if verdict in counters:
+                family.add_metric([verdict], counters[verdict])
+        yield family
+
+
 Labels = tuple[str, str, str]  # path, local family, remote family
 
 
@@ -309,7 +346,7 @@ class ProxyMetrics:
             "mcpool_connections_accepted", "Client connections accepted, by listener.", ["protocol"], registry=r
         )
         self.handshaking = Gauge(
-            "mcpool_handshakes_in_progress", "Client connections still in the Convert/SOCKS5 handshake.", registry=r
+            "mcpool_handshakes_in_progress", "Client connections still in their handshake (Convert, SOCKS5, transparent).", registry=r
         )
         self.closed = Counter(
             "mcpool_connections_closed",
@@ -364,7 +401,7 @@ class ProxyMetrics:
         )
         self.active_by_mode = Gauge(
             "mcpool_connections_active_by_mode",
-            "Connections being relayed now, by mode (convert, socks5) and client transport "
+            "Connections being relayed now, by mode (convert, socks5, transparent) and client transport "
             "(mptcp, tcp).",
             ["mode", "transport"],
             registry=r,
@@ -437,6 +474,10 @@ class ProxyMetrics:
         collector = AccessPathBytes(paths, sample)
         self.registry.register(collector)
         return collector
+
+    def add_transparent_counters(self, read: Callable[[], dict[str, int]]) -> None:
+        """Implicit mode's classification, from the kernel's own nft counters (read when scraped)."""
+        self.registry.register(_TransparentCollector(read))
 
     def set_relay_pools(self, pools: RelayPools) -> None:
         self.registry.register(_PipeCollector(pools))
