@@ -151,6 +151,7 @@ async def run(
         director_image=options.director_image,
         allowed_images=options.allowed_images,
         metrics=metrics,
+        drain_poll_s=options.drain_poll_s,
     )
     registry = build_registry(options, reconciler)
     server = None
@@ -168,6 +169,7 @@ async def run(
             ready_flag=ready_flag,
         )
     finally:
+        await reconciler.close()
         if server is not None:
             server.shutdown()
             server.server_close()
