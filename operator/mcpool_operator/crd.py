@@ -170,9 +170,36 @@ def status_schema() -> dict[str, Any]:
                 "format": "int64",
                 "description": "The metadata.generation the operator last reconciled.",
             },
+            "draining": {
+                "type": "array",
+                "description": "Deleted MCP pods (rolling update, scale-in) still draining: each "
+                "keeps its live connections and their subflows until they end or drainTimeoutSeconds "
+                "has passed. Read from each pod's /readyz; empty when no pod drains.",
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["pod"],
+                "items": {
+                    "type": "object",
+                    "required": ["pod", "since"],
+                    "properties": {
+                        "pod": {"type": "string", "description": "The pod's name."},
+                        "connections": {
+                            "type": "integer",
+                            "format": "int32",
+                            "minimum": 0,
+                            "description": "Connections it still carries (absent when the pod did not answer).",
+                        },
+                        "since": {
+                            "type": "string",
+                            "format": "date-time",
+                            "description": "When its drain began (its deletionTimestamp until the pod says).",
+                        },
+                        "message": {"type": "string", "description": "Why the count is missing."},
+                    },
+                },
+            },
             "conditions": {
                 "type": "array",
-                "description": "Ready, Progressing and Degraded.",
+                "description": "Ready, Progressing, Degraded, ClusterRanges and Draining.",
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["type"],
                 "items": _condition_schema(),

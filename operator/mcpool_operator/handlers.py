@@ -8,8 +8,8 @@ process and the timer interval can come from the command line.
 - Events of the pool's children (label `app.kubernetes.io/managed-by=mcpool-operator`): a child
   deleted or edited away from the spec, or a StatefulSet whose pods changed, reconciles its pool
   at once instead of waiting for the timer.
-- Events of the pool's pods: a pod the kubelet rejected with `SysctlForbidden` (or one going
-  away) reconciles the pool, which surfaces it as `Degraded=True`; while the pool says so, a pod
+- Events of the pool's pods: a pod the kubelet rejected with `SysctlForbidden`, one being
+  deleted (its drain goes into `status.draining`) or one gone reconciles the pool, which surfaces it as `Degraded=True`; while the pool says so, a pod
   becoming Ready reconciles it too (that is what clears the condition).
 - A pool gone for good: the reconciler forgets its per-pool state.
 
@@ -32,6 +32,7 @@ from typing import Any
 import kopf
 
 from . import builders
+from .drain import DRAIN_POLL_S
 from .kube import load_connection
 from .reconcile import Reconciler, is_subset
 from .spec import GROUP, PLURAL, VERSION, SpecError
@@ -86,6 +87,8 @@ class OperatorOptions:
     metrics_listen: str | None = None
     # Pools reconciled at once (0: no limit).
     max_concurrent_reconciles: int = 8
+    # While a pod of a pool drains, how often its progress is read into the pool's status.
+    drain_poll_s: float = DRAIN_POLL_S
 
 
 def configure_settings(settings: kopf.OperatorSettings, options: OperatorOptions) -> None:
@@ -200,9 +203,11 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
         if resource.plural == "pods":
             # What the status reads of a pod (sysctl rejection, readiness, revision); a pod's spec
             # would only cost memory, one copy per pod.
+            # The drain reader (drain.py) also needs the deletion mark and the admin port.
             meta = body.get("metadata") or {}
-            pod = {"metadata": {k: meta[k] for k in ("name", "namespace", "uid", "labels") if k in meta},
-                   "status": body.get("status") or {}}  # fmt: skip
+            spec = {"containers": [{"ports": c.get("ports") or []} for c in (body.get("spec") or {}).get("containers") or []]}
+            pod = {"metadata": {k: meta[k] for k in ("name", "namespace", "uid", "labels", "deletionTimestamp") if k in meta},
+                   "spec": spec, "status": body.get("status") or {}}  # fmt: skip
             return {(namespace, pool): {"apiVersion": "v1", "kind": "Pod", **pod}}
         snapshot = _snapshot(body)
         # Watch events carry them, but an index entry must never lack them.
@@ -301,14 +306,17 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
     ) -> None:
         rejected = (body.get("status") or {}).get("reason") == "SysctlForbidden"
         ready = _is_ready(body)
-        if not (rejected or ready or type == "DELETED"):
+        # A deleted pod drains first: its progress goes into status.draining (the reconcile
+        # then re-reads it every few seconds until the pod is gone).
+        terminating = bool((body.get("metadata") or {}).get("deletionTimestamp"))
+        if not (rejected or ready or terminating or type == "DELETED"):
             return
         pool_body = pool_of(kwargs[POOL_INDEX], namespace, labels)
         if pool_body is None:
             return
         # A Ready pod matters only to a pool degraded by rejected pods (the StatefulSet's own
         # status change reconciles the rest); skipping the others keeps pod churn cheap.
-        if ready and not (rejected or type == "DELETED") and not _sysctl_degraded(pool_body):
+        if ready and not (rejected or terminating or type == "DELETED") and not _sysctl_degraded(pool_body):
             return
         await reconciler.reconcile(pool_body, logger, cache=IndexCache(kwargs), coalesce=True)
 

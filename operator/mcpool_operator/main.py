@@ -158,6 +158,7 @@ async def run(
         allowed_images=options.allowed_images,
         metrics=metrics,
         max_concurrent=options.max_concurrent_reconciles,
+        drain_poll_s=options.drain_poll_s,
     )
     registry = build_registry(options, reconciler)
     if on_reconciler is not None:
@@ -177,6 +178,7 @@ async def run(
             ready_flag=ready_flag,
         )
     finally:
+        await reconciler.close()
         if server is not None:
             server.shutdown()
             server.server_close()

@@ -43,6 +43,7 @@ import kopf
 from opentelemetry import trace
 
 from . import builders
+from .drain import DRAIN_POLL_S, drain_progress
 from .kube import PLURALS, ApiError, KubeClient, ObjectRef, ref_of
 from .metrics import OperatorMetrics
 from .spec import GROUP, KIND, VERSION, MCPPoolSpec, Pool, SpecError
@@ -150,6 +151,8 @@ class Outcome:
     unchanged: list[str] = field(default_factory=list)
     # This call joined a reconcile of the same pool already waiting to start (nothing done here).
     coalesced: bool = False
+    # The terminating pods and their live connections (what `status.draining` says).
+    draining: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Reconciler:
@@ -165,8 +168,13 @@ class Reconciler:
         allowed_images: Sequence[str] = (),
         metrics: OperatorMetrics | None = None,
         max_concurrent: int = 0,
+        drain_poll_s: float = DRAIN_POLL_S,
     ) -> None:
         self.client = client
+        # While a pod of a pool drains, the pool is reconciled again this often (nothing else
+        # changes on the API server while a pod's connections end, so no watch event would come).
+        self.drain_poll_s = drain_poll_s
+        self._rechecks: dict[tuple[str, str], asyncio.Task[None]] = {}
         # `--allowed-images`: repositories spec.image may name (empty: any). The pods run with
         # NET_ADMIN, so whoever may create a pool must not be able to pick their code.
         self.allowed_images = tuple(allowed_images)
@@ -233,6 +241,35 @@ class Reconciler:
             if ref.name is not None and (ref.name == name or ref.name.startswith(f"{name}-")):
                 del self._applied[ref]
         self.metrics.forget(key)
+        recheck = self._rechecks.pop(key, None)
+        if recheck is not None:
+            recheck.cancel()
+
+    async def close(self) -> None:
+        """Cancel the pending drain rechecks (at operator exit)."""
+        tasks = list(self._rechecks.values())
+        self._rechecks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _recheck_later(self, key: tuple[str, str], logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+        pending = self._rechecks.get(key)
+        if pending is not None and not pending.done():
+            return
+        self._rechecks[key] = asyncio.get_running_loop().create_task(self._recheck(key, logger))
+
+    async def _recheck(self, key: tuple[str, str], logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+        await asyncio.sleep(self.drain_poll_s)
+        if self._rechecks.get(key) is asyncio.current_task():
+            del self._rechecks[key]  # the reconcile below may schedule the next one
+        try:
+            # The pool as it is now: a body kept from before the sleep may carry an old spec.
+            body = await self.client.get(ObjectRef(POOL_API_VERSION, KIND, key[0], key[1]))
+            if body is not None and not (body.get("metadata") or {}).get("deletionTimestamp"):
+                await self.reconcile(body, logger)
+        except Exception as exc:  # noqa: BLE001 - the timer or the next pod event retries
+            logger.warning("drain progress recheck of %s/%s failed: %s", key[0], key[1], exc)
 
     async def reconcile(
         self,
@@ -352,6 +389,7 @@ class Reconciler:
             pods: Sequence[Mapping[str, Any]] = await self.client.list("v1", "Pod", pool.namespace, selector)
         else:
             pods = [p for p in cache.pods(pool.namespace, pool.name) if _matches_selector(p, selector)]
+        outcome.draining = await drain_progress(pods)
         seen = Observation(
             generation=generation,
             desired_replicas=pool.spec.replicas,
@@ -361,8 +399,11 @@ class Reconciler:
             apply_error=apply_error,
             revision_ready=revision_ready(pods, statefulset),
             cluster_defaulted=tuple(pool.spec.cluster.defaulted()),
+            draining=tuple(outcome.draining),
         )
         await self._write_status(body, seen, outcome, logger, cache=cache)
+        if outcome.draining:
+            self._recheck_later((pool.namespace, pool.name), logger)
         return outcome
 
     # -- node cleanup: nothing of a pool left on the director or on-path nodes ---------------------
@@ -774,7 +815,7 @@ def upgrade_managed_fields(entries: Sequence[Mapping[str, Any]], manager: str) -
 
 
 def _same_status(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    keys = ("replicas", "readyReplicas", "selector", "observedGeneration")
+    keys = ("replicas", "readyReplicas", "selector", "observedGeneration", "draining")
     if any(old.get(k) != new.get(k) for k in keys):
         return False
     return _conditions_key(old.get("conditions") or []) == _conditions_key(new.get("conditions") or [])

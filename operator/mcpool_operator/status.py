@@ -1,8 +1,10 @@
 """The MCPPool status: pure functions from what was observed to `.status`.
 
 Conditions follow the Kubernetes API conventions (metav1.Condition): `Ready`, `Progressing` and
-`Degraded`, each with `observedGeneration`, and `ClusterRanges` (False while spec.cluster leaves
-the cluster's pod or Service ranges to their defaults, which may not be this cluster's); `lastTransitionTime` moves only when a condition's
+`Degraded`, each with `observedGeneration`, `ClusterRanges` (False while spec.cluster leaves
+the cluster's pod or Service ranges to their defaults, which may not be this cluster's) and
+`Draining` (True while a deleted pod still carries connections: a rolling update or a scale-in
+waiting for them; `status.draining` lists each such pod, see drain.py); `lastTransitionTime` moves only when a condition's
 status flips, so it tells when the pool last became (un)ready, not when it was last checked.
 No `phase` field: the conventions deprecate it.
 """
@@ -14,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .drain import drain_summary
+
 __all__ = [
     "CONDITION_TYPES",
     "Observation",
@@ -24,7 +28,7 @@ __all__ = [
     "sysctl_failure",
 ]
 
-CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ClusterRanges")
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ClusterRanges", "Draining")
 KUBELET_SYSCTL_HINT = (
     "start the kubelet with --allowed-unsafe-sysctls='net.mptcp.*,net.ipv4.tcp_fastopen' on the "
     "nodes that run MCP pods (see docs/operator.md)"
@@ -118,6 +122,8 @@ class Observation:
     cluster_defaulted: tuple[str, ...] = ()
     # The Degraded reason of `spec_error` (an image outside --allowed-images is refused this way).
     spec_error_reason: str = "InvalidSpec"
+    # `status.draining`: the terminating pods and the connections each still carries.
+    draining: tuple[Mapping[str, Any], ...] = ()
 
 
 def build_status(previous: Mapping[str, Any] | None, seen: Observation, now: str | None = None) -> dict[str, Any]:
@@ -144,7 +150,7 @@ def build_status(previous: Mapping[str, Any] | None, seen: Observation, now: str
         put("Progressing", False, why, "waiting for a corrected spec")
         put("Ready", False, why, "the spec is invalid; pods keep their last good configuration")
         return {
-            **{k: v for k, v in previous.items() if k in ("replicas", "readyReplicas", "selector")},
+            **{k: v for k, v in previous.items() if k in ("replicas", "readyReplicas", "selector", "draining")},
             "observedGeneration": gen,
             "conditions": conditions,
         }
@@ -202,10 +208,15 @@ def build_status(previous: Mapping[str, Any] | None, seen: Observation, now: str
         )
     else:
         put("ClusterRanges", True, "FromSpec", "the cluster's pod and Service ranges come from spec.cluster")
+    if seen.draining:
+        put("Draining", True, "PodsDraining", drain_summary(seen.draining))
+    else:
+        put("Draining", False, "NoPodDraining", "no deleted pod is waiting for its connections")
     return {
         "replicas": replicas,
         "readyReplicas": ready,
         "selector": seen.selector,
+        "draining": [dict(entry) for entry in seen.draining],
         "observedGeneration": gen,
         "conditions": conditions,
     }

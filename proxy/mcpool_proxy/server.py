@@ -196,6 +196,9 @@ class Proxy:
         self._idle_handshakes = asyncio.Event()  # set when the last handshake task ends
         self._listening = False
         self._draining = False
+        # Unix time the drain began (None: not draining); /readyz reports it with the live
+        # count, which is how the operator shows a drain's progress in the pool's status.
+        self.drain_started: float | None = None
         self._empty = asyncio.Event()
         self._empty.set()
         self.drain_requested: Callable[[], None] | None = None
@@ -504,7 +507,8 @@ class Proxy:
         link needs it (measured on 6.18: with the listener closed, a join from a newly added
         endpoint never arrived, MPJoinSynRx stayed 0)."""
         if not self._draining:
-            self.metrics.drain_started.set(time.time())
+            self.drain_started = time.time()
+            self.metrics.drain_started.set(self.drain_started)
         self._draining = True
         self.metrics.draining.set(1)
 
@@ -571,6 +575,7 @@ class Proxy:
             "ready": self.ready,
             "listening": self._listening,
             "draining": self._draining,
+            "drain_started": self.drain_started,
             "connections": len(self.table),
             "mptcp_checksum": self.kernel_state.get("mptcp_checksum"),
             "tcp_fastopen_server": self.kernel_state.get("tcp_fastopen_server"),

@@ -72,6 +72,7 @@ async def test_register_and_unregister(redis_server: RedisServer, redis_client: 
     pod = await redis_client.hgetall(KEYS.pod("pod-a"))
     assert (pod["addr"], pod["state"]) == ("198.18.10.5", "ready")
     assert abs(float(pod["ts"]) - time.time()) < 5
+    assert pod["connections"] == "0"  # written before the connection; the next heartbeat counts it
     assert await redis_client.get("mcpool:{mtf}:token:1d1bbefa") == "pod-a"
     assert await redis_client.get(KEYS.cpe("198.18.1.2")) == "pod-a"
     assert 0 < await redis_client.pttl(KEYS.token(0x1D1BBEFA)) <= 10_000

@@ -353,7 +353,7 @@ def test_pools_policy_lets_cpe_traffic_in() -> None:
     objects = pool_objects()
     assert matches(policy["spec"]["podSelector"], pod_labels_of(objects, "StatefulSet"))
     assert not matches(policy["spec"]["podSelector"], pod_labels_of(objects, "DaemonSet"))
-    cpe, admin, nodes = policy["spec"]["ingress"]
+    cpe, admin, nodes, operator = policy["spec"]["ingress"]
     assert [p["ipBlock"]["cidr"] for p in cpe["from"]] == ["0.0.0.0/0", "::/0"]
     assert cpe["ports"] == [{"port": 5124, "protocol": "TCP"}, {"port": 1080, "protocol": "TCP"}]
     container = one(objects, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
@@ -361,6 +361,12 @@ def test_pools_policy_lets_cpe_traffic_in() -> None:
     assert admin["ports"] == [{"port": "admin", "protocol": "TCP"}]
     assert admin["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert {"port": 4789, "protocol": "UDP"} in nodes["ports"]
+    # The operator reads draining pods' /readyz (status.draining): its pods, in its namespace.
+    assert operator["ports"] == [{"port": "admin", "protocol": "TCP"}]
+    (peer,) = operator["from"]
+    operator_pod = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert matches(peer["podSelector"], operator_pod)
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": one(docs, "Deployment")["metadata"]["namespace"]}}
 
 
 def test_namespaced_policies_follow_the_watched_namespaces() -> None:

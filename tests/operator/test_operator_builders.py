@@ -142,6 +142,9 @@ def test_single_sample_golden() -> None:
         {"name": "net.ipv4.tcp_fastopen", "value": "3"},
     ]
     assert pod["terminationGracePeriodSeconds"] > pool.spec.drain_timeout_seconds
+    # SIGTERM itself starts the drain (and tells the directors): a preStop hook would only delay
+    # it and take its time from the grace period (docs/operations.md, rolling update).
+    assert "lifecycle" not in container
     assert container["resources"] == {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"

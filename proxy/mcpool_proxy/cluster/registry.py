@@ -523,7 +523,10 @@ class RedisRegistry:
         if state is None:
             return
         key = self.keys.pod(self.pod_name)
-        fields: dict[str | bytes, str | bytes] = {"addr": self.advertise, "state": state, "ts": f"{time.time():.3f}"}
+        # `connections`: what this pod still carries, for whoever looks at Redis during a drain
+        # (directors ignore it; the operator reads the same count from the pod's /readyz).
+        fields: dict[str | bytes, str | bytes] = {"addr": self.advertise, "state": state, "ts": f"{time.time():.3f}",
+                                                  "connections": str(len(self._local.live))}
         event = json.dumps(
             {"t": "pod", "op": "add", "pod": self.pod_name, "addr": self.advertise, "state": state}
         )

@@ -2,7 +2,9 @@
 
 - `GET /healthz`: 200 `{"status": "ok"}` while the event loop answers at all.
 - `GET /readyz`: 200 when listening and not draining, else 503; the body says why and whether
-  MPTCP checksums and the TFO server bit are in force in the proxy's network namespace.
+  MPTCP checksums and the TFO server bit are in force in the proxy's network namespace. While
+  draining it carries `drain_started` (Unix time) and `connections` (still live): the operator
+  reads both from a terminating pod into the pool's `status.draining`.
 - `GET /connections`: JSON list of live connections (`Connection.describe()`).
 - `GET /metrics`: Prometheus text from the proxy's own registry; OpenMetrics (which carries the
   latency histograms' trace-id exemplars) when the `Accept` header asks for
