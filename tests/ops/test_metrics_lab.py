@@ -54,7 +54,13 @@ def test_metrics_match_a_scripted_sequence_exactly(ops_lab: Lab) -> None:
             with sock:
                 wait_subflows(proxy, sock, 2)
                 if seed == 1:
-                    during = scrape(proxy)
+                    # wait_subflows reads the kernel (/connections); the gauge follows the
+                    # netlink events, which may arrive a little later on a loaded machine.
+                    def gauge_at_two() -> dict | None:
+                        d = scrape(proxy)
+                        return d if sample(d, "mcpool_mptcp_subflows") == 2 else None
+
+                    during = wait_for(gauge_at_two, 10, "the subflow gauge at 2")
                     assert sample(during, "mcpool_connections_active") == 1
                     assert sample(during, "mcpool_mptcp_subflows") == 2
                     assert sample(during, "mcpool_mptcp_subflow_watch_info", source="netlink") == 1
