@@ -37,10 +37,17 @@ CMD ["operator"]
 # --- proxy (the default target): data plane and director ----------------------------------------
 FROM ${PYTHON_IMAGE} AS proxy
 # iproute2: `ip mptcp endpoint` for the join-address mechanism; nftables/iptables and
-# libnetfilter-queue1: the director.
+# libnetfilter-queue1: the director. python3-nftables: libnftables' Python binding (the
+# director's token map), shipped only as a Debian package that must match the image's
+# libnftables; it is pure Python over ctypes, so that one package is linked into the image's
+# Python (not all of Debian's dist-packages), as scripts/install-deps.sh does for the venv.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iproute2=6.1.* nftables=1.0.* iptables=1.8.* libnetfilter-queue1=1.0.* \
- && rm -rf /var/lib/apt/lists/*
+      python3-nftables=1.0.* \
+ && rm -rf /var/lib/apt/lists/* \
+ && ln -s /usr/lib/python3/dist-packages/nftables "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nftables" \
+ && python -c 'import nftables'
+
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 COPY --from=build /wheels/proxy /wheels
 COPY --from=build /src/scripts/install-wheels.sh /usr/local/bin/install-wheels.sh
