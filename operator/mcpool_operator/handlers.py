@@ -201,9 +201,9 @@ def build_registry(options: OperatorOptions, reconciler: Reconciler) -> kopf.Ope
         if not pool or namespace is None:
             return None
         if resource.plural == "pods":
-            # What the status reads of a pod (sysctl rejection, readiness, revision); a pod's spec
-            # would only cost memory, one copy per pod.
-            # The drain reader (drain.py) also needs the deletion mark and the admin port.
+            # What the status reads of a pod (sysctl rejection, readiness, revision) and what the
+            # drain reader (drain.py) needs (the deletion mark, the admin port); the rest of a
+            # pod's spec would only cost memory, one copy per pod.
             meta = body.get("metadata") or {}
             spec = {"containers": [{"ports": c.get("ports") or []} for c in (body.get("spec") or {}).get("containers") or []]}
             pod = {"metadata": {k: meta[k] for k in ("name", "namespace", "uid", "labels", "deletionTimestamp") if k in meta},
