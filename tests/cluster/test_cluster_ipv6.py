@@ -76,7 +76,10 @@ def test_ipv6_connections_all_subflows_on_one_pod_then_dsl_cut(lab: Lab, cluster
     by_pod = check_on_one_pod(lab, cluster, conns, {dsl, lte}, base)
     assert all(len(v) == 5 for v in by_pod.values()), {k: len(v) for k, v in by_pod.items()}
     after = decisions(lab)
-    assert delta(after, before, "token_hit", "token_hit_after_wait") >= 10, after
+    # A join is decided in userspace (held for its token, or found) or, when its token reached
+    # the director's kernel map first, by nftables alone (counter token_hit).
+    kernel_hits = lab.director_counters()["token_hit"][0] - counters_before.get("token_hit", (0, 0))[0]
+    assert delta(after, before, "token_hit", "token_hit_after_wait") + kernel_hits >= 10, (after, kernel_hits)
     assert delta(after, before, "token_miss_after_wait", "collision") == 0, after
     if forward == "dnat":
         # The pods saw the CPE's real address but their own as the local one (no VIP on them).

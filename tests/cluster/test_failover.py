@@ -25,10 +25,12 @@ def test_dsl_cut_mid_download_finishes_on_lte_through_the_same_pod(lab: Lab, clu
     # The initial subflow was hashed, the join steered by its token (never by luck: LTE alone
     # hashes to the other pod).
     assert delta(after, before, "hashed", "cpe_hit") >= 1, after
-    assert delta(after, before, "token_hit", "token_hit_after_wait") >= 1, after
+    # (In userspace, or by nftables alone when the token reached the kernel map first.)
+    counters = lab.director_counters()
+    kernel_hits = counters["token_hit"][0] - counters_before.get("token_hit", (0, 0))[0]
+    assert delta(after, before, "token_hit", "token_hit_after_wait") + kernel_hits >= 1, (after, kernel_hits)
     assert delta(after, before, "token_miss_after_wait", "collision") == 0, after
     # Only SYNs reached userspace; the bytes from the CPE (its ACKs) were steered in the kernel.
-    counters = lab.director_counters()
     queued = sum(counters[n][0] - counters_before.get(n, (0, 0))[0] for n in ("queued_initial", "queued_join"))
     assert queued <= 6, counters
     assert counters["restored"][0] - counters_before.get("restored", (0, 0))[0] > 100, counters

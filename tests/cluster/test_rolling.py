@@ -135,6 +135,7 @@ def test_drain_behind_the_director_cuts_nothing(lab: Lab, cluster: Cluster, even
         t.start()
     old_proxy = cluster.proxies[old]
     decisions_before = lab.director_metrics()
+    counters_before = lab.director_counters()
 
     # The StatefulSet controller deletes the old pod: SIGTERM.
     signalled = time.monotonic()
@@ -180,6 +181,8 @@ def test_drain_behind_the_director_cuts_nothing(lab: Lab, cluster: Cluster, even
     hits = sum(metrics.get(f'mcpool_director_decisions_total{{outcome="{o}"}}', 0)
                - decisions_before.get(f'mcpool_director_decisions_total{{outcome="{o}"}}', 0)
                for o in ("token_hit", "token_hit_after_wait"))  # fmt: skip
+    # Joins whose token reached the director's kernel map first are decided by nftables alone.
+    hits += lab.director_counters()["token_hit"][0] - counters_before.get("token_hit", (0, 0))[0]
     assert hits >= 2 * PER_POD, hits
 
     # A new connection of the CPE address that hashed to the old pod goes to the other one.

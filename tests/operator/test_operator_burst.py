@@ -52,6 +52,14 @@ async def settled_pool(cluster: Cluster, runner: OperatorRunner, name: str) -> N
 
     await eventually(idle, what="no reconcile in flight")
 
+    # kopf posts Events from a background queue: the ClusterRangesDefaulted warning of the
+    # first reconcile (BASIC sets no spec.cluster) may otherwise land inside a later window.
+    def warned() -> bool:
+        return any(e.get("reason") == "ClusterRangesDefaulted" and (e.get("involvedObject") or {}).get("name") == name
+                   for e in cluster.children("v1/events"))  # fmt: skip
+
+    await eventually(warned, what="the ClusterRangesDefaulted event posted")
+
 
 async def test_statefulset_status_change_that_changes_nothing_causes_no_write(
     cluster: Cluster, operator_runner: OperatorRunner
