@@ -635,6 +635,29 @@ def build_director_configmap(pool: Pool) -> dict[str, Any]:
     }
 
 
+def _node_daemonset(
+    pool: Pool, name: str, component: str, configmap: dict[str, Any], pod_spec: dict[str, Any]
+) -> dict[str, Any]:
+    """A host-network node component's DaemonSet (director, on-path MCP): rolled when its
+    ConfigMap changes (the config hash on the template)."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _meta(pool, name, component),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(pool, component)},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {
+                "metadata": {
+                    "labels": labels(pool, component),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(configmap)},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
 def build_director_daemonset(pool: Pool, *, image: str | None = None) -> dict[str, Any]:
     """`image`: the operator's `--director-image`, overriding spec.image."""
     spec = pool.spec
@@ -673,22 +696,7 @@ def build_director_daemonset(pool: Pool, *, image: str | None = None) -> dict[st
         ],
     }
     _place(pod_spec, spec.director.node_selector, spec.director.tolerations)
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "DaemonSet",
-        "metadata": _meta(pool, director_name(pool), "director"),
-        "spec": {
-            "selector": {"matchLabels": selector_labels(pool, "director")},
-            "updateStrategy": {"type": "RollingUpdate"},
-            "template": {
-                "metadata": {
-                    "labels": labels(pool, "director"),
-                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(build_director_configmap(pool))},
-                },
-                "spec": pod_spec,
-            },
-        },
-    }
+    return _node_daemonset(pool, director_name(pool), "director", build_director_configmap(pool), pod_spec)
 
 
 # --- implicit mode: the on-path DaemonSet ---------------------------------------------------------
@@ -787,22 +795,7 @@ def build_onpath_daemonset(pool: Pool) -> dict[str, Any]:
         ],
     }
     _place(pod_spec, onpath.node_selector, onpath.tolerations)
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "DaemonSet",
-        "metadata": _meta(pool, onpath_name(pool), "onpath"),
-        "spec": {
-            "selector": {"matchLabels": selector_labels(pool, "onpath")},
-            "updateStrategy": {"type": "RollingUpdate"},
-            "template": {
-                "metadata": {
-                    "labels": labels(pool, "onpath"),
-                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(build_onpath_configmap(pool))},
-                },
-                "spec": pod_spec,
-            },
-        },
-    }
+    return _node_daemonset(pool, onpath_name(pool), "onpath", build_onpath_configmap(pool), pod_spec)
 
 
 def onpath_cleanup_name(pool: Pool) -> str:
