@@ -12,20 +12,39 @@ import hashlib
 import os
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from e2e import host_of, kernel_subflows, port_of, wait_for
+from e2e import host_of, kernel_subflows, port_of
 from mcpool_proxy.cluster.podside import REGISTER_DELAY_ENV
 from mcpool_proxy.cpe.convert_client import convert_connect
-from mcpool_tools.lab import Lab, ProxyProcess
+from mcpool_tools.lab import Lab, ProxyProcess, Topology
+from support import wait_for
 
 T = TypeVar("T")
 
 CONVERT_PORT = 5124
 SERVER_PORT = 8000
+
+
+@contextmanager
+def director_lab(prefix: str, **topology: Any) -> Iterator[Lab]:
+    """A lab with two pods behind a director, the test server and Redis (for a module fixture).
+
+    The lab prepares each pod to receive the director's tunnel; that is undone here, so the pods'
+    own proxies must do it (affinity.vip), as in a cluster where nobody else would.
+    """
+    with Lab(Topology(prefix=prefix, pods=2, director=True, **topology)) as built:
+        for pod in built.pods:
+            built.exec(pod.ns, [sys.executable, "-c", "import sys; from mcpool_proxy.kernel import steering; "
+                                "steering.teardown_pod_receive(sys.argv[1])", built.vip])  # fmt: skip
+        built.start_testserver(f"[::]:{SERVER_PORT}")
+        built.start_redis()
+        yield built
 
 
 @dataclass

@@ -14,20 +14,13 @@ import pytest
 # The end-to-end helpers (ss parsing, polling, CPE clients) live with the integration tests.
 sys.path.insert(0, str(Path(__file__).parent.parent / "integration"))
 
-from cluster_lab import SERVER_PORT, Cluster  # noqa: E402
-from mcpool_tools.lab import Lab, Topology  # noqa: E402
+from cluster_lab import Cluster, director_lab  # noqa: E402
+from mcpool_tools.lab import Lab  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with Lab(Topology(prefix="mtkc", pods=2, director=True)) as built:
-        # The lab prepares each pod to receive the director's tunnel; undo that, so the pods'
-        # own proxies must do it (affinity.vip), as in a cluster where nobody else would.
-        for pod in built.pods:
-            built.exec(pod.ns, [sys.executable, "-c", "import sys; from mcpool_proxy.kernel import steering; "
-                                "steering.teardown_pod_receive(sys.argv[1])", built.vip])  # fmt: skip
-        built.start_testserver(f"[::]:{SERVER_PORT}")
-        built.start_redis()
+    with director_lab("mtkc") as built:
         yield built
 
 

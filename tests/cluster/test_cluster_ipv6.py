@@ -13,13 +13,12 @@ One lab (`mtk6`, VIP 2001:db8:255::1) for the module; each case starts its own d
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 
 import pytest
-from cluster_lab import SERVER_PORT, Cluster, kernel_view, open_conn, parallel
+from cluster_lab import Cluster, director_lab, kernel_view, open_conn, parallel
 from failover import dsl_cut_mid_download
-from mcpool_tools.lab import Lab, Topology
+from mcpool_tools.lab import Lab
 from support import requires_netns
 from test_cluster import KB, check_on_one_pod, decisions, delta, wait_ready_pods
 
@@ -30,12 +29,7 @@ VIP6 = "2001:db8:255::1"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with Lab(Topology(prefix="mtk6", pods=2, director=True, vip=VIP6)) as built:
-        for pod in built.pods:
-            built.exec(pod.ns, [sys.executable, "-c", "import sys; from mcpool_proxy.kernel import steering; "
-                                "steering.teardown_pod_receive(sys.argv[1])", built.vip])  # fmt: skip
-        built.start_testserver(f"[::]:{SERVER_PORT}")
-        built.start_redis()
+    with director_lab("mtk6", vip=VIP6) as built:
         yield built
 
 
