@@ -9,8 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 IPPROTO_MPTCP = 262
 
@@ -51,3 +56,19 @@ def require_command(name: str, package: str) -> str:
     if path is None:
         pytest.fail(f"`{name}` is not installed (Debian package {package}); run scripts/install-deps.sh")
     return path
+
+
+def wait_for(condition: Callable[[], T | None], timeout_s: float = 10.0, what: str = "condition") -> T:
+    """Poll `condition` until it returns something truthy and return that; fail naming `what`.
+
+    Only for states no event announces (a kernel path manager adding a subflow, a proxy's
+    bookkeeping after a close); wherever an event exists, tests wait on the event instead.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = condition()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value {last!r}")
+        time.sleep(0.05)
+        last = condition()
+    return last

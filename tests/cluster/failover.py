@@ -12,12 +12,13 @@ import socket
 from dataclasses import dataclass
 
 from cluster_lab import CONVERT_PORT, SERVER_PORT, Cluster, CpeConn, kernel_view, wait_all_subflows
-from e2e import host_of, wait_for
+from e2e import host_of
 from mcpool_proxy.cluster.hashing import rendezvous_pick
 from mcpool_proxy.cpe.convert_client import convert_connect
 from mcpool_proxy.kernel.mptcp import get_mptcp_info, get_subflows
 from mcpool_tools.lab import Lab
 from mcpool_tools.testserver import PatternReader, pattern_sha256
+from support import wait_for
 
 SEED = 13
 

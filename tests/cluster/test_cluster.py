@@ -21,10 +21,10 @@ from cluster_lab import (
     wait_all_subflows,
     where_is,
 )
-from e2e import host_of, wait_for
+from e2e import host_of
 from mcpool_proxy.cluster.hashing import rendezvous_pick
 from mcpool_tools.lab import Lab
-from support import requires_netns
+from support import requires_netns, wait_for
 
 pytestmark = [requires_netns, pytest.mark.netns, pytest.mark.timeout(240)]
 

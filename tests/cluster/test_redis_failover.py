@@ -24,10 +24,9 @@ from pathlib import Path
 
 import pytest
 from cluster_lab import Cluster, CpeConn, open_conn, parallel, wait_all_subflows
-from e2e import wait_for
 from mcpool_tools.lab import Lab
 from redis_ha import SentinelGroup
-from support import require_command, requires_netns
+from support import require_command, requires_netns, wait_for
 
 pytestmark = [requires_netns, pytest.mark.netns, pytest.mark.timeout(180)]
 

@@ -35,11 +35,10 @@ from cluster_lab import (
     wait_all_subflows,
     where_is,
 )
-from e2e import wait_for
 from mcpool_operator.drain import drain_progress
 from mcpool_proxy.cluster.hashing import rendezvous_pick
 from mcpool_tools.lab import Lab, ProxyProcess, in_netns
-from support import requires_netns
+from support import requires_netns, wait_for
 
 pytestmark = [requires_netns, pytest.mark.netns, pytest.mark.timeout(180)]
 

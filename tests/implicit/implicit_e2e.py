@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import re
 import socket
-import time
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from mcpool_proxy.kernel.mptcp import IPPROTO_MPTCP
@@ -23,18 +21,6 @@ MARK_SCRIPT = (
     "add table inet mtimark; add chain inet mtimark p { type filter hook postrouting priority mangle; }; "
     "add rule inet mtimark p meta mark 0x28 ip6 dscp set af11; add rule inet mtimark p meta mark 0x28 ip dscp set af11"
 )
-
-
-def wait_for(condition: Callable[[], T | None], timeout_s: float = 10.0, what: str = "condition") -> T:
-    """Poll `condition` until truthy (only where no event exists: a kernel PM adding a subflow)."""
-    deadline = time.monotonic() + timeout_s
-    last = condition()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value {last!r}")
-        time.sleep(0.05)
-        last = condition()
-    return last
 
 
 def mcp_config(lab: ImplicitLab, **overrides: Any) -> dict[str, Any]:

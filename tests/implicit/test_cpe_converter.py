@@ -22,12 +22,11 @@ from implicit_e2e import (
     request_download,
     server_subflows_for,
     tcp_peers,
-    wait_for,
 )
 from mcpool_proxy.kernel.tproxy import CPE_TABLE, MCP_TABLE
 from mcpool_tools.lab import ImplicitLab, ProxyProcess
 from mcpool_tools.testserver import PatternReader, pattern_chunks, pattern_sha256
-from support import requires_netns
+from support import requires_netns, wait_for
 
 pytestmark = [requires_netns, pytest.mark.netns]
 

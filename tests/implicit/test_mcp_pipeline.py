@@ -28,12 +28,11 @@ from implicit_e2e import (
     proxy_connection,
     request_download,
     tcp_peers,
-    wait_for,
 )
 from mcpool_proxy.kernel.tproxy import MCP_TABLE
 from mcpool_tools.lab import ImplicitLab, ProxyProcess
 from mcpool_tools.testserver import PatternReader, pattern_sha256
-from support import requires_netns
+from support import requires_netns, wait_for
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "ops"))
 from ops_helpers import environment, logs, otel_env, sample, scrape  # noqa: E402

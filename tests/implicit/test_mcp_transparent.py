@@ -23,11 +23,10 @@ from implicit_e2e import (
     request_download,
     server_subflows_for,
     tcp_peers,
-    wait_for,
 )
 from mcpool_proxy.kernel.tproxy import MCP_TABLE
 from mcpool_tools.lab import ImplicitLab, ProxyProcess
-from support import requires_netns
+from support import requires_netns, wait_for
 
 pytestmark = [requires_netns, pytest.mark.netns]
 

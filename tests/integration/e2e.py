@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import re
 import socket
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from mcpool_tools.lab import Lab, ProxyProcess
 from mcpool_tools.testserver import PatternReader, pattern_chunks, pattern_sha256, recv_all_sha256
+from support import wait_for
 
 T = TypeVar("T")
 
@@ -23,22 +22,6 @@ CONVERT_PORT = 5124
 SOCKS5_PORT = 1080
 SERVER_PORT = 8000  # plain TCP test server in srv
 MPTCP_SERVER_PORT = 8001  # MPTCP test server in srv
-
-
-def wait_for(condition: Callable[[], T | None], timeout_s: float = 10.0, what: str = "condition") -> T:
-    """Poll `condition` until it returns something truthy; fail with `what` after the timeout.
-
-    Used only where no event exists to wait on (a kernel PM creating a subflow, a proxy's
-    bookkeeping after a close).
-    """
-    deadline = time.monotonic() + timeout_s
-    last = condition()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value {last!r}")
-        time.sleep(0.05)
-        last = condition()
-    return last
 
 
 def host_of(addr: str) -> str:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from e2e import MPTCP_SERVER_PORT, SERVER_PORT, kernel_subflows, wait_for
+from e2e import MPTCP_SERVER_PORT, SERVER_PORT, kernel_subflows
 from mcpool_tools.lab import Lab, LinkShaping, Topology, existing_namespaces
 from mcpool_tools.testserver import (
     pattern_bytes,
@@ -20,7 +20,7 @@ from mcpool_tools.testserver import (
     recv_all_sha256,
     send_pattern,
 )
-from support import requires_netns
+from support import requires_netns, wait_for
 
 MB = 1_000_000
 IPPROTO_MPTCP = 262

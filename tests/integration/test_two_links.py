@@ -28,14 +28,13 @@ from e2e import (
     proxy_conn_for,
     served_normally,
     upload_and_reply,
-    wait_for,
     wait_two_subflows,
 )
 from mcpool_proxy.cpe.convert_client import ConvertRefused
 from mcpool_proxy.kernel.mptcp import fastopen_used, get_mptcp_info, get_subflows
 from mcpool_tools.lab import Lab, ProxyProcess
 from mcpool_tools.testserver import pattern_sha256
-from support import requires_netns
+from support import requires_netns, wait_for
 
 pytestmark = [requires_netns, pytest.mark.netns]
 

@@ -9,8 +9,7 @@ import itertools
 import json
 import os
 import socket
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 from mcpool_proxy.cpe.convert_client import convert_connect
@@ -18,6 +17,7 @@ from mcpool_proxy.cpe.socks5_client import socks5_connect
 from mcpool_tools.lab import Lab, ProxyProcess
 from mcpool_tools.testserver import pattern_sha256, recv_all_sha256
 from prometheus_client.parser import text_string_to_metric_families
+from support import wait_for
 
 T = TypeVar("T")
 
@@ -34,18 +34,6 @@ def next_ports() -> tuple[int, int, int]:
     """(convert, socks5, admin) ports nobody else in this session uses."""
     base = next(_ports)
     return base, base + 1, base + 2
-
-
-def wait_for(condition: Callable[[], T | None], timeout_s: float = 10.0, what: str = "condition") -> T:
-    """Poll until `condition` is truthy (only where there is no event to wait on)."""
-    deadline = time.monotonic() + timeout_s
-    last = condition()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last {last!r}")
-        time.sleep(0.05)
-        last = condition()
-    return last
 
 
 @contextlib.contextmanager

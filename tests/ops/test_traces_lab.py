@@ -29,10 +29,9 @@ from ops_helpers import (
     sample,
     scrape,
     start_proxy,
-    wait_for,
     wait_subflows,
 )
-from support import requires_netns
+from support import requires_netns, wait_for
 
 pytestmark = [requires_netns, pytest.mark.netns]
 
