@@ -802,6 +802,35 @@ def onpath_cleanup_name(pool: Pool) -> str:
     return f"{pool.name}-onpath-cleanup"
 
 
+def _cleanup_daemonset(ds: dict[str, Any], pool: Pool, component: str, cleanup: dict[str, Any],
+                       idle_args: list[str], idle_mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Turn a node DaemonSet `ds` into its cleanup twin: same nodes, host network and config, but
+    `cleanup` (the real container with `--cleanup-only`) as init container and a container that
+    only idles (`idle_args`), so a Ready pod means its node is clean."""
+    ds["metadata"]["name"] = f"{pool.name}-{component}"
+    ds["metadata"]["labels"] = labels(pool, component)
+    ds["spec"]["selector"] = {"matchLabels": selector_labels(pool, component)}
+    template = ds["spec"]["template"]
+    template["metadata"] = {"labels": labels(pool, component)}
+    pod_spec = template["spec"]
+    real = pod_spec["containers"][0]
+    idle: dict[str, Any] = {
+        "name": "done",
+        "image": real["image"],
+        "imagePullPolicy": real["imagePullPolicy"],
+        "command": ["mcpool"],
+        "args": idle_args,
+        "securityContext": _container_security([]),
+        "resources": {"requests": {"cpu": "1m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+    }
+    if idle_mounts:
+        idle["volumeMounts"] = idle_mounts
+    pod_spec["initContainers"] = [cleanup]
+    pod_spec["containers"] = [idle]
+    pod_spec["terminationGracePeriodSeconds"] = 5
+    return ds
+
+
 def build_onpath_cleanup_daemonset(pool: Pool) -> dict[str, Any]:
     """Runs `mcpool proxy --cleanup-only` on every node an on-path MCP of the pool may have run on
     (same nodeSelector and tolerations, host network, the on-path ConfigMap and the node's
@@ -810,31 +839,16 @@ def build_onpath_cleanup_daemonset(pool: Pool) -> dict[str, Any]:
     one that was killed (OOM, a grace period exceeded). Made when the pool is deleted or turns
     onPath off, deleted once every pod is Ready."""
     ds = build_onpath_daemonset(pool)
-    ds["metadata"]["name"] = onpath_cleanup_name(pool)
-    ds["metadata"]["labels"] = labels(pool, "onpath-cleanup")
-    ds["spec"]["selector"] = {"matchLabels": selector_labels(pool, "onpath-cleanup")}
-    template = ds["spec"]["template"]
-    template["metadata"] = {"labels": labels(pool, "onpath-cleanup")}
-    pod_spec = template["spec"]
-    proxy = pod_spec["containers"][0]
+    proxy = ds["spec"]["template"]["spec"]["containers"][0]
     cleanup = {key: value for key, value in proxy.items()
                if key not in ("ports", "livenessProbe", "readinessProbe", "resources")}  # fmt: skip
     cleanup["name"] = "cleanup"
     cleanup["args"] = [*proxy["args"], "--cleanup-only"]
-    idle = {
-        "name": "done",
-        "image": proxy["image"],
-        "imagePullPolicy": proxy["imagePullPolicy"],
-        "command": ["mcpool"],
-        "args": ["proxy", "--config", f"{ONPATH_CONFIG_DIR}/onpath.yaml", "--idle"],
-        "securityContext": _container_security([]),
-        "resources": {"requests": {"cpu": "1m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
-        "volumeMounts": [{"name": "config", "mountPath": ONPATH_CONFIG_DIR, "readOnly": True}],
-    }
-    pod_spec["initContainers"] = [cleanup]
-    pod_spec["containers"] = [idle]
-    pod_spec["terminationGracePeriodSeconds"] = 5
-    return ds
+    return _cleanup_daemonset(
+        ds, pool, "onpath-cleanup", cleanup,
+        ["proxy", "--config", f"{ONPATH_CONFIG_DIR}/onpath.yaml", "--idle"],
+        [{"name": "config", "mountPath": ONPATH_CONFIG_DIR, "readOnly": True}],
+    )  # fmt: skip
 
 
 def director_cleanup_name(pool: Pool) -> str:
@@ -847,28 +861,11 @@ def build_director_cleanup_daemonset(pool: Pool, *, image: str | None = None) ->
     container: a Ready pod means its node holds nothing of the pool any more. Made when the pool
     is deleted or leaves mechanism 'director', deleted once every pod is Ready."""
     ds = build_director_daemonset(pool, image=image)
-    ds["metadata"]["name"] = director_cleanup_name(pool)
-    ds["metadata"]["labels"] = labels(pool, "director-cleanup")
-    ds["spec"]["selector"] = {"matchLabels": selector_labels(pool, "director-cleanup")}
-    template = ds["spec"]["template"]
-    template["metadata"] = {"labels": labels(pool, "director-cleanup")}
-    pod_spec = template["spec"]
-    director = pod_spec["containers"][0]
+    director = ds["spec"]["template"]["spec"]["containers"][0]
     cleanup = {**director, "name": "cleanup",
                "args": ["director", "--config", f"{DIRECTOR_CONFIG_DIR}/director.yaml", "--cleanup-only"]}  # fmt: skip
-    idle = {
-        "name": "done",
-        "image": director["image"],
-        "imagePullPolicy": director["imagePullPolicy"],
-        "command": ["mcpool"],
-        "args": ["director", "--config", f"{DIRECTOR_CONFIG_DIR}/director.yaml", "--idle"],
-        "securityContext": _container_security([]),
-        "resources": {"requests": {"cpu": "1m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
-    }
-    pod_spec["initContainers"] = [cleanup]
-    pod_spec["containers"] = [idle]
-    pod_spec["terminationGracePeriodSeconds"] = 5
-    return ds
+    return _cleanup_daemonset(ds, pool, "director-cleanup", cleanup,
+                              ["director", "--config", f"{DIRECTOR_CONFIG_DIR}/director.yaml", "--idle"], [])  # fmt: skip
 
 
 # --- everything --------------------------------------------------------------------------------
