@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,7 +197,6 @@ class Supervisor:
         self._draining = False
         self.drain_started: float | None = None
         self.failure: str | None = None
-        self._signals = 0  # SIGTERMs forwarded so far
         self._stopping = asyncio.Event()  # drain or failure: no more restarts
         self._tasks: set[asyncio.Task[Any]] = set()
         self.exit_status = 0
@@ -235,7 +234,13 @@ class Supervisor:
             for worker in self.workers:
                 worker.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=worker.admin_path),
                                                        timeout=aiohttp.ClientTimeout(total=_ASK_TIMEOUT_S))
-            await asyncio.gather(*(self._spawn(worker) for worker in self.workers))
+            try:
+                # A TaskGroup: one worker failing to start cancels the others' waits.
+                async with asyncio.TaskGroup() as group:
+                    for worker in self.workers:
+                        group.create_task(self._spawn(worker))
+            except ExceptionGroup as failed:
+                raise failed.exceptions[0] from None
             if self.config.admin is not None:
                 host, port = split_hostport(self.config.admin)
                 self.admin = AdminServer(self, "127.0.0.1" if host == "localhost" else host, port,
@@ -371,7 +376,6 @@ class Supervisor:
 
     def request_drain(self) -> None:
         """SIGTERM / POST /drain: unready now, each worker drains; again: each exits at once."""
-        self._signals += 1
         if not self._draining:
             self._draining = True
             self.drain_started = time.time()
@@ -539,6 +543,20 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class _WorkerField(logging.Filter):
+    """Adds `worker` (the index) to every log line of a worker process: the pod's log interleaves
+    all workers'."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = getattr(record, "fields", None)
+        record.fields = {"worker": self.index, **fields} if isinstance(fields, Mapping) else {"worker": self.index}
+        return True
+
+
 def worker_main(argv: list[str]) -> int:
     """One worker: the proxy of `server.run` on the inherited listeners, admin on a Unix socket,
     without the pod-wide parts (affinity, admission filter), which the supervisor runs."""
@@ -559,6 +577,8 @@ def worker_main(argv: list[str]) -> int:
         "affinity": config.affinity.model_copy(update={"mechanism": "none"}),
     })
     configure_logging(config.log_level)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerField(args.index))
     listeners: dict[str, socket.socket] = {}
     for item in args.listener:
         key, _, fd = item.partition("=")
