@@ -76,7 +76,8 @@ from .kernel.mptcp import create_listener
 from .kernel.sysctl import apply_kernel_settings
 from .observe.admin import AdminServer
 
-__all__ = ["FAILURE_WINDOW_S", "MAX_FAILURES", "RESTART_DELAY_S", "Supervisor", "merge_metrics", "run_supervisor"]
+__all__ = ["FAILURE_WINDOW_S", "MAX_FAILURES", "RESTART_DELAY_S", "Supervisor", "merge_metrics", "run_supervisor",
+           "worker_share"]
 
 log = logging.getLogger("mcpool.proxy.workers")
 
@@ -557,6 +558,39 @@ class _WorkerField(logging.Filter):
         return True
 
 
+def _share(value: int, workers: int) -> int:
+    return max(1, -(-value // workers))
+
+
+def worker_share(config: ProxyConfig) -> ProxyConfig:
+    """`config` with every pod-wide limit cut to one worker's share (rounded up, at least 1).
+
+    The limits are configured for the pod, and the workers share no counters, so each worker
+    enforces 1/N of each: the pod as a whole then never admits more than configured (live
+    connections, handshakes, one CPE's connections, handshakes and rate, splice pipe memory).
+    The kernel spreads a CPE's connections over the workers by a hash of their ports, so a CPE
+    may meet its per-CPE limit on one worker a little before reaching the pod-wide figure: the
+    error is on the safe side.
+    """
+    n = config.workers
+    if n <= 1:
+        return config
+    policy, limits = config.policy, config.limits
+    return config.model_copy(update={
+        "policy": policy.model_copy(update={
+            "max_connections": _share(policy.max_connections, n),
+            "max_connections_per_cpe": _share(policy.max_connections_per_cpe, n),
+            "max_handshakes": _share(policy.max_handshakes, n),
+        }),
+        "limits": limits.model_copy(update={
+            "max_handshakes_per_cpe": _share(limits.max_handshakes_per_cpe, n),
+            "new_connections_per_cpe_per_s": limits.new_connections_per_cpe_per_s / n,
+            "new_connections_burst_per_cpe": _share(limits.new_connections_burst_per_cpe, n),
+            "pipe_budget_bytes": limits.pipe_budget_bytes // n,
+        }),
+    })  # fmt: skip
+
+
 def worker_main(argv: list[str]) -> int:
     """One worker: the proxy of `server.run` on the inherited listeners, admin on a Unix socket,
     without the pod-wide parts (affinity, admission filter), which the supervisor runs."""
@@ -572,7 +606,7 @@ def worker_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
     config = parse_config(json.loads(sys.stdin.read()), f"worker {args.index}")
-    config = config.model_copy(update={
+    config = worker_share(config).model_copy(update={
         "kernel": config.kernel.model_copy(update={"admission_filter": False}),
         "affinity": config.affinity.model_copy(update={"mechanism": "none"}),
     })

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from mcpool_proxy.config import MAX_WORKERS, ConfigError, parse_config
-from mcpool_proxy.workers import merge_metrics
+from mcpool_proxy.workers import merge_metrics, worker_share
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
@@ -23,6 +23,21 @@ def test_workers_refused_with_transparent_mode() -> None:
     with pytest.raises(ConfigError, match=r"workers > 1 is not supported with listen.transparent"):
         parse_config({"workers": 2, "listen": {"transparent": ["198.18.100.2:5200"]}})
     assert parse_config({"workers": 1, "listen": {"transparent": ["198.18.100.2:5200"]}}).workers == 1
+
+
+def test_each_worker_enforces_its_share_of_the_pod_limits() -> None:
+    pod = parse_config({"workers": 3,
+                        "policy": {"max_connections": 1000, "max_connections_per_cpe": 10, "max_handshakes": 64},
+                        "limits": {"max_handshakes_per_cpe": 1, "new_connections_per_cpe_per_s": 30.0,
+                                   "new_connections_burst_per_cpe": 60, "pipe_budget_bytes": 3 << 20}})  # fmt: skip
+    one = worker_share(pod)
+    # Three workers together never admit more than the pod's figure (rounded up per worker, at least 1).
+    assert (one.policy.max_connections, one.policy.max_connections_per_cpe, one.policy.max_handshakes) == (334, 4, 22)
+    assert one.limits.max_handshakes_per_cpe == 1
+    assert one.limits.new_connections_per_cpe_per_s == 10.0
+    assert one.limits.new_connections_burst_per_cpe == 20
+    assert one.limits.pipe_budget_bytes == 1 << 20
+    assert worker_share(parse_config({})) == parse_config({})  # one process: the limits as configured
 
 
 def _worker(accepted: int, active: float, joins: int, checksum: float, latency: list[float]) -> str:
