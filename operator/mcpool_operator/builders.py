@@ -34,7 +34,7 @@ from mcpool_proxy.config import (
 )
 from pydantic import BaseModel
 
-from .spec import Pool, RedisSpec
+from .spec import MAX_RENDERED_WORKERS, Pool, RedisSpec
 
 __all__ = [
     "ADMIN_PORT",
@@ -54,7 +54,9 @@ __all__ = [
     "build_service_account",
     "build_statefulset",
     "config_hash",
+    "cpu_cores",
     "pod_sysctls",
+    "proxy_workers",
     "selector_labels",
     "status_selector",
 ]
@@ -226,7 +228,44 @@ def build_proxy_config(pool: Pool, ordinal: int | None = None) -> ProxyConfig:
         drain_timeout_s=spec.drain_timeout_seconds,
         log_level=spec.log_level,
         access_paths={path.name: list(path.networks) for path in spec.access_paths},
+        workers=proxy_workers(pool),
     )
+
+
+def cpu_cores(quantity: int | float | str) -> float:
+    """A Kubernetes CPU quantity in cores: 2, "1.5", "1500m", "2k" (rare, but valid);
+    ValueError if it is none."""
+    text = str(quantity).strip()
+    suffixes = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}
+    factor = 1.0
+    if text and text[-1] in suffixes:
+        factor, text = suffixes[text[-1]], text[:-1]
+    try:
+        value = float(text) * factor
+    except ValueError:
+        raise ValueError(f"{quantity!r} is not a CPU quantity") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{quantity!r} is not a CPU quantity")
+    return value
+
+
+def proxy_workers(pool: Pool) -> int:
+    """The proxy's `workers`: spec.workers if set, else the pod's whole cores (limits.cpu, else
+    requests.cpu, rounded down), at least 1 and at most MAX_RENDERED_WORKERS; 1 with no CPU
+    given. A worker is one Python process and uses one core at most, so fewer workers than
+    cores leaves CPU unused and more only adds contention."""
+    spec = pool.spec
+    if spec.workers is not None:
+        return spec.workers
+    resources = spec.resources
+    cpu = resources.limits.get("cpu", resources.requests.get("cpu"))
+    if cpu is None:
+        return 1
+    try:
+        cores = cpu_cores(cpu)
+    except ValueError:
+        return 1  # the API server validated the quantity; a form this parser misses is one core
+    return max(1, min(MAX_RENDERED_WORKERS, int(cores)))
 
 
 def _config_file_names(pool: Pool) -> list[tuple[str, int | None]]:

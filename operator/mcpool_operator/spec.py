@@ -68,6 +68,11 @@ DEFAULT_IMAGE = "ghcr.io/mptcp-dev/mcpool:0.1.0"
 # most 63 characters and StatefulSet pods carry "<pool>-<hash>" revision labels.
 MAX_POOL_NAME_LENGTH = 40
 MAX_REPLICAS = 1000
+# Proxy worker processes per pod: an explicit `workers` up to the proxy's own bound (its config's
+# MAX_WORKERS); rendered from the pod's CPU, at most MAX_RENDERED_WORKERS (past that many Python
+# processes one larger pod is better split into more pods: each worker holds its own state).
+MAX_WORKERS = 64
+MAX_RENDERED_WORKERS = 16
 POOL_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # A director forwards to each pod through one slot of its packet mark (8 bits, slot 0 unused:
 # kernel/steering.py MAX_SLOTS); a pod beyond would get no slot and its flows would be dropped.
@@ -660,6 +665,15 @@ class MCPPoolSpec(_Spec):
     kernel: KernelSpec = Field(default_factory=KernelSpec, description=KernelSpec.__doc__)
     service: ServiceSpec = Field(default_factory=ServiceSpec, description=ServiceSpec.__doc__)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description=ResourcesSpec.__doc__)
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_WORKERS,
+        description="Proxy worker processes per pod (one SO_REUSEPORT listener group; each worker "
+        "uses one core). Unset: from the pod's CPU, resources.limits.cpu else resources.requests.cpu, "
+        f"rounded down, at least 1 and at most {MAX_RENDERED_WORKERS}; 1 without either. On-path "
+        "(implicit) pools always run 1.",
+    )
     node_selector: dict[str, LabelValue] = Field(
         default_factory=dict, description="Node labels the MCP pods must run on."
     )

@@ -12,6 +12,8 @@ server, and prints exactly `mcpool-proxy ready` on stdout. `--cleanup-only` inst
 killed proxy of that configuration left in the network namespace (`server.cleanup_kernel`) and
 exits; `--idle` then waits for SIGTERM (the operator's on-path node cleanup: a Ready pod means a
 clean node).
+
+With `workers` > 1 this process supervises that many worker processes instead (`workers.py`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,12 @@ def proxy_main(argv: list[str]) -> int:
         print(f"event_loop: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("mcpool.proxy").debug("event loop: %s", loop_name)
+    if config.workers > 1:
+        # N worker processes on one SO_REUSEPORT listener group, this process their supervisor.
+        from .workers import run_supervisor
+
+        with asyncio.Runner() as runner:
+            return runner.run(run_supervisor(config, ready=announce))
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(run(config, ready=announce))
 

@@ -54,6 +54,7 @@ __all__ = [
     "split_redis_address",
     "DEFAULT_DENIED_DESTINATIONS",
     "DEFAULT_PRIVATE_DESTINATIONS",
+    "MAX_WORKERS",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -473,6 +474,9 @@ def split_resolver_server(value: str) -> tuple[str, int]:
 # The director's tunnel to the pods (kernel/steering.py): both ends must agree on the UDP port and
 # on the MAC of the pod's receive device, so the defaults are named once, here, for both configs.
 DEFAULT_VXLAN_PORT = 4789
+# The most worker processes one pod may run (`workers`); the operator caps what it renders from
+# the pod's CPU at the same figure.
+MAX_WORKERS = 64
 DEFAULT_POD_MAC = "02:6d:63:70:00:01"
 
 
@@ -772,6 +776,14 @@ class ProxyConfig(_Model):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Log verbosity; logs are JSON lines on stderr when it is not a terminal."
     )
+    workers: int = Field(
+        default=1, ge=1, le=MAX_WORKERS,
+        description="Worker processes of this pod, each with its own listeners on the same addresses "
+        "(SO_REUSEPORT: the kernel spreads new connections over them; an MP_JOIN finds its connection by "
+        "token in whichever worker owns it). 1: one process, no supervisor. Above 1 the `mcpool proxy` "
+        "process supervises them: it serves the admin port (the pod's totals), runs the affinity and the "
+        "admission filter, and restarts a worker that dies. Not with `listen.transparent` yet.",
+    )
     event_loop: Literal["asyncio", "uvloop", "auto"] = Field(
         default="asyncio",
         description="The event loop: `asyncio` (the standard library's), `uvloop` (libuv), or `auto`: uvloop "
@@ -786,6 +798,17 @@ class ProxyConfig(_Model):
             if split_hostport(self.transparent.join_address)[1] in {split_hostport(a)[1] for a in self.listen.transparent}:
                 # The kernel opens its own join listener on the announced port: same port, EADDRINUSE.
                 raise ValueError("transparent.join_address needs a port different from listen.transparent's")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_modes(self) -> ProxyConfig:
+        if self.workers > 1 and self.listen.transparent:
+            # Implicit mode's listeners are (re)bound by each proxy with its own retry timer and
+            # the classification table, policy routing and join endpoint are installed and removed
+            # by the process that binds them: one process per pod until they are split.
+            raise ValueError(
+                "workers > 1 is not supported with listen.transparent (implicit mode) yet: set workers: 1"
+            )
         return self
 
     def to_yaml(self) -> str:

@@ -45,6 +45,7 @@ from .connections import Connection, ConnectionObserver, ConnectionTable, Mode
 from .fronts import FRONTS, Destination, Front, Handshake
 from .kernel.admission import install_script, preinstalled, remove_admission, ruleset_for
 from .kernel.mptcp import (
+    IPPROTO_MPTCP,
     create_listener,
     get_mptcp_info,
     get_mptcp_token,
@@ -134,8 +135,15 @@ class Proxy:
         watch_subflows: bool = True,
         mptcp_events: MptcpEventHub | None = None,
         connector: Connector | None = None,
+        listeners: dict[str, socket.socket] | None = None,
+        admin_path: str | None = None,
     ) -> None:
         self.config = config
+        # A worker process (`workers.py`): its listening sockets, already bound (SO_REUSEPORT)
+        # by the supervisor, by key (`convert`, `socks5`); and its admin server's Unix socket,
+        # which the supervisor's admin port reads, instead of `config.admin`.
+        self._inherited = dict(listeners or {})
+        self.admin_path = admin_path
         # How the upstream room connects (the CPE converter brings its own: marked MPTCP, or a
         # Convert handshake with a converter); default `upstream.connect_upstream`.
         self.connector = connector
@@ -241,7 +249,10 @@ class Proxy:
                     self._listen(protocol, address)
             if self.config.listen.transparent:
                 self._start_transparent()
-            if self.config.admin is not None:
+            if self.admin_path is not None:
+                self.admin = AdminServer(self, "", 0, path=self.admin_path)
+                await self.admin.start()
+            elif self.config.admin is not None:
                 host, port = split_hostport(self.config.admin)
                 self.admin = AdminServer(
                     self, "127.0.0.1" if host == "localhost" else host, port, self.config.admin_trusted_clients
@@ -301,11 +312,16 @@ class Proxy:
         host, port = split_hostport(address)
         if host == "localhost":
             host = "127.0.0.1"
-        # "::" serves IPv4 clients too (as IPv4-mapped addresses, which policy unwraps).
-        sock, is_mptcp = create_listener(
-            host, port, backlog=self.config.listen.backlog, fastopen_queue=self.config.listen.fastopen_queue,
-            transparent=protocol == "transparent",
-        )
+        key = key or protocol
+        inherited = self._inherited.pop(key, None)
+        if inherited is not None:
+            sock, is_mptcp = inherited, inherited.proto == IPPROTO_MPTCP
+        else:
+            # "::" serves IPv4 clients too (as IPv4-mapped addresses, which policy unwraps).
+            sock, is_mptcp = create_listener(
+                host, port, backlog=self.config.listen.backlog, fastopen_queue=self.config.listen.fastopen_queue,
+                transparent=protocol == "transparent",
+            )
         if not is_mptcp:
             if self.config.kernel.require_mptcp:
                 sock.close()
@@ -320,7 +336,6 @@ class Proxy:
                 protocol,
             )
         bound = sock.getsockname()
-        key = key or protocol
         # TCP_NODELAY and the keepalive settings are copied to every connection the listener
         # accepts (TCP and MPTCP alike; tests/proxy/test_setup_cost.py reads them back on an
         # accepted socket): set once here, not with several setsockopt calls per connection.
@@ -939,11 +954,13 @@ def cleanup_kernel(config: ProxyConfig) -> list[str]:
 
 
 # -- main -----------------------------------------------------------------------------------------
-async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None) -> int:
-    """Run a proxy until SIGTERM/SIGINT (or POST /drain); the process's exit status."""
+async def run(config: ProxyConfig, *, ready: Callable[[], None] | None = None,
+              listeners: dict[str, socket.socket] | None = None, admin_path: str | None = None) -> int:
+    """Run a proxy until SIGTERM/SIGINT (or POST /drain); the process's exit status.
+    `listeners` and `admin_path`: a worker process's (see `Proxy` and `workers.py`)."""
     loop = asyncio.get_running_loop()
     telemetry = Telemetry.from_environment(config)
-    proxy = Proxy(config, telemetry=telemetry)
+    proxy = Proxy(config, telemetry=telemetry, listeners=listeners, admin_path=admin_path)
     try:
         await proxy.start()
     except OSError as exc:

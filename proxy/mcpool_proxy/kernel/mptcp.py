@@ -640,7 +640,7 @@ def set_mark(sock: socket.socket, mark: int) -> None:
 
 
 def create_listener(host: str, port: int, *, backlog: int, fastopen_queue: int, mptcp: bool = True,
-                    transparent: bool = False) -> tuple[socket.socket, bool]:
+                    transparent: bool = False, reuseport: bool = False) -> tuple[socket.socket, bool]:
     """A non-blocking listening socket on (host, port): MPTCP where the kernel has it (TCP clients
     are accepted either way), with TCP Fast Open when `fastopen_queue` > 0. Returns (sock,
     is_mptcp); raises OSError (e.g. EADDRINUSE) after closing what it opened.
@@ -648,12 +648,18 @@ def create_listener(host: str, port: int, *, backlog: int, fastopen_queue: int, 
     Bound to "::" it is dual-stack (IPv4 clients arrive as IPv4-mapped addresses); bound to any
     other IPv6 address it is IPv6 only. `transparent`: an IP_TRANSPARENT listener, to which TPROXY
     hands connections for other addresses (`set_transparent`); `mptcp=False`: plain TCP.
+    `reuseport`: SO_REUSEPORT, so several listeners (one per worker process) share the address
+    and the kernel spreads new connections over them by a hash of the 4-tuple; MPTCP listeners
+    accept it (applied to the listening subflow; measured on 6.18), and an MP_JOIN still finds
+    its connection by token, whichever listener of the group the hash picks.
     """
     ip = ipaddress.ip_address(host)
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
     sock, is_mptcp = create_socket(family, mptcp=mptcp)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if transparent:
             set_transparent(sock)
         if family == socket.AF_INET6:
