@@ -37,7 +37,7 @@ from cluster_lab import (
 )
 from e2e import wait_for
 from mcpool_operator.drain import drain_progress
-from mcpool_proxy.cluster.hashing import rendezvous_pick
+from mcpool_proxy.cluster.hashing import initial_pick
 from mcpool_tools.lab import Lab, ProxyProcess, in_netns
 from support import requires_netns
 
@@ -113,8 +113,8 @@ def test_drain_behind_the_director_cuts_nothing(lab: Lab, cluster: Cluster, even
     wait_for(
         lambda: table_entries(lab, "ready_pods") == 2, 15, "2 ready pods in the director's table"
     )
-    old = rendezvous_pick(cluster.names, lab.cpe_dsl_ip)
-    other = rendezvous_pick(cluster.names, lab.cpe_lte_ip)
+    old = initial_pick(cluster.names, lab.cpe_dsl_ip, "lab")
+    other = initial_pick(cluster.names, lab.cpe_lte_ip, "lab")
     assert old is not None and other is not None and old != other
     old_ns = cluster.pod_ns(old)
 

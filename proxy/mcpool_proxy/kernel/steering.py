@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT
+from .bucketmap import BUCKET_MAP
 from .sysctl import (
     SYSCTL_IPV4_FORWARD,
     SYSCTL_IPV6_FORWARDING,
@@ -65,7 +66,7 @@ from .sysctl import (
     read_sysctl,
     write_sysctl,
 )
-from .tokenmap import TOKEN_MAP
+from .tokenmap import CPE_MAP, TOKEN_MAP
 
 __all__ = [
     "DEFAULT_POD_MAC",
@@ -74,6 +75,7 @@ __all__ = [
     "POD_RX_DEVICE",
     "RULE_PREF",
     "SLOT_DEVICE_PREFIX",
+    "InitialHash",
     "SynLimits",
     "table_owner",
     "director_ruleset",
@@ -104,6 +106,7 @@ FLOWS6_KEY = "tcp sport . tcp dport . ip6 saddr"
 MARK_INITIAL = 0x1
 MARK_JOIN = 0x2
 MAX_SLOTS = 255
+BUCKET_MAP_SIZE = 65536  # most buckets a director may be configured with (hashing.MAX_BUCKETS)
 
 
 def run(cmd: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
@@ -141,16 +144,19 @@ def director_ruleset(
     max_tokens: int = 1_048_576,
     owner: str = "",
     syn_limits: SynLimits | None = None,
+    initial: InitialHash | None = None,
+    max_cpes: int = 1_048_576,
 ) -> str:
     """The director's nftables table (an `nft -f` script). Pure; re-applying it keeps the flows.
 
     The `flows` map is declared with `add` and never flushed, so restarting the director keeps
-    every live subflow steered; only the chains are replaced.
+    every live subflow steered; only the chains are replaced (the token, CPE and bucket maps keep
+    their elements too). `initial` None: no initial SYN is decided in the kernel (all are queued).
     """
     fam, addr_type = _family(vip)
     v6 = fam == "ip6"
     limits = syn_limits if syn_limits is not None else SynLimits()
-    initial, join = queue_marks(mark_base)
+    initial_mark, join = queue_marks(mark_base)
     match = f"{fam} daddr {vip} tcp dport {{ {', '.join(str(p) for p in sorted(set(ports)))} }}"
     owned = f"meta mark & 0xffff0000 == {mark_base:#010x}"
     comment = owner.replace('"', "")
@@ -164,6 +170,13 @@ def director_ruleset(
         f"add map inet {table} {TOKEN_MAP} {{ typeof tcp option @30,32,32 : meta mark; flags timeout; "
         f"timeout 1h; size {max_tokens}; }}",
         f"add counter inet {table} token_hit",
+        f"add counter inet {table} cpe_hit",
+        f"add counter inet {table} bucket_hit",
+        # CPE address -> mark of the ready pod holding its live connections (kernel/tokenmap.py
+        # CpeMap), and bucket -> pod mark (kernel/bucketmap.py). Both written by the director
+        # only; the bucket map's elements have no timeout (it is rewritten as the pods change).
+        f"add map inet {table} {CPE_MAP} {{ type {addr_type} : mark; flags timeout; timeout 1h; size {max_cpes}; }}",
+        f"add map inet {table} {BUCKET_MAP} {{ type mark : mark; size {BUCKET_MAP_SIZE}; }}",
         f"add counter inet {table} restored",
         f"add counter inet {table} queued_initial",
         f"add counter inet {table} queued_join",
@@ -204,7 +217,8 @@ def director_ruleset(
         f"    {match} tcp flags & (syn | ack) == syn tcp option mptcp subtype 1 "
         f"meta mark set tcp option @30,32,32 map @{TOKEN_MAP} counter name token_hit accept",
         f"    {match} tcp flags & (syn | ack) == syn tcp option mptcp subtype 1 meta mark set {join:#010x} counter name queued_join accept",
-        f"    {match} tcp flags & (syn | ack) == syn meta mark set {initial:#010x} counter name queued_initial accept",
+        *_initial_rules(match, fam, initial),
+        f"    {match} tcp flags & (syn | ack) == syn meta mark set {initial_mark:#010x} counter name queued_initial accept",
         restore,
         f"    {match} counter name unknown_flow drop",
         "  }",
@@ -230,6 +244,39 @@ def director_ruleset(
         ]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class InitialHash:
+    """How the kernel hashes an initial SYN into a bucket: `jhash <saddr> mod buckets seed seed`
+    (cluster/hashing.py BucketHash computes the same in userspace)."""
+
+    buckets: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.buckets <= BUCKET_MAP_SIZE:
+            raise ValueError(f"buckets must be in 1..{BUCKET_MAP_SIZE}, not {self.buckets}")
+        if not 0 <= self.seed <= 0xFFFFFFFF:
+            raise ValueError(f"bucket seed must be a 32-bit value, not {self.seed}")
+
+
+def _initial_rules(match: str, fam: str, initial: InitialHash | None) -> list[str]:
+    """An initial SYN decided in the kernel: its CPE's pod if the CPE map has it, else its bucket's.
+
+    The bucket rule first writes the hash into the mark, then maps the mark: nft 1.0.6 refuses a
+    `jhash ... map @named` whose map is not `typeof jhash`, and a `typeof jhash` map makes `nft
+    list` crash (segfault, measured). A miss leaves the hash in the mark; the queue rule after it
+    overwrites it, so a hash never reaches the queue or the `remember` chain as a pod mark.
+    """
+    if initial is None:
+        return []
+    syn = f"{match} tcp flags & (syn | ack) == syn"
+    return [
+        f"    {syn} meta mark set {fam} saddr map @{CPE_MAP} counter name cpe_hit accept",
+        f"    {syn} meta mark set jhash {fam} saddr mod {initial.buckets} seed {initial.seed:#010x} "
+        f"meta mark set meta mark map @{BUCKET_MAP} counter name bucket_hit accept",
+    ]
 
 
 @dataclass(frozen=True)
@@ -303,6 +350,7 @@ def install_director(
     table: str = NFT_TABLE,
     owner: str = "",
     syn_limits: SynLimits | None = None,
+    initial: InitialHash | None = None,
 ) -> None:
     """Install (idempotently) the nft table, the NFQUEUE rule and forwarding sysctls.
 
@@ -325,7 +373,8 @@ def install_director(
         # Fatal only because the value is still wrong (write_sysctl reads first).
         raise RuntimeError(f"{forwarding} is not 1 and cannot be set: the director cannot forward")
     run(["nft", "-f", "-"], stdin=director_ruleset(vip, ports, mark_base, forward, flow_idle_timeout_s,
-                                                   table=table, owner=owner, syn_limits=syn_limits))  # fmt: skip
+                                                   table=table, owner=owner, syn_limits=syn_limits,
+                                                   initial=initial))  # fmt: skip
     rule = _queue_rule(mark_base, queue_num)
     xt = _xtables(vip)
     if subprocess.run([xt, rule[0], rule[1], "-C", *rule[2:]], capture_output=True).returncode != 0:
