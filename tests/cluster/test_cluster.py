@@ -9,6 +9,7 @@ address) can put a join on its connection's pod. Every transfer is checked by co
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -46,6 +47,22 @@ def table_entries(lab: Lab, kind: str) -> float:
 
 def wait_ready_pods(lab: Lab, n: int, timeout_s: float = 15.0) -> None:
     wait_for(lambda: table_entries(lab, "ready_pods") == n, timeout_s, f"{n} ready pods in the director's table")
+
+
+def bucket_map_marks(lab: Lab) -> list[int]:
+    """The marks of the director's kernel bucket map, one per filled bucket."""
+    out = json.loads(lab.exec("dir", ["nft", "-j", "list", "map", "inet", "mcpool_director", "buckets"]).stdout)
+    return [int(mark) for item in out["nftables"] for _, mark in item.get("map", {}).get("elem", [])]
+
+
+def wait_bucket_map(lab: Lab, pods: int, buckets: int = 4096, timeout_s: float = 15.0) -> None:
+    """Until every bucket of the director's kernel map is given to one of `pods` pods (from then on
+    initial SYNs are decided by nftables alone)."""
+    def filled() -> bool:
+        marks = bucket_map_marks(lab)
+        return len(marks) == buckets and len(set(marks)) == pods
+
+    wait_for(filled, timeout_s, f"the director's bucket map over {pods} pods")
 
 
 def open_many(lab: Lab, sources: list[str]) -> list[CpeConn]:

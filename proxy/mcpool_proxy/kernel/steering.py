@@ -1,28 +1,45 @@
 """Every kernel object the director and its pods need, named once: nftables, xtables, routes, tunnels.
 
-Only SYNs to the VIP reach userspace. The packet path in the director's namespace:
+Only SYNs to the VIP can reach userspace, and most do not. The packet path in the director's
+namespace, in order: steps 0-5 are the rules of nft `steer` (prerouting, priority -200), the
+first that matches decides; then the xtables queue rule, nft `remember`, and forwarding.
 
-0. nft `steer` first rate-limits SYNs to the VIP (the queue to userspace is the director's SYN
+0. SYN admission: nft rate-limits SYNs to the VIP (the queue to userspace is the director's SYN
    queue, `queue_max_len` deep, decided by one Python thread): per source address (IPv6: per
    /64) and in total; a SYN over either limit is dropped in the kernel and counted
    (`syn_over_source`, `syn_over_total`), so one flooding source cannot fill the queue for all.
-1. nft `steer` (prerouting, priority -200): an MP_JOIN SYN (`tcp option mptcp subtype 1`) whose
-   token is in the `tokens` map gets its pod's mark there (counter `token_hit`: no userspace, see
-   kernel/tokenmap.py); any other MP_JOIN SYN is marked JOIN, any other SYN INITIAL; any other packet of a known flow gets its pod mark back
-   from the `flows` map (keyed by CPE address, CPE port, VIP port); anything else to the VIP is
-   an unknown flow and dropped (counted).
-2. xtables mangle (priority -150): marks JOIN/INITIAL go to NFQUEUE (`--queue-bypass`: with no
+1. MP_JOIN SYN (`tcp option mptcp subtype 1`) whose token is in the `tokens` map: its pod's mark
+   from there (counter `token_hit`; see kernel/tokenmap.py). Any other MP_JOIN SYN: mark JOIN
+   (counter `queued_join`), for the queue: userspace holds it until its token is registered.
+2. Initial SYN from a CPE in the `cpes` map (CPE address -> mark of the ready pod holding its live
+   connections): that mark (counter `cpe_hit`).
+3. Any other initial SYN: `jhash <saddr> mod B seed S` into one of B buckets, the bucket's pod
+   mark from the `buckets` map (counter `bucket_hit`; kernel/bucketmap.py). The director fills
+   that map from the ready pods by rendezvous hashing per bucket, so the decision is a pure
+   function of (pool, ready pods, CPE address): another director of the pool decides the same.
+   A bucket without an element (no ready pod; a pod without a tunnel yet; the map not written
+   since the director started) falls through to
+4. mark INITIAL (counter `queued_initial`), for the queue: userspace decides it by the same rules
+   (cluster/table.py `decide`, which computes the same bucket: cluster/hashing.py reproduces the
+   kernel's jhash).
+5. Any other packet of a known flow gets its pod mark back from the `flows` map (keyed by CPE
+   address, CPE port, VIP port; IPv6: the per-slot sets below; counter `restored`); anything else
+   to the VIP is an unknown flow and dropped (counter `unknown_flow`).
+6. xtables mangle (priority -150): marks JOIN/INITIAL go to NFQUEUE (`--queue-bypass`: with no
    director listening, SYNs pass unsteered and die, so clients retry). This kernel (6.18 as
-   built here) has no `nft queue` (CONFIG_NFT_QUEUE off), hence the xtables target.
-3. userspace sets a verdict carrying the pod's mark (`mark_base | slot << 8`).
-4. nft `remember` (priority -140): a packet with a pod mark adds/refreshes its flow in `flows`,
-   so every later packet of the subflow is steered in step 1 without userspace.
+   built here) has no `nft queue` (CONFIG_NFT_QUEUE off), hence the xtables target. Userspace
+   sets a verdict carrying the pod's mark (`mark_base | slot << 8`).
+7. nft `remember` (priority -140): a packet with a pod mark, whoever decided it (a map in steps
+   1-3, or userspace), adds/refreshes its flow in `flows`, so every later packet of the subflow
+   is steered in step 5 without userspace.
    IPv6 differs in how flows are kept (see `_flows6_script`): one dynamic set per pod slot
    (`flows6_<slot>`, no data) instead of one map, because nft 1.0.6 (Debian 12) cannot write a
    map element from the packet path whose key is longer than 16 bytes (an IPv6 address plus
    the ports is 20): the address first aborts nft, the address last silently stores a key
-   with the mark written over 4 of its bytes, so no later packet matches.
-5. forwarding by mark:
+   with the mark written over 4 of its bytes, so no later packet matches. The CPE and bucket
+   maps are not affected: their keys are 16 bytes at most (`ip6 saddr`) and only the director
+   writes them, from the control plane.
+8. forwarding by mark:
    - `vxlan` (default; the production design, direct server return): `ip rule fwmark M lookup
      T`, table T routes the VIP into a per-pod VXLAN device whose remote is the pod; a permanent
      neighbour entry gives the VIP the pod receive device's fixed MAC. The pod holds the VIP on
@@ -35,6 +52,13 @@ Only SYNs to the VIP reach userspace. The packet path in the director's namespac
    - `dnat` (lab only): nat prerouting DNATs to the pod address by mark. Correct ONLY where the
      pod's replies are routed back through the director's namespace (conntrack must un-NAT
      them); the pods then see the CPE's real source address but not the VIP.
+
+Why the flow map and not conntrack carries the decision (`ct mark`): in the vxlan mode the VIP's
+traffic is `notrack` (raw chain, priority -300), because the director sees only the CPE -> pod
+direction (direct server return) and conntrack would call such a one-directional subflow INVALID
+after its SYN; with notrack there is no conntrack entry to hold a mark at all. The flow map is
+stateless with respect to TCP and needs only what the director sees. (The dnat mode has
+conntrack, which NAT needs; it keeps the same flow map so both modes steer alike.)
 
 Per-node resources are named by the director's configuration (nft table, device prefix, NFQUEUE
 number, mark base, route tables), so several pools' directors share a node; the operator derives
