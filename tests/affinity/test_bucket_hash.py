@@ -5,7 +5,8 @@ and looks the bucket up in the bucket map; userspace (`decide`) must pick the sa
 SYN the kernel queued, so `hashing.jhash` reproduces the kernel's. The kernel tests load the real
 ruleset in an anonymous network namespace (`unshare -n`), send SYNs over `lo` (a locally sent
 packet to a local address passes prerouting, where the director's chains are) from many source
-addresses, and read back which bucket the kernel put each one in.
+addresses, and read back which bucket the kernel put each one in (or, for a source in the CPE
+map, that the CPE map decided it first).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ _KERNEL = textwrap.dedent(
     from mcpool_proxy.cluster.mapsync import bucket_marks
     from mcpool_proxy.kernel import steering
     from mcpool_proxy.kernel.bucketmap import BucketMap
+    from mcpool_proxy.kernel.tokenmap import CpeMap
 
     VIP4, VIP6, PODS = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     h = BucketHash(4096, pool_seed("t"))
@@ -120,6 +122,8 @@ _KERNEL = textwrap.dedent(
         subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True)
         # Each bucket's "pod mark" names the bucket itself; no pod mark of mark_base's.
         BucketMap(table).sync({b: 0x10000000 | b for b in range(h.buckets)})
+        # The first source is a CPE with live connections: the CPE map decides it, first.
+        CpeMap(table, 60).sync({sources[vip][0]: 0x20000000})
         # After steer (-200): what mark did the bucket rule give each source?
         subprocess.run(["nft", "-f", "-"], text=True, check=True, input=(
             f"add map inet {table} seen {{ type {typ} : mark; flags dynamic,timeout; timeout 60s; }}\\n"
@@ -147,8 +151,8 @@ _KERNEL = textwrap.dedent(
                 break
             time.sleep(0.02)  # the kernel map signals nothing
         counters = steering.nft_counters(table)
-        seen[vip] = {"elems": elems, "bucket_hit": counters["bucket_hit"][0],
-                     "queued_initial": counters["queued_initial"][0]}
+        seen[vip] = {"elems": elems, "bucket_hit": counters["bucket_hit"][0], "cpe": sources[vip][0],
+                     "cpe_hit": counters["cpe_hit"][0], "queued_initial": counters["queued_initial"][0]}
 
     # Two directors with the same pods but other slots (marks) and another order of discovery.
     marks_a = {p: 0x4D430000 | (i + 1) << 8 for i, p in enumerate(PODS)}
@@ -167,7 +171,15 @@ _KERNEL = textwrap.dedent(
     stats = bm.sync(bucket_marks([p for p in PODS if p != gone], marks_b, h.buckets))
     by_mark = {m: p for p, m in marks_b.items()}
     after = {b: by_mark[m] for b, m in BucketMap("t6").kernel_elements().items()}
-    print(json.dumps({"seen": seen, "a": maps["t4"], "b": maps["t6"], "after": after, "gone": gone,
+    # The CPE map: an update deletes one entry, a new director adopts what is there.
+    cpes = CpeMap("t4", 60)
+    cpes.load()  # the SYN test's entry: the sync below removes it
+    cpes.sync({"198.18.200.1": 0x4D430100, "198.18.200.2": 0x4D430200})
+    cpes.update({}, ["198.18.200.2"])
+    adopted = CpeMap("t4", 60)
+    adopted.load()
+    cpe_state = {k: m for k, (m, _) in adopted.kernel_elements().items()}
+    print(json.dumps({"cpes": cpe_state, "cpes_adopted": adopted.installed, "seen": seen, "a": maps["t4"], "b": maps["t6"], "after": after, "gone": gone,
                       "written": stats.added, "batches": stats.batches}))
     """
 )
@@ -186,9 +198,12 @@ def test_the_kernel_hashes_like_userspace_and_directors_agree() -> None:
         seen = out["seen"][vip]
         assert len(seen["elems"]) == want, seen
         for src, mark in seen["elems"].items():
-            assert mark == 0x10000000 | h.bucket(src)  # type: ignore[operator]
-        # Every SYN was decided by the bucket rule; none went on to the queue rule.
-        assert seen["bucket_hit"] >= want and seen["queued_initial"] == 0, seen
+            if src == seen["cpe"]:
+                assert mark == 0x20000000  # the CPE map before the bucket map
+            else:
+                assert mark == 0x10000000 | h.bucket(src)  # type: ignore[operator]
+        # Every SYN was decided by the CPE or the bucket rule; none went on to the queue rule.
+        assert seen["cpe_hit"] == 1 and seen["bucket_hit"] == want - 1 and seen["queued_initial"] == 0, seen
     # Two installs from the same pods (other order, other slot numbers) hold the same pods.
     a = {int(b): p for b, p in out["a"].items()}
     b = {int(k): p for k, p in out["b"].items()}
@@ -199,3 +214,5 @@ def test_the_kernel_hashes_like_userspace_and_directors_agree() -> None:
     assert moved == {k for k, p in b.items() if p == out["gone"]}
     assert out["gone"] not in after.values() and len(after) == 4096
     assert out["written"] == len(moved) and out["batches"] == 1
+    # The CPE map's elements, as the kernel holds and a restarted director adopts them.
+    assert out["cpes"] == out["cpes_adopted"] == {"198.18.200.1": 0x4D430100}

@@ -194,6 +194,19 @@ def wait_metric(metrics_port: int, name: str, value: float, timeout_s: float = 1
     raise AssertionError(f"{name} never became {value}: {metrics(metrics_port)}")
 
 
+def wait_buckets(pods: int, timeout_s: float = 10) -> None:
+    """Until the director's kernel bucket map gives every bucket to one of `pods` pods: it follows
+    the table within milliseconds, and an initial SYN in between goes by the previous map."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = json.loads(sh("nft", "-j", "list", "map", "inet", "mcpool_director", "buckets", ns=DIR))
+        marks = [mark for item in out["nftables"] for _, mark in item.get("map", {}).get("elem", [])]
+        if len(set(marks)) == pods and len(marks) == (4096 if pods else 0):
+            return
+        time.sleep(0.02)  # the kernel map signals nothing
+    raise AssertionError(f"the bucket map never covered {pods} pods")
+
+
 def queue_packets_seen(queue_num: int) -> int:
     """Packets the kernel ever queued to userspace on this queue (id_sequence)."""
     for line in sh("cat", "/proc/net/netfilter/nfnetlink_queue", ns=DIR).splitlines():
@@ -235,6 +248,7 @@ def test_initial_hashed_and_join_steered_by_token(lab: Lab) -> None:
     director, mport = start_director(lab)
     start_pods(lab)
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
+    wait_buckets(2)
     wait_metric(mport, 'mcpool_director_table_entries{kind="pods"}', 2)
 
     count, nbytes = 4, 1 << 20
@@ -277,6 +291,7 @@ def test_join_before_registration_waits_for_the_token(lab: Lab) -> None:
     director, mport = start_director(lab, join_wait_ms=1000)
     start_pods(lab, register_delay_ms=150)
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
+    wait_buckets(2)
     results = run_client(lab, 2, 64 * 1024)
     check_all_subflows_on_owner(lab, results, 2)
     m = metrics(mport)
@@ -288,6 +303,7 @@ def test_redis_down_keeps_the_last_table(lab: Lab) -> None:
     director, mport = start_director(lab)
     start_pods(lab, join_wait_s=1.5)
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
+    wait_buckets(2)
     lab.redis.kill()
     wait_metric(mport, "mcpool_director_redis_up", 0)
     # New connections still hash to a pod; their joins cannot be learned (the pods cannot
@@ -300,6 +316,7 @@ def test_redis_down_keeps_the_last_table(lab: Lab) -> None:
     wait_metric(mport, "mcpool_director_redis_up", 1)
     # The pods re-register by themselves (heartbeat) and the table is whole again.
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
+    wait_buckets(2)
     results = run_client(lab, 1, 64 * 1024)
     assert results[0]["sha_ok"] is True
     last = records(lab)[-1]

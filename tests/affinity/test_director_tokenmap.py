@@ -34,6 +34,7 @@ from test_director_netns import (  # noqa: F401 - `lab` is a fixture
     sh,
     start_director,
     start_pods,
+    wait_buckets,
     wait_line,
     wait_metric,
 )
@@ -72,6 +73,7 @@ def test_join_with_token_in_map_never_reaches_userspace(lab: Lab) -> None:  # no
     director, mport = start_director(lab)
     start_pods(lab, join_wait_s=10)
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
+    wait_buckets(2)
 
     client = subprocess.Popen(
         ["ip", "netns", "exec", CLI, sys.executable, str(HERE / "late_join_client.py"), "--vip", VIP,

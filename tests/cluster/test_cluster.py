@@ -9,7 +9,6 @@ address) can put a join on its connection's pod. Every transfer is checked by co
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -20,6 +19,7 @@ from cluster_lab import (
     open_conn,
     parallel,
     wait_all_subflows,
+    wait_bucket_map,
     where_is,
 )
 from e2e import host_of, wait_for
@@ -46,23 +46,10 @@ def table_entries(lab: Lab, kind: str) -> float:
 
 
 def wait_ready_pods(lab: Lab, n: int, timeout_s: float = 15.0) -> None:
+    """Until the director's table has `n` ready pods and its kernel bucket map says so too (the
+    map follows the table within milliseconds; a SYN in between goes by the previous map)."""
     wait_for(lambda: table_entries(lab, "ready_pods") == n, timeout_s, f"{n} ready pods in the director's table")
-
-
-def bucket_map_marks(lab: Lab) -> list[int]:
-    """The marks of the director's kernel bucket map, one per filled bucket."""
-    out = json.loads(lab.exec("dir", ["nft", "-j", "list", "map", "inet", "mcpool_director", "buckets"]).stdout)
-    return [int(mark) for item in out["nftables"] for _, mark in item.get("map", {}).get("elem", [])]
-
-
-def wait_bucket_map(lab: Lab, pods: int, buckets: int = 4096, timeout_s: float = 15.0) -> None:
-    """Until every bucket of the director's kernel map is given to one of `pods` pods (from then on
-    initial SYNs are decided by nftables alone)."""
-    def filled() -> bool:
-        marks = bucket_map_marks(lab)
-        return len(marks) == buckets and len(set(marks)) == pods
-
-    wait_for(filled, timeout_s, f"the director's bucket map over {pods} pods")
+    wait_bucket_map(lab, n, timeout_s=timeout_s)
 
 
 def open_many(lab: Lab, sources: list[str]) -> list[CpeConn]:
@@ -223,6 +210,7 @@ def test_pod_killed_new_connections_go_to_the_others(lab: Lab, cluster: Cluster)
     wait_for(lambda: table_entries(lab, "pods") == 1, ttl + resync + 2, "the dead pod leaves the table")
     left_after = time.monotonic() - killed_at
     assert left_after <= ttl + resync + 1, left_after
+    wait_bucket_map(lab, 1)  # and the kernel's bucket map, a moment later
 
     # A CPE whose pod died is hashed to a live pod, with both subflows there.
     moved = open_conn(lab, lab.cpe_dsl_ip)

@@ -17,11 +17,11 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from cluster_lab import SERVER_PORT, Cluster, kernel_view, open_conn, parallel
+from cluster_lab import SERVER_PORT, Cluster, kernel_view, open_conn, parallel, wait_bucket_map
 from failover import dsl_cut_mid_download
 from mcpool_tools.lab import Lab, Topology
 from support import requires_netns
-from test_cluster import KB, check_on_one_pod, decisions, delta, wait_bucket_map, wait_ready_pods
+from test_cluster import KB, check_on_one_pod, decisions, delta, wait_ready_pods
 
 pytestmark = [requires_netns, pytest.mark.netns, pytest.mark.timeout(180)]
 

@@ -33,6 +33,7 @@ from cluster_lab import (
     open_conn,
     parallel,
     wait_all_subflows,
+    wait_bucket_map,
     where_is,
 )
 from e2e import wait_for
@@ -113,6 +114,7 @@ def test_drain_behind_the_director_cuts_nothing(lab: Lab, cluster: Cluster, even
     wait_for(
         lambda: table_entries(lab, "ready_pods") == 2, 15, "2 ready pods in the director's table"
     )
+    wait_bucket_map(lab, 2)  # initial SYNs are decided by the kernel's map, which follows the table
     old = initial_pick(cluster.names, lab.cpe_dsl_ip, "lab")
     other = initial_pick(cluster.names, lab.cpe_lte_ip, "lab")
     assert old is not None and other is not None and old != other
@@ -186,6 +188,7 @@ def test_drain_behind_the_director_cuts_nothing(lab: Lab, cluster: Cluster, even
     assert hits >= 2 * PER_POD, hits
 
     # A new connection of the CPE address that hashed to the old pod goes to the other one.
+    wait_bucket_map(lab, 1)
     moved = open_conn(lab, lab.cpe_dsl_ip)
     placed = wait_all_subflows(
         lab, {n: p for n, p in cluster.proxies.items() if n != old}, [moved], both
@@ -226,6 +229,7 @@ def test_drain_behind_the_director_cuts_nothing(lab: Lab, cluster: Cluster, even
             15,
             "the new pod ready in the director's table",
         )
+        wait_bucket_map(lab, 2)
         back = open_conn(lab, lab.cpe_dsl_ip)
         placed = wait_all_subflows(lab, cluster.proxies, [back], both)
         assert placed[(back.source, back.port)][0] == old

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
+import socket
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -117,16 +117,23 @@ class BucketHash:
 
     def bucket(self, addr: str) -> int | None:
         """The bucket of a CPE address; None if it is not an IP address."""
-        try:
-            packed = ipaddress.ip_address(addr).packed
-        except ValueError:
-            return None
-        return (jhash(packed, self.seed) * self.buckets) >> 32
+        return _bucket(addr, self.buckets, self.seed)
 
     def pick(self, pods: Iterable[str], addr: str) -> str | None:
         """The pod a CPE address's initial SYN goes to: its bucket's rendezvous winner."""
         bucket = self.bucket(addr)
         return rendezvous_pick(pods, addr if bucket is None else str(bucket))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _bucket(addr: str, buckets: int, seed: int) -> int | None:
+    # Cached: a CPE's SYNs come again (each new connection), and the hash is ~60 Python operations.
+    # inet_pton, not ipaddress: a tenth of the time on the director's hot path.
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr)
+    except (OSError, ValueError):
+        return None
+    return (jhash(packed, seed) * buckets) >> 32
 
 
 @functools.lru_cache(maxsize=256)
