@@ -74,6 +74,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mcpool_proxy.cluster.keys import KeySchema
 from mcpool_proxy.cpe.convert_client import convert_connect
@@ -616,7 +617,7 @@ class DirectorBench:
         self.ensure_pods_register()
         self.restart_director()
 
-    def restart_director(self, **overrides: object) -> None:
+    def restart_director(self, **overrides: Any) -> None:
         """(Re)start the director with the bench's configuration plus `overrides`, pinned to its
         core; return once both pods have tunnels and, with initial SYNs in the kernel, the bucket
         map holds every bucket. A stopped director removes its table (--cleanup): nothing of the
