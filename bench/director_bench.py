@@ -1287,7 +1287,9 @@ def render(r: Results, s: Settings) -> str:
     lines.append("### SYN decisions per second (director on one core)")
     lines.append("")
     lines.append(f"Raw SYNs (MP_CAPABLE; 250 spoofed CPE addresses in {FLOOD_NET} × many ports) from the CPE "
-                 f"namespace; each decided by the director (rendezvous hash) and forwarded by VXLAN to a pod, "
+                 f"namespace; initial SYNs decided by the director in Python (a director with "
+                 f"`initial_in_kernel: false`: the path of the SYNs the kernel maps miss), joins as below, each "
+                 f"forwarded by VXLAN to a pod, "
                  f"where nft drops it before TCP (`at pods`). Decisions/s: kernel queue counters over a steady "
                  f"window of {s.flood_s - s.warmup_s - 0.25:.2f} s; `decided` is the director's own "
                  f"`mcpool_director_decisions_total` over the whole flood (after the queue drained).")
@@ -1296,7 +1298,8 @@ def render(r: Results, s: Settings) -> str:
                  "dropped: queue full / socket full | director CPU (user+sys) | core 0 busy (softirq) | "
                  "core 1 busy (softirq) | generator | others | decision p50/p99 ms |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for f in r.floods:
+    queue_floods = [f for f in r.floods if f.kind != "initial-kernel"]  # those have their own table
+    for f in queue_floods:
         lines.append(
             f"| {f.label} | {f.offered_per_s:,.0f} | {f.decided_per_s:,.0f} | {f.decided_per_s / TARGET_SYN_PER_S:.2f}× | "
             f"{per_core_s(f):,.0f} | {f.sent:,} | {f.queued:,} | {f.decided:,} | {f.at_pods:,} | "
@@ -1307,7 +1310,7 @@ def render(r: Results, s: Settings) -> str:
             f"{f.generator_cores:.2f} | {f.foreign_cores:.2f} | {_ms(f.p50_s)} / {_ms(f.p99_s)} |")
     lines.append("")
     outcome_text = "; ".join(f"{f.label}: " + ", ".join(f"{k} {int(v):,}" for k, v in sorted(f.outcomes.items()))
-                             for f in r.floods)
+                             for f in queue_floods)
     lines.append(f"Outcomes: {outcome_text}.")
     lines.append("")
     if r.profile:
@@ -1455,7 +1458,7 @@ def limits(r: Results) -> list[str]:
     if dropped and core0 > 0.9:
         out.append(f"The kernel dropped {dropped:,} SYNs (queue or socket full) while core {DIRECTOR_CORE} was "
                    f"saturated: the director's core is the limit, not the generator (which had headroom: it "
-                   f"offered {max(f.offered_per_s for f in r.floods):,.0f} SYN/s unpaced).")
+                   f"offered {max(f.offered_per_s for f in initial_floods(r)):,.0f} SYN/s unpaced).")
     elif dropped:
         out.append(f"The kernel dropped {dropped:,} SYNs although core {DIRECTOR_CORE} was not saturated: bursts "
                    f"overflow the queue ({QUEUE_MAX_LEN:,} SYNs) between the director's reads.")
