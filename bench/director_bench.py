@@ -24,20 +24,27 @@ Phases, in this order:
 3. **Bulk**: one director connection (both subflows) echoing N MiB, sha256-checked; the NFQUEUE
    packet count (`/proc/<director>/net/netfilter/nfnetlink_queue`) and the nft counters
    (`queued_*` vs `restored`) before/after show that only SYNs went to userspace.
-4. **SYN flood**: raw SYNs (with MP_CAPABLE) from spoofed CPE addresses (198.18.3.0/24, many
-   source ports) sent from the CPE namespace with a raw socket at offered rates up to "as fast as
-   one core can send"; each SYN is decided by the director (rendezvous hash) and forwarded to a
-   pod, where an nft rule drops it (counted) before TCP, so the pods' SYN-ACK work does not run
-   on our two cores the way it would not run on the director's node in a cluster. Decisions per
-   second come from the kernel's own queue counters (packets handed to the director) sampled in
-   a steady window, cross-checked against the director's /metrics after the queue drained; CPU
-   of the director, of the generator and of each core (softirq separately) shows what saturates.
-   Then floods of MP_JOIN SYNs whose tokens were put in Redis, hence written by the director into
-   its kernel token map (decided by nftables alone: nft counter `token_hit`, nothing queued),
-   sent by bench/synflood.c (sendmmsg; the Python sender cannot reach the kernel's rate) and by
-   the Python sender; one of unknown tokens (a miss: queued, held, dropped); and a py-spy
-   profile of the director at the maximum rate. Phase 1 also counts the packets each real
-   connection sent to userspace and how many of its joins the token map decided.
+4. **SYN floods**, raw SYNs from spoofed CPE addresses (198.18.3.0/24, many source ports) sent
+   from the CPE namespace by a raw socket (the Python sender) or bench/synflood.c (sendmmsg; the
+   Python sender cannot reach the kernel's rate), forwarded to a pod where an nft rule drops them
+   (counted) before TCP, so the pods' SYN-ACK work does not run on our two cores the way it would
+   not run on the director's node in a cluster. CPU of the director, of the generator and of
+   each core (softirq separately) shows what saturates. Two director configurations, each
+   started afresh:
+   - **In the kernel** (the production path; SYN admission limits off, which would cap it):
+     initial SYNs (MP_CAPABLE) decided by the bucket map (nft counter `bucket_hit`), then with
+     the flood's sources put in Redis as CPEs with live connections, by the CPE map
+     (`cpe_hit`); MP_JOIN SYNs whose tokens were put in Redis, hence in the token map
+     (`token_hit`); joins of unknown tokens (a miss: queued, held, dropped). Rates from the nft
+     counters over a steady window; nothing should reach the queue for a hit.
+   - **In userspace** (`initial_in_kernel: false`, default limits): every initial SYN queued and
+     decided in Python, at offered rates up to "as fast as one core can send". Decisions per
+     second come from the kernel's own queue counters (packets handed to the director) sampled
+     in a steady window, cross-checked against the director's /metrics after the queue drained;
+     then a py-spy profile of the director at the maximum rate. This is what the queue path costs
+     for the SYNs the maps miss.
+   Phase 1 also counts the packets each real connection sent to userspace and how many of its
+   initial SYNs and joins the kernel maps decided.
 
 It rewrites the "Director" section of docs/benchmarks.md between its markers and touches nothing
 else in that file. `python -m bench.director_bench flood ...` is the SYN generator itself (run by
@@ -67,6 +74,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mcpool_proxy.cluster.keys import KeySchema
 from mcpool_proxy.cpe.convert_client import convert_connect
@@ -91,6 +99,7 @@ DNAT_VIP = "198.19.255.2"  # the baseline: plain nftables DNAT to pod 0, no NFQU
 FLOOD_NET = "198.18.3.0/24"  # spoofed CPE sources of the SYN flood; routed by nobody
 RTR_DNAT_TABLE = 250
 TARGET_SYN_PER_S = 20_000
+BUCKETS = 4096  # DirectorConfig's default buckets
 TARGET_DECISION_P99_S = 0.001
 JOIN_WAIT_TIMEOUT_S = 3.0
 
@@ -182,6 +191,7 @@ class Results:
     notes: list[str] = field(default_factory=list)
     latency_queued: int = 0  # packets the director path queued to userspace during phase 1
     latency_kernel_joins: int = 0  # joins of phase 1 decided by the kernel's token map
+    latency_kernel_initial: int = 0  # initial SYNs of phase 1 decided by the kernel's CPE/bucket maps
 
 
 # ---- readings -----------------------------------------------------------------------------------
@@ -593,10 +603,6 @@ class DirectorBench:
         os.sched_setaffinity(0, {OTHER_CORE})
         pin(lab.start_testserver(f"[::]:{SERVER_PORT}").pid, OTHER_CORE)
         pin(lab.start_redis().pid, OTHER_CORE)
-        # Flows of the flood must not linger in the flow map for an hour.
-        director = lab.start_director(flow_idle_timeout_s=30)
-        self.director_pid = director.pid
-        pin(self.director_pid, DIRECTOR_CORE)
         names = lab.cluster_pod_names()
         self.results.pods = names
         for i, name in enumerate(names):
@@ -609,10 +615,28 @@ class DirectorBench:
                 f"  ip saddr {FLOOD_NET} counter drop\n }}\n}}\n"))
         self.setup_dnat_baseline()
         self.ensure_pods_register()
+        self.restart_director()
+
+    def restart_director(self, **overrides: Any) -> None:
+        """(Re)start the director with the bench's configuration plus `overrides`, pinned to its
+        core; return once both pods have tunnels and, with initial SYNs in the kernel, the bucket
+        map holds every bucket. A stopped director removes its table (--cleanup): nothing of the
+        previous configuration's kernel state is carried over."""
+        lab = self.lab
+        if lab.director is not None and lab.director.poll() is None:
+            lab.director.terminate()
+            lab.director.wait(15)
+        # Flows of the flood must not linger in the flow map for an hour.
+        director = lab.start_director(flow_idle_timeout_s=30, **overrides)
+        self.director_pid = director.pid
+        pin(self.director_pid, DIRECTOR_CORE)
         self.wait_for(lambda: self.metric('mcpool_director_table_entries{kind="ready_pods"}') == 2, 20,
                       "both pods ready in the director's table")
         self.wait_for(lambda: len(self.lab.exec("dir", ["ip", "-o", "link", "show", "type", "vxlan"]).stdout
                                   .splitlines()) >= 2, 10, "the director's tunnels to both pods")
+        if overrides.get("initial_in_kernel", True):
+            self.wait_for(lambda: self.metric('mcpool_director_initial_map_entries{map="bucket"}') == BUCKETS, 20,
+                          "the director's bucket map")
 
     def ensure_pods_register(self) -> None:
         """Use the proxies' own registration when they have it (server.py wiring PodAffinity);
@@ -730,6 +754,8 @@ class DirectorBench:
             q1, nft1 = nfqueue_stats(self.director_pid), self.lab.director_counters()
             r.latency_queued = q1["enqueued"] - q0["enqueued"]
             r.latency_kernel_joins = nft1.get("token_hit", (0, 0))[0] - nft0.get("token_hit", (0, 0))[0]
+            r.latency_kernel_initial = sum(nft1.get(n, (0, 0))[0] - nft0.get(n, (0, 0))[0]
+                                           for n in ("bucket_hit", "cpe_hit"))
         finally:
             capture.close()
         # The pods unregister at close, a moment after the client saw EOF.
@@ -815,8 +841,18 @@ class DirectorBench:
     # -- phase 4: SYN floods ---------------------------------------------------------------------
 
     def flood(self, label: str, rate: int, seconds: float, tokens_file: str | None = None,
-              profile_to: Path | None = None, fast: bool = False) -> FloodResult:
+              profile_to: Path | None = None, fast: bool = False, kind: str = "") -> FloodResult:
+        """One flood; `kind` "initial-kernel" counts the initial SYNs the kernel's CPE and bucket
+        maps decided (nft counters cpe_hit + bucket_hit) as its kernel hits, a join flood those of
+        the token map (token_hit)."""
         lab = self.lab
+        kind = kind or ("join" if tokens_file else "initial")
+        names = ("cpe_hit", "bucket_hit") if kind == "initial-kernel" else ("token_hit",)
+
+        def kernel_hits() -> int:
+            counters = lab.director_counters()
+            return sum(counters.get(n, (0, 0))[0] for n in names)
+
         argv = ["taskset", "-c", str(OTHER_CORE), sys.executable, "-m", "bench.director_bench", "flood",
                 "--dst", lab.vip, "--port", str(CONVERT_PORT), "--rate", str(rate), "--seconds", str(seconds)]
         if tokens_file:
@@ -824,7 +860,7 @@ class DirectorBench:
         if fast:
             argv += ["--fast", self.fast_sender()]
         m0 = self.metrics()
-        hits_start = lab.director_counters().get("token_hit", (0, 0))[0]
+        hits_start = kernel_hits()
         at_pods0 = sum(nft_packets(lab, p.ns, "mbi_flood") for p in lab.pods)
         q_start = nfqueue_stats(self.director_pid)
         gen = lab.popen("cpe", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -841,11 +877,11 @@ class DirectorBench:
                  "--nonblocking", "--full-filenames", "--format", "raw", "--output", str(profile_to)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ticks0, cpu0, dir0, gen0 = process_ticks(), cpu_split(), proc_cpu_split(self.director_pid), proc_cpu_split(gen.pid)
-        hits0 = lab.director_counters().get("token_hit", (0, 0))[0]
+        hits0 = kernel_hits()
         q0, t0 = nfqueue_stats(self.director_pid), time.monotonic()
         time.sleep(window)  # the measurement window
         q1, t1 = nfqueue_stats(self.director_pid), time.monotonic()
-        hits1 = lab.director_counters().get("token_hit", (0, 0))[0]
+        hits1 = kernel_hits()
         ticks1, cpu1, dir1, gen1 = process_ticks(), cpu_split(), proc_cpu_split(self.director_pid), proc_cpu_split(gen.pid)
         out, err = gen.communicate(timeout=seconds + 30)
         if gen.returncode != 0:
@@ -863,7 +899,7 @@ class DirectorBench:
         p50, p99, _ = histogram_quantiles(m1, m0)
         outcomes = diff(decisions(m1), decisions(m0))
         return FloodResult(
-            label=label, kind="join" if tokens_file else "initial",
+            label=label, kind=kind,
             offered_per_s=report["sent"] / max(1e-9, report["end"] - report["start"]),
             target_per_s=rate,
             decided_per_s=(handed_to_director(q1) - handed_to_director(q0)) / span,
@@ -879,12 +915,47 @@ class DirectorBench:
             core_softirq={c: (cpu1[c][1] - cpu0[c][1]) / jiffies[c] for c in cpu0},
             foreign_cores=foreign_cpu_s(ticks0, ticks1) / span,
             p50_s=p50, p99_s=p99,
-            kernel_hits=lab.director_counters().get("token_hit", (0, 0))[0] - hits_start,
+            kernel_hits=kernel_hits() - hits_start,
             kernel_hits_per_s=(hits1 - hits0) / span,
         )
 
     def floods(self) -> None:
+        self.kernel_floods()
+        self.userspace_floods()
+
+    def kernel_floods(self) -> None:
+        """SYNs decided by nftables alone: initial SYNs by the bucket map and the CPE map, joins by
+        the token map (hits), and joins of unknown tokens (misses: queued). The director runs with
+        its SYN admission limits off here: they would cap every kernel path at syn_rate_total."""
         r = self.results
+        self.restart_director(syn_rate_per_source=0, syn_rate_total=0)
+        for label, fast in (("initial SYN, bucket map, unpaced (C sender)", True),
+                            ("initial SYN, bucket map, unpaced", False)):
+            result = self.flood(label, 0, self.s.flood_s, fast=fast, kind="initial-kernel")
+            r.floods.append(result)
+            print(f"  {label}: {result.kernel_hits_per_s:,.0f} kernel decisions/s, "
+                  f"{result.decided_per_s:,.0f} queued/s", flush=True)
+        # The flood's sources as CPEs with live connections (cpe: keys, as pods write them): the
+        # CPE map decides them.
+        sources = [str(h) for h in list(ipaddress.IPv4Network(FLOOD_NET).hosts())[:250]]
+        remove_cpes = self.redis_cpes(sources, self.results.pods)
+        try:
+            self.wait_for(lambda: self.metric('mcpool_director_initial_map_entries{map="cpe"}') >= len(sources), 15,
+                          "the director to write the benchmark's CPEs into the kernel CPE map")
+            label = "initial SYN, CPE map, unpaced (C sender)"
+            result = self.flood(label, 0, self.s.flood_s, fast=True, kind="initial-kernel")
+            r.floods.append(result)
+            print(f"  {label}: {result.kernel_hits_per_s:,.0f} kernel decisions/s, "
+                  f"{result.decided_per_s:,.0f} queued/s", flush=True)
+        finally:
+            remove_cpes()
+        self.join_floods()
+
+    def userspace_floods(self) -> None:
+        """The NFQUEUE path: every initial SYN queued (initial_in_kernel off) and decided in Python,
+        with the default SYN admission limits, at rising offered rates; then the profile."""
+        r = self.results
+        self.restart_director(initial_in_kernel=False)
         for rate in self.s.flood_rates:
             label = f"{rate:,} SYN/s offered" if rate else "unpaced (generator's max)"
             result = self.flood(label, rate, self.s.flood_s)
@@ -892,6 +963,15 @@ class DirectorBench:
             print(f"  flood {label}: {result.decided_per_s:,.0f} decisions/s, director "
                   f"{result.director_user + result.director_sys:.2f} cores, overflow {result.queue_overflow}",
                   flush=True)
+        # The profile is a run of its own: py-spy's sampling must not skew the figures above.
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "director.txt"
+            result = self.flood("profiled", 0, self.s.profile_s, profile_to=raw)
+            r.profile_rate = result.decided_per_s
+            r.profile = summarize_profile(raw.read_text() if raw.exists() else "")
+
+    def join_floods(self) -> None:
+        r = self.results
         # MP_JOIN SYNs whose tokens are in the table, hence in the kernel's token map: decided by
         # nftables alone. Then joins of unknown tokens: a miss in the map, queued, held, dropped.
         rng = random.Random(99)
@@ -918,12 +998,6 @@ class DirectorBench:
             for path in files:
                 os.unlink(path)
             redis_tokens()
-        # The profile is a run of its own: py-spy's sampling must not skew the figures above.
-        with tempfile.TemporaryDirectory() as tmp:
-            raw = Path(tmp) / "director.txt"
-            result = self.flood("profiled", 0, self.s.profile_s, profile_to=raw)
-            r.profile_rate = result.decided_per_s
-            r.profile = summarize_profile(raw.read_text() if raw.exists() else "")
 
     def fast_sender(self) -> str:
         """bench/synflood.c compiled once per run (cc is installed with libnetfilter-queue-dev)."""
@@ -939,6 +1013,17 @@ class DirectorBench:
                              capture_output=True, text=True, cwd=ROOT, timeout=120, check=True).stdout
         result: dict[str, dict[str, float]] = json.loads(out.strip().splitlines()[-1])
         return result
+
+    def redis_cpes(self, cpes: Sequence[str], pods: Sequence[str]) -> Callable[[], None]:
+        """Put `cpes` in the pool's table (mapped to the pods in turn); return their remover."""
+        commands = "".join(f"SET {self.keys.cpe(c)} {pods[i % len(pods)]} EX 600\n" for i, c in enumerate(cpes))
+        self.lab.exec("dir", ["redis-cli", "-p", "6379"], input=commands)
+
+        def remove() -> None:
+            dels = "".join(f"DEL {self.keys.cpe(c)}\n" for c in cpes)
+            self.lab.exec("dir", ["redis-cli", "-p", "6379"], input=dels, check=False)
+
+        return remove
 
     def redis_tokens(self, tokens: Sequence[int], pods: Sequence[str]) -> Callable[[], None]:
         """Put `tokens` in the pool's table (owned by the pods in turn); return their remover."""
@@ -1031,6 +1116,51 @@ def initial_floods(r: Results) -> list[FloodResult]:
 TARGET_KERNEL_JOINS_PER_S = 300_000
 
 
+def initial_map_rows(r: Results) -> list[str]:
+    """Summary rows for initial SYNs decided by the kernel's bucket and CPE maps (issue 12)."""
+    floods = [f for f in r.floods if f.kind == "initial-kernel" and f.kernel_hits]
+    if not floods:
+        return ["| initial SYNs decided in the kernel (bucket/CPE map) | no such flood ran | no |"]
+    best = max(floods, key=lambda f: f.kernel_hits_per_s)
+    queued = sum(f.queued for f in floods)
+    hits = sum(f.kernel_hits for f in floods)
+    return [
+        f"| ≥ {TARGET_KERNEL_JOINS_PER_S:,} initial SYN decisions/s on one core (bucket/CPE map) | "
+        f"{best.kernel_hits_per_s:,.0f}/s ({best.label}); {_kernel_cpu_us(best):.2f} µs of CPU per SYN | "
+        f"{'yes' if best.kernel_hits_per_s >= TARGET_KERNEL_JOINS_PER_S else 'no (see below)'} |",
+        f"| 0 userspace packets per initial SYN decided in the kernel | {queued:,} queued for {hits:,} hits | "
+        f"{'yes' if queued == 0 else 'no'} |",
+    ]
+
+
+def _kernel_cpu_us(f: FloodResult) -> float:
+    """CPU per SYN of a flood the kernel decided: the sender's CPU (it carries each SYN's whole
+    kernel path in its own context) plus the core's softirq, over SYNs sent."""
+    cpu = f.generator_cores + f.core_softirq.get(f"cpu{OTHER_CORE}", 0.0)
+    return cpu / f.offered_per_s * 1e6 if f.offered_per_s else 0.0
+
+
+def initial_map_section(r: Results) -> list[str]:
+    lines = ["### Initial SYNs decided in the kernel (CPE map, bucket map)", ""]
+    floods = [f for f in r.floods if f.kind == "initial-kernel"]
+    if not floods:
+        return lines + ["No flood ran.", ""]
+    lines.append(
+        "Raw initial SYNs (MP_CAPABLE) from 250 spoofed CPE addresses; the director's ruleset looks "
+        "each up in its CPE map, then hashes the source into one of 4096 buckets (`jhash`) and maps the "
+        "bucket to a pod, all in the sender's kernel context on core "
+        f"{OTHER_CORE}; the director ran with its SYN admission limits off (they would cap any kernel "
+        "path at `syn_rate_total`). CPU per SYN is the figure that does not depend on the neighbours.")
+    lines.append("")
+    lines.append("| flood | kernel decisions/s | offered/s | µs CPU per SYN | queued to userspace | director CPU |")
+    lines.append("|---|---|---|---|---|---|")
+    for f in floods:
+        lines.append(f"| {f.label} | {f.kernel_hits_per_s:,.0f} | {f.offered_per_s:,.0f} | {_kernel_cpu_us(f):.2f} | "
+                     f"{f.queued:,} | {f.director_user + f.director_sys:.2f} cores |")
+    lines.append("")
+    return lines
+
+
 def token_map_rows(r: Results) -> list[str]:
     """Summary rows for the kernel token map (issue 12): rate of hits, userspace packets per hit."""
     hit = next((f for f in r.floods if f.kind == "join" and f.kernel_hits), None)
@@ -1089,9 +1219,9 @@ def token_map_section(r: Results) -> list[str]:
         lines.append("")
         lines.append(
             f"Real connections (phase 1, {conns} through the director): {r.latency_queued} packets queued "
-            f"to userspace ({r.latency_queued / max(1, conns):.2f} per connection: the initial SYN and, "
-            f"unless the token map had it, the join); {r.latency_kernel_joins} of their joins decided by the "
-            f"token map. In this LAN a join reaches the director before its pod registered the token "
+            f"to userspace ({r.latency_queued / max(1, conns):.2f} per connection: the joins the token map "
+            f"did not have yet); {r.latency_kernel_initial} initial SYNs decided by the kernel's CPE and "
+            f"bucket maps, {r.latency_kernel_joins} joins by the token map. In this LAN a join reaches the director before its pod registered the token "
             f"(the pod learns it from the kernel's ESTABLISHED event and writes Redis, then the director's "
             f"map), so first joins miss and take the held-queue path; later joins of a connection (a "
             f"re-opened subflow, an LTE link coming back) find it."
@@ -1147,15 +1277,19 @@ def render(r: Results, s: Settings) -> str:
     lines.append(f"| zero bulk bytes through userspace | {queued} packets queued to userspace during a "
                  f"{r.bulk_bytes >> 20} MiB transfer; {restored[0]:,} packets / {restored[1]:,} bytes forwarded "
                  f"in the kernel | {'yes' if queued <= 4 and restored[1] >= r.bulk_bytes else 'no'} |")
+    lines += initial_map_rows(r)
     lines += token_map_rows(r)
     lines.append("")
+    lines += initial_map_section(r)
     lines += token_map_section(r)
 
     # -- SYN decisions per second
     lines.append("### SYN decisions per second (director on one core)")
     lines.append("")
     lines.append(f"Raw SYNs (MP_CAPABLE; 250 spoofed CPE addresses in {FLOOD_NET} × many ports) from the CPE "
-                 f"namespace; each decided by the director (rendezvous hash) and forwarded by VXLAN to a pod, "
+                 f"namespace; initial SYNs decided by the director in Python (a director with "
+                 f"`initial_in_kernel: false`: the path of the SYNs the kernel maps miss), joins as below, each "
+                 f"forwarded by VXLAN to a pod, "
                  f"where nft drops it before TCP (`at pods`). Decisions/s: kernel queue counters over a steady "
                  f"window of {s.flood_s - s.warmup_s - 0.25:.2f} s; `decided` is the director's own "
                  f"`mcpool_director_decisions_total` over the whole flood (after the queue drained).")
@@ -1164,7 +1298,8 @@ def render(r: Results, s: Settings) -> str:
                  "dropped: queue full / socket full | director CPU (user+sys) | core 0 busy (softirq) | "
                  "core 1 busy (softirq) | generator | others | decision p50/p99 ms |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for f in r.floods:
+    queue_floods = [f for f in r.floods if f.kind != "initial-kernel"]  # those have their own table
+    for f in queue_floods:
         lines.append(
             f"| {f.label} | {f.offered_per_s:,.0f} | {f.decided_per_s:,.0f} | {f.decided_per_s / TARGET_SYN_PER_S:.2f}× | "
             f"{per_core_s(f):,.0f} | {f.sent:,} | {f.queued:,} | {f.decided:,} | {f.at_pods:,} | "
@@ -1175,7 +1310,7 @@ def render(r: Results, s: Settings) -> str:
             f"{f.generator_cores:.2f} | {f.foreign_cores:.2f} | {_ms(f.p50_s)} / {_ms(f.p99_s)} |")
     lines.append("")
     outcome_text = "; ".join(f"{f.label}: " + ", ".join(f"{k} {int(v):,}" for k, v in sorted(f.outcomes.items()))
-                             for f in r.floods)
+                             for f in queue_floods)
     lines.append(f"Outcomes: {outcome_text}.")
     lines.append("")
     if r.profile:
@@ -1323,7 +1458,7 @@ def limits(r: Results) -> list[str]:
     if dropped and core0 > 0.9:
         out.append(f"The kernel dropped {dropped:,} SYNs (queue or socket full) while core {DIRECTOR_CORE} was "
                    f"saturated: the director's core is the limit, not the generator (which had headroom: it "
-                   f"offered {max(f.offered_per_s for f in r.floods):,.0f} SYN/s unpaced).")
+                   f"offered {max(f.offered_per_s for f in initial_floods(r)):,.0f} SYN/s unpaced).")
     elif dropped:
         out.append(f"The kernel dropped {dropped:,} SYNs although core {DIRECTOR_CORE} was not saturated: bursts "
                    f"overflow the queue ({QUEUE_MAX_LEN:,} SYNs) between the director's reads.")

@@ -669,12 +669,12 @@ class Lab:
         """Registry names for the pods such that the CPE's DSL and LTE addresses (of the VIP's
         family) hash to different pods: a join could then reach its connection's pod only by token
         steering (or the join address), never by luck, and connections started on each link use both."""
-        from mcpool_proxy.cluster.hashing import rendezvous_pick
+        from mcpool_proxy.cluster.hashing import initial_pick
 
         dsl, lte = self.cpe_addrs
         for i in range(1000):
             names = tuple(f"pod{j}-{i}" for j in range(len(self.pods)))
-            if rendezvous_pick(names, dsl) != rendezvous_pick(names, lte):
+            if initial_pick(names, dsl, "lab") != initial_pick(names, lte, "lab"):
                 return names
         raise LabError("no pod names split the CPE's two addresses")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import socket
 import struct
 from typing import Any
@@ -102,6 +103,14 @@ async def main() -> None:
     server = await asyncio.start_server(handle, sock=sock)
     await registry.register_pod("ready")
     print("ready", flush=True)
+    draining: set[asyncio.Task[None]] = set()
+
+    async def drain() -> None:
+        await registry.register_pod("draining")
+        print("draining", flush=True)
+
+    # SIGUSR1: start draining, as a pod being replaced does (no new CPEs, its joins still come).
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: draining.add(asyncio.ensure_future(drain())))
     try:
         await asyncio.Future()
     finally:

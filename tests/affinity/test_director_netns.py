@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import RedisServer, free_port
-from mcpool_proxy.cluster.hashing import rendezvous_pick
+from mcpool_proxy.cluster.hashing import initial_pick
 from support import requires_netns
 
 pytestmark = [requires_netns, pytest.mark.netns]
@@ -53,7 +53,7 @@ def pod_names() -> tuple[str, str]:
     reached its pod by hashing could not pass for one steered by token."""
     for i in range(100):
         names = (f"pod-{i}a", f"pod-{i}b")
-        if rendezvous_pick(names, CPE_MAIN) != rendezvous_pick(names, CPE_SECOND):
+        if initial_pick(names, CPE_MAIN, "mtf") != initial_pick(names, CPE_SECOND, "mtf"):
             return names
     raise AssertionError("no pod names split the two CPE addresses")
 
@@ -142,13 +142,13 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         lab.close()
 
 
-def start_director(lab: Lab, join_wait_ms: int = 200) -> tuple[subprocess.Popen[str], int]:
+def start_director(lab: Lab, join_wait_ms: int = 200, **overrides: object) -> tuple[subprocess.Popen[str], int]:
     metrics_port = free_port()
     config = {
         "vip": VIP, "ports": [PORT], "redis_url": f"redis://127.0.0.1:{lab.redis.port}/0",
         "pool": "mtf", "queue_num": 4343, "join_wait_ms": join_wait_ms, "forward": "vxlan",
         "tunnel_mtu": 1500, "metrics_listen": f"127.0.0.1:{metrics_port}", "resync_interval_s": 1.0,
-        "log_level": "debug",
+        "log_level": "debug", **overrides,
     }  # fmt: skip
     path = lab.tmp / "director.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -157,8 +157,12 @@ def start_director(lab: Lab, join_wait_ms: int = 200) -> tuple[subprocess.Popen[
     return proc, metrics_port
 
 
-def start_pods(lab: Lab, register_delay_ms: int = 0, join_wait_s: float = 5.0) -> None:
+def start_pods(lab: Lab, register_delay_ms: int = 0, join_wait_s: float = 5.0,
+               only: tuple[int, ...] = (0, 1)) -> dict[int, subprocess.Popen[str]]:
+    procs = {}
     for i, name in enumerate(lab.pods):
+        if i not in only:
+            continue
         proc = lab.spawn(
             f"mtk-pod{i}", sys.executable, str(HERE / "echo_pod.py"), "--name", name,
             "--advertise", f"198.18.{10 + i}.2", "--vip", VIP, "--port", str(PORT),
@@ -167,6 +171,8 @@ def start_pods(lab: Lab, register_delay_ms: int = 0, join_wait_s: float = 5.0) -
             "--join-wait-s", str(join_wait_s),
         )  # fmt: skip
         wait_line(proc, "ready")
+        procs[i] = proc
+    return procs
 
 
 def metrics(metrics_port: int) -> dict[str, float]:
@@ -186,6 +192,19 @@ def wait_metric(metrics_port: int, name: str, value: float, timeout_s: float = 1
             return
         time.sleep(0.05)  # polling the director's own state: no event reaches the test
     raise AssertionError(f"{name} never became {value}: {metrics(metrics_port)}")
+
+
+def wait_buckets(pods: int, timeout_s: float = 10) -> None:
+    """Until the director's kernel bucket map gives every bucket to one of `pods` pods: it follows
+    the table within milliseconds, and an initial SYN in between goes by the previous map."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = json.loads(sh("nft", "-j", "list", "map", "inet", "mcpool_director", "buckets", ns=DIR))
+        marks = [mark for item in out["nftables"] for _, mark in item.get("map", {}).get("elem", [])]
+        if len(set(marks)) == pods and len(marks) == (4096 if pods else 0):
+            return
+        time.sleep(0.02)  # the kernel map signals nothing
+    raise AssertionError(f"the bucket map never covered {pods} pods")
 
 
 def queue_packets_seen(queue_num: int) -> int:
@@ -213,7 +232,7 @@ def records(lab: Lab) -> list[dict[str, object]]:
 
 
 def check_all_subflows_on_owner(lab: Lab, results: list[dict[str, object]], count: int) -> None:
-    owner = rendezvous_pick(lab.pods, CPE_MAIN)
+    owner = initial_pick(lab.pods, CPE_MAIN, "mtf")
     assert len(results) == count
     for r in results:
         assert r["sha_ok"] is True, r
@@ -229,6 +248,7 @@ def test_initial_hashed_and_join_steered_by_token(lab: Lab) -> None:
     director, mport = start_director(lab)
     start_pods(lab)
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
+    wait_buckets(2)
     wait_metric(mport, 'mcpool_director_table_entries{kind="pods"}', 2)
 
     count, nbytes = 4, 1 << 20
@@ -252,8 +272,10 @@ def test_initial_hashed_and_join_steered_by_token(lab: Lab) -> None:
         for name, p, b in re.findall(r"counter (\w+) \{\s*packets (\d+) bytes (\d+)", out)
     }
     # A join usually arrives before its token is registered (userspace holds it); one that comes
-    # after is decided by the kernel's token map and never queued.
-    assert initial >= count and joins + counters["token_hit"][0] >= count, (m, counters)
+    # after is decided by the kernel's token map and never queued. Initial SYNs are decided by
+    # the kernel's CPE and bucket maps once the director wrote them, by userspace before.
+    kernel_initial = counters["bucket_hit"][0] + counters["cpe_hit"][0]
+    assert initial + kernel_initial >= count and joins + counters["token_hit"][0] >= count, (m, counters)
     queued = counters["queued_initial"][0] + counters["queued_join"][0]
     assert queue_packets_seen(4343) == queued
     assert queued == initial + joins  # every queued SYN got exactly one decision
@@ -269,6 +291,7 @@ def test_join_before_registration_waits_for_the_token(lab: Lab) -> None:
     director, mport = start_director(lab, join_wait_ms=1000)
     start_pods(lab, register_delay_ms=150)
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
+    wait_buckets(2)
     results = run_client(lab, 2, 64 * 1024)
     check_all_subflows_on_owner(lab, results, 2)
     m = metrics(mport)
@@ -280,19 +303,21 @@ def test_redis_down_keeps_the_last_table(lab: Lab) -> None:
     director, mport = start_director(lab)
     start_pods(lab, join_wait_s=1.5)
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
+    wait_buckets(2)
     lab.redis.kill()
     wait_metric(mport, "mcpool_director_redis_up", 0)
     # New connections still hash to a pod; their joins cannot be learned (the pods cannot
     # publish) and are dropped after the wait, so each connection stays on its first subflow.
     results = run_client(lab, 1, 64 * 1024)
-    assert results[0]["sha_ok"] is True and results[0]["pod"] == rendezvous_pick(lab.pods, CPE_MAIN)
+    assert results[0]["sha_ok"] is True and results[0]["pod"] == initial_pick(lab.pods, CPE_MAIN, "mtf")
     assert records(lab)[-1]["subflows"] == 0
     assert director.poll() is None
     lab.redis.start()
     wait_metric(mport, "mcpool_director_redis_up", 1)
     # The pods re-register by themselves (heartbeat) and the table is whole again.
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
+    wait_buckets(2)
     results = run_client(lab, 1, 64 * 1024)
     assert results[0]["sha_ok"] is True
     last = records(lab)[-1]
-    assert last["subflows"] == 1 and last["pod"] == rendezvous_pick(lab.pods, CPE_MAIN)
+    assert last["subflows"] == 1 and last["pod"] == initial_pick(lab.pods, CPE_MAIN, "mtf")

@@ -16,7 +16,7 @@ import sys
 import time
 
 import pytest
-from mcpool_proxy.cluster.hashing import rendezvous_pick
+from mcpool_proxy.cluster.hashing import initial_pick
 from support import requires_netns
 from test_director_netns import (  # noqa: F401 - `lab` is a fixture
     CLI,
@@ -34,6 +34,7 @@ from test_director_netns import (  # noqa: F401 - `lab` is a fixture
     sh,
     start_director,
     start_pods,
+    wait_buckets,
     wait_line,
     wait_metric,
 )
@@ -72,6 +73,7 @@ def test_join_with_token_in_map_never_reaches_userspace(lab: Lab) -> None:  # no
     director, mport = start_director(lab)
     start_pods(lab, join_wait_s=10)
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
+    wait_buckets(2)
 
     client = subprocess.Popen(
         ["ip", "netns", "exec", CLI, sys.executable, str(HERE / "late_join_client.py"), "--vip", VIP,
@@ -82,7 +84,7 @@ def test_join_with_token_in_map_never_reaches_userspace(lab: Lab) -> None:  # no
     wait_line(client, "connected")
     wait_for(lambda: len(token_map()) == 1, "the connection's token in the kernel map")
     [(token, mark)] = token_map().items()
-    owner = rendezvous_pick(lab.pods, CPE_MAIN)
+    owner = initial_pick(lab.pods, CPE_MAIN, "mtf")
     before = counters()
     queued_before = queue_packets_seen(4343)
     userspace_joins = metrics(mport).get('mcpool_director_queued_packets_total{kind="join"}', 0)

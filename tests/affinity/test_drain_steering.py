@@ -14,7 +14,7 @@ import time
 
 from conftest import RedisServer
 from mcpool_proxy.cluster.director import Director, DirectorConfig
-from mcpool_proxy.cluster.hashing import rendezvous_pick
+from mcpool_proxy.cluster.hashing import initial_pick
 from mcpool_proxy.cluster.packet import Syn
 from mcpool_proxy.cluster.registry import RedisRegistry
 from mcpool_proxy.cluster.table import decide
@@ -68,7 +68,7 @@ async def test_every_director_stops_sending_initial_subflows_to_a_draining_pod(r
         cpe = next(
             f"198.18.1.{i}"
             for i in range(1, 255)
-            if rendezvous_pick(list(pods), f"198.18.1.{i}") == "pod-a"
+            if initial_pick(list(pods), f"198.18.1.{i}", POOL) == "pod-a"
         )
         token = 0x5EED0001
         await pods["pod-a"].register_connection(token, "198.18.2.1")

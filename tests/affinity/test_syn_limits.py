@@ -22,7 +22,8 @@ VIP = "198.19.255.1"
 
 def test_ruleset_limits_syns_before_they_are_queued() -> None:
     script = steering.director_ruleset(VIP, [5124], 0x4D430000, "vxlan", 60,
-                                       syn_limits=steering.SynLimits(per_source=7, per_source_burst=9, total=70, total_burst=90))  # fmt: skip
+                                       syn_limits=steering.SynLimits(per_source=7, per_source_burst=9, total=70, total_burst=90),
+                                       initial=steering.InitialHash(4096, 0x1234ABCD))  # fmt: skip
     steer = script.split("chain steer {", 1)[1].split("}\n", 1)[0]
     lines = [line.strip() for line in steer.splitlines() if "tcp flags" in line]
     # The limits come first: a SYN over a limit never gets a queue mark.
@@ -30,7 +31,14 @@ def test_ruleset_limits_syns_before_they_are_queued() -> None:
     assert lines[0].endswith("counter name syn_over_source drop")
     assert "limit rate over 70/second burst 90 packets counter name syn_over_total drop" in lines[1]
     assert "map @tokens counter name token_hit" in lines[2]  # the kernel's token map, then the queue
-    assert "queued_join" in lines[3] and "queued_initial" in lines[4]
+    assert "queued_join" in lines[3]
+    # Initial SYNs: the CPE map, then the bucket map, then the queue.
+    assert "meta mark set ip saddr map @cpes counter name cpe_hit accept" in lines[4]
+    assert ("meta mark set jhash ip saddr mod 4096 seed 0x1234abcd meta mark set meta mark map @buckets "
+            "counter name bucket_hit accept") in lines[5]  # fmt: skip
+    assert "queued_initial" in lines[6]
+    queued_only = steering.director_ruleset(VIP, [5124], 0x4D430000, "vxlan", 60)
+    assert "@buckets counter" not in queued_only and "@cpes counter" not in queued_only
     six = steering.director_ruleset("2001:db8::1", [5124], 0x4D430000, "vxlan", 60)
     assert "typeof @nh,64,64" in six and "add @syn_sources { @nh,64,64 limit rate over 200/second" in six
     off = steering.director_ruleset(VIP, [5124], 0x4D430000, "vxlan", 60, syn_limits=steering.SynLimits(per_source=0, total=0))

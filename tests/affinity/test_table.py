@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from mcpool_proxy.cluster.hashing import rendezvous_pick
+from mcpool_proxy.cluster.hashing import BucketHash
 from mcpool_proxy.cluster.packet import Syn
 from mcpool_proxy.cluster.table import AffinityTable, PodEntry, decide
 
@@ -29,12 +29,12 @@ def test_initial_is_hashed_over_ready_pods_only() -> None:
     for i in range(50):
         src = f"198.18.2.{i}"
         d = decide(initial(src), table)
-        assert d.outcome == "hashed" and d.pod == rendezvous_pick(["a", "b"], src)
+        assert d.outcome == "hashed" and d.pod == BucketHash().pick(["a", "b"], src)
 
 
 def test_known_cpe_keeps_its_pod_unless_it_is_not_ready() -> None:
     table = table_with(("a", "ready"), ("b", "ready"))
-    other = "b" if rendezvous_pick(["a", "b"], "198.18.1.2") == "a" else "a"
+    other = "b" if BucketHash().pick(["a", "b"], "198.18.1.2") == "a" else "a"
     table.apply_event({"t": "cpe", "op": "add", "cpe": "198.18.1.2", "pod": other})
     assert decide(initial(), table).outcome == "cpe_hit"
     assert decide(initial(), table).pod == other

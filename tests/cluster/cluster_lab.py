@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -198,3 +199,19 @@ class Cluster:
         for link in self.lab.links:
             self.lab.restore_link(link)
         self.lab.set_cpe_endpoints(["subflow"])
+
+
+def bucket_map_marks(lab: Lab) -> list[int]:
+    """The marks of the director's kernel bucket map, one per filled bucket."""
+    out = json.loads(lab.exec("dir", ["nft", "-j", "list", "map", "inet", "mcpool_director", "buckets"]).stdout)
+    return [int(mark) for item in out["nftables"] for _, mark in item.get("map", {}).get("elem", [])]
+
+
+def wait_bucket_map(lab: Lab, pods: int, buckets: int = 4096, timeout_s: float = 15.0) -> None:
+    """Until every bucket of the director's kernel map is given to one of `pods` pods (from then on
+    initial SYNs are decided by nftables alone)."""
+    def filled() -> bool:
+        marks = bucket_map_marks(lab)
+        return len(set(marks)) == pods and len(marks) == (buckets if pods else 0)
+
+    wait_for(filled, timeout_s, f"the director's bucket map over {pods} pods")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from cluster_lab import CONVERT_PORT, SERVER_PORT, Cluster, CpeConn, kernel_view, wait_all_subflows
 from e2e import host_of
-from mcpool_proxy.cluster.hashing import rendezvous_pick
+from mcpool_proxy.cluster.hashing import initial_pick
 from mcpool_proxy.cpe.convert_client import convert_connect
 from mcpool_proxy.kernel.mptcp import get_mptcp_info, get_subflows
 from mcpool_tools.lab import Lab
@@ -47,9 +47,9 @@ def _read(sock: socket.socket, reader: PatternReader, upto: int) -> None:
 def dsl_cut_mid_download(lab: Lab, cluster: Cluster, size: int = 48_000_000, cut_at: float = 0.4) -> FailoverResult:
     """Run the download and the cut; assert everything point 4 of issue 13 promises."""
     dsl, lte = lab.cpe_addrs
-    pod = rendezvous_pick(cluster.names, dsl)
+    pod = initial_pick(cluster.names, dsl, "lab")
     other = [n for n in cluster.names if n != pod]
-    assert pod is not None and rendezvous_pick(cluster.names, lte) != pod, "LTE must hash to another pod"
+    assert pod is not None and initial_pick(cluster.names, lte, "lab") != pod, "LTE must hash to another pod"
     base = kernel_view(lab, cluster.names)
     with lab.in_netns("cpe"):
         sock, _, early = convert_connect((lab.vip, CONVERT_PORT), (lab.srv_addr, SERVER_PORT),

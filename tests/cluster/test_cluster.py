@@ -19,10 +19,11 @@ from cluster_lab import (
     open_conn,
     parallel,
     wait_all_subflows,
+    wait_bucket_map,
     where_is,
 )
 from e2e import host_of
-from mcpool_proxy.cluster.hashing import rendezvous_pick
+from mcpool_proxy.cluster.hashing import initial_pick
 from mcpool_tools.lab import Lab
 from support import requires_netns, wait_for
 
@@ -45,7 +46,10 @@ def table_entries(lab: Lab, kind: str) -> float:
 
 
 def wait_ready_pods(lab: Lab, n: int, timeout_s: float = 15.0) -> None:
+    """Until the director's table has `n` ready pods and its kernel bucket map says so too (the
+    map follows the table within milliseconds; a SYN in between goes by the previous map)."""
     wait_for(lambda: table_entries(lab, "ready_pods") == n, timeout_s, f"{n} ready pods in the director's table")
+    wait_bucket_map(lab, n, timeout_s=timeout_s)
 
 
 def open_many(lab: Lab, sources: list[str]) -> list[CpeConn]:
@@ -67,7 +71,7 @@ def check_on_one_pod(lab: Lab, cluster: Cluster, conns: list[CpeConn], want: set
     by_pod: dict[str, list[CpeConn]] = {name: [] for name in cluster.names}
     for c in conns:
         pod, entry = found[(c.source, c.port)]
-        assert pod == rendezvous_pick(cluster.names, c.source), (c.source, pod)
+        assert pod == initial_pick(cluster.names, c.source, "lab"), (c.source, pod)
         by_pod[pod].append(c)
         token = int(entry["token"], 16)
         assert set(kernel[pod].get(token, [])) == want, (pod, entry, kernel[pod].get(token))
@@ -166,7 +170,7 @@ def test_redis_killed_then_back(lab: Lab, cluster: Cluster) -> None:
         c.echo(128 * KB)
     found = where_is(cluster.proxies, fresh)
     for c in fresh:
-        assert found[(c.source, c.port)][0] == rendezvous_pick(cluster.names, c.source)
+        assert found[(c.source, c.port)][0] == initial_pick(cluster.names, c.source, "lab")
     assert all(p.proc.poll() is None for p in cluster.proxies.values())
     assert lab.director is not None and lab.director.poll() is None
 
@@ -192,8 +196,8 @@ def test_pod_killed_new_connections_go_to_the_others(lab: Lab, cluster: Cluster)
     cluster.start()
     wait_ready_pods(lab, 2)
     both = {lab.cpe_dsl_ip, lab.cpe_lte_ip}
-    victim = rendezvous_pick(cluster.names, lab.cpe_dsl_ip)
-    survivor = rendezvous_pick(cluster.names, lab.cpe_lte_ip)
+    victim = initial_pick(cluster.names, lab.cpe_dsl_ip, "lab")
+    survivor = initial_pick(cluster.names, lab.cpe_lte_ip, "lab")
     assert victim is not None and survivor is not None and victim != survivor
     base = kernel_view(lab, cluster.names)
     survivors_conns = open_many(lab, [lab.cpe_lte_ip] * 3)
@@ -206,6 +210,7 @@ def test_pod_killed_new_connections_go_to_the_others(lab: Lab, cluster: Cluster)
     wait_for(lambda: table_entries(lab, "pods") == 1, ttl + resync + 2, "the dead pod leaves the table")
     left_after = time.monotonic() - killed_at
     assert left_after <= ttl + resync + 1, left_after
+    wait_bucket_map(lab, 1)  # and the kernel's bucket map, a moment later
 
     # A CPE whose pod died is hashed to a live pod, with both subflows there.
     moved = open_conn(lab, lab.cpe_dsl_ip)
@@ -247,7 +252,7 @@ def test_forced_token_collision_keeps_the_first_owner(lab: Lab, cluster: Cluster
     cluster.start(register_delay_ms=500, director={"join_wait_ms": 2000, "resync_interval_s": 60})
     wait_ready_pods(lab, 2)
     before = decisions(lab)
-    owner = rendezvous_pick(cluster.names, lab.cpe_dsl_ip)
+    owner = initial_pick(cluster.names, lab.cpe_dsl_ip, "lab")
     other = next(n for n in cluster.names if n != owner)
     base = kernel_view(lab, cluster.names)
     conn = open_conn(lab, lab.cpe_dsl_ip)

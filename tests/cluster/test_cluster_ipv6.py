@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from cluster_lab import Cluster, director_lab, kernel_view, open_conn, parallel
+from cluster_lab import Cluster, director_lab, kernel_view, open_conn, parallel, wait_bucket_map
 from failover import dsl_cut_mid_download
 from mcpool_tools.lab import Lab
 from support import requires_netns
@@ -63,6 +63,7 @@ def test_ipv6_connections_all_subflows_on_one_pod_then_dsl_cut(lab: Lab, cluster
     start(lab, cluster, forward, underlay)
     dsl, lte = lab.cpe_addrs
     assert ":" in dsl and ":" in lte
+    wait_bucket_map(lab, 2)
     before = decisions(lab)
     counters_before = lab.director_counters()
     base = kernel_view(lab, cluster.names)
@@ -75,6 +76,13 @@ def test_ipv6_connections_all_subflows_on_one_pod_then_dsl_cut(lab: Lab, cluster
     kernel_hits = lab.director_counters()["token_hit"][0] - counters_before.get("token_hit", (0, 0))[0]
     assert delta(after, before, "token_hit", "token_hit_after_wait") + kernel_hits >= 10, (after, kernel_hits)
     assert delta(after, before, "token_miss_after_wait", "collision") == 0, after
+    # Every initial SYN was decided by the kernel's maps (key: the 16-byte `ip6 saddr`), none
+    # in userspace.
+    counters = lab.director_counters()
+    kernel_initial = sum(counters[n][0] - counters_before.get(n, (0, 0))[0] for n in ("bucket_hit", "cpe_hit"))
+    assert kernel_initial >= len(conns), counters
+    assert counters["queued_initial"][0] == counters_before.get("queued_initial", (0, 0))[0], counters
+    assert delta(after, before, "hashed", "cpe_hit") == 0, after
     if forward == "dnat":
         # The pods saw the CPE's real address but their own as the local one (no VIP on them).
         for name, pod in zip(cluster.names, lab.pods, strict=True):

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cluster_lab import Cluster, CpeConn, open_conn, parallel, wait_all_subflows
+from cluster_lab import Cluster, CpeConn, open_conn, parallel, wait_all_subflows, wait_bucket_map
 from mcpool_tools.lab import Lab
 from redis_ha import SentinelGroup
 from support import require_command, requires_netns, wait_for
@@ -82,6 +82,7 @@ def test_primary_killed_during_bonded_transfers_sentinel_fails_over(
     cluster.start(director={"redis_url": None, "redis_sentinel": target}, redis_url=None, redis_sentinel=target)
     wait_for(lambda: lab.director_metrics().get('mcpool_director_table_entries{kind="ready_pods"}') == 2,
              15, "2 ready pods in the director's table")  # fmt: skip
+    wait_bucket_map(lab, 2)
     old_primary = sentinels.primary()
     assert old_primary == sentinels.primary_port
 

@@ -33,10 +33,11 @@ from cluster_lab import (
     open_conn,
     parallel,
     wait_all_subflows,
+    wait_bucket_map,
     where_is,
 )
 from mcpool_operator.drain import drain_progress
-from mcpool_proxy.cluster.hashing import rendezvous_pick
+from mcpool_proxy.cluster.hashing import initial_pick
 from mcpool_tools.lab import Lab, ProxyProcess, in_netns
 from support import requires_netns, wait_for
 
@@ -112,8 +113,9 @@ def test_drain_behind_the_director_cuts_nothing(lab: Lab, cluster: Cluster, even
     wait_for(
         lambda: table_entries(lab, "ready_pods") == 2, 15, "2 ready pods in the director's table"
     )
-    old = rendezvous_pick(cluster.names, lab.cpe_dsl_ip)
-    other = rendezvous_pick(cluster.names, lab.cpe_lte_ip)
+    wait_bucket_map(lab, 2)  # initial SYNs are decided by the kernel's map, which follows the table
+    old = initial_pick(cluster.names, lab.cpe_dsl_ip, "lab")
+    other = initial_pick(cluster.names, lab.cpe_lte_ip, "lab")
     assert old is not None and other is not None and old != other
     old_ns = cluster.pod_ns(old)
 
@@ -185,6 +187,7 @@ def test_drain_behind_the_director_cuts_nothing(lab: Lab, cluster: Cluster, even
     assert hits >= 2 * PER_POD, hits
 
     # A new connection of the CPE address that hashed to the old pod goes to the other one.
+    wait_bucket_map(lab, 1)
     moved = open_conn(lab, lab.cpe_dsl_ip)
     placed = wait_all_subflows(
         lab, {n: p for n, p in cluster.proxies.items() if n != old}, [moved], both
@@ -225,6 +228,7 @@ def test_drain_behind_the_director_cuts_nothing(lab: Lab, cluster: Cluster, even
             15,
             "the new pod ready in the director's table",
         )
+        wait_bucket_map(lab, 2)
         back = open_conn(lab, lab.cpe_dsl_ip)
         placed = wait_all_subflows(lab, cluster.proxies, [back], both)
         assert placed[(back.source, back.port)][0] == old

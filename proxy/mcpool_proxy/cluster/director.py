@@ -1,12 +1,13 @@
 """The director (`mcpool director --config FILE`): steers every subflow of a connection to its pod.
 
 It owns the pool's virtual IP in its network namespace (it is the VIP's next hop), and decides
-only SYNs: an initial SYN goes to a ready pod by rendezvous hashing of the CPE address (a CPE the
-table already maps keeps its pod); an MP_JOIN SYN goes to the pod that registered its token.
-nftables hands the SYNs to NFQUEUE; the verdict carries the pod's mark, nftables remembers the
-flow, and every later packet is forwarded in the kernel (see kernel/steering.py for the packet path).
-A join whose token is already in the kernel's token map (fed from the table by mapsync.py) is
-steered by nftables alone and never reaches this process.
+only SYNs: an initial SYN goes to a ready pod by hashing the CPE address into a bucket and the
+bucket onto a pod by rendezvous (a CPE the table already maps keeps its pod); an MP_JOIN SYN goes
+to the pod that registered its token. Most SYNs are decided by nftables alone, from kernel maps
+this process writes (mapsync.py): the CPE map and the bucket map for initial SYNs, the token map
+for joins. What they miss is handed to NFQUEUE and decided here by the same rules; the verdict
+carries the pod's mark, nftables remembers the flow, and every later packet is forwarded in the
+kernel (see kernel/steering.py for the packet path).
 
 The decision reads a local copy of the affinity table (`table.AffinityTable`) kept current by
 the registry's pub/sub events and a periodic full read of Redis. Redis unreachable: the last
@@ -44,11 +45,13 @@ from ..config import (
     split_hostport,
 )
 from ..kernel import steering
-from ..kernel.tokenmap import TokenMap
+from ..kernel.bucketmap import BucketMap
+from ..kernel.tokenmap import CpeMap, TokenMap
 from ..observe.metrics import observe
 from ..observe.telemetry import Telemetry
+from .hashing import MAX_BUCKETS, BucketHash, pool_seed
 from .keys import KeySchema
-from .mapsync import TokenMapSync
+from .mapsync import InitialMapSync, MapFeeds, TokenMapSync
 from .packet import MAX_IPV6_EXT_BYTES, Syn, parse_syn
 from .redisconn import REDIS_ERRORS, Backoff, connect, describe_target, open_redis, redis_error_text
 from .table import AffinityTable, Decision, PodEntry, decide
@@ -153,6 +156,27 @@ class DirectorConfig(BaseModel):
         "are steered without userspace; entries are also deleted when their connection closes, "
         "and re-added before they expire). 0: no token map, every join is queued to userspace.",
     )
+    initial_in_kernel: bool = Field(
+        default=True,
+        description="Decide initial SYNs in nftables: a CPE with live connections to a ready pod by the "
+        "kernel CPE map, any other by the kernel bucket map (counters cpe_hit, bucket_hit). Only a "
+        "miss (no ready pod, a bucket not written yet) is queued to userspace. false: every initial "
+        "SYN is queued.",
+    )
+    buckets: int = Field(
+        default=4096,
+        ge=1,
+        le=MAX_BUCKETS,
+        description="Buckets a CPE address is hashed into (jhash of the address, seeded by the pool "
+        "name); each bucket belongs to one ready pod by rendezvous hashing. Every director of a "
+        "pool must use the same value (they then send a CPE to the same pod).",
+    )
+    cpe_map_timeout_s: int = Field(
+        default=3600,
+        ge=2,
+        description="Kernel timeout of each entry of the CPE map (entries also leave when the CPE's "
+        "last connection closes, and are re-added before they expire).",
+    )
     # --- the SYN queue's admission in the kernel (issue 10) ---
     syn_rate_per_source: int = Field(
         default=200,
@@ -213,6 +237,17 @@ class DirectorConfig(BaseModel):
             per_source=self.syn_rate_per_source, per_source_burst=self.syn_burst_per_source,
             total=self.syn_rate_total, total_burst=self.syn_burst_total,
         )  # fmt: skip
+
+    def bucket_hash(self) -> BucketHash:
+        """How a CPE address is hashed into a bucket, in the kernel and in `decide` alike."""
+        return BucketHash(self.buckets, pool_seed(self.pool))
+
+    def initial_hash(self) -> steering.InitialHash | None:
+        """The nft rule's parameters for initial SYNs; None when they are all queued."""
+        if not self.initial_in_kernel:
+            return None
+        hashing = self.bucket_hash()
+        return steering.InitialHash(hashing.buckets, hashing.seed)
 
     @property
     def owner(self) -> str:
@@ -333,7 +368,7 @@ class Director:
         # OTEL_TRACES_SAMPLER); None otherwise, so the hot path pays one attribute test.
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self._tracer = self.telemetry.tracer("mcpool.director")
-        self.table = AffinityTable()
+        self.table = AffinityTable(config.bucket_hash())
         self.keys = KeySchema(config.pool)
         self.slots: dict[str, tuple[int, str]] = {}  # pod -> (slot, address) with plumbing in place
         self._departed: dict[str, float] = {}  # pod -> monotonic time it left the table
@@ -347,7 +382,7 @@ class Director:
         self._now: Callable[[], float] = time.monotonic  # the drop warning's clock (tests replace it)
         self._drops_unreported: dict[str, int] = {}
         self._drop_warned_at = float("-inf")
-        self.mapsync: TokenMapSync | None = None  # the kernel token map's feed (run() makes it)
+        self.mapsync: MapFeeds | None = None  # the kernel maps' feeds (run() makes them)
 
     # -- decisions (the hot path: one call per SYN) --------------------------------------------
 
@@ -640,7 +675,11 @@ class Director:
         return {pod: steering.slot_mark(base, slot) for pod, (slot, _) in dict(self.slots).items()
                 if pod in self.table.pods}  # fmt: skip
 
-    def _make_mapsync(self) -> TokenMapSync | None:
+    def _make_mapsync(self) -> MapFeeds | None:
+        feeds = MapFeeds(self._make_tokenmap_sync(), self._make_initial_sync())
+        return feeds if feeds else None
+
+    def _make_tokenmap_sync(self) -> TokenMapSync | None:
         if not self.config.token_map_timeout_s:
             return None
         try:
@@ -650,6 +689,22 @@ class Director:
             return None
         return TokenMapSync(tokenmap, self._token_owner_marks, lambda: self.table.tokens,
                             registry=self.metrics.registry)  # fmt: skip
+
+    def _make_initial_sync(self) -> InitialMapSync | None:
+        cfg = self.config
+        if not cfg.initial_in_kernel:
+            return None
+        try:
+            buckets = BucketMap(cfg.nft_table)
+            cpemap = CpeMap(cfg.nft_table, cfg.cpe_map_timeout_s)
+        except RuntimeError as exc:  # python3-nftables missing: the maps stay empty, all is queued
+            log.error("no kernel CPE and bucket maps, every initial SYN goes to userspace: %s", exc)
+            return None
+        return InitialMapSync(
+            buckets, cpemap, self.table.hashing, self.table.ready_pods, self._token_owner_marks,
+            lambda: self.table.cpes, v6=ipaddress.ip_address(cfg.vip).version == 6,
+            registry=self.metrics.registry,
+        )  # fmt: skip
 
     async def _wake_later(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
@@ -661,7 +716,7 @@ class Director:
         cfg = self.config
         steering.install_director(cfg.vip, cfg.ports, cfg.mark_base, cfg.queue_num, cfg.forward,
                                 cfg.flow_idle_timeout_s, table=cfg.nft_table, owner=cfg.owner,
-                                syn_limits=cfg.syn_limits())  # fmt: skip
+                                syn_limits=cfg.syn_limits(), initial=cfg.initial_hash())  # fmt: skip
 
     def cleanup(self) -> None:
         cfg = self.config
@@ -684,7 +739,8 @@ class Director:
         self._died: asyncio.Future[None] = self._loop.create_future()
         self.mapsync = self._make_mapsync()
         if self.mapsync is not None:
-            self._spawn_critical(self.mapsync.run(), "token map")
+            for name, runner in self.mapsync.runners():
+                self._spawn_critical(runner, name)
         self._spawn_critical(self._feed(), "redis feed")
         self._spawn_critical(self._plumbing(), "plumbing")
         log.info(

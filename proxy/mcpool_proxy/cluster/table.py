@@ -20,13 +20,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .hashing import rendezvous_pick
+from .hashing import BucketHash
 from .packet import Syn
 
 __all__ = ["AffinityTable", "Decision", "Outcome", "PodEntry", "decide"]
 
 Outcome = Literal[
-    "hashed",  # initial subflow, new CPE: rendezvous hash over ready pods
+    "hashed",  # initial subflow, new CPE: its bucket's rendezvous winner among ready pods
     "cpe_hit",  # initial subflow of a CPE the table already maps to a ready pod
     "token_hit",  # MP_JOIN whose token's owner is known
     "token_hit_after_wait",  # MP_JOIN whose token arrived during the bounded wait
@@ -63,9 +63,13 @@ class _TokenWaiter(asyncio.Event):
 
 
 class AffinityTable:
-    """Pods, token owners, CPE owners and known collisions, as last learned from Redis."""
+    """Pods, token owners, CPE owners and known collisions, as last learned from Redis.
 
-    def __init__(self) -> None:
+    `hashing` is how a new CPE is hashed into a bucket: the director's nft rule's parameters, so
+    `decide` picks the pod the kernel's bucket map would have."""
+
+    def __init__(self, hashing: BucketHash | None = None) -> None:
+        self.hashing = hashing if hashing is not None else BucketHash()
         self.pods: dict[str, PodEntry] = {}
         self.tokens: dict[int, str] = {}
         self.cpes: dict[str, str] = {}
@@ -176,7 +180,10 @@ def decide(syn: Syn, table: AffinityTable, *, waited: bool = False) -> Decision:
     """Where a queued SYN goes. Joins follow their token; initial subflows follow the CPE.
 
     A draining pod takes no new initial subflows but keeps receiving the joins of connections
-    it owns; a pod missing from the table (heartbeat expired) receives nothing.
+    it owns; a pod missing from the table (heartbeat expired) receives nothing. A new CPE goes to
+    its bucket's owner (`table.hashing`): the same pod the kernel's bucket map holds for the same
+    ready pods, so a SYN queued only because the map was not written yet lands where the kernel
+    will send the CPE's next one.
     """
     if syn.join_token is not None:
         owner = table.tokens.get(syn.join_token)
@@ -193,4 +200,4 @@ def decide(syn: Syn, table: AffinityTable, *, waited: bool = False) -> Decision:
     known = table.cpes.get(syn.src)
     if known is not None and known in ready:
         return Decision("cpe_hit", known)
-    return Decision("hashed", rendezvous_pick(ready, syn.src))
+    return Decision("hashed", table.hashing.pick(ready, syn.src))

@@ -1,28 +1,45 @@
 """Every kernel object the director and its pods need, named once: nftables, xtables, routes, tunnels.
 
-Only SYNs to the VIP reach userspace. The packet path in the director's namespace:
+Only SYNs to the VIP can reach userspace, and most do not. The packet path in the director's
+namespace, in order: steps 0-5 are the rules of nft `steer` (prerouting, priority -200), the
+first that matches decides; then the xtables queue rule, nft `remember`, and forwarding.
 
-0. nft `steer` first rate-limits SYNs to the VIP (the queue to userspace is the director's SYN
+0. SYN admission: nft rate-limits SYNs to the VIP (the queue to userspace is the director's SYN
    queue, `queue_max_len` deep, decided by one Python thread): per source address (IPv6: per
    /64) and in total; a SYN over either limit is dropped in the kernel and counted
    (`syn_over_source`, `syn_over_total`), so one flooding source cannot fill the queue for all.
-1. nft `steer` (prerouting, priority -200): an MP_JOIN SYN (`tcp option mptcp subtype 1`) whose
-   token is in the `tokens` map gets its pod's mark there (counter `token_hit`: no userspace, see
-   kernel/tokenmap.py); any other MP_JOIN SYN is marked JOIN, any other SYN INITIAL; any other packet of a known flow gets its pod mark back
-   from the `flows` map (keyed by CPE address, CPE port, VIP port); anything else to the VIP is
-   an unknown flow and dropped (counted).
-2. xtables mangle (priority -150): marks JOIN/INITIAL go to NFQUEUE (`--queue-bypass`: with no
+1. MP_JOIN SYN (`tcp option mptcp subtype 1`) whose token is in the `tokens` map: its pod's mark
+   from there (counter `token_hit`; see kernel/tokenmap.py). Any other MP_JOIN SYN: mark JOIN
+   (counter `queued_join`), for the queue: userspace holds it until its token is registered.
+2. Initial SYN from a CPE in the `cpes` map (CPE address -> mark of the ready pod holding its live
+   connections): that mark (counter `cpe_hit`).
+3. Any other initial SYN: `jhash <saddr> mod B seed S` into one of B buckets, the bucket's pod
+   mark from the `buckets` map (counter `bucket_hit`; kernel/bucketmap.py). The director fills
+   that map from the ready pods by rendezvous hashing per bucket, so the decision is a pure
+   function of (pool, ready pods, CPE address): another director of the pool decides the same.
+   A bucket without an element (no ready pod; a pod without a tunnel yet; the map not written
+   since the director started) falls through to
+4. mark INITIAL (counter `queued_initial`), for the queue: userspace decides it by the same rules
+   (cluster/table.py `decide`, which computes the same bucket: cluster/hashing.py reproduces the
+   kernel's jhash).
+5. Any other packet of a known flow gets its pod mark back from the `flows` map (keyed by CPE
+   address, CPE port, VIP port; IPv6: the per-slot sets below; counter `restored`); anything else
+   to the VIP is an unknown flow and dropped (counter `unknown_flow`).
+6. xtables mangle (priority -150): marks JOIN/INITIAL go to NFQUEUE (`--queue-bypass`: with no
    director listening, SYNs pass unsteered and die, so clients retry). This kernel (6.18 as
-   built here) has no `nft queue` (CONFIG_NFT_QUEUE off), hence the xtables target.
-3. userspace sets a verdict carrying the pod's mark (`mark_base | slot << 8`).
-4. nft `remember` (priority -140): a packet with a pod mark adds/refreshes its flow in `flows`,
-   so every later packet of the subflow is steered in step 1 without userspace.
+   built here) has no `nft queue` (CONFIG_NFT_QUEUE off), hence the xtables target. Userspace
+   sets a verdict carrying the pod's mark (`mark_base | slot << 8`).
+7. nft `remember` (priority -140): a packet with a pod mark, whoever decided it (a map in steps
+   1-3, or userspace), adds/refreshes its flow in `flows`, so every later packet of the subflow
+   is steered in step 5 without userspace.
    IPv6 differs in how flows are kept (see `_flows6_script`): one dynamic set per pod slot
    (`flows6_<slot>`, no data) instead of one map, because nft 1.0.6 (Debian 12) cannot write a
    map element from the packet path whose key is longer than 16 bytes (an IPv6 address plus
    the ports is 20): the address first aborts nft, the address last silently stores a key
-   with the mark written over 4 of its bytes, so no later packet matches.
-5. forwarding by mark:
+   with the mark written over 4 of its bytes, so no later packet matches. The CPE and bucket
+   maps are not affected: their keys are 16 bytes at most (`ip6 saddr`) and only the director
+   writes them, from the control plane.
+8. forwarding by mark:
    - `vxlan` (default; the production design, direct server return): `ip rule fwmark M lookup
      T`, table T routes the VIP into a per-pod VXLAN device whose remote is the pod; a permanent
      neighbour entry gives the VIP the pod receive device's fixed MAC. The pod holds the VIP on
@@ -35,6 +52,13 @@ Only SYNs to the VIP reach userspace. The packet path in the director's namespac
    - `dnat` (lab only): nat prerouting DNATs to the pod address by mark. Correct ONLY where the
      pod's replies are routed back through the director's namespace (conntrack must un-NAT
      them); the pods then see the CPE's real source address but not the VIP.
+
+Why the flow map and not conntrack carries the decision (`ct mark`): in the vxlan mode the VIP's
+traffic is `notrack` (raw chain, priority -300), because the director sees only the CPE -> pod
+direction (direct server return) and conntrack would call such a one-directional subflow INVALID
+after its SYN; with notrack there is no conntrack entry to hold a mark at all. The flow map is
+stateless with respect to TCP and needs only what the director sees. (The dnat mode has
+conntrack, which NAT needs; it keeps the same flow map so both modes steer alike.)
 
 Per-node resources are named by the director's configuration (nft table, device prefix, NFQUEUE
 number, mark base, route tables), so several pools' directors share a node; the operator derives
@@ -58,6 +82,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DEFAULT_POD_MAC, DEFAULT_VXLAN_PORT
+from .bucketmap import BUCKET_MAP
 from .sysctl import (
     SYSCTL_IPV4_FORWARD,
     SYSCTL_IPV6_FORWARDING,
@@ -65,7 +90,7 @@ from .sysctl import (
     read_sysctl,
     write_sysctl,
 )
-from .tokenmap import TOKEN_MAP
+from .tokenmap import CPE_MAP, TOKEN_MAP
 
 __all__ = [
     "DEFAULT_POD_MAC",
@@ -74,6 +99,7 @@ __all__ = [
     "POD_RX_DEVICE",
     "RULE_PREF",
     "SLOT_DEVICE_PREFIX",
+    "InitialHash",
     "SynLimits",
     "table_owner",
     "director_ruleset",
@@ -104,6 +130,7 @@ FLOWS6_KEY = "tcp sport . tcp dport . ip6 saddr"
 MARK_INITIAL = 0x1
 MARK_JOIN = 0x2
 MAX_SLOTS = 255
+BUCKET_MAP_SIZE = 65536  # most buckets a director may be configured with (hashing.MAX_BUCKETS)
 
 
 def run(cmd: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
@@ -141,16 +168,19 @@ def director_ruleset(
     max_tokens: int = 1_048_576,
     owner: str = "",
     syn_limits: SynLimits | None = None,
+    initial: InitialHash | None = None,
+    max_cpes: int = 1_048_576,
 ) -> str:
     """The director's nftables table (an `nft -f` script). Pure; re-applying it keeps the flows.
 
     The `flows` map is declared with `add` and never flushed, so restarting the director keeps
-    every live subflow steered; only the chains are replaced.
+    every live subflow steered; only the chains are replaced (the token, CPE and bucket maps keep
+    their elements too). `initial` None: no initial SYN is decided in the kernel (all are queued).
     """
     fam, addr_type = _family(vip)
     v6 = fam == "ip6"
     limits = syn_limits if syn_limits is not None else SynLimits()
-    initial, join = queue_marks(mark_base)
+    initial_mark, join = queue_marks(mark_base)
     match = f"{fam} daddr {vip} tcp dport {{ {', '.join(str(p) for p in sorted(set(ports)))} }}"
     owned = f"meta mark & 0xffff0000 == {mark_base:#010x}"
     comment = owner.replace('"', "")
@@ -164,6 +194,13 @@ def director_ruleset(
         f"add map inet {table} {TOKEN_MAP} {{ typeof tcp option @30,32,32 : meta mark; flags timeout; "
         f"timeout 1h; size {max_tokens}; }}",
         f"add counter inet {table} token_hit",
+        f"add counter inet {table} cpe_hit",
+        f"add counter inet {table} bucket_hit",
+        # CPE address -> mark of the ready pod holding its live connections (kernel/tokenmap.py
+        # CpeMap), and bucket -> pod mark (kernel/bucketmap.py). Both written by the director
+        # only; the bucket map's elements have no timeout (it is rewritten as the pods change).
+        f"add map inet {table} {CPE_MAP} {{ type {addr_type} : mark; flags timeout; timeout 1h; size {max_cpes}; }}",
+        f"add map inet {table} {BUCKET_MAP} {{ type mark : mark; size {BUCKET_MAP_SIZE}; }}",
         f"add counter inet {table} restored",
         f"add counter inet {table} queued_initial",
         f"add counter inet {table} queued_join",
@@ -204,7 +241,8 @@ def director_ruleset(
         f"    {match} tcp flags & (syn | ack) == syn tcp option mptcp subtype 1 "
         f"meta mark set tcp option @30,32,32 map @{TOKEN_MAP} counter name token_hit accept",
         f"    {match} tcp flags & (syn | ack) == syn tcp option mptcp subtype 1 meta mark set {join:#010x} counter name queued_join accept",
-        f"    {match} tcp flags & (syn | ack) == syn meta mark set {initial:#010x} counter name queued_initial accept",
+        *_initial_rules(match, fam, initial),
+        f"    {match} tcp flags & (syn | ack) == syn meta mark set {initial_mark:#010x} counter name queued_initial accept",
         restore,
         f"    {match} counter name unknown_flow drop",
         "  }",
@@ -230,6 +268,39 @@ def director_ruleset(
         ]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class InitialHash:
+    """How the kernel hashes an initial SYN into a bucket: `jhash <saddr> mod buckets seed seed`
+    (cluster/hashing.py BucketHash computes the same in userspace)."""
+
+    buckets: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.buckets <= BUCKET_MAP_SIZE:
+            raise ValueError(f"buckets must be in 1..{BUCKET_MAP_SIZE}, not {self.buckets}")
+        if not 0 <= self.seed <= 0xFFFFFFFF:
+            raise ValueError(f"bucket seed must be a 32-bit value, not {self.seed}")
+
+
+def _initial_rules(match: str, fam: str, initial: InitialHash | None) -> list[str]:
+    """An initial SYN decided in the kernel: its CPE's pod if the CPE map has it, else its bucket's.
+
+    The bucket rule first writes the hash into the mark, then maps the mark: nft 1.0.6 refuses a
+    `jhash ... map @named` whose map is not `typeof jhash`, and a `typeof jhash` map makes `nft
+    list` crash (segfault, measured). A miss leaves the hash in the mark; the queue rule after it
+    overwrites it, so a hash never reaches the queue or the `remember` chain as a pod mark.
+    """
+    if initial is None:
+        return []
+    syn = f"{match} tcp flags & (syn | ack) == syn"
+    return [
+        f"    {syn} meta mark set {fam} saddr map @{CPE_MAP} counter name cpe_hit accept",
+        f"    {syn} meta mark set jhash {fam} saddr mod {initial.buckets} seed {initial.seed:#010x} "
+        f"meta mark set meta mark map @{BUCKET_MAP} counter name bucket_hit accept",
+    ]
 
 
 @dataclass(frozen=True)
@@ -303,6 +374,7 @@ def install_director(
     table: str = NFT_TABLE,
     owner: str = "",
     syn_limits: SynLimits | None = None,
+    initial: InitialHash | None = None,
 ) -> None:
     """Install (idempotently) the nft table, the NFQUEUE rule and forwarding sysctls.
 
@@ -325,7 +397,8 @@ def install_director(
         # Fatal only because the value is still wrong (write_sysctl reads first).
         raise RuntimeError(f"{forwarding} is not 1 and cannot be set: the director cannot forward")
     run(["nft", "-f", "-"], stdin=director_ruleset(vip, ports, mark_base, forward, flow_idle_timeout_s,
-                                                   table=table, owner=owner, syn_limits=syn_limits))  # fmt: skip
+                                                   table=table, owner=owner, syn_limits=syn_limits,
+                                                   initial=initial))  # fmt: skip
     rule = _queue_rule(mark_base, queue_num)
     xt = _xtables(vip)
     if subprocess.run([xt, rule[0], rule[1], "-C", *rule[2:]], capture_output=True).returncode != 0:

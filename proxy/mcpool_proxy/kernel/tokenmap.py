@@ -1,4 +1,4 @@
-"""The director's MP_JOIN token map in nftables, written in batches through libnftables.
+"""The director's MP_JOIN token map and CPE map in nftables, written in batches through libnftables.
 
 The director's ruleset (kernel/steering.py) looks every MP_JOIN SYN up in the map `tokens`
 (key: the receiver's token, `tcp option @30,32,32`; value: the owning pod's slot mark). A hit is
@@ -21,22 +21,28 @@ itself, and a token read with MPTCP_INFO (host order) is the same integer as the
 reads big-endian from the SYN. The map's listing prints `type 0 : mark` (nft 1.0.6 cannot show a
 raw-payload `typeof`), so the ruleset is never restored from a listing; the elements are read
 back as JSON, which is exact.
+
+The CPE map (`cpes`: CPE source address -> pod mark, looked up for initial SYNs) is the same kind
+of map with addresses for keys: `CpeMap`, the same class with another key.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-__all__ = ["TOKEN_MAP", "NftError", "SyncStats", "TokenMap", "open_nftables"]
+__all__ = ["CPE_MAP", "TOKEN_MAP", "CpeMap", "NftError", "SyncStats", "TimedMap", "TokenMap", "open_nftables"]
 
 log = logging.getLogger("mcpool.affinity.tokenmap")
 
 TOKEN_MAP = "tokens"
+CPE_MAP = "cpes"
+K = TypeVar("K", int, str)
 # Elements per nft command: a batch of 10k tokens stays a few hundred kilobytes of text.
 CHUNK = 2000
 
@@ -71,8 +77,11 @@ class SyncStats:
     fallbacks: int = 0  # transactions refused and redone element by element
 
 
-class TokenMap:
-    """The kernel map `inet TABLE tokens`, kept equal to what the caller wants it to hold."""
+class TimedMap(Generic[K]):
+    """A kernel map `inet TABLE NAME` of K -> mark whose elements time out, kept equal to what the
+    caller wants it to hold."""
+
+    default_name = ""
 
     def __init__(
         self,
@@ -80,23 +89,29 @@ class TokenMap:
         timeout_s: int = 3600,
         *,
         family: str = "inet",
-        name: str = TOKEN_MAP,
+        name: str = "",
         nft: Any = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if timeout_s < 2:
             raise ValueError("token map timeout_s must be at least 2")
-        self.table, self.family, self.name = table, family, name
+        self.table, self.family, self.name = table, family, name or self.default_name
         self.timeout_s = timeout_s
         self._nft = nft if nft is not None else open_nftables()
         self._clock = clock
-        self.installed: dict[int, int] = {}  # token -> mark, as last written
-        self._written_at: dict[int, float] = {}  # token -> clock time its element was (re)added
+        self.installed: dict[K, int] = {}  # key -> mark, as last written
+        self._written_at: dict[K, float] = {}  # key -> clock time its element was (re)added
+
+    def _key_text(self, key: K) -> str:
+        raise NotImplementedError
+
+    def _parse_key(self, value: Any) -> K:
+        raise NotImplementedError
 
     # -- reading the kernel ------------------------------------------------------------------
 
-    def kernel_elements(self) -> dict[int, tuple[int, float]]:
-        """token -> (mark, seconds until it expires) as the kernel holds them now."""
+    def kernel_elements(self) -> dict[K, tuple[int, float]]:
+        """key -> (mark, seconds until it expires) as the kernel holds them now."""
         self._nft.set_json_output(True)
         try:
             rc, out, err = self._nft.cmd(f"list map {self.family} {self.table} {self.name}")
@@ -104,14 +119,14 @@ class TokenMap:
             self._nft.set_json_output(False)
         if rc != 0:
             raise NftError(err.strip() or f"cannot list map {self.name}")
-        elements: dict[int, tuple[int, float]] = {}
+        elements: dict[K, tuple[int, float]] = {}
         for item in json.loads(out).get("nftables", []):
             for key, mark in item.get("map", {}).get("elem", []):
                 if isinstance(key, dict):  # {"elem": {"val": K, "timeout": T, "expires": E}}
                     inner = key.get("elem", {})
-                    elements[int(inner["val"])] = (int(mark), float(inner.get("expires", self.timeout_s)))
+                    elements[self._parse_key(inner["val"])] = (int(mark), float(inner.get("expires", self.timeout_s)))
                 else:
-                    elements[int(key)] = (int(mark), float(self.timeout_s))
+                    elements[self._parse_key(key)] = (int(mark), float(self.timeout_s))
         return elements
 
     def load(self) -> int:
@@ -126,13 +141,13 @@ class TokenMap:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def sync(self, wanted: Mapping[int, int]) -> SyncStats:
-        """Make the map hold exactly `wanted` (token -> mark); refresh entries near expiry."""
+    def sync(self, wanted: Mapping[K, int]) -> SyncStats:
+        """Make the map hold exactly `wanted` (key -> mark); refresh entries near expiry."""
         remove = [t for t in self.installed if t not in wanted]
         return self._write(wanted, list(wanted), remove)
 
-    def update(self, wanted: Mapping[int, int], tokens: Iterable[int]) -> SyncStats:
-        """Bring only `tokens` in line with `wanted` (absent from it: delete)."""
+    def update(self, wanted: Mapping[K, int], tokens: Iterable[K]) -> SyncStats:
+        """Bring only `tokens` (keys) in line with `wanted` (absent from it: delete)."""
         tokens = list(dict.fromkeys(tokens))
         present = [t for t in tokens if t in wanted]
         remove = [t for t in tokens if t not in wanted and t in self.installed]
@@ -149,12 +164,12 @@ class TokenMap:
         self.installed, self._written_at = {}, {}
 
     def _write(
-        self, wanted: Mapping[int, int], candidates: list[int], remove: list[int], refresh_only: bool = False
+        self, wanted: Mapping[K, int], candidates: list[K], remove: list[K], refresh_only: bool = False
     ) -> SyncStats:
         now = self._clock()
         stale_before = now - self.timeout_s / 2
-        add: dict[int, int] = {}
-        replace: list[int] = []  # in the kernel already: deleted first (a map's add keeps the old value)
+        add: dict[K, int] = {}
+        replace: list[K] = []  # in the kernel already: deleted first (a map's add keeps the old value)
         for token in self.installed if refresh_only else candidates:
             mark = wanted[token]
             current = self.installed.get(token)
@@ -186,29 +201,55 @@ class TokenMap:
                 for token in add:
                     if token not in failed:
                         self._remember(token, add[token], now)
-                raise NftError(f"cannot add {len(failed)} token(s) to map {self.name}, e.g. {failed[0]:08x}")
+                raise NftError(f"cannot add {len(failed)} element(s) to map {self.name}, e.g. {self._key_text(failed[0])}")
         for token in deletes:
             self._forget(token)
         for token, mark in add.items():
             self._remember(token, mark, now)
         return stats
 
-    def _remember(self, token: int, mark: int, now: float) -> None:
+    def _remember(self, token: K, mark: int, now: float) -> None:
         self.installed[token] = mark
         self._written_at[token] = now
 
-    def _forget(self, token: int) -> None:
+    def _forget(self, token: K) -> None:
         self.installed.pop(token, None)
         self._written_at.pop(token, None)
 
-    def _script(self, deletes: list[int], add: Mapping[int, int]) -> str:
+    def _script(self, deletes: list[K], add: Mapping[K, int]) -> str:
         target = f"{self.family} {self.table} {self.name}"
         lines = []
         for start in range(0, len(deletes), CHUNK):
-            keys = ", ".join(f"{t:#010x}" for t in deletes[start : start + CHUNK])
+            keys = ", ".join(self._key_text(t) for t in deletes[start : start + CHUNK])
             lines.append(f"delete element {target} {{ {keys} }}")
         items = list(add.items())
         for start in range(0, len(items), CHUNK):
-            elems = ", ".join(f"{t:#010x} timeout {self.timeout_s}s : {m:#010x}" for t, m in items[start : start + CHUNK])
+            elems = ", ".join(f"{self._key_text(t)} timeout {self.timeout_s}s : {m:#010x}"
+                              for t, m in items[start : start + CHUNK])  # fmt: skip
             lines.append(f"add element {target} {{ {elems} }}")
         return "\n".join(lines) + "\n"
+
+
+class TokenMap(TimedMap[int]):
+    """The kernel map `inet TABLE tokens`: MP_JOIN receiver token -> the owning pod's mark."""
+
+    default_name = TOKEN_MAP
+
+    def _key_text(self, key: int) -> str:
+        return f"{key:#010x}"
+
+    def _parse_key(self, value: Any) -> int:
+        return int(value)
+
+
+class CpeMap(TimedMap[str]):
+    """The kernel map `inet TABLE cpes`: CPE source address -> the mark of the ready pod that holds
+    its live connections (an initial SYN from it goes there, as `decide`'s cpe_hit)."""
+
+    default_name = CPE_MAP
+
+    def _key_text(self, key: str) -> str:
+        return str(ipaddress.ip_address(key))
+
+    def _parse_key(self, value: Any) -> str:
+        return str(ipaddress.ip_address(str(value)))
