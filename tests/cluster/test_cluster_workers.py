@@ -9,11 +9,17 @@ different pods, so only token steering can put a join on its connection's pod.
 from __future__ import annotations
 
 import pytest
-from cluster_lab import Cluster, kernel_view, open_conn, parallel, wait_all_subflows
-from e2e import wait_for
-from mcpool_proxy.cluster.hashing import rendezvous_pick
+from cluster_lab import (
+    Cluster,
+    kernel_view,
+    open_conn,
+    parallel,
+    wait_all_subflows,
+    wait_bucket_map,
+)
+from mcpool_proxy.cluster.hashing import initial_pick
 from mcpool_tools.lab import Lab
-from support import requires_netns
+from support import requires_netns, wait_for
 
 pytestmark = [requires_netns, pytest.mark.netns, pytest.mark.timeout(240)]
 
@@ -33,6 +39,7 @@ def test_two_workers_per_pod_behind_the_director(lab: Lab, cluster: Cluster) -> 
         cluster.proxies[name] = lab.start_proxy(config, pod=i, name=name, ready_timeout_s=60)
     wait_for(lambda: lab.director_metrics().get('mcpool_director_table_entries{kind="ready_pods"}') == 2, 15,
              "2 ready pods in the director's table")
+    wait_bucket_map(lab, 2)  # initial SYNs are decided by the kernel's bucket map from then on
     for name, proxy in cluster.proxies.items():
         # The supervisor set up the tunnel's receive side (affinity.vip) for its workers.
         assert "mcpool_affinity_pod_receive_ready 1.0" in proxy.admin_get("/metrics"), name
@@ -47,7 +54,7 @@ def test_two_workers_per_pod_behind_the_director(lab: Lab, cluster: Cluster) -> 
     workers_seen: set[tuple[str, int]] = set()
     for c in conns:
         pod, entry = found[(c.source, c.port)]
-        assert pod == rendezvous_pick(cluster.names, c.source), (c.source, pod)
+        assert pod == initial_pick(cluster.names, c.source, "lab"), (c.source, pod)
         workers_seen.add((pod, entry["worker"]))
         token = int(entry["token"], 16)
         assert token not in base[pod]
