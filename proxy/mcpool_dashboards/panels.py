@@ -232,14 +232,29 @@ DIRECTOR = Dashboard(
         Row("Decisions", (
             Panel(
                 "Decisions by outcome",
-                "Steering decisions per second. hashed/cpe_hit: initial SYNs; token_hit(_after_wait): "
-                "joins sent to their pod. Bad: token_miss_after_wait means joins arrive for tokens "
-                "never registered (pods cannot reach Redis, or joins for connections of another "
-                "pool); no_ready_pod means no pod is ready; collision means two pods claimed one "
-                "token (see alerts).",
+                "Steering decisions made in userspace per second, for the SYNs the kernel's maps "
+                "could not decide (see the next panel). hashed/cpe_hit: initial SYNs; "
+                "token_hit(_after_wait): joins sent to their pod. Bad: token_miss_after_wait means "
+                "joins arrive for tokens never registered (pods cannot reach Redis, or joins for "
+                "connections of another pool); no_ready_pod means no pod is ready; collision means "
+                "two pods claimed one token (see alerts).",
                 (Query(f"sum by (outcome) (rate(mcpool_director_decisions_total{{{NS}}}[{RATE}]))",
                        "{{outcome}}"),),
                 unit="cps",
+                stack=True,
+            ),
+            Panel(
+                "SYNs decided in the kernel",
+                "SYNs per second the director's nftables maps decided without userspace: bucket_hit "
+                "(a new CPE, by the bucket map), cpe_hit (a CPE with live connections, to their pod), "
+                "token_hit (a join, by its token), against those queued to userspace. Bad: "
+                "queued_initial near the total means the bucket map is empty (no ready pod, or the "
+                "director cannot write its maps: check its log); queued_join high means joins arrive "
+                "before their token (normal for each connection's first join in a LAN).",
+                (Query(f"sum by (counter) (rate(mcpool_director_kernel_packets_total{{{NS},"
+                       f"counter=~\"bucket_hit|cpe_hit|token_hit|queued_initial|queued_join\"}}[{RATE}]))",
+                       "{{counter}}"),),
+                unit="pps",
                 stack=True,
             ),
             Panel(

@@ -109,6 +109,11 @@ def test_initial_syns_are_decided_in_the_kernel(lab: Lab) -> None:  # noqa: F811
     assert kernel >= count, (before, after)
     # Only joins that arrived before their token (the LAN's usual case) were queued.
     assert queue_packets_seen(4343) - queued_before == after["queued_join"] - before["queued_join"]
+    # The kernel's decisions are on the director's /metrics too (read from the same counters).
+    exported = metrics(mport)
+    now = counters()
+    for name in ("bucket_hit", "cpe_hit", "queued_initial"):
+        assert exported[f'mcpool_director_kernel_packets_total{{counter="{name}"}}'] == now[name], name
     assert director.poll() is None
 
 
