@@ -324,11 +324,11 @@ class Proxy:
         # TCP_NODELAY and the keepalive settings are copied to every connection the listener
         # accepts (TCP and MPTCP alike; tests/proxy/test_setup_cost.py reads them back on an
         # accepted socket): set once here, not with several setsockopt calls per connection.
-        set_nodelay(sock)
+        nodelay = set_nodelay(sock)
         live = self.config.limits
         refused = set_liveness(sock, user_timeout_s=live.tcp_user_timeout_s, keepalive_idle_s=live.keepalive_idle_s,
                                keepalive_interval_s=live.keepalive_interval_s, keepalive_count=live.keepalive_count)
-        if not refused:
+        if nodelay and not refused:
             self._preset.add(sock.fileno())
         self._listeners[key] = sock
         self.listen_addresses[key] = (str(bound[0]), int(bound[1]))
@@ -652,8 +652,8 @@ class Proxy:
         admitted: IPAddress | None = None
         try:
             sock.setblocking(False)
-            set_nodelay(sock)
             if not preset:
+                set_nodelay(sock)
                 live = self.config.limits
                 set_liveness(sock, user_timeout_s=live.tcp_user_timeout_s, keepalive_idle_s=live.keepalive_idle_s,
                              keepalive_interval_s=live.keepalive_interval_s, keepalive_count=live.keepalive_count)
@@ -842,8 +842,11 @@ class Proxy:
         observe(self.metrics.child(self.metrics.handshake_latency, hs.protocol),
                 time.monotonic() - hs.started, conn.trace.trace_id)
         if token is not None:
-            first = initial_subflow(client_sock)
-            self.subflows.attach(token, conn.trace, sock=client_sock, initial=[first] if first else [])
+            subflows = self.subflows
+            # The initial subflow from the socket's addresses only when the kernel's events have
+            # not told it yet (they usually have: two system calls fewer per connection).
+            first = None if subflows.knows_initial(token) else initial_subflow(client_sock)
+            subflows.attach(token, conn.trace, sock=client_sock, initial=[first] if first else [])
         self.table.add(conn)
         self._empty.clear()
         self.metrics.child(self.metrics.relays, self.relay_mode).inc()
