@@ -746,8 +746,10 @@ class Proxy:
                 hs.count_error("client_closed")
                 return False
             raise
-        # What of the client's SYN data the upstream SYN did not carry goes first in the relay.
-        self._start_relay(hs, upstream, dest.early_data[early_sent:])
+        # What of the client's SYN data the upstream SYN did not carry goes first in the relay,
+        # then what the handshake read past its last message.
+        rest = dest.early_data[early_sent:]
+        self._start_relay(hs, upstream, rest + hs.pending if hs.pending else rest)
         return True
 
     async def _connect_upstream(self, hs: Handshake, dest: Destination) -> tuple[socket.socket, int]:
