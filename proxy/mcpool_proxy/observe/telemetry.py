@@ -737,10 +737,13 @@ class SubflowWatcher:
         """Consume `events` until cancelled."""
         self.source = "netlink"
         async for event in events:
-            self.handle_events([event])
+            try:
+                self.handle_event(event)
+            except Exception:  # noqa: BLE001 - a surprising event must not stop the watching
+                log.exception("subflow watcher: cannot apply %r", event)
 
     def handle_events(self, events: Iterable[MptcpEvent]) -> None:
-        """Apply a batch of events (the hub's sink: called from its readiness callback)."""
+        """Apply a batch of events, each on its own (a surprising one is logged and skipped)."""
         for event in events:
             try:
                 self.handle_event(event)
