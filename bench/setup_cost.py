@@ -95,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--mode", default="splice")
+    parser.add_argument("--prefix", default="msc",
+                        help="namespace/link name prefix (another run of this bench may use the default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a top-level proxy setting for every tree, e.g. event_loop=\"asyncio\"")
     args = parser.parse_args(argv)
     trees: list[tuple[str, str | None]] = [(t.split("=", 1)[0], str(Path(t.split("=", 1)[1]) / "proxy"))
                                            for t in args.tree] or [("this", None)]
     setattr(ProxyConfig, "to_yaml", _only_set_keys)  # noqa: B010 - patched for this run only
-    bench = DataPlaneBench(BenchSettings.quick_settings(prefix="msc", write_docs=False))
+    bench = DataPlaneBench(BenchSettings.quick_settings(prefix=args.prefix, write_docs=False))
     rows: list[dict[str, Any]] = []
     with contextlib.suppress(OSError):
         os.sched_setaffinity(0, {1})

@@ -339,11 +339,11 @@ class Proxy:
         # TCP_NODELAY and the keepalive settings are copied to every connection the listener
         # accepts (TCP and MPTCP alike; tests/proxy/test_setup_cost.py reads them back on an
         # accepted socket): set once here, not with several setsockopt calls per connection.
-        set_nodelay(sock)
+        nodelay = set_nodelay(sock)
         live = self.config.limits
         refused = set_liveness(sock, user_timeout_s=live.tcp_user_timeout_s, keepalive_idle_s=live.keepalive_idle_s,
                                keepalive_interval_s=live.keepalive_interval_s, keepalive_count=live.keepalive_count)
-        if not refused:
+        if nodelay and not refused:
             self._preset.add(sock.fileno())
         self._listeners[key] = sock
         self.listen_addresses[key] = (str(bound[0]), int(bound[1]))
@@ -667,8 +667,8 @@ class Proxy:
         admitted: IPAddress | None = None
         try:
             sock.setblocking(False)
-            set_nodelay(sock)
             if not preset:
+                set_nodelay(sock)
                 live = self.config.limits
                 set_liveness(sock, user_timeout_s=live.tcp_user_timeout_s, keepalive_idle_s=live.keepalive_idle_s,
                              keepalive_interval_s=live.keepalive_interval_s, keepalive_count=live.keepalive_count)
@@ -761,8 +761,10 @@ class Proxy:
                 hs.count_error("client_closed")
                 return False
             raise
-        # What of the client's SYN data the upstream SYN did not carry goes first in the relay.
-        self._start_relay(hs, upstream, dest.early_data[early_sent:])
+        # What of the client's SYN data the upstream SYN did not carry goes first in the relay,
+        # then what the handshake read past its last message.
+        rest = dest.early_data[early_sent:]
+        self._start_relay(hs, upstream, rest + hs.pending if hs.pending else rest)
         return True
 
     async def _connect_upstream(self, hs: Handshake, dest: Destination) -> tuple[socket.socket, int]:
@@ -857,8 +859,11 @@ class Proxy:
         observe(self.metrics.child(self.metrics.handshake_latency, hs.protocol),
                 time.monotonic() - hs.started, conn.trace.trace_id)
         if token is not None:
-            first = initial_subflow(client_sock)
-            self.subflows.attach(token, conn.trace, sock=client_sock, initial=[first] if first else [])
+            subflows = self.subflows
+            # The initial subflow from the socket's addresses only when the kernel's events have
+            # not told it yet (they usually have: two system calls fewer per connection).
+            first = None if subflows.knows_initial(token) else initial_subflow(client_sock)
+            subflows.attach(token, conn.trace, sock=client_sock, initial=[first] if first else [])
         self.table.add(conn)
         self._empty.clear()
         self.metrics.child(self.metrics.relays, self.relay_mode).inc()

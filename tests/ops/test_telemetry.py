@@ -262,6 +262,20 @@ def test_watcher_attach_seeds_from_the_socket_when_events_were_missed() -> None:
     assert w.established == 0  # without events nobody else would forget it
 
 
+def test_watcher_knows_the_initial_subflow_from_created() -> None:
+    """The server skips reading the accepted socket's addresses when CREATED already told the
+    initial subflow: attach without `initial` still counts it, once."""
+    w = SubflowWatcher(listen_ports=[5124])
+    assert not w.knows_initial(0xAA)
+    w.handle_events([_ev("created", server_side=True), _ev("sub_established", daddr=LTE, dport=50000)])
+    assert w.knows_initial(0xAA) and not w.knows_initial(0xAB)
+    state = w.attach(0xAA, Recorder())
+    assert state.count == 2 and state.joins == 1 and w.established == 2
+    # A created event of a connection on another port tells nothing about ours.
+    w.handle_event(_ev("created", token=0xAC, sport=22, server_side=True))
+    assert not w.knows_initial(0xAC)
+
+
 def test_watcher_handles_10000_connections_cheaply() -> None:
     w = SubflowWatcher(listen_ports=[5124])
     for token in range(10_000):

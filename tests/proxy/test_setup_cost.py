@@ -112,3 +112,28 @@ def test_event_loop_setting() -> None:
     finally:
         loop.close()
     assert loop_factory("uvloop")[1] == "uvloop"
+
+
+async def test_a_convert_message_and_what_follows_it_in_one_read() -> None:
+    """With `spill`, the first read takes what the client sent right behind its message: the
+    message alone is returned and the rest kept, in order, for the relay (hs.pending); without
+    it nothing past the message is read."""
+    from mcpool_proxy.config import parse_config
+    from mcpool_proxy.fronts.base import Handshake
+    from mcpool_proxy.observe.telemetry import NOOP_TRACE
+
+    def length_of(prefix: bytes) -> int:  # a 1-byte length prefix
+        return 1 + prefix[0] if prefix else 1
+
+    config = parse_config({})
+    for spill, expect_pending in ((4096, b"request"), (0, b"")):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.setblocking(False)
+            theirs.sendall(b"\x03abc" + b"request")
+            hs = Handshake(ours, ("127.0.0.1", 1), "convert", NOOP_TRACE, None, config, None, None)  # type: ignore[arg-type]
+            loop = asyncio.get_running_loop()
+            assert await hs.read_message(length_of, loop.time() + 5, spill=spill) == b"\x03abc"
+            assert hs.pending == expect_pending
+            theirs.close()
+            assert ours.recv(100) == (b"" if spill else b"request")

@@ -92,6 +92,9 @@ class Handshake:
     # The proxy's loop, when the pipeline knows it: asyncio.get_running_loop() costs a getpid()
     # system call per call on Python 3.11, several times per connection.
     loop: asyncio.AbstractEventLoop | None = None
+    # Bytes read past the handshake's last message (read_message with `spill`): the client's
+    # first bytes for the server, which the relay sends upstream before anything else.
+    pending: bytes = b""
 
     def deadline(self, timeout_s: float | None = None) -> float:
         """The loop time by which the client's messages must be complete."""
@@ -132,10 +135,14 @@ class Handshake:
         if sent < len(data):
             await asyncio.get_running_loop().sock_sendall(self.sock, data[sent:])
 
-    async def read_message(self, length_of: Callable[[bytes], int], deadline: float) -> bytes:
+    async def read_message(self, length_of: Callable[[bytes], int], deadline: float, *, spill: int = 0) -> bytes:
         """Read exactly one message whose length `length_of` reveals as its prefix arrives.
 
-        Never reads past it: bytes the client sent after its handshake belong to the relay."""
+        Without `spill`, never reads past it: bytes the client sent after its handshake belong
+        to the relay. With `spill` (the handshake's last message, when nothing else must be told
+        apart from what follows it), the first read may take up to `spill` bytes: what it took
+        past the message is kept in `pending` for the relay, in order (one read instead of the
+        message's two and the relay's first)."""
         sock = self.sock
         limit = self.config.policy.max_handshake_bytes
 
@@ -151,23 +158,32 @@ class Handshake:
                 raise ClientGone(f"client closed after {len(buf)} handshake bytes")
             return buf + chunk
 
+        def complete(buf: bytes) -> bytes:
+            need = length_of(buf)
+            if len(buf) > need:
+                self.pending = buf[need:]
+                return buf[:need]
+            return buf
+
         buf = b""
         # The message is usually in the socket already (it came with or right after the SYN):
         # read what is there without a timeout context and an awaited recv, which cost more than
         # the reads themselves; only a message still on its way takes the awaiting path.
+        size = spill
         while want := missing(buf):
             try:
-                chunk = sock.recv(want)
+                chunk = sock.recv(max(want, size))
             except (BlockingIOError, InterruptedError):
                 break
+            size = 0  # only a first read may take more than the message
             buf = append(buf, chunk)
         else:
-            return buf
+            return complete(buf)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout_at(deadline):
             while want := missing(buf):
                 buf = append(buf, await loop.sock_recv(sock, want))
-        return buf
+        return complete(buf)
 
     async def close_after_answer(self) -> None:
         """Half-close, discard what the client still sends (briefly); the pipeline closes."""

@@ -11,8 +11,9 @@ On success the answer carries a Supported TCP Extensions TLV if the client sent 
 Extended TCP Header TLV (see `answer_connected`: the kernel does not let the connecting side read
 the server's SYN-ACK, and invented values must not be sent). TCP options of the Connect TLV are
 applied to the upstream SYN or refused (`check_tcp_options`). Bytes the client sent after its
-Convert message are never read here (so the relay forwards them upstream in order), except those
-its SYN carried (TCP Fast Open): they go in the upstream's SYN too (`Destination.early_data`).
+Convert message go upstream in order: those its SYN carried (TCP Fast Open) in the upstream's SYN
+too (`Destination.early_data`); otherwise the message's first read may take what came right
+behind it (`Handshake.pending`), which the relay sends first.
 """
 
 from __future__ import annotations
@@ -117,11 +118,16 @@ def _unsupported(kind: int, detail: str) -> tuple[ConvertError, TcpOptionPlan]:
 _SYN_DATA_MAX = 65_536
 
 
-def _syn_data(hs: Handshake) -> bytes:
+# The first read of a Convert message may take this much more (Handshake.read_message's spill):
+# a request the client sent right behind its Convert message comes in the same read.
+_SPILL_BYTES = 4096
+
+
+def _syn_data(hs: Handshake, syn_data: bool | None) -> bytes:
     """The bytes past the Convert message that came in the client's SYN (TCP Fast Open), taken
     now so that the upstream SYN can carry them too (0-RTT on both legs); b"" if the SYN had no
     data or nothing is left of it."""
-    if not fastopen_used(hs.sock):
+    if not syn_data:
         return b""
     try:
         return hs.sock.recv(_SYN_DATA_MAX)
@@ -173,8 +179,14 @@ class ConvertFront(Front[ConvertDestination]):
         await self.refuse(hs, code, refusal.detail, refusal=refusal)
 
     async def handshake(self, hs: Handshake) -> ConvertDestination | None:
+        # Whether the SYN carried data is known from the accept on. Without SYN data, what
+        # follows the message is the relay's, so the message's first read may take it too
+        # (kept in hs.pending, sent upstream first); with SYN data, the message is read exactly,
+        # so that the SYN's bytes can be told apart and go in the upstream SYN.
+        syn_data = fastopen_used(hs.sock)
         try:
-            raw = await hs.read_message(_convert_length, hs.deadline())
+            raw = await hs.read_message(_convert_length, hs.deadline(),
+                                        spill=0 if syn_data or syn_data is None else _SPILL_BYTES)  # fmt: skip
             message: ConvertMessage = decode_message(raw)
             connect = validate_client_request(message)
         except ConvertError as exc:
@@ -225,7 +237,7 @@ class ConvertFront(Front[ConvertDestination]):
                               destination=_destination_text(hs))  # fmt: skip
             return None
         return ConvertDestination([connect.address], connect.port, tcp_mss=plan.mss,
-                                  early_data=_syn_data(hs), wants_info=wants_info)  # fmt: skip
+                                  early_data=_syn_data(hs, syn_data), wants_info=wants_info)  # fmt: skip
 
     async def refuse_over_limit(self, hs: Handshake, dest: ConvertDestination, refusal: Refusal) -> None:
         await self.refuse(

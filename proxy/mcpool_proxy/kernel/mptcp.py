@@ -675,16 +675,17 @@ def create_listener(host: str, port: int, *, backlog: int, fastopen_queue: int, 
     return sock, is_mptcp
 
 
-def set_nodelay(sock: socket.socket) -> None:
+def set_nodelay(sock: socket.socket) -> bool:
     """Disable Nagle: the relay forwards what it gets at once; batching is the endpoints' job.
 
     MPTCP sockets accept TCP_NODELAY since 5.19 (applied to every subflow); older kernels refuse
-    it, which only costs latency, so errors are ignored.
+    it, which only costs latency, so errors are ignored. False if the kernel refused.
     """
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
-        pass
+        return False
+    return True
 
 
 def enable_fastopen_connect(sock: socket.socket) -> bool:

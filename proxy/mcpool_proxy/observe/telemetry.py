@@ -573,6 +573,9 @@ class SubflowState:
     joins: int = 0
     trace: ConnectionTrace | None = None
     sock: socket.socket | None = None  # sampling mode only
+    # The kernel's CREATED/ESTABLISHED event gave the initial subflow: attach() needs no
+    # `initial` (the server skips reading the socket's addresses, two system calls).
+    initial_known: bool = False
     # Events seen before the server attached its trace (joins can beat the handshake):
     # (joined, local, remote, time_ns), replayed onto the span at attach.
     pending: list[tuple[bool, tuple[str, int], tuple[str, int], int]] | None = None
@@ -651,6 +654,12 @@ class SubflowWatcher:
             self.established -= len(state.live)
 
     # -- the server's side -----------------------------------------------------------------------
+    def knows_initial(self, token: int) -> bool:
+        """Whether the events already told connection `token`'s initial subflow, so that
+        `attach()` needs no `initial` (events usually arrive before the handshake ends)."""
+        state = self.states.get(token)
+        return state is not None and state.initial_known
+
     def attach(self, token: int, trace: ConnectionTrace, *, sock: socket.socket | None = None,
                initial: Sequence[tuple[tuple[str, int], tuple[str, int]]] = ()) -> SubflowState:
         """The server relays connection `token`: subflow changes go to `trace` from now on (and
@@ -709,6 +718,7 @@ class SubflowWatcher:
             local, remote = _event_endpoints(event)
             if local is not None and remote is not None:
                 self._add(state, local, remote, join=False, when_ns=time.time_ns())
+                state.initial_known = True
         elif kind == "sub_established" or kind == "sub_closed":
             state = self.states.get(token)
             if state is None:
@@ -727,6 +737,14 @@ class SubflowWatcher:
         """Consume `events` until cancelled."""
         self.source = "netlink"
         async for event in events:
+            try:
+                self.handle_event(event)
+            except Exception:  # noqa: BLE001 - a surprising event must not stop the watching
+                log.exception("subflow watcher: cannot apply %r", event)
+
+    def handle_events(self, events: Iterable[MptcpEvent]) -> None:
+        """Apply a batch of events, each on its own (a surprising one is logged and skipped)."""
+        for event in events:
             try:
                 self.handle_event(event)
             except Exception:  # noqa: BLE001 - a surprising event must not stop the watching
