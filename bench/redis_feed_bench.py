@@ -250,7 +250,8 @@ def render(results: list[dict[str, Any]], s: Settings) -> str:
         f"the stream carried every change. Memory at {last['live']:,} connections: "
         f"{last['table_bytes_per_connection']:.0f} B of Redis per connection (token and CPE keys and their entries "
         f"in the pod's set of what it owns), plus the stream: {last['feed_length']:,} entries, "
-        f"{last['feed_memory'] / 1e6:.1f} MB (bounded by its MAXLEN). The model for 1M connections: docs/scaling.md.",
+        f"{last['feed_memory'] / 1e6:.1f} MB (it keeps the last 120 s of changes: here the registrations of the "
+        f"whole table). The model for 1M connections: docs/scaling.md.",
         "",
     ]
     return "\n".join(lines)

@@ -258,17 +258,23 @@ class MemoryRegistry:
 # ---------------------------------------------------------------------------------------------
 # Redis backend
 
-# Every script starts with this: ARGV[1] is the pool's key prefix, ARGV[2] this pod, ARGV[3] the
-# feed's approximate MAXLEN; KEYS[1] is the feed (it routes the call to the pool's slot on a
+# Every script starts with this: ARGV[1] is the pool's key prefix, ARGV[2] this pod, ARGV[3] how
+# many milliseconds of history the feed keeps (entries older are trimmed, approximately, at each
+# XADD: `MINID ~`, on Redis's own clock); KEYS[1] is the feed (it routes the call to the pool's slot on a
 # Cluster; the other key names are built from the prefix and share that slot). `feed` appends one
 # change to the pool's stream in the same script that makes it, so a key and its event cannot
 # diverge; `alive` says whether a pod's heartbeat key exists (tokens and CPEs of a pod whose key
 # expired are free to take: they carry no TTL of their own).
 _LUA_PRELUDE = """
-local prefix, pod, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local prefix, pod = ARGV[1], ARGV[2]
+local minid
 local function feed(event)
+  if not minid then
+    local now = redis.call('TIME')
+    minid = string.format('%.0f', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3]))
+  end
   local n = redis.call('INCR', prefix .. 'seq')
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'n', n, 'e', cjson.encode(event))
+  redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'n', n, 'e', cjson.encode(event))
 end
 local function alive(owner)
   return redis.call('EXISTS', prefix .. 'pod:' .. owner) == 1
@@ -406,10 +412,11 @@ feed({t='pod', op='del', pod=pod})
 return 1
 """
 
-# Default approximate length of a pool's feed. A director re-reads the whole table after every
-# reconnect, so the stream only has to cover how far a connected director may lag: 100k entries
-# are ~30 s of churn at 1M connections (docs/scaling.md), ~10 MB.
-FEED_MAXLEN = 100_000
+# How much history a pool's feed keeps. A director reads the whole table after every reconnect and
+# follows the stream from the cursor it read before: the stream must still hold that cursor when
+# the full read ends (else a gap, and another full read). Bounded by time rather than length, so
+# it covers a full read at any size: ~25 s at 1M connections (docs/scaling.md), with margin.
+FEED_RETAIN_S = 120.0
 # Members of dead pods reaped per heartbeat at most: keeps each script short, so Redis
 # (single-threaded) never blocks other clients for long.
 REAP_BUDGET = 1000
@@ -427,7 +434,7 @@ class RedisRegistry:
         heartbeat_ttl_s: float = 10.0,
         op_timeout_s: float = 0.5,
         metrics: RegistryMetrics | None = None,
-        feed_maxlen: int = FEED_MAXLEN,
+        feed_retain_s: float = FEED_RETAIN_S,
     ) -> None:
         self.pod_name = pod_name
         self.advertise = advertise
@@ -436,7 +443,7 @@ class RedisRegistry:
         # Refresh three times per TTL: one lost heartbeat must not expire a live pod.
         self.heartbeat_interval_s = heartbeat_ttl_s / 3
         self.op_timeout_s = op_timeout_s
-        self.feed_maxlen = feed_maxlen
+        self.feed_retain_ms = max(1, int(feed_retain_s * 1000))
         self.metrics = metrics if metrics is not None else RegistryMetrics()
         # A URL, Sentinel or Cluster (redisconn.open_redis); the name is historical.
         self._where = describe_target(redis_url)
@@ -593,7 +600,7 @@ class RedisRegistry:
 
     def _head(self) -> list[Any]:
         """The arguments every script starts with (see _LUA_PRELUDE)."""
-        return [self.keys.prefix, self.pod_name, self.feed_maxlen]
+        return [self.keys.prefix, self.pod_name, self.feed_retain_ms]
 
     async def _write_pod(self, reap: int = 0) -> bool:
         """The heartbeat: write the pod key (its one TTL), append a `pod add` entry to the feed,
