@@ -526,9 +526,9 @@ class Director:
                             stream.xread({self.keys.feed: self._cursor}, count=FEED_COUNT, block=block_ms),
                             cfg.redis_timeout_s + FEED_BLOCK_S,
                         )
-                        gap = self._apply_entries(reply)
+                        gap, read = self._apply_entries(reply)
                         self._expire_pods(loop.time())
-                        if reply and cfg.feed_batch_ms and not gap and sum(len(e) for _, e in reply) < FEED_COUNT:
+                        if 0 < read < FEED_COUNT and cfg.feed_batch_ms and not gap:
                             # Let the next changes gather: one XREAD for many of them.
                             await asyncio.sleep(cfg.feed_batch_ms / 1000)
                         if gap:
@@ -555,11 +555,14 @@ class Director:
                 with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
                     await asyncio.wait_for(client.aclose(), cfg.redis_timeout_s)
 
-    def _apply_entries(self, reply: Any) -> bool:
-        """Apply the entries of one XREAD reply in order; True if one shows entries were missed
-        (the rest of the reply is then left to the full read that follows)."""
+    def _apply_entries(self, reply: Any) -> tuple[bool, int]:
+        """Apply the entries of one XREAD reply in order. Returns whether one shows entries were
+        missed (the rest of the reply is then left to the full read that follows), and how many
+        entries were read."""
+        read = 0
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
+                read += 1
                 self.metrics.feed_entries.inc()
                 try:
                     number = int(fields["n"])
@@ -570,10 +573,10 @@ class Director:
                     self._cursor = entry_id
                     continue
                 if number != self._seq + 1:
-                    return True
+                    return True, read
                 self._cursor, self._seq = entry_id, number
                 self._apply(fields.get("e", ""))
-        return False
+        return False, read
 
     def _apply(self, data: str) -> None:
         # One bad event (a bug, a foreign writer, a hand-typed XADD) costs itself only: the feed,
