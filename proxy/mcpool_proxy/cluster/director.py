@@ -235,6 +235,16 @@ class DirectorConfig(BaseModel):
         return f"mcpool director pool={self.pool} vip={self.vip}"
 
 
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation of the current task that was lost on the way: Python 3.11's
+    wait_for returns the result when the awaited call completes as the cancel arrives, and a
+    timeout racing a cancel can surface as TimeoutError. The feed loops for ever, so a lost cancel
+    would leave a director that never stops."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class DirectorTaskDied(RuntimeError):
     """A task the director needs (the Redis feed, the plumbing) ended: the process must exit."""
 
@@ -522,10 +532,11 @@ class Director:
                         now = loop.time()
                         wake = min(next_resync, min(self._pod_deadline.values(), default=now + FEED_BLOCK_S))
                         block_ms = max(1, min(int(FEED_BLOCK_S * 1000), int((wake - now) * 1000) + 1))
-                        reply = await asyncio.wait_for(
-                            stream.xread({self.keys.feed: self._cursor}, count=FEED_COUNT, block=block_ms),
-                            cfg.redis_timeout_s + FEED_BLOCK_S,
-                        )
+                        # No wait_for here: the stream client's socket timeout bounds the read, and
+                        # Python 3.11's wait_for can swallow a cancellation that meets a reply (the
+                        # director would then never stop).
+                        reply = await stream.xread({self.keys.feed: self._cursor}, count=FEED_COUNT, block=block_ms)
+                        _raise_if_cancelled()
                         gap, read = self._apply_entries(reply)
                         self._expire_pods(loop.time())
                         if 0 < read < FEED_COUNT and cfg.feed_batch_ms and not gap:
@@ -538,7 +549,9 @@ class Director:
                         if gap or loop.time() >= next_resync:
                             await self._resync(redis, cursor_script)
                             next_resync = loop.time() + cfg.resync_interval_s
+                            _raise_if_cancelled()
                 except REDIS_ERRORS as exc:
+                    _raise_if_cancelled()  # a cancellation turned into a timeout on the way
                     text = redis_error_text(exc)
                     if self._redis_up or text != self._redis_error:  # once per outage and reason
                         # The server's own words: "server:ResponseError" (repr) hides a
