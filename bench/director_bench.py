@@ -1381,7 +1381,7 @@ def render(r: Results, s: Settings) -> str:
                      f"director), inside the measured interval; in the floods the pod drops the SYN before TCP. That "
                      f"accounts for the remaining ~{_ms(rest)} ms at p50. (3) `token_hit_after_wait` joins are held "
                      f"until the pod's registration reaches the director (netlink event -> pod -> Redis EVALSHA -> "
-                     f"pub/sub -> director): the client opens its join as soon as its first data is acknowledged, "
+                     f"stream -> director): the client opens its join as soon as its first data is acknowledged, "
                      f"often sooner than that round; these set the p99.")
     lines.append("")
 

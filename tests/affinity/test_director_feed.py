@@ -2,6 +2,7 @@
 
 A malformed event or key costs only itself (the feed keeps following), and a Redis that
 restarts empty does not empty the director's table before the pods had time to re-register.
+(The change stream itself, gaps and per-pod liveness: test_feed_stream.py.)
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ async def stop(task: asyncio.Task[None]) -> None:
         await task
 
 
+async def append(client: aioredis.Redis, event: str) -> None:
+    """Append `event` to the feed as the pods' scripts do (numbered from the pool's counter)."""
+    await client.xadd(KEYS.feed, {"n": await client.incr(KEYS.seq), "e": event})
+
+
 def config(redis_server: RedisServer, **overrides: object) -> DirectorConfig:
     return DirectorConfig.model_validate({
         "vip": "198.19.255.1", "ports": [5124], "redis_url": redis_server.url, "pool": POOL,
@@ -66,10 +72,12 @@ async def test_malformed_events_and_keys_are_skipped(redis_server: RedisServer, 
     try:
         for bad in ('{"t": "token", "op": "add", "token": "not-hex", "pod": "a"}', "[1, 2]", "{not json",
                     '{"t": "collision", "token": {"x": 1}}'):  # fmt: skip
-            await redis_client.publish(KEYS.events, bad)
-        await redis_client.publish(KEYS.events, '{"t": "token", "op": "add", "token": "0000abcd", "pod": "a"}')
+            await append(redis_client, bad)
+        await redis_client.xadd(KEYS.feed, {"e": "no sequence number"})
+        await append(redis_client, '{"t": "token", "op": "add", "token": "0000abcd", "pod": "a"}')
         await until(lambda: director.table.tokens.get(0xABCD) == "a", "the good event after the bad ones")
-        assert sample(director, "mcpool_director_malformed_entries_total", "event") == 4
+        assert sample(director, "mcpool_director_malformed_entries_total", "event") == 5
+        assert sample(director, "mcpool_director_feed_gaps_total") == 0
 
         await redis_client.set(f"{KEYS.prefix}token:zzzzzzzz", "a")
         await redis_client.set(f"{KEYS.prefix}token:123", "a")

@@ -1,8 +1,9 @@
 """The affinity registry against a real redis-server, and the in-memory backend.
 
-Covers: registration (one Lua round trip), events for directors, compare-and-delete on close,
-expiry of a pod that died, token collisions, and Redis dying and coming back (no exception,
-local state kept, everything re-registered).
+Covers: registration (one Lua round trip), the change stream directors follow (numbered
+entries), compare-and-delete on close, expiry of a pod that died (its one key; its tokens are then
+free for another pod and reaped), token collisions, and Redis dying and coming back (no
+exception, local state kept, everything re-registered).
 """
 
 from __future__ import annotations
@@ -36,17 +37,12 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10
     raise AssertionError("condition not reached in time")
 
 
-async def read_events(pubsub: aioredis.client.PubSub, until: Callable[[list[dict[str, str]]], bool]) -> list[dict[str, str]]:
-    """Collect published events until `until(events)`; a None from get_message is the
-    (ignored) subscribe confirmation or an empty poll, not the end."""
-    events: list[dict[str, str]] = []
-    deadline = time.monotonic() + 5
-    while not until(events):
-        assert time.monotonic() < deadline, events
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-        if message is not None:
-            events.append(json.loads(message["data"]))
-    return events
+async def read_feed(client: aioredis.Redis, after: str = "0-0") -> list[dict[str, object]]:
+    """The pool's change stream after `after`, checking that entries are numbered 1, 2, 3..."""
+    entries = await client.xrange(KEYS.feed, min=f"({after}" if after != "0-0" else "-")
+    numbers = [int(fields["n"]) for _, fields in entries]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))) if numbers else True, numbers
+    return [json.loads(fields["e"]) for _, fields in entries]
 
 
 @pytest.fixture
@@ -61,8 +57,6 @@ def make(redis_server: RedisServer, name: str, ttl_s: float = 10.0) -> RedisRegi
 
 
 async def test_register_and_unregister(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
-    pubsub = redis_client.pubsub()
-    await pubsub.subscribe(KEYS.events)
     reg = make(redis_server, "pod-a")
     await reg.start()
     await reg.register_pod("ready")
@@ -75,14 +69,17 @@ async def test_register_and_unregister(redis_server: RedisServer, redis_client: 
     assert pod["connections"] == "0"  # written before the connection; the next heartbeat counts it
     assert await redis_client.get("mcpool:{mtf}:token:1d1bbefa") == "pod-a"
     assert await redis_client.get(KEYS.cpe("198.18.1.2")) == "pod-a"
-    assert 0 < await redis_client.pttl(KEYS.token(0x1D1BBEFA)) <= 10_000
+    # Liveness is per pod: the pod key has the TTL, the token and CPE keys have none.
+    assert 0 < await redis_client.pttl(KEYS.pod("pod-a")) <= 10_000
+    assert await redis_client.pttl(KEYS.token(0x1D1BBEFA)) == -1
+    assert await redis_client.smembers(KEYS.owned("pod-a")) == {"t:1d1bbefa", "c:198.18.1.2"}
 
-    events = await read_events(pubsub, lambda e: len(e) >= 3)
-    assert events == [
-        {"t": "pod", "op": "add", "pod": "pod-a", "addr": "198.18.10.5", "state": "ready"},
+    assert await read_feed(redis_client) == [
+        {"t": "pod", "op": "add", "pod": "pod-a", "addr": "198.18.10.5", "state": "ready", "ttl": 10000},
         {"t": "token", "op": "add", "token": "1d1bbefa", "pod": "pod-a"},
         {"t": "cpe", "op": "add", "cpe": "198.18.1.2", "pod": "pod-a"},
     ]
+    assert await redis_client.get(KEYS.seq) == "3"
 
     # A second connection of the same CPE: the CPE key stays until the last one closes.
     await reg.register_connection(7, "198.18.1.2")
@@ -94,8 +91,9 @@ async def test_register_and_unregister(redis_server: RedisServer, redis_client: 
 
     await reg.register_connection(8, "198.18.1.9")
     await reg.stop()
-    assert await redis_client.keys(f"{KEYS.prefix}*") == []
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    # Only the feed and its counter remain: every key of the pod is gone, and the last entry says so.
+    assert sorted(await redis_client.keys(f"{KEYS.prefix}*")) == sorted([KEYS.feed, KEYS.seq])
+    assert (await read_feed(redis_client))[-1] == {"t": "pod", "op": "del", "pod": "pod-a"}
 
 
 async def test_draining_state_is_published(redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
@@ -104,6 +102,8 @@ async def test_draining_state_is_published(redis_server: RedisServer, redis_clie
     await reg.register_pod("ready")
     await reg.register_pod("draining")
     assert await redis_client.hget(KEYS.pod("pod-a"), "state") == "draining"
+    # The drain notice reaches directors on the feed (issue 13's drain relies on it).
+    assert (await read_feed(redis_client))[-1]["state"] == "draining"
     await reg.stop()
 
 
@@ -134,10 +134,29 @@ async def test_heartbeat_keeps_a_live_pod_and_a_dead_pod_expires(
         started = time.monotonic()
 
         async def gone() -> bool:
-            return await redis_client.exists(KEYS.pod("pod-dead"), KEYS.token(0xABCDEF01), KEYS.cpe("198.18.1.2")) == 0
+            return await redis_client.exists(KEYS.pod("pod-dead")) == 0
 
         await eventually(gone, timeout_s=5)
         assert time.monotonic() - started < 1.5  # within about one TTL
+        # Its token key has no TTL of its own, but a dead owner's token is free for the next pod...
+        assert await redis_client.get(KEYS.token(0xABCDEF01)) == "pod-dead"
+        other = make(redis_server, "pod-b", ttl_s=0.6)
+        await other.start()
+        await other.register_pod("ready")
+        result = await other.register_connection(0xABCDEF01, "198.18.1.7")
+        assert (result.status, result.owner) == ("registered", "pod-b")
+
+        # ...and the live pod's heartbeat reaps what is left of the dead one (its CPE key, its
+        # set of owned keys, its name in the pool's pod set), once.
+        async def reaped() -> bool:
+            return (await redis_client.exists(KEYS.cpe("198.18.1.2"), KEYS.owned("pod-dead")) == 0
+                    and await redis_client.smembers(KEYS.pods) == {"pod-b"})  # fmt: skip
+
+        await eventually(reaped, timeout_s=5)
+        assert await redis_client.get(KEYS.token(0xABCDEF01)) == "pod-b"  # the reaper left the new owner's key
+        feed = await read_feed(redis_client)
+        assert feed.count({"t": "pod", "op": "del", "pod": "pod-dead"}) == 1
+        await other.stop()
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -151,8 +170,7 @@ async def test_collision_first_owner_keeps_the_token(
     b = make(redis_server, "pod-b", ttl_s=0.9)
     await a.start()
     await b.start()
-    pubsub = redis_client.pubsub()
-    await pubsub.subscribe(KEYS.events)
+    await a.register_pod("ready")  # a live owner: a token of a pod without a pod key is free
     assert (await a.register_connection(42, "198.18.1.2")).status == "registered"
     result = await b.register_connection(42, "198.18.1.7")
     assert (result.status, result.owner) == ("collision", "pod-a")
@@ -160,7 +178,7 @@ async def test_collision_first_owner_keeps_the_token(
     assert b.collided_tokens() == {42: "pod-a"}
     assert b.metrics.collisions._value.get() == 1
     assert b.metrics.collided._value.get() == 1  # live single-path connections (issue 10)
-    seen = await read_events(pubsub, lambda e: any(x.get("t") == "collision" for x in e))
+    seen = await read_feed(redis_client)
     assert {"t": "collision", "token": "0000002a", "pod": "pod-b", "owner": "pod-a"} in seen
 
     # Closing the collided connection on b must not delete a's entry.
@@ -179,7 +197,6 @@ async def test_collision_first_owner_keeps_the_token(
     await eventually(lambda: asyncio.sleep(0, result=b.collided_tokens() == {}), timeout_s=3)
     await a.stop()
     await b.stop()
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def test_redis_down_never_raises_and_restart_rebuilds(

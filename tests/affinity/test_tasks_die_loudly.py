@@ -68,7 +68,7 @@ async def test_pod_side_heartbeat_dying_sets_died(redis_server: RedisServer) -> 
     async def broken() -> None:
         raise RuntimeError("injected heartbeat failure")
 
-    registry._refresh_all = broken  # type: ignore[attr-defined, method-assign]
+    registry._heartbeat_once = broken  # type: ignore[attr-defined, method-assign]
     affinity.publish = False  # no netlink subscription needed for this
     await affinity.start()
     try:

@@ -10,9 +10,11 @@ carries the pod's mark, nftables remembers the flow, and every later packet is f
 kernel (see kernel/steering.py for the packet path).
 
 The decision reads a local copy of the affinity table (`table.AffinityTable`) kept current by
-the registry's pub/sub events and a periodic full read of Redis. Redis unreachable: the last
-table stays in force, SYNs keep being decided, and the feed reconnects with backoff. This module
-must never crash on Redis or on a malformed packet.
+following the pool's change stream in Redis (`_feed`: XREAD from a cursor) after one full read
+on every (re)connect and on a gap; in steady state Redis work is proportional to the changes,
+not to the live connections. Pods are dropped when their heartbeat entries stop (liveness is per
+pod). Redis unreachable: the last table stays in force, SYNs keep being decided, and the feed
+reconnects with backoff. This module must never crash on Redis or on a malformed packet.
 """
 
 from __future__ import annotations
@@ -195,7 +197,20 @@ class DirectorConfig(BaseModel):
         "syn_over_total); 0: no limit.",
     )
     syn_burst_total: int = Field(default=4096, ge=1, description="Burst allowed above syn_rate_total.")
-    resync_interval_s: float = Field(default=2.0, gt=0, description="Full read of the table from Redis.")
+    resync_interval_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A safety full read of the table this often, besides the ones on every (re)connect and "
+        "on a gap in the change stream (the table follows the stream in between).",
+    )
+    feed_batch_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=100,
+        description="After a read of the change stream that returned fewer entries than a full batch, wait "
+        "this long before the next read: a busy stream is then read in batches (fewer XREAD calls into "
+        "Redis) at the cost of learning a change at most this much later. 0: read again at once.",
+    )
     snapshot_grace_s: float = Field(
         default=10.0,
         ge=0,
@@ -257,6 +272,16 @@ class DirectorConfig(BaseModel):
         return f"mcpool director pool={self.pool} vip={self.vip}"
 
 
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancellation of the current task that was lost on the way: Python 3.11's
+    wait_for returns the result when the awaited call completes as the cancel arrives, and a
+    timeout racing a cancel can surface as TimeoutError. The feed loops for ever, so a lost cancel
+    would leave a director that never stops."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class DirectorTaskDied(RuntimeError):
     """A task the director needs (the Redis feed, the plumbing) ended: the process must exit."""
 
@@ -301,6 +326,20 @@ class DirectorMetrics:
         )
         self.resyncs = Counter(
             "mcpool_director_resyncs", "Full reads of the table from Redis.", registry=self.registry
+        )
+        self.feed_entries = Counter(
+            "mcpool_director_feed_entries", "Entries of the pool's change stream read.", registry=self.registry
+        )
+        self.feed_gaps = Counter(
+            "mcpool_director_feed_gaps",
+            "Entries missed in the change stream (trimmed past this director, stream deleted, Redis "
+            "restarted empty), each answered by one full read.",
+            registry=self.registry,
+        )
+        self.pods_expired = Counter(
+            "mcpool_director_pods_expired",
+            "Pods dropped (with their tokens and CPEs) because their heartbeat stopped.",
+            registry=self.registry,
         )
         # --- drops made visible (issue 10) ---
         self.dropped = Counter(
@@ -387,6 +426,21 @@ def _parse_token(text: str) -> int | None:
 # SYN: one line per SYN would drown the log, none would leave the operator guessing).
 DROP_WARNING_INTERVAL_S = 10.0
 
+# XREAD BLOCK of the feed: the longest the director waits for a change in one call (its own
+# connection, whose timeout is this plus redis_timeout_s), and the most entries taken per call.
+FEED_BLOCK_S = 1.0
+FEED_COUNT = 1000
+
+# Read-only: the feed's last entry id and the number of the last entry (`seq`, incremented in the
+# same script as each XADD, so the two agree). Read before a full read: following from this id
+# afterwards, nothing can fall between the snapshot and the stream.
+_CURSOR_LUA = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local seq = redis.call('GET', KEYS[2]) or '0'
+if #last == 0 then return {'0-0', seq} end
+return {last[1][1], seq}
+"""
+
 # How long a stopping director waits for its own tasks (Redis feed, plumbing) to finish.
 _STOP_TIMEOUT_S = 3.0
 
@@ -418,6 +472,9 @@ class Director:
         self._redis_up = True  # optimistic, so the first failure is logged
         self._redis_error: str | None = None  # the reason logged for the current outage
         self._connected_at = float("-inf")  # loop time of the last (re)connection to Redis
+        self._cursor = "0-0"  # id of the last feed entry applied
+        self._seq = 0  # its number: the next entry must carry _seq + 1, or entries were missed
+        self._pod_deadline: dict[str, float] = {}  # pod -> loop time its heartbeat runs out
         self._now: Callable[[], float] = time.monotonic  # the drop warning's clock (tests replace it)
         self._drops_unreported: dict[str, int] = {}
         self._drop_warned_at = float("-inf")
@@ -525,61 +582,108 @@ class Director:
     # -- the table feed -------------------------------------------------------------------------
 
     async def _feed(self) -> None:
-        redis = open_redis(self.config.redis, self.config.redis_timeout_s)
+        cfg = self.config
+        redis = open_redis(cfg.redis, cfg.redis_timeout_s)
+        # XREAD BLOCK holds its connection up to FEED_BLOCK_S: a client of its own, with a socket
+        # timeout past that, so the blocking read is not mistaken for a dead Redis.
+        stream = open_redis(cfg.redis, cfg.redis_timeout_s + FEED_BLOCK_S)
+        cursor_script = redis.register_script(_CURSOR_LUA)
         backoff = Backoff()
         loop = asyncio.get_running_loop()
         try:
             while True:
-                pubsub = None
                 try:
-                    await connect(redis, self.config.redis_timeout_s)
-                    pubsub = redis.pubsub()
-                    await asyncio.wait_for(pubsub.subscribe(self.keys.events), self.config.redis_timeout_s)
+                    await connect(redis, cfg.redis_timeout_s)
+                    await connect(stream, cfg.redis_timeout_s)
                     self._connected_at = loop.time()
-                    # Subscribe first, then read: no event can fall between the two.
-                    await self._resync(redis)
+                    await self._resync(redis, cursor_script)
                     self._redis_up = True
                     self._redis_error = None
                     self.metrics.redis_up.set(1)
                     backoff.reset()
-                    next_resync = loop.time() + self.config.resync_interval_s
+                    next_resync = loop.time() + cfg.resync_interval_s
                     while True:
-                        wait = max(0.0, min(1.0, next_resync - loop.time()))
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
-                        if message is not None and message.get("type") == "message":
-                            self._apply(message["data"])
-                        if loop.time() >= next_resync:
-                            await self._resync(redis)
-                            next_resync = loop.time() + self.config.resync_interval_s
+                        now = loop.time()
+                        wake = min(next_resync, min(self._pod_deadline.values(), default=now + FEED_BLOCK_S))
+                        block_ms = max(1, min(int(FEED_BLOCK_S * 1000), int((wake - now) * 1000) + 1))
+                        # No wait_for here: the stream client's socket timeout bounds the read, and
+                        # Python 3.11's wait_for can swallow a cancellation that meets a reply (the
+                        # director would then never stop).
+                        reply = await stream.xread({self.keys.feed: self._cursor}, count=FEED_COUNT, block=block_ms)
+                        _raise_if_cancelled()
+                        gap, read = self._apply_entries(reply)
+                        self._expire_pods(loop.time())
+                        if 0 < read < FEED_COUNT and cfg.feed_batch_ms and not gap:
+                            # Let the next changes gather: one XREAD for many of them.
+                            await asyncio.sleep(cfg.feed_batch_ms / 1000)
+                        if gap:
+                            self.metrics.feed_gaps.inc()
+                            log.warning("the table feed missed entries (trimmed, deleted or Redis restarted): "
+                                        "reading the whole table again")  # fmt: skip
+                        if gap or loop.time() >= next_resync:
+                            await self._resync(redis, cursor_script)
+                            next_resync = loop.time() + cfg.resync_interval_s
+                            _raise_if_cancelled()
                 except REDIS_ERRORS as exc:
+                    _raise_if_cancelled()  # a cancellation turned into a timeout on the way
                     text = redis_error_text(exc)
                     if self._redis_up or text != self._redis_error:  # once per outage and reason
                         # The server's own words: "server:ResponseError" (repr) hides a
                         # protected-mode or password refusal.
                         log.warning("redis %s unreachable: %s; keeping the last table, retrying",
-                                    describe_target(self.config.redis), text)  # fmt: skip
+                                    describe_target(cfg.redis), text)  # fmt: skip
                     self._redis_error = text
                     self._redis_up = False
                     self.metrics.redis_up.set(0)
                     self.metrics.redis_errors.inc()
                     await asyncio.sleep(backoff.next_delay_s())
-                finally:
-                    if pubsub is not None:
-                        with contextlib.suppress(*REDIS_ERRORS):
-                            await asyncio.wait_for(pubsub.aclose(), self.config.redis_timeout_s)  # type: ignore[no-untyped-call]
         finally:
-            with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
-                await asyncio.wait_for(redis.aclose(), self.config.redis_timeout_s)
+            for client in (stream, redis):
+                with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
+                    await asyncio.wait_for(client.aclose(), cfg.redis_timeout_s)
+
+    def _apply_entries(self, reply: Any) -> tuple[bool, int]:
+        """Apply the entries of one XREAD reply in order. Returns whether one shows entries were
+        missed (the rest of the reply is then left to the full read that follows), and how many
+        entries were read."""
+        read = 0
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                read += 1
+                self.metrics.feed_entries.inc()
+                try:
+                    number = int(fields["n"])
+                except (KeyError, TypeError, ValueError):
+                    # Not written by a pod's script (no sequence number): skip it alone.
+                    self.metrics.malformed.labels("event").inc()
+                    log.warning("skipping a feed entry without a sequence number: %.200r", fields)
+                    self._cursor = entry_id
+                    continue
+                if number != self._seq + 1:
+                    return True, read
+                self._cursor, self._seq = entry_id, number
+                self._apply(fields.get("e", ""))
+        return False, read
 
     def _apply(self, data: str) -> None:
-        # One bad event (a bug, a foreign publisher, a hand-typed PUBLISH) costs itself only: the
-        # feed, and with it the table, must keep following.
+        # One bad event (a bug, a foreign writer, a hand-typed XADD) costs itself only: the feed,
+        # and with it the table, must keep following.
         try:
             event = json.loads(data)
             if not isinstance(event, dict):
                 raise ValueError("not a JSON object")
+            version = self.table.version
             self.table.apply_event(event)
-            if self.mapsync is not None:
+            if event.get("t") == "pod" and event.get("op") == "add":
+                ttl_ms = event.get("ttl")
+                # Heartbeat: the pod lives until ttl from now unless another entry says so again.
+                self._pod_deadline[str(event["pod"])] = (
+                    asyncio.get_running_loop().time() + float(ttl_ms) / 1000 if ttl_ms else float("inf")
+                )
+            elif event.get("t") == "pod" and event.get("op") == "del":
+                self._pod_deadline.pop(str(event.get("pod", "")), None)
+            # A heartbeat that changes nothing must not cost the token map a full rewrite.
+            if self.mapsync is not None and (event.get("t") != "pod" or self.table.version != version):
                 self.mapsync.event_applied(event)
         except (ValueError, TypeError, KeyError) as exc:
             self.metrics.malformed.labels("event").inc()
@@ -587,19 +691,42 @@ class Director:
             return
         self._table_changed()
 
-    async def _resync(self, redis: Any) -> None:
+    def _expire_pods(self, now: float) -> None:
+        """Drop the pods whose heartbeat ran out, with their tokens and CPEs (only while the feed
+        is connected: with Redis away, the last table stays in force)."""
+        for pod in [p for p, deadline in self._pod_deadline.items() if deadline <= now]:
+            del self._pod_deadline[pod]
+            if pod not in self.table.pods:
+                continue
+            log.info("pod %s: no heartbeat for its TTL, dropped from the table", pod)
+            self.metrics.pods_expired.inc()
+            event = {"t": "pod", "op": "del", "pod": pod}
+            self.table.apply_event(event)
+            if self.mapsync is not None:
+                self.mapsync.event_applied(event)
+            self._table_changed()
+
+    async def _resync(self, redis: Any, cursor_script: Any = None) -> None:
+        """One full read of the table; the feed's cursor is read first (when `cursor_script` is
+        given), so following the stream from it afterwards misses nothing."""
         timeout = self.config.redis_timeout_s * 8
+        if cursor_script is not None:
+            cursor, seq = await asyncio.wait_for(cursor_script(keys=[self.keys.feed, self.keys.seq]), timeout)
+            self._cursor, self._seq = str(cursor), int(seq)
         pods: dict[str, PodEntry] = {}
+        ttls: dict[str, int] = {}
         pod_keys = [k async for k in redis.scan_iter(match=self.keys.pod_pattern, count=1000)]
         if pod_keys:
             async with redis.pipeline(transaction=False) as pipe:
                 for key in pod_keys:
                     pipe.hgetall(key)
+                    pipe.pttl(key)
                 replies = await asyncio.wait_for(pipe.execute(), timeout)
-            for key, fields in zip(pod_keys, replies, strict=True):
+            for key, fields, ttl in zip(pod_keys, replies[::2], replies[1::2], strict=True):
                 if fields:
                     name = self.keys.suffix(key, "pod")
                     pods[name] = PodEntry(name, fields.get("addr", ""), fields.get("state", "ready"))
+                    ttls[name] = int(ttl)
         tokens: dict[int, str] = {}
         for key, owner in (await self._read_all(redis, self.keys.token_pattern, timeout)).items():
             token = _parse_token(self.keys.suffix(key, "token"))
@@ -610,11 +737,21 @@ class Director:
             tokens[token] = owner
         cpes = {self.keys.suffix(k, "cpe"): v for k, v in (await self._read_all(redis, self.keys.cpe_pattern, timeout)).items()}
         loop = asyncio.get_running_loop()
+        now = loop.time()
         # Right after (re)connecting, Redis may have restarted empty: keep what the snapshot lacks
         # until the pods have re-registered (one heartbeat TTL), rather than drop every SYN.
-        recent = loop.time() - self._connected_at < self.config.snapshot_grace_s
-        self.table.replace(pods, tokens, cpes, now=loop.time(),
+        recent = now - self._connected_at < self.config.snapshot_grace_s
+        self.table.replace(pods, tokens, cpes, now=now,
                            keep_missing_s=self.config.snapshot_grace_s if recent else 0.0)  # fmt: skip
+        # Tokens and CPEs left by a pod that died (not reaped yet) steer nothing: leave them out.
+        self.table.drop_orphans()
+        deadlines: dict[str, float] = {}
+        for name in self.table.pods:
+            if name in ttls:
+                deadlines[name] = now + ttls[name] / 1000 if ttls[name] > 0 else float("inf")
+            else:  # kept by the grace period: it has until then to heartbeat again
+                deadlines[name] = max(self._pod_deadline.get(name, now), self._connected_at + self.config.snapshot_grace_s)
+        self._pod_deadline = deadlines
         self.metrics.resyncs.inc()
         if self.mapsync is not None:
             self.mapsync.snapshot_loaded()

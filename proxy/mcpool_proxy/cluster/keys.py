@@ -3,6 +3,10 @@
 Every key of a pool carries the pool name in braces (`mcpool:{pool}:...`): that is a Redis
 Cluster hash tag, so all keys of one pool live in one slot and the registration Lua script may
 touch several of them atomically. See docs/affinity.md for the schema and its lifetimes.
+
+The changes themselves travel on one Redis Stream per pool (`feed`): every entry carries a
+sequence number from `seq`, so a director that sees a number other than the one it expects knows
+it missed entries (the stream was trimmed past it, deleted, or Redis restarted empty).
 """
 
 from __future__ import annotations
@@ -31,9 +35,24 @@ class KeySchema:
     def cpe(self, address: str) -> str:
         return f"{self.prefix}cpe:{address}"
 
+    def owned(self, name: str) -> str:
+        """The set of what pod `name` holds (`t:<token hex>`, `c:<CPE>`): reaped when it dies."""
+        return f"{self.prefix}owned:{name}"
+
     @property
-    def events(self) -> str:
-        return f"{self.prefix}events"
+    def pods(self) -> str:
+        """The set of pod names that have registered (what the reaper walks: O(pods), not O(keys))."""
+        return f"{self.prefix}pods"
+
+    @property
+    def feed(self) -> str:
+        """The pool's change stream (XADD by the pods' scripts, XREAD by the directors)."""
+        return f"{self.prefix}feed"
+
+    @property
+    def seq(self) -> str:
+        """The counter numbering the feed's entries (`n` field), one increment per entry."""
+        return f"{self.prefix}seq"
 
     @property
     def pod_pattern(self) -> str:

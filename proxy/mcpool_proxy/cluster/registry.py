@@ -4,9 +4,12 @@ Two backends behind one interface (`AffinityRegistry`):
 - `MemoryRegistry`: in-process, for a single pod (the default) and for tests; several instances
   may share one `MemoryStore` to model several pods.
 - `RedisRegistry`: the shared table the director reads (key schema in `keys.py` and
-  docs/affinity.md). One round trip per connection event (a Lua script), keys that expire on
-  their own when a pod dies (heartbeat TTL), and a local copy of everything live so the table is
-  rebuilt after a Redis restart without the pod noticing.
+  docs/affinity.md). One round trip per connection event (a Lua script), a pod key that expires
+  on its own when the pod dies (heartbeat TTL), and a local copy of everything live so the table is
+  rebuilt after a Redis restart without the pod noticing. Every change is also appended to the
+  pool's stream (`KeySchema.feed`) in the same script, which is what directors follow. Liveness is
+  per pod: the heartbeat refreshes the pod key only; tokens and CPEs carry no TTL and are freed
+  by their owner's key expiring (then reaped by the other pods' heartbeats).
 
 What this module must never do: raise into the caller because Redis is unavailable. Every Redis
 failure is logged (once per outage), counted, and answered from local state; a background loop
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -256,60 +258,123 @@ class MemoryRegistry:
 # ---------------------------------------------------------------------------------------------
 # Redis backend
 
-# KEYS: token key, CPE key, events channel. ARGV: pod, ttl ms, token hex, CPE address ('' = none).
-# Returns {1, pod} when this pod owns the token, {0, owner} on a collision. The token is claimed
-# with "set if absent or already mine": the first pod to register a token keeps it.
-_REGISTER_LUA = """
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then
-  redis.call('PUBLISH', KEYS[3], cjson.encode({t='collision', token=ARGV[3], pod=ARGV[1], owner=cur}))
-  return {0, cur}
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if not cur then
-  redis.call('PUBLISH', KEYS[3], cjson.encode({t='token', op='add', token=ARGV[3], pod=ARGV[1]}))
-end
-if ARGV[4] ~= '' then
-  local owner = redis.call('GET', KEYS[2])
-  if (not owner) or owner == ARGV[1] then
-    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-    if not owner then
-      redis.call('PUBLISH', KEYS[3], cjson.encode({t='cpe', op='add', cpe=ARGV[4], pod=ARGV[1]}))
-    end
+# Every script starts with this: ARGV[1] is the pool's key prefix, ARGV[2] this pod, ARGV[3] how
+# many milliseconds of history the feed keeps (entries older are trimmed, approximately, at each
+# XADD: `MINID ~`, on Redis's own clock); KEYS[1] is the feed (it routes the call to the pool's slot on a
+# Cluster; the other key names are built from the prefix and share that slot). `feed` appends one
+# change to the pool's stream in the same script that makes it, so a key and its event cannot
+# diverge; `alive` says whether a pod's heartbeat key exists (tokens and CPEs of a pod whose key
+# expired are free to take: they carry no TTL of their own).
+_LUA_PRELUDE = """
+local prefix, pod = ARGV[1], ARGV[2]
+local minid
+local function feed(event)
+  if not minid then
+    local now = redis.call('TIME')
+    minid = string.format('%.0f', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[3]))
   end
+  local n = redis.call('INCR', prefix .. 'seq')
+  redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'n', n, 'e', cjson.encode(event))
 end
-return {1, ARGV[1]}
+local function alive(owner)
+  return redis.call('EXISTS', prefix .. 'pod:' .. owner) == 1
+end
+local owned = prefix .. 'owned:' .. pod
 """
 
-# KEYS: token key, CPE key, events. ARGV: pod, token hex, CPE address, '1' if the CPE has no
-# other connection on this pod. Deletes only what this pod owns (compare-and-delete).
-_UNREGISTER_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', KEYS[3], cjson.encode({t='token', op='del', token=ARGV[2], pod=ARGV[1]}))
+# KEYS: feed, token key, CPE key. ARGV: (prelude), token hex, CPE address ('' = none).
+# Returns {1, pod} when this pod owns the token, {0, owner} on a collision. The token is claimed
+# with "set if free or already mine": the first live pod to register a token keeps it.
+_REGISTER_LUA = _LUA_PRELUDE + """
+local cur = redis.call('GET', KEYS[2])
+if cur and cur ~= pod and alive(cur) then
+  feed({t='collision', token=ARGV[4], pod=pod, owner=cur})
+  return {0, cur}
 end
-if ARGV[4] == '1' and redis.call('GET', KEYS[2]) == ARGV[1] then
+if cur ~= pod then
+  redis.call('SET', KEYS[2], pod)
+  redis.call('SADD', owned, 't:' .. ARGV[4])
+  feed({t='token', op='add', token=ARGV[4], pod=pod})
+end
+if ARGV[5] ~= '' then
+  local holder = redis.call('GET', KEYS[3])
+  if (not holder) or (holder ~= pod and not alive(holder)) then
+    redis.call('SET', KEYS[3], pod)
+    redis.call('SADD', owned, 'c:' .. ARGV[5])
+    feed({t='cpe', op='add', cpe=ARGV[5], pod=pod})
+  end
+end
+return {1, pod}
+"""
+
+# KEYS: feed, token key, CPE key. ARGV: (prelude), token hex, CPE address, '1' if the CPE has no
+# other connection on this pod. Deletes only what this pod owns (compare-and-delete).
+_UNREGISTER_LUA = _LUA_PRELUDE + """
+if redis.call('GET', KEYS[2]) == pod then
   redis.call('DEL', KEYS[2])
-  redis.call('PUBLISH', KEYS[3], cjson.encode({t='cpe', op='del', cpe=ARGV[3], pod=ARGV[1]}))
+  feed({t='token', op='del', token=ARGV[4], pod=pod})
+end
+redis.call('SREM', owned, 't:' .. ARGV[4])
+if ARGV[6] == '1' then
+  if redis.call('GET', KEYS[3]) == pod then
+    redis.call('DEL', KEYS[3])
+    feed({t='cpe', op='del', cpe=ARGV[5], pod=pod})
+  end
+  redis.call('SREM', owned, 'c:' .. ARGV[5])
 end
 return 1
 """
 
-# KEYS: events. ARGV: key prefix, pod, ttl ms, number of tokens N, N token hex, then CPEs.
-# Claims what is missing (after a Redis restart or an expiry), extends what is ours, and returns
-# the tokens another pod owns. Key names are built here from the prefix: they all share the
-# pool's hash tag, so this stays valid on Redis Cluster.
-_REFRESH_LUA = """
-local prefix, pod, ttl, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+# KEYS: feed, pod key. ARGV: (prelude), ttl ms, addr, state, ts, connections, reap budget.
+# The pod's heartbeat, and the only key it refreshes: liveness is per pod, not per token. Returns
+# {1 if the pod key still existed, members reaped}. Reaping: the tokens and CPEs of pods whose
+# key expired (SIGKILL, node loss) are deleted here, up to `budget` per call, by whichever pod
+# beats first; a dead pod leaves `pods` (with a `pod del` entry) once nothing of it is left.
+_HEARTBEAT_LUA = _LUA_PRELUDE + """
+local existed = redis.call('EXISTS', KEYS[2])
+redis.call('HSET', KEYS[2], 'addr', ARGV[5], 'state', ARGV[6], 'ts', ARGV[7], 'connections', ARGV[8])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SADD', prefix .. 'pods', pod)
+feed({t='pod', op='add', pod=pod, addr=ARGV[5], state=ARGV[6], ttl=tonumber(ARGV[4])})
+local budget, reaped = tonumber(ARGV[9]), 0
+if budget > 0 then
+  for _, other in ipairs(redis.call('SMEMBERS', prefix .. 'pods')) do
+    if budget <= 0 then break end
+    if other ~= pod and not alive(other) then
+      local set = prefix .. 'owned:' .. other
+      local members = redis.call('SPOP', set, budget)
+      for _, m in ipairs(members) do
+        local key = prefix .. (string.sub(m, 1, 1) == 't' and 'token:' or 'cpe:') .. string.sub(m, 3)
+        if redis.call('GET', key) == other then redis.call('DEL', key) end
+      end
+      budget = budget - #members
+      reaped = reaped + #members
+      if redis.call('EXISTS', set) == 0 then
+        redis.call('SREM', prefix .. 'pods', other)
+        feed({t='pod', op='del', pod=other})
+      end
+    end
+  end
+end
+return {existed, reaped}
+"""
+
+# KEYS: feed. ARGV: (prelude), number of tokens N, N token hex, then CPEs. Claims what is free
+# (missing after a Redis restart, or held by a pod that died), keeps what is ours, and returns the
+# tokens another live pod owns. Run after a reconnect (everything live) and by the heartbeat for
+# the collided tokens only (a collision ends when the first owner releases the token).
+_CLAIM_LUA = _LUA_PRELUDE + """
+local n = tonumber(ARGV[4])
 local collided = {}
 for i = 5, 4 + n do
   local key = prefix .. 'token:' .. ARGV[i]
   local cur = redis.call('GET', key)
-  if not cur then
-    redis.call('SET', key, pod, 'PX', ttl)
-    redis.call('PUBLISH', KEYS[1], cjson.encode({t='token', op='add', token=ARGV[i], pod=pod}))
-  elseif cur == pod then
-    redis.call('PEXPIRE', key, ttl)
+  if cur == pod then
+    redis.call('SADD', owned, 't:' .. ARGV[i])
+  elseif (not cur) or not alive(cur) then
+    redis.call('SET', key, pod)
+    redis.call('SADD', owned, 't:' .. ARGV[i])
+    feed({t='token', op='add', token=ARGV[i], pod=pod})
   else
     collided[#collided + 1] = ARGV[i]
     collided[#collided + 1] = cur
@@ -318,21 +383,22 @@ end
 for i = 5 + n, #ARGV do
   local key = prefix .. 'cpe:' .. ARGV[i]
   local cur = redis.call('GET', key)
-  if not cur then
-    redis.call('SET', key, pod, 'PX', ttl)
-    redis.call('PUBLISH', KEYS[1], cjson.encode({t='cpe', op='add', cpe=ARGV[i], pod=pod}))
-  elseif cur == pod then
-    redis.call('PEXPIRE', key, ttl)
+  if cur == pod then
+    redis.call('SADD', owned, 'c:' .. ARGV[i])
+  elseif (not cur) or not alive(cur) then
+    redis.call('SET', key, pod)
+    redis.call('SADD', owned, 'c:' .. ARGV[i])
+    feed({t='cpe', op='add', cpe=ARGV[i], pod=pod})
   end
 end
 return collided
 """
 
-# KEYS: events. ARGV: key prefix, pod, then token hex... '--', then CPEs. Used at stop.
-_RELEASE_ALL_LUA = """
-local prefix, pod = ARGV[1], ARGV[2]
+# KEYS: feed. ARGV: (prelude), then token hex... '--', then CPEs. Used at stop: one `pod del`
+# entry tells every director to drop the pod with its tokens and CPEs.
+_RELEASE_ALL_LUA = _LUA_PRELUDE + """
 local kind = 'token:'
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   if ARGV[i] == '--' then
     kind = 'cpe:'
   else
@@ -340,10 +406,20 @@ for i = 3, #ARGV do
     if redis.call('GET', key) == pod then redis.call('DEL', key) end
   end
 end
-redis.call('DEL', prefix .. 'pod:' .. pod)
-redis.call('PUBLISH', KEYS[1], cjson.encode({t='pod', op='del', pod=pod}))
+redis.call('DEL', prefix .. 'pod:' .. pod, owned)
+redis.call('SREM', prefix .. 'pods', pod)
+feed({t='pod', op='del', pod=pod})
 return 1
 """
+
+# How much history a pool's feed keeps. A director reads the whole table after every reconnect and
+# follows the stream from the cursor it read before: the stream must still hold that cursor when
+# the full read ends (else a gap, and another full read). Bounded by time rather than length, so
+# it covers a full read at any size: ~25 s at 1M connections (docs/scaling.md), with margin.
+FEED_RETAIN_S = 120.0
+# Members of dead pods reaped per heartbeat at most: keeps each script short, so Redis
+# (single-threaded) never blocks other clients for long.
+REAP_BUDGET = 1000
 
 
 class RedisRegistry:
@@ -358,6 +434,7 @@ class RedisRegistry:
         heartbeat_ttl_s: float = 10.0,
         op_timeout_s: float = 0.5,
         metrics: RegistryMetrics | None = None,
+        feed_retain_s: float = FEED_RETAIN_S,
     ) -> None:
         self.pod_name = pod_name
         self.advertise = advertise
@@ -366,13 +443,15 @@ class RedisRegistry:
         # Refresh three times per TTL: one lost heartbeat must not expire a live pod.
         self.heartbeat_interval_s = heartbeat_ttl_s / 3
         self.op_timeout_s = op_timeout_s
+        self.feed_retain_ms = max(1, int(feed_retain_s * 1000))
         self.metrics = metrics if metrics is not None else RegistryMetrics()
         # A URL, Sentinel or Cluster (redisconn.open_redis); the name is historical.
         self._where = describe_target(redis_url)
         self._redis = open_redis(redis_url, op_timeout_s)
         self._register = self._redis.register_script(_REGISTER_LUA)
         self._unregister = self._redis.register_script(_UNREGISTER_LUA)
-        self._refresh = self._redis.register_script(_REFRESH_LUA)
+        self._heartbeat = self._redis.register_script(_HEARTBEAT_LUA)
+        self._claim = self._redis.register_script(_CLAIM_LUA)
         self._release_all = self._redis.register_script(_RELEASE_ALL_LUA)
         self._local = _LocalState()
         self._up = False
@@ -429,16 +508,16 @@ class RedisRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._up:
-            args: list[str] = [self.keys.prefix, self.pod_name]
+            args: list[Any] = self._head()
             args += [token_hex(t) for t in self._local.live if t not in self._local.collided]
             args.append("--")
             args += list(self._local.cpe_refs)
             try:
                 await asyncio.wait_for(
-                    self._release_all(keys=[self.keys.events], args=args), self.op_timeout_s * 4
+                    self._release_all(keys=[self.keys.feed], args=args), self.op_timeout_s * 4
                 )
             except REDIS_ERRORS as exc:
-                # The keys expire within the heartbeat TTL anyway.
+                # The pod key expires within the heartbeat TTL; the other pods' heartbeats reap the rest.
                 self._count_error("stop", exc)
         self._local = _LocalState()
         self.metrics.live.set(0)
@@ -465,8 +544,8 @@ class RedisRegistry:
         try:
             reply = await asyncio.wait_for(
                 self._register(
-                    keys=[self.keys.token(token), self.keys.cpe(cpe), self.keys.events],
-                    args=[self.pod_name, self.ttl_ms, token_hex(token), cpe],
+                    keys=[self.keys.feed, self.keys.token(token), self.keys.cpe(cpe)],
+                    args=[*self._head(), token_hex(token), cpe],
                 ),
                 self.op_timeout_s,
             )
@@ -509,63 +588,61 @@ class RedisRegistry:
         try:
             await asyncio.wait_for(
                 self._unregister(
-                    keys=[self.keys.token(token), self.keys.cpe(cpe), self.keys.events],
-                    args=[self.pod_name, token_hex(token), cpe, "1" if last else "0"],
+                    keys=[self.keys.feed, self.keys.token(token), self.keys.cpe(cpe)],
+                    args=[*self._head(), token_hex(token), cpe, "1" if last else "0"],
                 ),
                 self.op_timeout_s,
             )
         except REDIS_ERRORS as exc:
-            # The key expires by itself within the TTL since nobody refreshes it any more.
+            # The reconnect re-claims only what is still live; a key left behind here is taken
+            # over by whoever registers the token next once this pod's own key is gone.
             self._mark_down("unregister_connection", exc)
 
-    async def _write_pod(self) -> None:
+    def _head(self) -> list[Any]:
+        """The arguments every script starts with (see _LUA_PRELUDE)."""
+        return [self.keys.prefix, self.pod_name, self.feed_retain_ms]
+
+    async def _write_pod(self, reap: int = 0) -> bool:
+        """The heartbeat: write the pod key (its one TTL), append a `pod add` entry to the feed,
+        reap up to `reap` leftovers of dead pods. Returns whether the pod key still existed."""
         state = self._local.state
         if state is None:
-            return
-        key = self.keys.pod(self.pod_name)
+            return True
         # `connections`: what this pod still carries, for whoever looks at Redis during a drain
         # (directors ignore it; the operator reads the same count from the pod's /readyz).
-        fields: dict[str | bytes, str | bytes] = {"addr": self.advertise, "state": state, "ts": f"{time.time():.3f}",
-                                                  "connections": str(len(self._local.live))}
-        event = json.dumps(
-            {"t": "pod", "op": "add", "pod": self.pod_name, "addr": self.advertise, "state": state}
-        )
-        cluster = is_cluster(self._redis)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-            pipe.pexpire(key, self.ttl_ms)
-            if not cluster:
-                pipe.publish(self.keys.events, event)
-            await asyncio.wait_for(pipe.execute(), self.op_timeout_s)
-        if cluster:
-            # A cluster pipeline refuses PUBLISH (not a key command): send it on its own.
-            await asyncio.wait_for(self._redis.publish(self.keys.events, event), self.op_timeout_s)
+        reply = await asyncio.wait_for(
+            self._heartbeat(
+                keys=[self.keys.feed, self.keys.pod(self.pod_name)],
+                args=[*self._head(), self.ttl_ms, self.advertise, state, f"{time.time():.3f}",
+                      str(len(self._local.live)), reap],
+            ),
+            self.op_timeout_s * 4,
+        )  # fmt: skip
+        if int(reply[1]):
+            log.info("reaped %d leftover keys of pods whose heartbeat expired", int(reply[1]))
+        return bool(int(reply[0]))
 
-    async def _refresh_all(self) -> None:
-        """Heartbeat: the pod key and every live token/CPE, claimed or extended, pipelined."""
-        await self._write_pod()
-        tokens = [token_hex(t) for t in self._local.live]
-        cpes = list(self._local.cpe_refs)
-        if not tokens and not cpes:
-            return
+    async def _claim_all(self, tokens: list[int], cpes: list[str]) -> None:
+        """Claim `tokens` and `cpes` (free ones become ours, ours stay); record the collided."""
+        hexes = [token_hex(t) for t in tokens]
         collided: dict[int, str] = {}
         chunks: list[list[Any]] = []
-        for start in range(0, max(len(tokens), len(cpes)), REFRESH_CHUNK):
-            chunk_t = tokens[start : start + REFRESH_CHUNK]
+        for start in range(0, max(len(hexes), len(cpes)), REFRESH_CHUNK):
+            chunk_t = hexes[start : start + REFRESH_CHUNK]
             chunk_c = cpes[start : start + REFRESH_CHUNK]
-            chunks.append([self.keys.prefix, self.pod_name, self.ttl_ms, len(chunk_t), *chunk_t, *chunk_c])
+            chunks.append([*self._head(), len(chunk_t), *chunk_t, *chunk_c])
         replies: list[Any] = []
         if is_cluster(self._redis):
             # A cluster pipeline cannot load a script the node lacks (NOSCRIPT after a failover or
             # on a fresh node); one call per chunk can, and all chunks go to the pool's one slot.
             for args in chunks:
                 replies.append(
-                    await asyncio.wait_for(self._refresh(keys=[self.keys.events], args=args), self.op_timeout_s * 4)
+                    await asyncio.wait_for(self._claim(keys=[self.keys.feed], args=args), self.op_timeout_s * 4)
                 )
-        else:
+        elif chunks:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for args in chunks:
-                    await self._refresh(keys=[self.keys.events], args=args, client=pipe)  # type: ignore[arg-type]
+                    await self._claim(keys=[self.keys.feed], args=args, client=pipe)  # type: ignore[arg-type]
                 replies = await asyncio.wait_for(pipe.execute(), self.op_timeout_s * 4)
         for reply in replies:
             pairs = list(reply)
@@ -575,13 +652,30 @@ class RedisRegistry:
         self._local.collided = {t: o for t, o in collided.items() if t in self._local.live}
         self.metrics.collided.set(len(self._local.collided))
 
+    async def _refresh_all(self) -> None:
+        """After a reconnect: the pod key, then every live token and CPE claimed again."""
+        await self._write_pod()
+        await self._claim_all(list(self._local.live), list(self._local.cpe_refs))
+
+    async def _heartbeat_once(self) -> None:
+        """One heartbeat: the pod key only, whatever the number of live connections, unless the
+        key had expired (the pod was stalled, or Redis lost it): then everything is claimed again,
+        as after a reconnect. Collided tokens are retried each time (few: see docs/affinity.md)."""
+        existed = await self._write_pod(reap=REAP_BUDGET)
+        if not existed and self._local.live:
+            log.warning("pod key %s had expired: re-registering %d connections", self.pod_name,
+                        len(self._local.live))  # fmt: skip
+            await self._claim_all(list(self._local.live), list(self._local.cpe_refs))
+        elif self._local.collided:
+            await self._claim_all(list(self._local.collided), [])
+
     async def _heartbeat_loop(self) -> None:
         while not self._stopped:
             await asyncio.sleep(self.heartbeat_interval_s)
             if not self._up:
                 continue  # the reconnect loop owns recovery
             try:
-                await self._refresh_all()
+                await self._heartbeat_once()
             except REDIS_ERRORS as exc:
                 self._mark_down("heartbeat", exc)
 

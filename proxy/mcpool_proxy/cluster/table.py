@@ -1,8 +1,9 @@
 """The director's local copy of the affinity table, and the pure steering decision over it.
 
 The director must decide a SYN without a network round trip, so it keeps pods, tokens and CPEs
-in memory, fed by the registry's pub/sub events (`apply_event`) and replaced wholesale by a
-periodic full read of Redis (`replace`). `decide` is a pure function of a SYN and this table.
+in memory, fed by the entries of the pool's change stream (`apply_event`) and replaced wholesale
+by a full read of Redis (`replace`) on (re)connect, on a gap in the stream and rarely for safety.
+A pod that leaves (`pod del`, or its heartbeat ran out) takes its tokens and CPEs with it. `decide` is a pure function of a SYN and this table.
 Nothing here does I/O; waiting for a late token is an asyncio.Event per awaited token, shared by
 every join waiting for it and removed when the last of them leaves.
 
@@ -148,8 +149,10 @@ class AffinityTable:
                 if self.pods.get(pod) != entry:
                     self.pods[pod] = entry
                     self.version += 1
-            elif op == "del" and self.pods.pop(pod, None) is not None:
-                self.version += 1
+            elif op == "del":
+                if self.pods.pop(pod, None) is not None:
+                    self.version += 1
+                self.drop_orphans()
         elif kind == "collision" and "token" in event:
             token = int(str(event["token"]), 16)
             self.collided.add(token)
@@ -158,6 +161,15 @@ class AffinityTable:
             waiter = self._token_waiters.pop(token, None)
             if waiter is not None:
                 waiter.set()
+
+    def drop_orphans(self) -> None:
+        """Forget tokens and CPEs whose owner is not a pod of the table (they steer nothing:
+        `decide` ignores them; a pod that comes back registers them again)."""
+        for token in [t for t, owner in self.tokens.items() if owner not in self.pods]:
+            del self.tokens[token]
+            self.collided.discard(token)
+        for cpe in [c for c, owner in self.cpes.items() if owner not in self.pods]:
+            del self.cpes[cpe]
 
     async def wait_for_token(self, token: int, timeout_s: float) -> None:
         """Return when `token` is in the table or `timeout_s` has passed."""
