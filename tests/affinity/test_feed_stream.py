@@ -186,6 +186,76 @@ async def test_a_killed_pod_leaves_the_table_after_its_ttl_and_frees_its_token(
         await survivor.stop()
 
 
+async def test_a_pod_restarted_under_its_name_drops_what_its_killed_process_held(
+    redis_server: RedisServer, redis_client: aioredis.Redis, director: Director
+) -> None:
+    # A StatefulSet restarts a killed pod under the same name, usually within its TTL and before
+    # any other pod reaped its keys: the new process must not inherit the old one's tokens, which
+    # its heartbeat would otherwise keep alive for ever (and make other pods' equal tokens collide).
+    old = pod(redis_server, "pod-r")
+    await old.start()
+    await old.register_pod("ready")
+    for token in (0x5EED0001, 0x5EED0002):
+        await old.register_connection(token, "198.18.1.7")
+    await until(lambda: {0x5EED0001, 0x5EED0002} <= set(director.table.tokens), "the old process's tokens")
+    for task in list(old._tasks):  # killed: no heartbeat any more and no cleanup, keys left as they are
+        task.cancel()
+    assert await redis_client.get(KEYS.token(0x5EED0001)) == "pod-r"
+
+    new = pod(redis_server, "pod-r")
+    try:
+        await new.start()
+        await new.register_pod("ready")
+        result = await new.register_connection(0x5EED0003, "198.18.1.8")
+        assert result.status == "registered"
+        assert await redis_client.exists(KEYS.token(0x5EED0001), KEYS.token(0x5EED0002), KEYS.cpe("198.18.1.7")) == 0
+        assert await redis_client.smembers(KEYS.owned("pod-r")) == {"t:5eed0003", "c:198.18.1.8"}
+        await until(lambda: director.table.tokens.get(0x5EED0003) == "pod-r", "the new process's token")
+        # Every director dropped the old incarnation's tokens and CPE through the stream alone.
+        assert not {0x5EED0001, 0x5EED0002} & set(director.table.tokens)
+        assert "198.18.1.7" not in director.table.cpes
+        assert "pod-r" in director.table.pods
+        assert sample(director, "mcpool_director_resyncs_total") == 1
+    finally:
+        await new.stop()
+        await old._redis.aclose()
+
+
+async def test_pods_of_an_older_mcpool_are_followed_by_full_reads_during_an_upgrade(
+    redis_server: RedisServer, redis_client: aioredis.Redis
+) -> None:
+    # An older pod heartbeats by rewriting keys with TTLs and writes nothing to the stream: its
+    # pod key lacks `feed`. A new director (upgraded first) must neither expire it after one TTL
+    # nor miss its new tokens for the 10-minute safety interval: it reads the table every 2 s
+    # while such a pod remains, as older directors did.
+    await redis_client.hset(KEYS.pod("pod-old"), mapping={"addr": "198.18.10.50", "state": "ready"})
+    await redis_client.pexpire(KEYS.pod("pod-old"), 1500)
+    await redis_client.set(KEYS.token(0x01D00001), "pod-old", px=10_000)
+    config = DirectorConfig.model_validate({"vip": "198.19.255.1", "ports": [5124], "redis_url": redis_server.url,
+                                            "pool": POOL, "metrics_listen": None,
+                                            "snapshot_grace_s": 0.5})  # fmt: skip
+    director = Director(config)
+    task: asyncio.Task[None] = asyncio.ensure_future(director._feed())
+    try:
+        await until(lambda: sample(director, "mcpool_director_redis_up") == 1, "the feed to reach Redis")
+        assert "pod-old" in director.table.pods and director.table.tokens.get(0x01D00001) == "pod-old"
+        # The older pod goes on: its heartbeat and a new connection's token, keys only.
+        await redis_client.pexpire(KEYS.pod("pod-old"), 10_000)
+        await redis_client.set(KEYS.token(0x01D00002), "pod-old", px=10_000)
+        await until(lambda: director.table.tokens.get(0x01D00002) == "pod-old", "the older pod's new token", 5)
+        reads = sample(director, "mcpool_director_resyncs_total")
+        await until(lambda: sample(director, "mcpool_director_resyncs_total") >= reads + 1, "another full read", 5)
+        assert "pod-old" in director.table.pods  # past its first TTL (1.5 s), kept by the full reads
+        # Upgraded away: its key goes, the next full read drops it, and the reads stop.
+        await redis_client.delete(KEYS.pod("pod-old"))
+        await until(lambda: "pod-old" not in director.table.pods, "the older pod to leave", 5)
+        assert director._resync_every_s() == config.resync_interval_s
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 async def commands_per_s(client: aioredis.Redis, window_s: float) -> float:
     """Redis commands per second over `window_s` (INFO commandstats, Lua's own calls included,
     our INFO calls left out)."""

@@ -429,6 +429,10 @@ DROP_WARNING_INTERVAL_S = 10.0
 # XREAD BLOCK of the feed: the longest the director waits for a change in one call (its own
 # connection, whose timeout is this plus redis_timeout_s), and the most entries taken per call.
 FEED_BLOCK_S = 1.0
+# While a pod of an older mcpool (one that heartbeats by key TTL, not on the stream: its pod key
+# lacks the field `feed`) is in the table, as during an upgrade, the table is read whole this
+# often, as older directors did: its liveness and its tokens reach the table only that way.
+LEGACY_RESYNC_S = 2.0
 FEED_COUNT = 1000
 
 # Read-only: the feed's last entry id and the number of the last entry (`seq`, incremented in the
@@ -478,6 +482,7 @@ class Director:
         self._now: Callable[[], float] = time.monotonic  # the drop warning's clock (tests replace it)
         self._drops_unreported: dict[str, int] = {}
         self._drop_warned_at = float("-inf")
+        self._legacy_pods: set[str] = set()  # pods whose key lacks `feed` (LEGACY_RESYNC_S)
         self.mapsync: MapFeeds | None = None  # the kernel maps' feeds (run() makes them)
 
     # -- decisions (the hot path: one call per SYN) --------------------------------------------
@@ -601,7 +606,7 @@ class Director:
                     self._redis_error = None
                     self.metrics.redis_up.set(1)
                     backoff.reset()
-                    next_resync = loop.time() + cfg.resync_interval_s
+                    next_resync = loop.time() + self._resync_every_s()
                     while True:
                         now = loop.time()
                         wake = min(next_resync, min(self._pod_deadline.values(), default=now + FEED_BLOCK_S))
@@ -622,7 +627,7 @@ class Director:
                                         "reading the whole table again")  # fmt: skip
                         if gap or loop.time() >= next_resync:
                             await self._resync(redis, cursor_script)
-                            next_resync = loop.time() + cfg.resync_interval_s
+                            next_resync = loop.time() + self._resync_every_s()
                             _raise_if_cancelled()
                 except REDIS_ERRORS as exc:
                     _raise_if_cancelled()  # a cancellation turned into a timeout on the way
@@ -641,6 +646,11 @@ class Director:
             for client in (stream, redis):
                 with contextlib.suppress(*REDIS_ERRORS, TimeoutError):
                     await asyncio.wait_for(client.aclose(), cfg.redis_timeout_s)
+
+    def _resync_every_s(self) -> float:
+        if self._legacy_pods:
+            return min(self.config.resync_interval_s, LEGACY_RESYNC_S)
+        return self.config.resync_interval_s
 
     def _apply_entries(self, reply: Any) -> tuple[bool, int]:
         """Apply the entries of one XREAD reply in order. Returns whether one shows entries were
@@ -715,6 +725,7 @@ class Director:
             self._cursor, self._seq = str(cursor), int(seq)
         pods: dict[str, PodEntry] = {}
         ttls: dict[str, int] = {}
+        legacy: set[str] = set()
         pod_keys = [k async for k in redis.scan_iter(match=self.keys.pod_pattern, count=1000)]
         if pod_keys:
             async with redis.pipeline(transaction=False) as pipe:
@@ -727,6 +738,8 @@ class Director:
                     name = self.keys.suffix(key, "pod")
                     pods[name] = PodEntry(name, fields.get("addr", ""), fields.get("state", "ready"))
                     ttls[name] = int(ttl)
+                    if "feed" not in fields:
+                        legacy.add(name)
         tokens: dict[int, str] = {}
         for key, owner in (await self._read_all(redis, self.keys.token_pattern, timeout)).items():
             token = _parse_token(self.keys.suffix(key, "token"))
@@ -746,8 +759,20 @@ class Director:
         # Tokens and CPEs left by a pod that died (not reaped yet) steer nothing: leave them out.
         self.table.drop_orphans()
         deadlines: dict[str, float] = {}
+        if legacy != self._legacy_pods:
+            if legacy:
+                log.warning("pods %s heartbeat without the change stream (an older mcpool, e.g. during an upgrade): "
+                            "reading the whole table every %.0f s while they remain; their new connections' joins "
+                            "may miss their pod until a read", ", ".join(sorted(legacy)), LEGACY_RESYNC_S)  # fmt: skip
+            else:
+                log.info("every pod heartbeats on the change stream: full reads every %.0f s again",
+                         self.config.resync_interval_s)  # fmt: skip
+        self._legacy_pods = legacy
         for name in self.table.pods:
-            if name in ttls:
+            if name in legacy:
+                # No `pod add` entries will come: a full read without its key removes it.
+                deadlines[name] = float("inf")
+            elif name in ttls:
                 deadlines[name] = now + ttls[name] / 1000 if ttls[name] > 0 else float("inf")
             else:  # kept by the grace period: it has until then to heartbeat again
                 deadlines[name] = max(self._pod_deadline.get(name, now), self._connected_at + self.config.snapshot_grace_s)

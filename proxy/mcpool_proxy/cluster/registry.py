@@ -326,13 +326,14 @@ return 1
 """
 
 # KEYS: feed, pod key. ARGV: (prelude), ttl ms, addr, state, ts, connections, reap budget.
-# The pod's heartbeat, and the only key it refreshes: liveness is per pod, not per token. Returns
+# The pod's heartbeat, and the only key it refreshes: liveness is per pod, not per token. The
+# field `feed` tells directors that this pod heartbeats on the stream (an older pod's key lacks it). Returns
 # {1 if the pod key still existed, members reaped}. Reaping: the tokens and CPEs of pods whose
 # key expired (SIGKILL, node loss) are deleted here, up to `budget` per call, by whichever pod
 # beats first; a dead pod leaves `pods` (with a `pod del` entry) once nothing of it is left.
 _HEARTBEAT_LUA = _LUA_PRELUDE + """
 local existed = redis.call('EXISTS', KEYS[2])
-redis.call('HSET', KEYS[2], 'addr', ARGV[5], 'state', ARGV[6], 'ts', ARGV[7], 'connections', ARGV[8])
+redis.call('HSET', KEYS[2], 'addr', ARGV[5], 'state', ARGV[6], 'ts', ARGV[7], 'connections', ARGV[8], 'feed', '1')
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('SADD', prefix .. 'pods', pod)
 feed({t='pod', op='add', pod=pod, addr=ARGV[5], state=ARGV[6], ttl=tonumber(ARGV[4])})
@@ -412,6 +413,25 @@ feed({t='pod', op='del', pod=pod})
 return 1
 """
 
+# KEYS: feed. ARGV: (prelude), budget. A new process under this pod name (a StatefulSet restarts
+# a killed pod under the same name, usually before another pod has reaped what the old one held):
+# what the old process owned is not ours. Deletes up to `budget` of it per call and returns how
+# many; the caller repeats until it returns less. The first call also ends the old incarnation in
+# every director (`pod del`: they drop its tokens and CPEs); the new one's heartbeat adds it back.
+_PURGE_LUA = _LUA_PRELUDE + """
+local budget = tonumber(ARGV[4])
+local members = redis.call('SPOP', owned, budget)
+for _, m in ipairs(members) do
+  local key = prefix .. (string.sub(m, 1, 1) == 't' and 'token:' or 'cpe:') .. string.sub(m, 3)
+  if redis.call('GET', key) == pod then redis.call('DEL', key) end
+end
+if ARGV[5] == '1' and (#members > 0 or redis.call('EXISTS', prefix .. 'pod:' .. pod) == 1) then
+  redis.call('DEL', prefix .. 'pod:' .. pod)
+  feed({t='pod', op='del', pod=pod})
+end
+return #members
+"""
+
 # How much history a pool's feed keeps. A director reads the whole table after every reconnect and
 # follows the stream from the cursor it read before: the stream must still hold that cursor when
 # the full read ends (else a gap, and another full read). Bounded by time rather than length, so
@@ -453,6 +473,11 @@ class RedisRegistry:
         self._heartbeat = self._redis.register_script(_HEARTBEAT_LUA)
         self._claim = self._redis.register_script(_CLAIM_LUA)
         self._release_all = self._redis.register_script(_RELEASE_ALL_LUA)
+        self._purge = self._redis.register_script(_PURGE_LUA)
+        # Until this process has written to Redis once, anything there under its name is an
+        # earlier incarnation's (see _PURGE_LUA).
+        self._fresh = True
+        self._purge_lock = asyncio.Lock()  # one purge, before any write of this process
         self._local = _LocalState()
         self._up = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -542,6 +567,8 @@ class RedisRegistry:
             self.metrics.registrations.labels("deferred").inc()
             return RegistrationResult("deferred", None)
         try:
+            if self._fresh:
+                await self._purge_earlier()
             reply = await asyncio.wait_for(
                 self._register(
                     keys=[self.keys.feed, self.keys.token(token), self.keys.cpe(cpe)],
@@ -602,9 +629,33 @@ class RedisRegistry:
         """The arguments every script starts with (see _LUA_PRELUDE)."""
         return [self.keys.prefix, self.pod_name, self.feed_retain_ms]
 
+    async def _purge_earlier(self) -> None:
+        """Delete what an earlier process of this pod name left in Redis (once per process,
+        before its first write): its tokens would otherwise look alive again under the new
+        process's heartbeat, never be reaped, and collide with other pods' new tokens."""
+        async with self._purge_lock:
+            if self._fresh:  # another caller may have purged while this one waited
+                await self._purge_locked()
+
+    async def _purge_locked(self) -> None:
+        first, purged = True, 0
+        while True:
+            n = int(await asyncio.wait_for(
+                self._purge(keys=[self.keys.feed], args=[*self._head(), REAP_BUDGET, "1" if first else "0"]),
+                self.op_timeout_s * 4,
+            ))  # fmt: skip
+            first, purged = False, purged + n
+            if n < REAP_BUDGET:
+                break
+        self._fresh = False
+        if purged:
+            log.info("removed %d keys an earlier process of pod %s left in Redis", purged, self.pod_name)
+
     async def _write_pod(self, reap: int = 0) -> bool:
         """The heartbeat: write the pod key (its one TTL), append a `pod add` entry to the feed,
         reap up to `reap` leftovers of dead pods. Returns whether the pod key still existed."""
+        if self._fresh:
+            await self._purge_earlier()
         state = self._local.state
         if state is None:
             return True
@@ -624,6 +675,8 @@ class RedisRegistry:
 
     async def _claim_all(self, tokens: list[int], cpes: list[str]) -> None:
         """Claim `tokens` and `cpes` (free ones become ours, ours stay); record the collided."""
+        if self._fresh:
+            await self._purge_earlier()
         hexes = [token_hex(t) for t in tokens]
         collided: dict[int, str] = {}
         chunks: list[list[Any]] = []
