@@ -219,7 +219,7 @@ def render(results: list[dict[str, Any]], s: Settings) -> str:
         f"{r0['window_s']:.0f} s window in which no connection opens or closes (`INFO commandstats`, Lua's calls "
         f"included). Churn: {r0['churn']:,} connections opened and closed while the directors follow. Catch-up: a "
         f"new director's feed from connecting to a complete table (what every director does on a reconnect). "
-        f"Taken on a shared machine: command counts are exact, CPU and times indicative.",
+        f"Command counts are exact; CPU and times depend on the machine (the run date and load are those of `make bench`).",
         "",
         "| live connections | Redis commands/s (steady) | before: per-token refresh + rescans | Redis CPU (cores) "
         "| commands per connection opened + closed | directors' full reads during churn | catch-up after reconnect "
