@@ -286,6 +286,8 @@ def run_cluster_demo(prefix: str, connections: int = 6, echo_bytes: int = 1_000_
         counters = lab.director_counters()
         display.say(f"director decisions: {outcomes}")
         display.say(f"kernel counters: SYNs queued to userspace {counters['queued_initial'][0] + counters['queued_join'][0]}, "
+                    f"initial SYNs decided by the kernel's CPE and bucket maps "
+                    f"{counters.get('cpe_hit', (0, 0))[0] + counters.get('bucket_hit', (0, 0))[0]}, "
                     f"joins decided by the kernel's token map {counters.get('token_hit', (0, 0))[0]}, "
                     f"bytes steered in the kernel {counters['restored'][1]}")
         display.say(("PASS" if ok else "FAIL") + f": {len(socks)} connections, each with both subflows on one pod, "
