@@ -27,14 +27,12 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import (
@@ -51,7 +49,7 @@ from ..config import (
 from ..kernel import steering
 from ..kernel.bucketmap import BucketMap
 from ..kernel.tokenmap import CpeMap, TokenMap
-from ..observe.metrics import observe
+from ..observe.metrics import NftCounters, observe
 from ..observe.telemetry import Telemetry
 from .hashing import MAX_BUCKETS, BucketHash, pool_seed
 from .keys import KeySchema
@@ -376,40 +374,20 @@ class DirectorMetrics:
         )
 
 
-class KernelDecisions(Collector):
-    """`mcpool_director_kernel_packets_total{counter}`: the director's nft counters, read with one
-    `nft list counters` per scrape. Most SYNs are decided in the kernel and never reach the
-    decisions counter above: token_hit (a join by the token map), cpe_hit and bucket_hit (an
-    initial SYN by the CPE or the bucket map), queued_initial/queued_join (sent to userspace),
-    restored (packets of known flows), unknown_flow (dropped: not a SYN and no flow),
-    syn_over_source/syn_over_total (SYNs over the rate limits, dropped)."""
-
-    def __init__(self, read: Callable[[], dict[str, tuple[int, int]]]) -> None:
-        self._read = read
-
-    @staticmethod
-    def _family() -> CounterMetricFamily:
-        return CounterMetricFamily(
-            "mcpool_director_kernel_packets",
-            "Packets counted by the director's nftables rules, by counter (token_hit, cpe_hit, bucket_hit: "
-            "SYNs decided in the kernel; queued_initial, queued_join: SYNs sent to userspace; restored: "
-            "packets of known flows; unknown_flow, syn_over_source, syn_over_total: dropped).",
-            labels=["counter"],
-        )
-
-    def describe(self) -> Iterable[Metric]:
-        # Registration asks for the names: without this it would run `nft` before the table exists.
-        yield self._family()
-
-    def collect(self) -> Iterable[Metric]:
-        try:
-            counters = self._read()
-        except (RuntimeError, OSError):
-            counters = {}
-        family = self._family()
-        for name, (packets, _) in sorted(counters.items()):
-            family.add_metric([name], packets)
-        yield family
+def kernel_decisions(table: str) -> NftCounters:
+    """`mcpool_director_kernel_packets_total{counter}`: the director's nft counters. Most SYNs are
+    decided in the kernel and never reach `mcpool_director_decisions_total`: token_hit (a join by
+    the token map), cpe_hit and bucket_hit (an initial SYN by the CPE or the bucket map),
+    queued_initial/queued_join (sent to userspace), restored (packets of known flows),
+    unknown_flow (dropped: not a SYN and no flow), syn_over_source/syn_over_total (SYNs over the
+    rate limits, dropped)."""
+    return NftCounters(
+        "mcpool_director_kernel_packets",
+        "Packets counted by the director's nftables rules, by counter (token_hit, cpe_hit, bucket_hit: "
+        "SYNs decided in the kernel; queued_initial, queued_join: SYNs sent to userspace; restored: "
+        "packets of known flows; unknown_flow, syn_over_source, syn_over_total: dropped).",
+        "counter", lambda: {name: packets for name, (packets, _) in steering.nft_counters(table).items()},
+    )  # fmt: skip
 
 
 def _parse_token(text: str) -> int | None:
@@ -460,7 +438,7 @@ class Director:
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else DirectorMetrics()
-        self.metrics.registry.register(KernelDecisions(lambda: steering.nft_counters(config.nft_table)))
+        self.metrics.registry.register(kernel_decisions(config.nft_table))
         # A span per steering decision when OTEL_* asks for tracing (sampled by
         # OTEL_TRACES_SAMPLER); None otherwise, so the hot path pays one attribute test.
         self.telemetry = telemetry if telemetry is not None else Telemetry()

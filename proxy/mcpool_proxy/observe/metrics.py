@@ -137,26 +137,18 @@ class _SubflowCollector(Collector):
         yield source
 
 
-class _TransparentCollector(Collector):
-    """`mcpool_transparent_syns_total{verdict}`: MP_CAPABLE SYNs implicit mode's nft table
-    classified (intercepted: sent to the transparent listener; unbound: marked but no listener,
-    dropped; stranger: marked from outside policy.allowed_cpes, reset; passed: unmarked,
-    routed untouched as end-to-end MPTCP). One `nft list counters` per scrape."""
+class NftCounters(Collector):
+    """Named nft counters as one Prometheus counter family `name_total{label}`, read with one
+    `nft list counters` per scrape (`read`: counter name -> packets). `names` keeps those only,
+    in that order; None: every counter, sorted. A table that is not there yet exports nothing."""
 
-    VERDICTS = ("intercepted", "unbound", "stranger", "passed")
+    def __init__(self, name: str, documentation: str, label: str, read: Callable[[], dict[str, int]],
+                 names: Iterable[str] | None = None) -> None:
+        self._name, self._doc, self._label, self._read = name, documentation, label, read
+        self._names = None if names is None else tuple(names)
 
-    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
-        self._read = read
-
-    @staticmethod
-    def _family() -> CounterMetricFamily:
-        return CounterMetricFamily(
-            "mcpool_transparent_syns",
-            "MP_CAPABLE SYNs classified by implicit mode's nft table, by verdict (intercepted, "
-            "unbound: dropped for want of a listener, stranger: marked from outside "
-            "policy.allowed_cpes and reset, passed: unmarked, end-to-end MPTCP).",
-            labels=["verdict"],
-        )
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self._name, self._doc, labels=[self._label])
 
     def describe(self) -> Iterable[Metric]:
         # Registration asks for the names: without this it would run `nft` before the table exists.
@@ -168,10 +160,27 @@ class _TransparentCollector(Collector):
         except (RuntimeError, OSError):
             counters = {}
         family = self._family()
-        for verdict in self.VERDICTS:
-            if verdict in counters:
-                family.add_metric([verdict], counters[verdict])
+        for name in self._names if self._names is not None else sorted(counters):
+            if name in counters:
+                family.add_metric([name], counters[name])
         yield family
+
+
+# MP_CAPABLE SYNs implicit mode's nft table classified (intercepted: sent to the transparent
+# listener; unbound: marked but no listener, dropped; stranger: marked from outside
+# policy.allowed_cpes, reset; passed: unmarked, routed untouched as end-to-end MPTCP).
+TRANSPARENT_VERDICTS = ("intercepted", "unbound", "stranger", "passed")
+
+
+def transparent_syns(read: Callable[[], dict[str, int]]) -> NftCounters:
+    """`mcpool_transparent_syns_total{verdict}`."""
+    return NftCounters(
+        "mcpool_transparent_syns",
+        "MP_CAPABLE SYNs classified by implicit mode's nft table, by verdict (intercepted, "
+        "unbound: dropped for want of a listener, stranger: marked from outside "
+        "policy.allowed_cpes and reset, passed: unmarked, end-to-end MPTCP).",
+        "verdict", read, TRANSPARENT_VERDICTS,
+    )  # fmt: skip
 
 
 Labels = tuple[str, str, str]  # path, local family, remote family
@@ -477,7 +486,7 @@ class ProxyMetrics:
 
     def add_transparent_counters(self, read: Callable[[], dict[str, int]]) -> None:
         """Implicit mode's classification, from the kernel's own nft counters (read when scraped)."""
-        self.registry.register(_TransparentCollector(read))
+        self.registry.register(transparent_syns(read))
 
     def set_relay_pools(self, pools: RelayPools) -> None:
         self.registry.register(_PipeCollector(pools))
