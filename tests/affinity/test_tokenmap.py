@@ -1,4 +1,5 @@
-"""kernel/tokenmap.py against the real kernel map: batches, diffs, refresh, fallback, adoption."""
+"""kernel/tokenmap.py against the real kernel map: batches, diffs, refresh, fallback, adoption, and
+listings that stay whole while the kernel resizes the map."""
 
 from __future__ import annotations
 
@@ -7,20 +8,28 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
+from mcpool_proxy.kernel.tokenmap import NftError, list_map
 from support import require_command, requires_netns
 
 HERE = Path(__file__).parent
 
 
-@requires_netns
-def test_token_map_writes_only_what_differs() -> None:
+def _run_probe(name: str) -> dict[str, Any]:
     require_command("unshare", "util-linux")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(["unshare", "-n", sys.executable, str(HERE / "tokenmap_probe.py")],
+    proc = subprocess.run(["unshare", "-n", sys.executable, str(HERE / name)],
                           capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
+@requires_netns
+def test_token_map_writes_only_what_differs() -> None:
+    out = _run_probe("tokenmap_probe.py")
     assert out["first"] == {"added": 5000, "removed": 0, "refreshed": 0, "batches": 1, "fallbacks": 0}
     assert out["kernel_after_first"] == 5000
     assert out["again"]["batches"] == 0
@@ -29,3 +38,41 @@ def test_token_map_writes_only_what_differs() -> None:
     assert out["refresh"]["refreshed"] == 4999 and out["refresh"]["fallbacks"] == 0
     assert out["fallback"]["fallbacks"] == 1 and out["fallback"]["added"] == 1
     assert out["adopted"] == 4999 and out["adopted_equal"] is True
+
+
+@requires_netns
+def test_listing_stays_whole_while_the_kernel_resizes_the_map() -> None:
+    # Another process grows the map from 5k to 25k elements and back, a dozen times, while this
+    # one lists it: every listing holds every stable token once.
+    out = _run_probe("mapresize_probe.py")
+    assert out["listings"] >= 3
+    assert out["complete"] == out["listings"] and out["repeats"] == 0
+
+
+class _Listings:
+    """A libnftables context whose `list map` answers are given in advance: the kernel's resize
+    race cannot be timed from a test, so its symptom (a dump with repeated keys) is played back."""
+
+    def __init__(self, *answers: list[list[Any]]) -> None:
+        self.answers, self.calls = list(answers), 0
+
+    def set_json_output(self, on: bool) -> None:
+        pass
+
+    def cmd(self, text: str) -> tuple[int, str, str]:
+        assert text == "list map inet t tokens"
+        self.calls += 1
+        elem = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return 0, json.dumps({"nftables": [{"metainfo": {}}, {"map": {"name": "tokens", "elem": elem}}]}), ""
+
+
+def test_a_listing_with_repeated_keys_is_taken_again() -> None:
+    torn = [[{"elem": {"val": 1, "expires": 9}}, 7], [{"elem": {"val": 1, "expires": 9}}, 7]]  # 2 lost
+    whole = [[{"elem": {"val": k, "expires": 9}}, 7] for k in (1, 2, 3)]
+    nft = _Listings(torn, whole)
+    assert [key["elem"]["val"] for key, _ in list_map(nft, "inet", "t", "tokens")] == [1, 2, 3]
+    assert nft.calls == 2
+    never = _Listings(torn)
+    with pytest.raises(NftError, match="no consistent listing in 3 attempts"):
+        list_map(never, "inet", "t", "tokens", attempts=3)
+    assert never.calls == 3

@@ -15,12 +15,11 @@ that set changes, so packets see the old assignment or the new one, never a mix.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-from .tokenmap import CHUNK, NftError, SyncStats, open_nftables
+from .tokenmap import CHUNK, NftError, SyncStats, list_map, open_nftables
 
 __all__ = ["BUCKET_MAP", "BucketMap"]
 
@@ -39,18 +38,7 @@ class BucketMap:
 
     def kernel_elements(self) -> dict[int, int]:
         """bucket -> mark as the kernel holds them now."""
-        self._nft.set_json_output(True)
-        try:
-            rc, out, err = self._nft.cmd(f"list map {self.family} {self.table} {self.name}")
-        finally:
-            self._nft.set_json_output(False)
-        if rc != 0:
-            raise NftError(err.strip() or f"cannot list map {self.name}")
-        elements: dict[int, int] = {}
-        for item in json.loads(out).get("nftables", []):
-            for key, mark in item.get("map", {}).get("elem", []):
-                elements[int(key)] = int(mark)
-        return elements
+        return {int(key): int(mark) for key, mark in list_map(self._nft, self.family, self.table, self.name)}
 
     def load(self) -> int:
         """Adopt what the kernel map holds (a restarted director's first write then changes only

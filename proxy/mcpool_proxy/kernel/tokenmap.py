@@ -36,7 +36,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["CPE_MAP", "TOKEN_MAP", "CpeMap", "NftError", "SyncStats", "TimedMap", "TokenMap", "open_nftables"]
+__all__ = [
+    "CPE_MAP",
+    "TOKEN_MAP",
+    "CpeMap",
+    "NftError",
+    "SyncStats",
+    "TimedMap",
+    "TokenMap",
+    "list_map",
+    "open_nftables",
+]
 
 log = logging.getLogger("mcpool.affinity.tokenmap")
 
@@ -64,6 +74,37 @@ def open_nftables() -> Any:
     nft.set_json_output(False)
     nft.set_handle_output(False)
     return nft
+
+
+def _element_key(key: Any) -> str:
+    return json.dumps(key["elem"]["val"] if isinstance(key, dict) else key, sort_keys=True)
+
+
+def list_map(nft: Any, family: str, table: str, name: str, *, attempts: int = 8) -> list[tuple[Any, Any]]:
+    """The (key, value) elements of map `family table name`, from one consistent kernel listing.
+
+    The kernel dumps a large hash set in several netlink messages and restarts its walk for each,
+    skipping the elements already sent. If the hash table is resized in between (the kernel grows
+    it in a background worker, for instance just after a big batch of additions), the skip lands
+    elsewhere in the new order: some elements come twice and as many never come. Such a listing is
+    recognised by its repeated keys and taken again; RuntimeError (NftError) if none is clean.
+    """
+    for attempt in range(attempts):
+        nft.set_json_output(True)
+        try:
+            rc, out, err = nft.cmd(f"list map {family} {table} {name}")
+        finally:
+            nft.set_json_output(False)
+        if rc != 0:
+            raise NftError(err.strip() or f"cannot list map {name}")
+        elements = [(key, value) for item in json.loads(out).get("nftables", [])
+                    for key, value in item.get("map", {}).get("elem", [])]  # fmt: skip
+        if len({_element_key(key) for key, _ in elements}) == len(elements):
+            return elements
+        log.info("map %s listed while the kernel resized it (%d repeated keys); listing it again",
+                 name, len(elements) - len({_element_key(key) for key, _ in elements}))  # fmt: skip
+        time.sleep(0.002 * (attempt + 1))  # the resize worker is running: give it a moment
+    raise NftError(f"map {name}: no consistent listing in {attempts} attempts (the kernel kept resizing it)")
 
 
 @dataclass
@@ -112,21 +153,13 @@ class TimedMap(Generic[K]):
 
     def kernel_elements(self) -> dict[K, tuple[int, float]]:
         """key -> (mark, seconds until it expires) as the kernel holds them now."""
-        self._nft.set_json_output(True)
-        try:
-            rc, out, err = self._nft.cmd(f"list map {self.family} {self.table} {self.name}")
-        finally:
-            self._nft.set_json_output(False)
-        if rc != 0:
-            raise NftError(err.strip() or f"cannot list map {self.name}")
         elements: dict[K, tuple[int, float]] = {}
-        for item in json.loads(out).get("nftables", []):
-            for key, mark in item.get("map", {}).get("elem", []):
-                if isinstance(key, dict):  # {"elem": {"val": K, "timeout": T, "expires": E}}
-                    inner = key.get("elem", {})
-                    elements[self._parse_key(inner["val"])] = (int(mark), float(inner.get("expires", self.timeout_s)))
-                else:
-                    elements[self._parse_key(key)] = (int(mark), float(self.timeout_s))
+        for key, mark in list_map(self._nft, self.family, self.table, self.name):
+            if isinstance(key, dict):  # {"elem": {"val": K, "timeout": T, "expires": E}}
+                inner = key.get("elem", {})
+                elements[self._parse_key(inner["val"])] = (int(mark), float(inner.get("expires", self.timeout_s)))
+            else:
+                elements[self._parse_key(key)] = (int(mark), float(self.timeout_s))
         return elements
 
     def load(self) -> int:
