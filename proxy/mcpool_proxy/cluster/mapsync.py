@@ -1,7 +1,8 @@
 """Keeps the director's kernel maps (token, CPE and bucket maps) in step with its affinity table.
 
 `TokenMapSync` feeds the MP_JOIN token map, `InitialMapSync` the two maps initial SYNs are
-decided by (CPE map, bucket map), and `MapFeeds` hands the director's table events to both.
+decided by (CPE map, bucket map), both on one run loop (`_MapSync`), and `MapFeeds` hands the
+director's table events to both.
 
 Token map:
 
@@ -19,17 +20,18 @@ predecessor's map steering until it knows the table, rather than empty it on a R
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..kernel.bucketmap import BucketMap
-from ..kernel.tokenmap import CpeMap, NftError, SyncStats, TokenMap
+from ..kernel.tokenmap import CpeMap, NftError, SyncStats, TimedMap, TokenMap
 from .hashing import BucketHash, bucket_owners
 
 __all__ = ["InitialMapSync", "MapFeeds", "TokenMapSync", "bucket_marks", "cpe_marks"]
@@ -41,9 +43,123 @@ log = logging.getLogger("mcpool.director.tokenmap")
 _THREAD_ABOVE = 64
 _RETRY_S = 1.0
 
+K = TypeVar("K", int, str)  # a map's key as the table spells it: a token, a CPE address
 
-class TokenMapSync:
+
+class _MapSync(abc.ABC, Generic[K]):
+    """What both feeds share: the pending work (dirty keys, a full rewrite), the gate that writes
+    nothing before the first full read, and the task that adopts the kernel's maps, then writes a
+    batch whenever something changed (or every refresh interval, to refresh timeouts) and retries
+    a refused batch as a full write.
+
+    A subclass says which table events dirty which key (`_event_key`), which maps it adopts and
+    counts (`_maps`), and how it writes a batch (`_write_pending`)."""
+
+    _what = ""  # as log lines name the maps: "the token map"
+
+    def __init__(self, errors: Counter) -> None:
+        self._dirty: set[K] = set()
+        self._full = False
+        self._loaded = False
+        self._changed = asyncio.Event()
+        self.synced = asyncio.Event()  # set after each batch that left nothing pending (tests, bench)
+        self.errors = errors
+
+    # -- what the director calls (on its loop) -------------------------------------------------
+
+    def snapshot_loaded(self) -> None:
+        """A full read of the table happened: rewrite the maps from it."""
+        self._loaded = True
+        self._full = True
+        self._changed.set()
+
+    def pods_changed(self) -> None:
+        """The pods or their slots changed: every element's mark may have."""
+        self._full = True
+        self._changed.set()
+
+    def event_applied(self, event: Mapping[str, Any]) -> None:
+        """One table event was applied; an event about one key dirties that key only."""
+        if event.get("t") == "pod":
+            self.pods_changed()
+            return
+        key = self._event_key(event)
+        if key is not None:
+            self._dirty.add(key)
+            self._changed.set()
+
+    # -- what a subclass says ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _event_key(self, event: Mapping[str, Any]) -> K | None:
+        """The key a table event dirties, or None when it changes nothing this feed writes."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def _maps(self) -> Sequence[tuple[str, TimedMap[Any] | BucketMap, Gauge]]:
+        """(name, map, its entries gauge) of each map this feed writes; the first with a timeout
+        sets the default refresh interval."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    async def _write_pending(self) -> None:
+        """Write one batch: everything when `_full`, else the `_dirty` keys, else the refreshes
+        due; count what was written. An NftError leaves the retry to `run`."""
+        raise NotImplementedError
+
+    def _failed(self) -> None:
+        """A batch was refused: the next one is a full write."""
+        self._full = True
+
+    # -- the task ----------------------------------------------------------------------------
+
+    async def run(self, refresh_interval_s: float | None = None) -> None:
+        maps = self._maps()
+        for name, kmap, gauge in maps:
+            try:
+                adopted = await asyncio.to_thread(kmap.load)
+            except NftError as exc:  # no map (yet): writes will say so, and retry
+                log.warning("%s map: cannot read the kernel map: %s", name, exc)
+            else:
+                gauge.set(adopted)
+                log.info("%s map: %d entries adopted from the kernel", name, adopted)
+        timeout_s = next(m.timeout_s for _, m, _ in maps if isinstance(m, TimedMap))
+        refresh_s = refresh_interval_s if refresh_interval_s is not None else timeout_s / 4
+        last_error = ""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), refresh_s)
+            self._changed.clear()
+            if not self._loaded:
+                continue
+            try:
+                await self._write_pending()
+            except NftError as exc:
+                self.errors.inc()
+                if str(exc) != last_error:  # once per reason, not once a second
+                    log.error("cannot write %s: %s; retrying with a full write", self._what, exc)
+                last_error = str(exc)
+                self._failed()
+                await asyncio.sleep(_RETRY_S)
+                self._changed.set()
+                continue
+            last_error = ""
+            for _, kmap, gauge in maps:
+                gauge.set(len(kmap.installed))
+            if not self._changed.is_set():
+                self.synced.set()
+
+    @staticmethod
+    async def _call(size: int, fn: Callable[..., SyncStats], *args: Any) -> SyncStats:
+        if size > _THREAD_ABOVE:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+
+class TokenMapSync(_MapSync[int]):
     """Writes `wanted()` (token -> mark) into a TokenMap, incrementally where it can."""
+
+    _what = "the token map"
 
     def __init__(
         self,
@@ -52,15 +168,17 @@ class TokenMapSync:
         tokens: Callable[[], Mapping[int, str]],
         registry: CollectorRegistry | None = None,
     ) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        super().__init__(
+            Counter(
+                "mcpool_director_token_map_errors",
+                "Token map batches libnftables refused even element by element.",
+                registry=registry,
+            )
+        )
         self.map = tokenmap
         self._owner_mark = owner_mark  # pod -> mark, for pods in the table that have a slot
         self._tokens = tokens  # the table's token -> owner
-        self._dirty: set[int] = set()
-        self._full = False
-        self._loaded = False
-        self._changed = asyncio.Event()
-        self.synced = asyncio.Event()  # set after each batch that left nothing pending (tests, bench)
-        registry = registry if registry is not None else CollectorRegistry()
         self.entries = Gauge(
             "mcpool_director_token_map_entries",
             "Tokens in the kernel's token map (joins to them are steered without userspace).",
@@ -72,73 +190,22 @@ class TokenMapSync:
             ["op"],
             registry=registry,
         )
-        self.errors = Counter(
-            "mcpool_director_token_map_errors",
-            "Token map batches libnftables refused even element by element.",
-            registry=registry,
-        )
 
-    # -- what the director calls (on its loop) -------------------------------------------------
-
-    def snapshot_loaded(self) -> None:
-        """A full read of the table happened: rewrite the map from it."""
-        self._loaded = True
-        self._full = True
-        self._changed.set()
-
-    def pods_changed(self) -> None:
-        """The pods or their slots changed: every token's mark may have."""
-        self._full = True
-        self._changed.set()
-
-    def event_applied(self, event: Mapping[str, Any]) -> None:
-        """One table event was applied; a token event dirties that token only."""
+    def _event_key(self, event: Mapping[str, Any]) -> int | None:
         if event.get("t") in ("token", "collision") and "token" in event:
-            self._dirty.add(int(str(event["token"]), 16))
-            self._changed.set()
-        elif event.get("t") == "pod":
-            self.pods_changed()
+            return int(str(event["token"]), 16)
+        return None
 
-    # -- the task ----------------------------------------------------------------------------
+    def _maps(self) -> Sequence[tuple[str, TimedMap[Any] | BucketMap, Gauge]]:
+        return [("token", self.map, self.entries)]
 
-    async def run(self, refresh_interval_s: float | None = None) -> None:
-        try:
-            adopted = await asyncio.to_thread(self.map.load)
-        except NftError as exc:  # no map (yet): writes will say so, and retry
-            log.warning("token map: cannot read the kernel map: %s", exc)
-        else:
-            self.entries.set(adopted)
-            log.info("token map: %d entries adopted from the kernel", adopted)
-        last_error = ""
-        refresh_s = refresh_interval_s if refresh_interval_s is not None else self.map.timeout_s / 4
-        while True:
-            try:
-                await asyncio.wait_for(self._changed.wait(), refresh_s)
-            except TimeoutError:
-                pass
-            self._changed.clear()
-            if not self._loaded:
-                continue
-            try:
-                stats = await self._write_pending()
-            except NftError as exc:
-                self.errors.inc()
-                if str(exc) != last_error:  # once per reason, not once a second
-                    log.error("cannot write the token map: %s; retrying with a full write", exc)
-                last_error = str(exc)
-                self._full = True
-                await asyncio.sleep(_RETRY_S)
-                self._changed.set()
-                continue
-            last_error = ""
-            self.entries.set(len(self.map.installed))
-            self.writes.labels("add").inc(stats.added)
-            self.writes.labels("remove").inc(stats.removed)
-            self.writes.labels("refresh").inc(stats.refreshed)
-            if not self._changed.is_set():
-                self.synced.set()
+    async def _write_pending(self) -> None:
+        stats = await self._write()
+        self.writes.labels("add").inc(stats.added)
+        self.writes.labels("remove").inc(stats.removed)
+        self.writes.labels("refresh").inc(stats.refreshed)
 
-    async def _write_pending(self) -> SyncStats:
+    async def _write(self) -> SyncStats:
         marks = dict(self._owner_mark())
         tokens = self._tokens()
         if self._full:
@@ -155,12 +222,6 @@ class TokenMapSync:
                     wanted[token] = marks[owner]
             return await self._call(len(dirty), self.map.update, wanted, dirty)
         return await self._call(len(self.map.installed), self.map.refresh_due)
-
-    @staticmethod
-    async def _call(size: int, fn: Callable[..., SyncStats], *args: Any) -> SyncStats:
-        if size > _THREAD_ABOVE:
-            return await asyncio.to_thread(fn, *args)
-        return fn(*args)
 
 
 # -- initial SYNs: the CPE map and the bucket map -------------------------------------------------
@@ -199,9 +260,11 @@ def cpe_marks(cpes: Mapping[str, str], ready: Sequence[str], marks: Mapping[str,
     return wanted
 
 
-class InitialMapSync:
+class InitialMapSync(_MapSync[str]):
     """Writes the CPE map (incrementally, like the token map) and the bucket map (whenever the
     ready pods or their slots change) from the director's table."""
+
+    _what = "the initial-SYN maps"
 
     def __init__(
         self,
@@ -215,15 +278,17 @@ class InitialMapSync:
         v6: bool,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        super().__init__(
+            Counter(
+                "mcpool_director_initial_map_errors",
+                "Batches to the initial-SYN maps libnftables refused.",
+                registry=registry,
+            )
+        )
         self.buckets, self.cpemap, self.hashing = buckets, cpemap, hashing
         self._ready, self._marks, self._cpes, self._v6 = ready, marks, cpes, v6
-        self._dirty: set[str] = set()
-        self._full = False
-        self._loaded = False
-        self._changed = asyncio.Event()
-        self.synced = asyncio.Event()  # set after each batch that left nothing pending (tests, bench)
         self._bucket_input: tuple[tuple[str, ...], tuple[tuple[str, int], ...]] | None = None
-        registry = registry if registry is not None else CollectorRegistry()
         self.entries = Gauge(
             "mcpool_director_initial_map_entries",
             "Elements of the kernel maps that decide initial SYNs without userspace, by map (cpe, bucket).",
@@ -236,64 +301,23 @@ class InitialMapSync:
             ["map", "op"],
             registry=registry,
         )
-        self.errors = Counter(
-            "mcpool_director_initial_map_errors",
-            "Batches to the initial-SYN maps libnftables refused.",
-            registry=registry,
-        )
 
-    def snapshot_loaded(self) -> None:
-        self._loaded = True
-        self._full = True
-        self._changed.set()
-
-    def pods_changed(self) -> None:
-        self._full = True
-        self._changed.set()
-
-    def event_applied(self, event: Mapping[str, Any]) -> None:
+    def _event_key(self, event: Mapping[str, Any]) -> str | None:
         if event.get("t") == "cpe" and "cpe" in event:
             cpe = str(event["cpe"])
             if cpe_key(cpe, self._v6) is not None:
-                self._dirty.add(cpe)  # as the table spells it (the table's key)
-                self._changed.set()
-        elif event.get("t") == "pod":
-            self.pods_changed()
+                return cpe  # as the table spells it (the table's key)
+        return None
 
-    async def run(self, refresh_interval_s: float | None = None) -> None:
-        for name, loader in (("bucket", self.buckets.load), ("cpe", self.cpemap.load)):
-            try:
-                adopted = await asyncio.to_thread(loader)
-            except NftError as exc:
-                log.warning("%s map: cannot read the kernel map: %s", name, exc)
-            else:
-                self.entries.labels(name).set(adopted)
-                log.info("%s map: %d entries adopted from the kernel", name, adopted)
-        last_error = ""
-        refresh_s = refresh_interval_s if refresh_interval_s is not None else self.cpemap.timeout_s / 4
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), refresh_s)
-            self._changed.clear()
-            if not self._loaded:
-                continue
-            try:
-                await self._write_pending()
-            except NftError as exc:
-                self.errors.inc()
-                if str(exc) != last_error:
-                    log.error("cannot write the initial-SYN maps: %s; retrying with a full write", exc)
-                last_error = str(exc)
-                self._full = True
-                self._bucket_input = None
-                await asyncio.sleep(_RETRY_S)
-                self._changed.set()
-                continue
-            last_error = ""
-            self.entries.labels("bucket").set(len(self.buckets.installed))
-            self.entries.labels("cpe").set(len(self.cpemap.installed))
-            if not self._changed.is_set():
-                self.synced.set()
+    def _maps(self) -> Sequence[tuple[str, TimedMap[Any] | BucketMap, Gauge]]:
+        return [
+            ("bucket", self.buckets, self.entries.labels("bucket")),
+            ("cpe", self.cpemap, self.entries.labels("cpe")),
+        ]
+
+    def _failed(self) -> None:
+        super()._failed()
+        self._bucket_input = None
 
     def _count(self, name: str, stats: SyncStats) -> None:
         self.writes.labels(name, "add").inc(stats.added)
@@ -315,23 +339,16 @@ class InitialMapSync:
                 self._count("bucket", await asyncio.to_thread(self.buckets.sync, wanted_buckets))
                 self._bucket_input = bucket_input
             wanted = cpe_marks(self._cpes(), ready, marks, self._v6)
-            self._count("cpe", await TokenMapSync._call(len(wanted) + len(self.cpemap.installed),
-                                                        self.cpemap.sync, wanted))  # fmt: skip
+            self._count("cpe", await self._call(len(wanted) + len(self.cpemap.installed), self.cpemap.sync, wanted))
             return
         if self._dirty:
             dirty, self._dirty = self._dirty, set()
             cpes = self._cpes()
             wanted = cpe_marks({c: cpes[c] for c in dirty if c in cpes}, ready, marks, self._v6)
             keys = {k for c in dirty if (k := cpe_key(c, self._v6)) is not None}
-            self._count("cpe", await TokenMapSync._call(len(keys), self.cpemap.update, wanted, keys))
+            self._count("cpe", await self._call(len(keys), self.cpemap.update, wanted, keys))
             return
-        self._count("cpe", await TokenMapSync._call(len(self.cpemap.installed), self.cpemap.refresh_due))
-
-
-class _Feed(Protocol):
-    def snapshot_loaded(self) -> None: ...
-    def pods_changed(self) -> None: ...
-    def event_applied(self, event: Mapping[str, Any]) -> None: ...
+        self._count("cpe", await self._call(len(self.cpemap.installed), self.cpemap.refresh_due))
 
 
 class MapFeeds:
@@ -339,7 +356,7 @@ class MapFeeds:
 
     def __init__(self, tokens: TokenMapSync | None = None, initial: InitialMapSync | None = None) -> None:
         self.tokens, self.initial = tokens, initial
-        self._feeds: list[_Feed] = [f for f in (tokens, initial) if f is not None]
+        self._feeds: list[_MapSync[Any]] = [f for f in (tokens, initial) if f is not None]
 
     def __bool__(self) -> bool:
         return bool(self._feeds)
