@@ -10,11 +10,9 @@ links must equal what they were before the director came.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
+from conftest import run_unshared
 from support import require_command, requires_netns
 
 _PROBE = textwrap.dedent(
@@ -77,12 +75,9 @@ def test_cleanup_only_leaves_the_namespace_as_it_was(tmp_path: object) -> None:
     import json
     from pathlib import Path
 
-    for command, package in (("unshare", "util-linux"), ("nft", "nftables"), ("iptables-save", "iptables")):
+    for command, package in (("nft", "nftables"), ("iptables-save", "iptables")):
         require_command(command, package)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(["unshare", "-n", sys.executable, "-c", _PROBE, str(Path(str(tmp_path)) / "d.yaml")],
-                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_unshared("-c", _PROBE, str(Path(str(tmp_path)) / "d.yaml"), timeout_s=120)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["status"] == 0
     for key in ("nft", "mangle", "rules", "routes", "links"):

@@ -9,37 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import RedisServer
+from conftest import RedisServer, sample, until
 from mcpool_proxy.cluster.director import Director, DirectorConfig
 from mcpool_proxy.cluster.keys import KeySchema
 
 POOL = "mtk"
 KEYS = KeySchema(POOL)
-
-
-async def until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    """Poll the director's in-memory state (the feed signals nothing a test can await)."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
-def sample(director: Director, name: str, label: str | None = None) -> float:
-    labels = {"source": label} if label else {}
-    value = director.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 async def running_feed(director: Director) -> asyncio.Task[None]:
@@ -76,7 +54,7 @@ async def test_malformed_events_and_keys_are_skipped(redis_server: RedisServer, 
         await redis_client.xadd(KEYS.feed, {"e": "no sequence number"})
         await append(redis_client, '{"t": "token", "op": "add", "token": "0000abcd", "pod": "a"}')
         await until(lambda: director.table.tokens.get(0xABCD) == "a", "the good event after the bad ones")
-        assert sample(director, "mcpool_director_malformed_entries_total", "event") == 5
+        assert sample(director, "mcpool_director_malformed_entries_total", source="event") == 5
         assert sample(director, "mcpool_director_feed_gaps_total") == 0
 
         await redis_client.set(f"{KEYS.prefix}token:zzzzzzzz", "a")
@@ -84,7 +62,7 @@ async def test_malformed_events_and_keys_are_skipped(redis_server: RedisServer, 
         await redis_client.set(KEYS.token(0x1234), "b")
         await redis_client.hset(KEYS.pod("b"), mapping={"addr": "198.18.10.2", "state": "ready"})
         await until(lambda: director.table.tokens.get(0x1234) == "b", "a resync past the bad keys")
-        assert sample(director, "mcpool_director_malformed_entries_total", "key") >= 2
+        assert sample(director, "mcpool_director_malformed_entries_total", source="key") >= 2
         assert set(director.table.pods) == {"b"}
         assert not feed.done()
     finally:

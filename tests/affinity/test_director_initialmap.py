@@ -17,7 +17,7 @@ import sys
 
 import pytest
 from mcpool_proxy.cluster.hashing import BucketHash, bucket_owners, initial_pick, pool_seed
-from support import requires_netns
+from support import requires_netns, wait_for
 from test_director_netns import (  # noqa: F401 - `lab` is a fixture
     CLI,
     CPE_MAIN,
@@ -38,21 +38,12 @@ from test_director_netns import (  # noqa: F401 - `lab` is a fixture
     wait_line,
     wait_metric,
 )
-from test_director_tokenmap import TABLE, counters, token_map, wait_for
+from test_director_tokenmap import counters, kernel_map, token_map
 
 pytestmark = [requires_netns, pytest.mark.netns]
 
 BUCKETS = 4096
 HASH = BucketHash(BUCKETS, pool_seed("mtf"))
-
-
-def kernel_map(name: str) -> dict[str, int]:
-    out = json.loads(sh("nft", "-j", "list", "map", "inet", TABLE, name, ns=DIR))
-    elements: dict[str, int] = {}
-    for item in out["nftables"]:
-        for key, mark in item.get("map", {}).get("elem", []):
-            elements[str(key["elem"]["val"] if isinstance(key, dict) else key)] = int(mark)
-    return elements
 
 
 def bucket_map() -> dict[int, int]:
@@ -73,7 +64,7 @@ def test_initial_syns_are_decided_in_the_kernel(lab: Lab) -> None:  # noqa: F811
     director, mport = start_director(lab)
     # No pod yet: once the director has read the (empty) table, the bucket map is empty, and an
     # initial SYN is queued and dropped by userspace as before (the client retries).
-    wait_for(lambda: metrics(mport).get("mcpool_director_resyncs_total", 0) >= 1, "the first full read")
+    wait_for(lambda: metrics(mport).get("mcpool_director_resyncs_total", 0) >= 1, what="the first full read")
     assert bucket_map() == {}
     before = counters()
     assert connect_fails()
@@ -83,7 +74,7 @@ def test_initial_syns_are_decided_in_the_kernel(lab: Lab) -> None:  # noqa: F811
 
     start_pods(lab)
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
-    wait_for(lambda: len(bucket_map()) == BUCKETS and len(set(bucket_map().values())) == 2, "both pods' buckets")
+    wait_for(lambda: len(bucket_map()) == BUCKETS and len(set(bucket_map().values())) == 2, what="both pods' buckets")
     # The map is the pure function of the pod set: each mark stands for one pod, bucket by bucket.
     owners = bucket_owners(lab.pods, BUCKETS)
     pod_of_mark: dict[int, str | None] = {}
@@ -125,7 +116,7 @@ def test_cpe_map_keeps_a_cpe_on_its_pod_and_draining_moves_only_new_cpes(lab: La
     other = lab.pods[other_i]
     procs = start_pods(lab, join_wait_s=1.0, only=(other_i,))
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 1)
-    wait_for(lambda: len(bucket_map()) == BUCKETS and len(set(bucket_map().values())) == 1, "the one pod's buckets")
+    wait_for(lambda: len(bucket_map()) == BUCKETS and len(set(bucket_map().values())) == 1, what="the one pod's buckets")
     [other_mark] = set(bucket_map().values())
 
     # A long-lived connection from CPE_MAIN lands on the only pod; the pod registers its CPE.
@@ -136,13 +127,13 @@ def test_cpe_map_keeps_a_cpe_on_its_pod_and_draining_moves_only_new_cpes(lab: La
     )  # fmt: skip
     lab.procs.append(client)
     wait_line(client, "connected")
-    wait_for(lambda: cpe_map().get(CPE_MAIN) == other_mark, "the live CPE in the kernel CPE map")
-    wait_for(lambda: len(token_map()) == 1, "the live connection's token")
+    wait_for(lambda: cpe_map().get(CPE_MAIN) == other_mark, what="the live CPE in the kernel CPE map")
+    wait_for(lambda: len(token_map()) == 1, what="the live connection's token")
 
     # The CPE's bucket now belongs to the new pod, but the CPE keeps its pod (CPE map first).
     procs.update(start_pods(lab, join_wait_s=1.0, only=(1 - other_i,)))
     wait_metric(mport, 'mcpool_director_table_entries{kind="ready_pods"}', 2)
-    wait_for(lambda: len(set(bucket_map().values())) == 2, "the second pod's buckets")
+    wait_for(lambda: len(set(bucket_map().values())) == 2, what="the second pod's buckets")
     bucket = HASH.bucket(CPE_MAIN)
     assert bucket is not None
     owner_mark = bucket_map()[bucket]
@@ -157,8 +148,8 @@ def test_cpe_map_keeps_a_cpe_on_its_pod_and_draining_moves_only_new_cpes(lab: La
     procs[other_i].send_signal(signal.SIGUSR1)
     wait_line(procs[other_i], "draining")
     wait_for(lambda: set(bucket_map().values()) == {owner_mark} and len(bucket_map()) == BUCKETS,
-             "every bucket on the ready pod")  # fmt: skip
-    wait_for(lambda: CPE_MAIN not in cpe_map(), "the draining pod's CPE to leave the CPE map")
+             what="every bucket on the ready pod")  # fmt: skip
+    wait_for(lambda: CPE_MAIN not in cpe_map(), what="the draining pod's CPE to leave the CPE map")
     assert set(token_map().values()) == {other_mark}
     before = counters()
     [result] = run_client(lab, 1, 64 * 1024)
@@ -168,7 +159,7 @@ def test_cpe_map_keeps_a_cpe_on_its_pod_and_draining_moves_only_new_cpes(lab: La
 
     # The draining pod's live connection still gets its join (by the kernel's token map).
     sh("ip", "mptcp", "endpoint", "add", CPE_SECOND, "dev", "cpe0", "subflow", ns=CLI)
-    wait_for(lambda: counters()["token_hit"] - before["token_hit"] >= 1, "the join steered by token")
+    wait_for(lambda: counters()["token_hit"] - before["token_hit"] >= 1, what="the join steered by token")
     assert client.stdin is not None and client.stdout is not None
     client.stdin.write("go\n")
     client.stdin.flush()

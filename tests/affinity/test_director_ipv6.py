@@ -10,12 +10,11 @@ traffic is tests/cluster/test_cluster_ipv6.py.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
+from conftest import run_unshared
 from mcpool_proxy.cluster.director import Director, DirectorConfig
 from mcpool_proxy.kernel import steering
 from support import require_command, requires_netns
@@ -72,11 +71,7 @@ _PLUMB = textwrap.dedent(
 def test_ipv6_slots_keep_their_flows_when_replumbed_and_go_when_removed() -> None:
     require_command("nft", "nftables")
     require_command("ip6tables", "iptables")
-    require_command("unshare", "util-linux")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(["unshare", "-n", sys.executable, "-c", _PLUMB], capture_output=True, text=True,
-                          timeout=60, env=env)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_unshared("-c", _PLUMB)
     # Each slot has exactly its two rules (restore6, remember6) however often it was plumbed.
     assert proc.stdout.split() == ["True", "(2,", "2)", "0", "2", "True"], proc.stdout
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 from mcpool_proxy.cluster.hashing import initial_pick
-from support import requires_netns
+from support import requires_netns, wait_for  # the kernel map has no event a test can await
 from test_director_netns import (  # noqa: F401 - `lab` is a fixture
     CLI,
     CPE_MAIN,
@@ -44,13 +43,18 @@ pytestmark = [requires_netns, pytest.mark.netns]
 TABLE = "mcpool_director"
 
 
-def token_map() -> dict[int, int]:
-    out = json.loads(sh("nft", "-j", "list", "map", "inet", TABLE, "tokens", ns=DIR))
-    elements: dict[int, int] = {}
+def kernel_map(name: str) -> dict[str, int]:
+    """The director's nft map `name` as the kernel holds it now: key (as text) -> mark."""
+    out = json.loads(sh("nft", "-j", "list", "map", "inet", TABLE, name, ns=DIR))
+    elements: dict[str, int] = {}
     for item in out["nftables"]:
         for key, mark in item.get("map", {}).get("elem", []):
-            elements[int(key["elem"]["val"] if isinstance(key, dict) else key)] = int(mark)
+            elements[str(key["elem"]["val"] if isinstance(key, dict) else key)] = int(mark)
     return elements
+
+
+def token_map() -> dict[int, int]:
+    return {int(k): v for k, v in kernel_map("tokens").items()}
 
 
 def counters() -> dict[str, int]:
@@ -58,14 +62,6 @@ def counters() -> dict[str, int]:
     return {c["counter"]["name"]: c["counter"]["packets"] for c in out["nftables"] if "counter" in c}
 
 
-def wait_for(predicate: object, what: str, timeout_s: float = 10) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)  # the kernel map has no event a test can await
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_join_with_token_in_map_never_reaches_userspace(lab: Lab) -> None:  # noqa: F811
@@ -82,7 +78,7 @@ def test_join_with_token_in_map_never_reaches_userspace(lab: Lab) -> None:  # no
     )  # fmt: skip
     lab.procs.append(client)
     wait_line(client, "connected")
-    wait_for(lambda: len(token_map()) == 1, "the connection's token in the kernel map")
+    wait_for(lambda: len(token_map()) == 1, what="the connection's token in the kernel map")
     [(token, mark)] = token_map().items()
     owner = initial_pick(lab.pods, CPE_MAIN, "mtf")
     before = counters()
@@ -106,5 +102,5 @@ def test_join_with_token_in_map_never_reaches_userspace(lab: Lab) -> None:  # no
     assert rec["pod"] == owner and rec["subflows"] == 1 and rec["token"] == token, rec
     assert mark & 0xFFFF00FF == 0x4D430000 and mark & 0xFF00, hex(mark)
     # Closed: the pod's CLOSED event deletes the token from Redis, the feed from the kernel map.
-    wait_for(lambda: token_map() == {}, "the closed connection's token to leave the kernel map")
+    wait_for(lambda: token_map() == {}, what="the closed connection's token to leave the kernel map")
     assert director.poll() is None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import RedisServer
+from conftest import RedisServer, until
 from mcpool_proxy.cluster.director import Director, DirectorConfig
 from mcpool_proxy.cluster.hashing import initial_pick
 from mcpool_proxy.cluster.packet import Syn
@@ -24,15 +24,6 @@ DIRECTORS = 3
 # A bound, not the measurement: delivery takes a few milliseconds on an idle machine; this is
 # two orders of magnitude above that and still far below the (disabled) resync.
 EVENT_BOUND_S = 0.5
-
-
-async def until(check: object, what: str, timeout_s: float = 10.0, step_s: float = 0.002) -> float:
-    """Poll `check()` (the feed signals nothing a test can await); return the time it took."""
-    started = time.monotonic()
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() - started < timeout_s, f"timed out waiting for {what}"
-        await asyncio.sleep(step_s)
-    return time.monotonic() - started
 
 
 def syn(src: str, token: int | None = None) -> Syn:

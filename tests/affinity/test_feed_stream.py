@@ -13,37 +13,17 @@ import asyncio
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
-from conftest import RedisServer
+from conftest import RedisServer, sample, until
 from mcpool_proxy.cluster import RedisRegistry
 from mcpool_proxy.cluster.director import Director, DirectorConfig
 from mcpool_proxy.cluster.keys import KeySchema
 
 POOL = "mtf"
 KEYS = KeySchema(POOL)
-
-
-async def until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    """Poll the director's in-memory state (the feed signals nothing a test can await)."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
-def sample(director: Director, name: str) -> float:
-    value = director.metrics.registry.get_sample_value(name)
-    return 0.0 if value is None else value
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

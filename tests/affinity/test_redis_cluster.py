@@ -10,10 +10,10 @@ steers a join to its pod. No kernel plumbing: the feed and `decide` are what a d
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from conftest import sample, until
 from mcpool_proxy.cluster import RedisRegistry
 from mcpool_proxy.cluster.director import Director, DirectorConfig
 from mcpool_proxy.cluster.keys import KeySchema
@@ -22,18 +22,6 @@ from mcpool_proxy.cluster.table import decide
 from mcpool_proxy.config import RedisClusterConfig
 from redis_ha import ClusterGroup
 from support import require_command
-
-
-async def until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    """Poll the director's in-memory state (the feed signals nothing a test can await)."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
-def sample(director: Director, name: str) -> float:
-    return director.metrics.registry.get_sample_value(name) or 0.0
 
 
 @pytest.fixture(scope="module")

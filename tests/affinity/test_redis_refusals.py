@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import RedisServer, free_port
+from conftest import RedisServer, free_port, run_unshared
 from mcpool_proxy.cluster import RedisRegistry
 from mcpool_proxy.cluster.director import Director, DirectorConfig
 from mcpool_proxy.cluster.redisconn import redacted_url, redis_error_text
@@ -138,13 +135,7 @@ _PROTECTED_MODE_PROBE = textwrap.dedent(
 @requires_netns
 def test_protected_mode_is_logged_at_start_with_the_servers_words() -> None:
     require_command("redis-server", "redis-server")
-    require_command("unshare", "util-linux")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
-        ["unshare", "-n", sys.executable, "-c", _PROTECTED_MODE_PROBE],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_unshared("-c", _PROTECTED_MODE_PROBE)
     lines = proc.stdout.splitlines()
     start = [line for line in lines if line.startswith("ERROR mcpool.affinity") and "unreachable at start" in line]
     assert start and PROTECTED in start[0], proc.stdout

@@ -13,9 +13,8 @@ import json
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-import pytest
 import redis.asyncio as aioredis
 from conftest import RedisServer
 from mcpool_proxy.cluster import MemoryRegistry, MemoryStore, RedisRegistry, make_registry
@@ -43,13 +42,6 @@ async def read_feed(client: aioredis.Redis, after: str = "0-0") -> list[dict[str
     numbers = [int(fields["n"]) for _, fields in entries]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers))) if numbers else True, numbers
     return [json.loads(fields["e"]) for _, fields in entries]
-
-
-@pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 def make(redis_server: RedisServer, name: str, ttl_s: float = 10.0) -> RedisRegistry:

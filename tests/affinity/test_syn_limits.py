@@ -8,11 +8,9 @@ fixed name shared with other tests), sends SYNs to the VIP through `lo` with a r
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
+from conftest import run_unshared
 from mcpool_proxy.cluster.director import DirectorConfig
 from mcpool_proxy.kernel import steering
 from support import require_command, requires_netns
@@ -88,11 +86,7 @@ _PROBE = textwrap.dedent(
 @requires_netns
 def test_a_syn_flood_is_dropped_in_the_kernel_per_source_and_in_total() -> None:
     require_command("nft", "nftables")
-    require_command("unshare", "util-linux")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(["unshare", "-n", sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                          timeout=60, env=env)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_unshared("-c", _PROBE)
     src1, total1, queued1, src2, total2, queued2 = (int(x) for x in proc.stdout.split())
     # The flooding source got its burst (about 10) through; the rest died in the kernel.
     assert 180 <= src1 <= 190 and total1 == 0 and 10 <= queued1 <= 20, proc.stdout

@@ -9,18 +9,15 @@ exits 1. Each test injects the exception into the real component.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import RedisServer
+from conftest import RedisServer, run_unshared
 from mcpool_proxy.cluster import podside
 from mcpool_proxy.cluster.podside import PodAffinity
 from mcpool_proxy.config import AffinityConfig
-from support import require_command, requires_netns
+from support import requires_netns
 
 _DIRECTOR_PROBE = textwrap.dedent(
     """
@@ -44,12 +41,8 @@ _DIRECTOR_PROBE = textwrap.dedent(
 
 @requires_netns
 def test_director_exits_nonzero_when_its_feed_dies(tmp_path: Path) -> None:
-    require_command("unshare", "util-linux")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     # An anonymous namespace: the NFQUEUE the director binds is nobody else's.
-    proc = subprocess.run(["unshare", "-n", sys.executable, "-c", _DIRECTOR_PROBE, str(tmp_path / "d.yaml")],
-                          capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_unshared("-c", _DIRECTOR_PROBE, str(tmp_path / "d.yaml"))
     assert "exit 1" in proc.stdout, proc.stdout + proc.stderr
     assert "CRITICAL mcpool.director director task redis feed ended: RuntimeError('injected feed failure')" in proc.stdout
 

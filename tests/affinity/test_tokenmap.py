@@ -4,25 +4,19 @@ listings that stay whole while the kernel resizes the map."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_unshared
 from mcpool_proxy.kernel.tokenmap import NftError, list_map
-from support import require_command, requires_netns
+from support import requires_netns
 
 HERE = Path(__file__).parent
 
 
 def _run_probe(name: str) -> dict[str, Any]:
-    require_command("unshare", "util-linux")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(["unshare", "-n", sys.executable, str(HERE / name)],
-                          capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = run_unshared(str(HERE / name))
     out: dict[str, Any] = json.loads(proc.stdout)
     return out
 
