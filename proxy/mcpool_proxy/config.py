@@ -54,6 +54,7 @@ __all__ = [
     "split_redis_address",
     "DEFAULT_DENIED_DESTINATIONS",
     "DEFAULT_PRIVATE_DESTINATIONS",
+    "FEED_RETAIN_S",
     "MAX_WORKERS",
 ]
 
@@ -478,6 +479,23 @@ DEFAULT_VXLAN_PORT = 4789
 # the pod's CPU at the same figure.
 MAX_WORKERS = 64
 DEFAULT_POD_MAC = "02:6d:63:70:00:01"
+# How much history a pool's change stream keeps (`affinity.feed_retain_s` of the pods, which trim
+# it, and `feed_retain_s` of the directors, which follow it). A director reads the whole table
+# after every reconnect and follows the stream from the cursor it read before: the stream must
+# still hold that cursor when the full read ends (else a gap, and another full read). Bounded by
+# time rather than length, so it covers a full read at any size: ~25 s at 1M connections
+# (docs/scaling.md), with margin. Below FEED_RETAIN_MIN_S a brief stall of one director already
+# costs a full read; above FEED_RETAIN_MAX_S the stream's memory (one entry per change) is the
+# larger part of the pool's in Redis.
+FEED_RETAIN_S = 120.0
+FEED_RETAIN_MIN_S = 10.0
+FEED_RETAIN_MAX_S = 3600.0
+FEED_RETAIN_HELP = (
+    "How long the pool's change stream (mcpool:{pool}:feed) keeps its entries: older ones are trimmed at each "
+    "write, on Redis's clock. A director's full read of the table must end well within it, else it ends in a "
+    "gap and is repeated: raise it where a full read takes more than a fraction of it (a very large table, a "
+    "slow Redis). Longer costs Redis memory (one entry per change). Pods and directors of a pool should agree."
+)
 
 
 # -- where the affinity table lives: one Redis, Redis behind Sentinel, or a Redis Cluster ---------
@@ -611,6 +629,9 @@ class AffinityConfig(_Model):
         description="For 'join-address': the address:port this pod announces with ADD_ADDR (must be on the pod).",
     )
     heartbeat_ttl_s: float = Field(default=10.0, gt=0, le=300, description="Registry entries expire after this.")
+    feed_retain_s: float = Field(
+        default=FEED_RETAIN_S, ge=FEED_RETAIN_MIN_S, le=FEED_RETAIN_MAX_S, description=FEED_RETAIN_HELP
+    )
     vip: Annotated[str, AfterValidator(lambda v: str(ipaddress.ip_address(v)))] | None = Field(
         default=None,
         description="The pool's VIP when a director forwards to this pod: the pod puts it on lo and "

@@ -4,23 +4,34 @@ A director follows changes from its cursor without reading the table again; entr
 (trimmed past it, or a stream recreated from scratch) cost exactly one full read; a pod that dies
 without cleaning up leaves every director's table after its TTL, through the stream alone, and
 its token is free for another pod; and the background load on Redis does not grow with the number
-of live connections (what the old per-token heartbeat and periodic full reads did).
+of live connections (what the old per-token heartbeat and periodic full reads did). The pods
+trim the stream to `affinity.feed_retain_s`; a director's `feed_retain_s` is bounded like it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import yaml
 from conftest import RedisServer, sample, until
-from mcpool_proxy.cluster import RedisRegistry
-from mcpool_proxy.cluster.director import Director, DirectorConfig
+from mcpool_proxy.cluster import RedisRegistry, make_registry
+from mcpool_proxy.cluster.director import (
+    _CURSOR_LUA,
+    Director,
+    DirectorConfig,
+    load_director_config,
+)
 from mcpool_proxy.cluster.keys import KeySchema
+from mcpool_proxy.cluster.redisconn import open_redis
+from mcpool_proxy.config import ConfigError, parse_config
 
 POOL = "mtf"
 KEYS = KeySchema(POOL)
@@ -108,6 +119,69 @@ async def test_a_gap_in_the_stream_costs_exactly_one_full_read(
     await until(lambda: 3 in director.table.tokens, "a change after the gap")
     assert sample(director, "mcpool_director_resyncs_total") == resyncs + 1
     await a.stop()
+
+
+@pytest.mark.parametrize(("retain_s", "old_kept"), [(20.0, False), (None, True)])
+async def test_the_pods_trim_the_stream_to_affinity_feed_retain_s(
+    redis_server: RedisServer, redis_client: aioredis.Redis, retain_s: float | None, old_kept: bool
+) -> None:
+    # One entry per stream node, so that the pods' approximate trim (`MINID ~`, which drops whole
+    # nodes only) is exact here.
+    await redis_client.config_set("stream-node-max-entries", 1)
+    seconds, micros = await redis_client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    old, recent = f"{now_ms - 30_000}-0", f"{now_ms - 5_000}-0"  # on Redis's clock, as the trim is
+    for entry_id in (old, recent):
+        await redis_client.xadd(KEYS.feed, {"n": 0, "e": "{}"}, id=entry_id)
+    settings = {} if retain_s is None else {"feed_retain_s": retain_s}  # None: the default, 120 s
+    config = parse_config({"affinity": {"mechanism": "director", "backend": "redis", "redis_url": redis_server.url,
+                                        "pool": POOL, "advertise": "198.18.10.2", **settings}})  # fmt: skip
+    reg = make_registry(config.affinity, "pod-a")
+    assert isinstance(reg, RedisRegistry)
+    await reg.start()
+    try:
+        await reg.register_pod("ready")  # a write: its script trims the stream
+        ids = [entry_id for entry_id, _ in await redis_client.xrange(KEYS.feed)]
+        # Kept, and the pod's own entry written after it.
+        assert recent in ids and int(ids[-1].split("-")[0]) > now_ms - 5_000, ids
+        assert (old in ids) == old_kept, ids
+    finally:
+        await reg.stop()
+
+
+async def test_a_full_read_longer_than_half_the_retention_is_logged(
+    redis_server: RedisServer, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One that outlasts feed_retain_s finds its cursor trimmed away and ends in a gap, repeatedly.
+    config = DirectorConfig.model_validate({"vip": "198.19.255.1", "ports": [5124], "redis_url": redis_server.url,
+                                            "pool": POOL, "metrics_listen": None, "feed_retain_s": 10,
+                                            "redis_timeout_s": 1.0})  # fmt: skip
+    director = Director(config)
+    redis = open_redis(config.redis, 8.0)
+    cursor_script = redis.register_script(_CURSOR_LUA)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mcpool.director"):
+            await director._resync(redis, cursor_script)  # milliseconds: nothing to say
+            assert not [r for r in caplog.records if "full read" in r.getMessage()]
+            # Redis answers nobody for 5.2 s (more than half of 10 s): the next full read waits.
+            await redis_client.execute_command("CLIENT", "PAUSE", "5200", "ALL")
+            await director._resync(redis, cursor_script)
+        [warning] = [r.getMessage() for r in caplog.records if "full read" in r.getMessage()]
+        assert "more than half of feed_retain_s (10 s)" in warning and "affinity.feed_retain_s" in warning
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("value", [5, 7200, "two minutes"])
+def test_a_directors_feed_retain_s_out_of_bounds_names_the_key(tmp_path: Path, value: object) -> None:
+    path = tmp_path / "director.yaml"
+    path.write_text(yaml.safe_dump({"vip": "198.19.255.1", "ports": [5124], "redis_url": "redis://127.0.0.1:1/0",
+                                    "feed_retain_s": value}))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"(?s)invalid director configuration.*\nfeed_retain_s\n"):
+        load_director_config(path)
+    path.write_text(yaml.safe_dump({"vip": "198.19.255.1", "ports": [5124], "redis_url": "redis://127.0.0.1:1/0",
+                                    "feed_retain_s": 300}))  # fmt: skip
+    assert load_director_config(path).feed_retain_s == 300
 
 
 async def test_a_killed_pod_leaves_the_table_after_its_ttl_and_frees_its_token(

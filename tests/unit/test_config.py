@@ -89,6 +89,8 @@ def test_cidrs_are_normalised() -> None:
         ({"affinity": {"backend": "redis"}}, ["needs affinity.redis_url"]),
         ({"affinity": {"mechanism": "director"}}, ["needs affinity.backend 'redis'"]),
         ({"affinity": {"mechanism": "join-address"}}, ["needs affinity.join_address"]),
+        ({"affinity": {"feed_retain_s": 5}}, ["affinity.feed_retain_s", "greater than or equal to 10"]),
+        ({"affinity": {"feed_retain_s": 7200}}, ["affinity.feed_retain_s", "less than or equal to 3600"]),
         ([1, 2], ["must be a mapping"]),
     ],
 )

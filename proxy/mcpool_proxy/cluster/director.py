@@ -38,6 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..config import (
     DEFAULT_POD_MAC,
     DEFAULT_VXLAN_PORT,
+    FEED_RETAIN_HELP,
+    FEED_RETAIN_MAX_S,
+    FEED_RETAIN_MIN_S,
+    FEED_RETAIN_S,
     ConfigError,
     HostPort,
     RedisClusterConfig,
@@ -208,6 +212,13 @@ class DirectorConfig(BaseModel):
         description="After a read of the change stream that returned fewer entries than a full batch, wait "
         "this long before the next read: a busy stream is then read in batches (fewer XREAD calls into "
         "Redis) at the cost of learning a change at most this much later. 0: read again at once.",
+    )
+    feed_retain_s: float = Field(
+        default=FEED_RETAIN_S,
+        ge=FEED_RETAIN_MIN_S,
+        le=FEED_RETAIN_MAX_S,
+        description=FEED_RETAIN_HELP + " Here: the pods' affinity.feed_retain_s, against which the director "
+        "checks how long its full reads take (a warning when one takes more than half of it).",
     )
     snapshot_grace_s: float = Field(
         default=10.0,
@@ -697,6 +708,7 @@ class Director:
     async def _resync(self, redis: Any, cursor_script: Any = None) -> None:
         """One full read of the table; the feed's cursor is read first (when `cursor_script` is
         given), so following the stream from it afterwards misses nothing."""
+        started = asyncio.get_running_loop().time()
         timeout = self.config.redis_timeout_s * 8
         if cursor_script is not None:
             cursor, seq = await asyncio.wait_for(cursor_script(keys=[self.keys.feed, self.keys.seq]), timeout)
@@ -756,6 +768,13 @@ class Director:
                 deadlines[name] = max(self._pod_deadline.get(name, now), self._connected_at + self.config.snapshot_grace_s)
         self._pod_deadline = deadlines
         self.metrics.resyncs.inc()
+        took = loop.time() - started
+        if cursor_script is not None and took > self.config.feed_retain_s / 2:
+            # The pods trim the stream past entries older than feed_retain_s: a full read that
+            # outlasts it finds its cursor gone, ends in a gap and is repeated, again and again.
+            log.warning("a full read of the table took %.1f s, more than half of feed_retain_s (%g s): raise the "
+                        "pods' affinity.feed_retain_s and the directors' feed_retain_s, or the stream will have "
+                        "been trimmed past the cursor before a full read ends", took, self.config.feed_retain_s)  # fmt: skip
         if self.mapsync is not None:
             self.mapsync.snapshot_loaded()
         self._table_changed()

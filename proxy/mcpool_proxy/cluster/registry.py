@@ -31,7 +31,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..config import AffinityConfig, RedisTarget
+from ..config import FEED_RETAIN_S, AffinityConfig, RedisTarget
 from .keys import KeySchema, token_hex
 from .redisconn import (
     REDIS_ERRORS,
@@ -432,11 +432,6 @@ end
 return #members
 """
 
-# How much history a pool's feed keeps. A director reads the whole table after every reconnect and
-# follows the stream from the cursor it read before: the stream must still hold that cursor when
-# the full read ends (else a gap, and another full read). Bounded by time rather than length, so
-# it covers a full read at any size: ~25 s at 1M connections (docs/scaling.md), with margin.
-FEED_RETAIN_S = 120.0
 # Members of dead pods reaped per heartbeat at most: keeps each script short, so Redis
 # (single-threaded) never blocks other clients for long.
 REAP_BUDGET = 1000
@@ -812,5 +807,6 @@ def make_registry(
             advertise,
             heartbeat_ttl_s=config.heartbeat_ttl_s,
             metrics=metrics,
+            feed_retain_s=config.feed_retain_s,
         )
     return MemoryRegistry(pod_name, advertise, store=store, metrics=metrics)
