@@ -318,6 +318,20 @@ DIRECTOR = Dashboard(
                        "pod re-registrations")),
             ),
             Panel(
+                "Change-stream gaps and full reads",
+                "Per second: gaps in the pool's change stream a director found (entries trimmed past "
+                "its cursor, the stream deleted, Redis restarted empty), each answered by one full "
+                "read of the table, and all its full reads (also one per (re)connect and every "
+                "resync_interval_s). Bad: a steady rate of gaps means a director cannot keep up with "
+                "the stream (its Redis connection, its CPU) or its full reads outlast the stream's "
+                "affinity.feed_retain_s (the director logs a warning then): raise feed_retain_s on "
+                "pods and directors together.",
+                (Query(f"sum by (pod) (rate(mcpool_director_feed_gaps_total{{{NS}}}[{RATE}]))", "gaps {{pod}}"),
+                 Query(f"sum by (pod) (rate(mcpool_director_resyncs_total{{{NS}}}[{RATE}]))",
+                       "full reads {{pod}}")),
+                unit="cps",
+            ),
+            Panel(
                 "Token collisions",
                 "Tokens a pod accepted that another live pod already owned. Rare by design (32-bit "
                 "tokens). Bad: a steady rate means stale registrations (heartbeat_ttl_s too long) or "
