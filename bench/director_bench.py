@@ -367,9 +367,11 @@ def flood_main(argv: list[str]) -> int:
     p.add_argument("--tokens", default="", help="file of hex tokens: send MP_JOIN SYNs carrying them")
     p.add_argument("--pool", type=int, default=16384, help="distinct packets cycled through")
     p.add_argument("--fast", default="", help="the compiled bench/synflood.c: send unpaced with sendmmsg")
-    p.add_argument("--hosts", type=int, default=250, help="distinct source addresses (the first of --src-net)")
+    p.add_argument("--hosts", type=int, default=0,
+                   help="distinct source addresses, the first of --src-net (default: up to 250)")  # fmt: skip
     args = p.parse_args(argv)
-    hosts = flood_sources(args.src_net, args.hosts)
+    net_size = ipaddress.IPv4Network(args.src_net).num_addresses
+    hosts = flood_sources(args.src_net, args.hosts or min(250, max(1, net_size - 2)))
     tokens = [int(t, 16) for t in Path(args.tokens).read_text().split()] if args.tokens else []
     pool = flood_pool(args.dst, args.port, hosts, tokens, args.pool)
     if args.fast:
