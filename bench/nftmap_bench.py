@@ -540,20 +540,28 @@ class Bench:
             verified, rules0 = self.verify(variant, problems) if first else ({}, {})
             sink0: dict[str, int] = {}  # a new sink table: its counters start at 0
             gen = self.generator(variant, self.s.flood_s)
-            own = (gen.pid, ksoftirqd(self.s.core))  # `ip netns exec` and `taskset` exec: the pid is the sender's
-            time.sleep(self.s.warmup_s)  # the generator's first batches and the maps' caches warm up
-            window = max(0.3, self.s.flood_s - self.s.warmup_s - 0.3)
-            a_t0 = time.monotonic()
-            a_sink = counters(SINK)
-            a_t1 = time.monotonic()
-            a_cpu, a_ticks, a_own = core_jiffies(self.s.core), process_ticks(), run_ns(own)
-            time.sleep(window)
-            b_t0 = time.monotonic()
-            b_sink = counters(SINK)
-            b_t1 = time.monotonic()
-            b_cpu, b_ticks, b_own = core_jiffies(self.s.core), process_ticks(), run_ns(own)
-            report = self.finish(gen, self.s.flood_s)
+            try:
+                own = (gen.pid, ksoftirqd(self.s.core))  # `ip netns exec` and `taskset` exec: the pid is the sender's
+                time.sleep(self.s.warmup_s)  # the generator's first batches and the maps' caches warm up
+                window = max(0.3, self.s.flood_s - self.s.warmup_s - 0.3)
+                a_t0 = time.monotonic()
+                a_sink = counters(SINK)
+                a_t1 = time.monotonic()
+                a_cpu, a_ticks, a_own = core_jiffies(self.s.core), process_ticks(), run_ns(own)
+                time.sleep(window)
+                b_t0 = time.monotonic()
+                b_sink = counters(SINK)
+                b_t1 = time.monotonic()
+                b_cpu, b_ticks, b_own = core_jiffies(self.s.core), process_ticks(), run_ns(own)
+                report = self.finish(gen, self.s.flood_s)
+            finally:
+                if gen.poll() is None:
+                    gen.kill()
+                    gen.wait()
             sink, rules = diff(counters(SINK), sink0), diff(ruleset_counters(variant), rules0)
+        if b_t1 > float(report["end"]) or a_t0 < float(report["start"]):
+            # The generator's clock is CLOCK_MONOTONIC, as time.monotonic() here.
+            problems.append("the measurement window was not inside the flood (a very busy machine): rerun")
         span = (b_t0 + b_t1) / 2 - (a_t0 + a_t1) / 2
         expect = SINK_EXPECT.get(variant, "to_pod")
         window_packets = sum(b_sink[k] - a_sink[k] for k in ("to_pod", "to_queue", "unmarked"))

@@ -19,7 +19,7 @@ import pytest
 from support import require_command, requires_netns
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # the bench package lives beside tests/, not inside it
+sys.path.append(str(ROOT))  # the bench package lives beside tests/, not inside it (last: nothing shadowed)
 
 from bench import nftmap_bench  # noqa: E402
 
