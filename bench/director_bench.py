@@ -321,6 +321,40 @@ def build_syn(src: str, dst: str, sport: int, dport: int, join_token: int | None
     return ip + tcp
 
 
+def flood_sources(src_net: str, count: int = 250) -> list[str]:
+    """The source addresses `flood` sends from, in its order: the first `count` hosts of `src_net`."""
+    hosts = [str(h) for _, h in zip(range(count), ipaddress.IPv4Network(src_net).hosts(), strict=False)]
+    if len(hosts) < count:
+        raise ValueError(f"--src-net {src_net} has fewer than {count} hosts")
+    return hosts
+
+
+def flood_pool(dst: str, port: int, hosts: Sequence[str], tokens: Sequence[int], count: int) -> list[bytes]:
+    """The `count` packets `flood` cycles through: SYNs from each of `hosts` in turn (then the next
+    source port), MP_JOINs carrying `tokens` in turn if any are given, else initial SYNs."""
+    rng = random.Random(4242)
+    pool: list[bytes] = []
+    for i in range(count):
+        src = hosts[i % len(hosts)]
+        sport = 1024 + (i // len(hosts)) % 64000
+        token = tokens[i % len(tokens)] if tokens else None
+        pool.append(build_syn(src, dst, sport, port, token, rng.getrandbits(32)))
+    return pool
+
+
+def write_pool(path: Path, pool: Sequence[bytes]) -> None:
+    """A pool file for bench/synflood.c: each packet preceded by its 2-byte big-endian length."""
+    path.write_bytes(b"".join(struct.pack("!H", len(pkt)) + pkt for pkt in pool))
+
+
+def compile_synflood(out_dir: Path | None = None) -> str:
+    """bench/synflood.c compiled with the system's cc (installed with libnetfilter-queue-dev);
+    returns the binary's path (in a new temporary directory unless `out_dir` is given)."""
+    out = (out_dir or Path(tempfile.mkdtemp(prefix="mcpool-synflood-"))) / "synflood"
+    subprocess.run(["cc", "-O2", "-o", str(out), str(ROOT / "bench" / "synflood.c")], check=True)
+    return str(out)
+
+
 def flood_main(argv: list[str]) -> int:
     """`python -m bench.director_bench flood`: send SYNs to the VIP at a rate for a time; print
     one JSON line {sent, errors, start, end} (CLOCK_MONOTONIC, shared with the orchestrator)."""
@@ -333,21 +367,16 @@ def flood_main(argv: list[str]) -> int:
     p.add_argument("--tokens", default="", help="file of hex tokens: send MP_JOIN SYNs carrying them")
     p.add_argument("--pool", type=int, default=16384, help="distinct packets cycled through")
     p.add_argument("--fast", default="", help="the compiled bench/synflood.c: send unpaced with sendmmsg")
+    p.add_argument("--hosts", type=int, default=0,
+                   help="distinct source addresses, the first of --src-net (default: up to 250)")  # fmt: skip
     args = p.parse_args(argv)
-    net = ipaddress.IPv4Network(args.src_net)
-    hosts = [str(h) for h in list(net.hosts())[:250]]
+    net_size = ipaddress.IPv4Network(args.src_net).num_addresses
+    hosts = flood_sources(args.src_net, args.hosts or min(250, max(1, net_size - 2)))
     tokens = [int(t, 16) for t in Path(args.tokens).read_text().split()] if args.tokens else []
-    rng = random.Random(4242)
-    pool: list[bytes] = []
-    for i in range(args.pool):
-        src = hosts[i % len(hosts)]
-        sport = 1024 + (i // len(hosts)) % 64000
-        token = tokens[i % len(tokens)] if tokens else None
-        pool.append(build_syn(src, args.dst, sport, args.port, token, rng.getrandbits(32)))
+    pool = flood_pool(args.dst, args.port, hosts, tokens, args.pool)
     if args.fast:
         with tempfile.NamedTemporaryFile(suffix=".pool") as fh:
-            fh.write(b"".join(struct.pack("!H", len(pkt)) + pkt for pkt in pool))
-            fh.flush()
+            write_pool(Path(fh.name), pool)
             # The C sender prints the same two lines as the loop below.
             return subprocess.run([args.fast, fh.name, args.dst, str(args.seconds)], check=False).returncode
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -1002,9 +1031,7 @@ class DirectorBench:
     def fast_sender(self) -> str:
         """bench/synflood.c compiled once per run (cc is installed with libnetfilter-queue-dev)."""
         if not self._fast_sender:
-            out = Path(tempfile.mkdtemp(prefix="mcpool-synflood-")) / "synflood"
-            subprocess.run(["cc", "-O2", "-o", str(out), str(ROOT / "bench" / "synflood.c")], check=True)
-            self._fast_sender = str(out)
+            self._fast_sender = compile_synflood()
         return self._fast_sender
 
     def micro(self) -> dict[str, dict[str, float]]:
