@@ -63,6 +63,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import socket
 import statistics
 import struct
@@ -1082,6 +1083,8 @@ class DirectorBench:
             self.floods()
         finally:
             self.lab.down()
+            if self._fast_sender:  # the compiled generator's temporary directory
+                shutil.rmtree(Path(self._fast_sender).parent, ignore_errors=True)
         leak = self.health.check("after the director bench")
         if leak:
             self.results.notes.append(f"kernel TCP memory leak suspected after the run: {leak}")
