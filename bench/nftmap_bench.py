@@ -48,6 +48,9 @@ best of the rounds and the reading use it.
 - `join-hit`: MP_JOIN SYNs carrying the 10,000 tokens of the token map (`token_hit`), `remember`.
 - `join-hit-noflow`: the same with the `remember` chain emptied after loading: by difference, what
   writing the subflow into the flow map costs (the only variant that is not the ruleset as-is).
+- `midflow`: not a SYN but the packets after it: ACKs of 16,384 subflows the flow map holds (as
+  `remember` leaves them after their SYNs), restored to their pod (`restored`), then refreshed by
+  `remember`. This is what every data packet a CPE sends to the VIP costs the director.
 - `join-miss`: MP_JOIN SYNs carrying 10,000 tokens not in the map: the lookup misses, the next
   rule marks the SYN for the queue (`queued_join`), the xtables NFQUEUE rule finds no listener
   and bypasses. What a real director does next (read the SYN in Python and hold it until its
@@ -128,10 +131,12 @@ CPES = 10_000
 POOL = 16_384  # distinct packets the generator cycles through
 TARGET_PER_S = 300_000
 HIGH = 10_000_000  # admission limits that never drop here
-VARIANTS = ("notrack", "conntrack", "bucket", "bucket+limits", "cpe", "join-hit", "join-hit-noflow", "join-miss")
+VARIANTS = ("notrack", "conntrack", "bucket", "bucket+limits", "cpe", "join-hit", "join-hit-noflow", "join-miss",
+            "midflow")
 HIT_COUNTER = {"bucket": "bucket_hit", "bucket+limits": "bucket_hit", "cpe": "cpe_hit",
-               "join-hit": "token_hit", "join-hit-noflow": "token_hit", "join-miss": "queued_join"}  # fmt: skip
-CHECKED = ("bucket", "bucket+limits", "cpe", "join-hit", "join-hit-noflow")  # each packet's pod verified
+               "join-hit": "token_hit", "join-hit-noflow": "token_hit", "join-miss": "queued_join",
+               "midflow": "restored"}  # fmt: skip
+CHECKED = ("bucket", "bucket+limits", "cpe", "join-hit", "join-hit-noflow", "midflow")  # each packet's pod verified
 SINK_EXPECT = {"notrack": "unmarked", "conntrack": "unmarked", "join-miss": "to_queue"}  # else to_pod
 LABELS = {
     "notrack": "baseline: veth + `notrack`, no decision",
@@ -142,6 +147,7 @@ LABELS = {
     "join-hit": "MP_JOIN, token map hit",
     "join-hit-noflow": "MP_JOIN, token map hit, `remember` emptied (no flow map write)",
     "join-miss": "MP_JOIN, token map miss (queue bypassed)",
+    "midflow": "mid-flow packet (ACK) of a known subflow, flow map",
 }
 
 
@@ -233,6 +239,25 @@ class Content:
         return self.buckets[bucket]
 
 
+def as_ack(syn: bytes) -> bytes:
+    """The same segment with the flags of a mid-flow packet (ACK) instead of SYN. The checksum is
+    left stale: nothing on this path verifies it (the VIP is not tracked, the sink drops before
+    TCP)."""
+    packet = bytearray(syn)
+    packet[(packet[0] & 0x0F) * 4 + 13] = 0x10
+    return bytes(packet)
+
+
+def flows_script(c: Content) -> str:
+    """Every subflow of the initial pool in the flow map, marked with its bucket's pod, as
+    `remember` would have written them after their SYNs."""
+    n = len(c.sources)
+    elems = [f"{src} . {1024 + (i // n) % 64000} . {PORT} : {c.expected_source_mark('bucket', src):#010x}"
+             for i, src in ((i, c.sources[i % n]) for i in range(POOL))]  # fmt: skip
+    return "".join(f"add element inet {TABLE} flows {{ {', '.join(elems[i:i + 2000])} }}\n"
+                   for i in range(0, len(elems), 2000))  # fmt: skip
+
+
 def content(variant: str) -> Content:
     """The maps' elements for a variant: the same tokens and buckets always; the CPE map holds
     10,000 CPEs, the flood's sources among them only for `cpe`."""
@@ -266,7 +291,7 @@ def sink_script(variant: str, checking: bool) -> str:
     lines += ["  chain sink {", "    type filter hook prerouting priority 0; policy accept;"]
     if variant == "conntrack":
         lines.append(f"    {match} ct state new counter")  # conntrack tracks only when a rule asks for it
-    if checking and variant in ("bucket", "bucket+limits", "cpe"):
+    if checking and variant in ("bucket", "bucket+limits", "cpe", "midflow"):
         lines.append(f"    {match} ip saddr vmap @expect_src")
     elif checking and variant.startswith("join-hit"):
         lines.append(f"    {match} tcp option @30,32,32 vmap @expect_tok")
@@ -286,7 +311,7 @@ def expect_script(variant: str, c: Content) -> str:
     if variant.startswith("join-hit"):
         elems = [f"{t:#010x} : jump pod{slot_of[m]}" for t, m in c.tokens.items()]
         name = "expect_tok"
-    elif variant in ("bucket", "bucket+limits", "cpe"):
+    elif variant in ("bucket", "bucket+limits", "cpe", "midflow"):
         elems = [f"{s} : jump pod{slot_of[c.expected_source_mark(variant, s)]}" for s in c.sources]
         name = "expect_src"
     else:
@@ -323,6 +348,8 @@ def load(variant: str, check: bool = True) -> dict[str, float]:
         if variant == "join-hit-noflow":  # what the flow map write costs, by difference with join-hit
             nft(f"flush chain inet {TABLE} remember\n")
         c = content(variant)
+        if variant == "midflow":
+            nft(flows_script(c))
         handle = open_nftables()
         writers: list[tuple[str, Callable[[], SyncStats]]] = [
             ("tokens", lambda: TokenMap(TABLE, nft=handle).sync(c.tokens)),
@@ -499,12 +526,14 @@ class Bench:
     def pool(self, variant: str) -> str:
         """The variant's packets (director_bench's `flood` pool, built once per kind): initial SYNs
         from the sources, or MP_JOINs carrying the map's tokens or tokens it does not have."""
-        kind = "join-hit" if variant.startswith("join-hit") else variant if variant.startswith("join") else "initial"
+        kind = ("join-hit" if variant.startswith("join-hit") else variant if variant.startswith("join") or
+                variant == "midflow" else "initial")
         if kind not in self.pools:
             c = content(variant)
             tokens = list(c.tokens) if kind == "join-hit" else list(c.unknown) if kind == "join-miss" else []
             path = self.tmp / f"{kind}.pool"
-            write_pool(path, flood_pool(VIP, PORT, c.sources, tokens, POOL))
+            packets = flood_pool(VIP, PORT, c.sources, tokens, POOL)
+            write_pool(path, [as_ack(p) for p in packets] if kind == "midflow" else packets)
             self.pools[kind] = str(path)
         return self.pools[kind]
 
@@ -725,6 +754,12 @@ def reading(r: Results, s: Settings) -> str:
         parts.append(
             f"The SYN admission rules (per-source token buckets in a dynamic set plus a total limit, on by default) "
             f"add {cost(limits) - cost(bucket):.2f} µs per SYN to the bucket path.")
+    midflow = r.best("midflow")
+    if midflow and notrack:
+        parts.append(
+            f"A packet after the SYN (the flow map restores its pod, `remember` refreshes it) costs "
+            f"{cost(midflow):.2f} µs, +{cost(midflow) - cost(notrack):.2f} µs over the notrack baseline: "
+            f"{1e6 / cost(midflow):,.0f} packets/s for a core doing nothing else.")
     miss = r.best("join-miss")
     if miss:
         parts.append(

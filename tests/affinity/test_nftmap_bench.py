@@ -1,7 +1,8 @@
 """bench/nftmap_bench.py's smoke run: the director's real ruleset and map writers decide raw SYNs
 in the kernel, and every packet is accounted for.
 
-A short run (`--quick` settings) of the baseline and the four decision variants in the bench's
+A short run (`--quick` settings) of the baseline, the four SYN decision variants and mid-flow
+packets in the bench's
 own namespaces (`mnb-gen`, `mnb-dir`, deleted afterwards): every SYN sent must reach the sink
 with the mark the writers' content says (the verification flood looks each packet's key up in
 the expected pod), the ruleset's own hit counter must count each one, and a hit must never be
@@ -25,7 +26,7 @@ from bench import nftmap_bench  # noqa: E402
 
 pytestmark = [requires_netns, pytest.mark.netns]
 
-VARIANTS = ("notrack", "bucket", "cpe", "join-hit", "join-miss")
+VARIANTS = ("notrack", "bucket", "cpe", "join-hit", "join-miss", "midflow")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ def test_every_packet_is_decided_as_expected(results: nftmap_bench.Results) -> N
         assert run.window_packets > 0 and run.busy_s > 0, run
     by = {r.variant: r for r in results.runs}
     assert by["notrack"].sink["unmarked"] == by["notrack"].sent
-    for variant, counter in (("bucket", "bucket_hit"), ("cpe", "cpe_hit"), ("join-hit", "token_hit")):
+    for variant, counter in (("bucket", "bucket_hit"), ("cpe", "cpe_hit"), ("join-hit", "token_hit"),
+                             ("midflow", "restored")):
         run = by[variant]
         assert run.ruleset[counter] == run.sink["to_pod"] == run.sent, run
         assert run.ruleset["queued_initial"] == run.ruleset["queued_join"] == 0, run
@@ -55,6 +57,8 @@ def test_every_packet_is_decided_as_expected(results: nftmap_bench.Results) -> N
     miss = by["join-miss"]
     assert miss.ruleset["queued_join"] == miss.sink["to_queue"] == miss.sent
     assert miss.ruleset["token_hit"] == 0
+    # Mid-flow packets are no SYNs: no SYN rule saw them, and none was an unknown flow.
+    assert by["midflow"].ruleset["bucket_hit"] == by["midflow"].ruleset["unknown_flow"] == 0
     # The bucket path hashed the sources into the CPE map first and missed there.
     assert by["bucket"].ruleset["cpe_hit"] == 0 and by["cpe"].ruleset["bucket_hit"] == 0
 
