@@ -46,6 +46,7 @@ import collections
 import contextlib
 import copy
 import datetime
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -95,9 +96,11 @@ VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
 INTEGER_PARAMS = ("timeoutSeconds", "limit", "gracePeriodSeconds")
 
 
-def status_response(code: int, reason: str, message: str) -> aiohttp.web.StreamResponse:
+def status_response(
+    code: int, reason: str, message: str, details: Mapping[str, Any] | None = None
+) -> aiohttp.web.StreamResponse:
     """A metav1.Status failure, as the API server sends it."""
-    body = {
+    body: dict[str, Any] = {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
@@ -106,7 +109,23 @@ def status_response(code: int, reason: str, message: str) -> aiohttp.web.StreamR
         "reason": reason,
         "code": code,
     }
+    if details is not None:
+        body["details"] = dict(details)
     return aiohttp.web.json_response(body, status=code)
+
+
+def not_found_response(resource: kmock.resource, name: str) -> aiohttp.web.StreamResponse:
+    """The API server's 404 for a named object that does not exist."""
+    details = {"name": name, "kind": resource.plural}
+    if resource.group:
+        details["group"] = resource.group
+    return status_response(404, "NotFound", f'{resource.plural} "{name}" not found', details)
+
+
+@functools.cache
+def parse_resource(name: str) -> kmock.resource:
+    """kmock's resource of 'group/version/plural' (parsed once: kmock's parser is slow)."""
+    return kmock.resource(name)
 
 
 def integer_param_error(params: Mapping[str, str]) -> str | None:
@@ -210,6 +229,18 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         bad_integer = integer_param_error(request.params)
         if bad_integer is not None:
             return status_response(400, "BadRequest", bad_integer)
+        applying = request.headers.get("Content-Type", "").startswith("application/apply-patch")
+        if (
+            request.resource is not None
+            and request.name
+            and request.subresource != "scale"
+            and not (applying and request.subresource is None)  # an apply creates a missing object
+            and request.action in (enums.action.FETCH, enums.action.UPDATE, enums.action.DELETE)
+            and not self._exists((request.resource, request.namespace, request.name))
+        ):
+            # What the real server answers; kmock would answer the same code, after matching the
+            # request against all its reactions and rendering a traceback into the body.
+            return not_found_response(request.resource, request.name)
         conflict = self._stale_version(request)
         if conflict is not None:
             return status_response(409, "Conflict", conflict)
@@ -219,7 +250,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             request.resource is not None
             and request.method == enums.method.PATCH
             and request.subresource is None
-            and request.headers.get("Content-Type", "").startswith("application/apply-patch")
+            and applying
         ):
             return await self._serve_apply(request)
         if request.resource is not None and isinstance(request.data, dict):
@@ -244,6 +275,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         elif late_child:
             await self._collect_if_orphaned(request.resource, request.namespace, meta.get("name"))
         return response
+
+    def _exists(self, key: tuple[Any, str | None, str | None]) -> bool:
+        return key in self._objects and not self._objects[key].deleted
 
     async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
         # kmock scans every object for a GET; a lookup by key answers the same.
@@ -505,7 +539,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     def live(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Current (not deleted) objects of a resource, e.g. live('apps/v1/statefulsets', 'ns')."""
-        wanted = kmock.resource(resource)
+        wanted = parse_resource(resource)
         return [
             obj.raw
             for (res, ns, _), obj in self._objects.items()
@@ -513,7 +547,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         ]
 
     def get(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
-        key = (kmock.resource(resource), namespace, name)
+        key = (parse_resource(resource), namespace, name)
         if key not in self._objects or self._objects[key].deleted:
             return None
         return self._objects[key].raw
