@@ -32,7 +32,11 @@ added here and nothing more:
 - integer query parameters (`timeoutSeconds`, `limit`, `gracePeriodSeconds`) parsed as the real
   server parses them (Go's `strconv.ParseInt`): `timeoutSeconds=300.0` is a 400 with the real
   server's words, as kube-apiserver answers it;
-- a request log (`log`) that stays cheap for thousands of requests.
+- a named object that does not exist is a 404 `NotFound` in the real server's words
+  (`statefulsets.apps "x" not found`), and a create answers 201 Created;
+- a request log (`log`) that stays cheap for thousands of requests, and object requests served
+  without kmock's matching of every reaction while no test added one (`_DirectFallbacks`), so that
+  in the operator's benchmark the emulator costs well under the operator it serves.
 
 Anything the emulator does not model (controllers, defaulting, admission) the tests do
 explicitly, e.g. acting as the StatefulSet controller by writing its status.
@@ -117,9 +121,11 @@ def status_response(
 def not_found_response(resource: kmock.resource, name: str) -> aiohttp.web.StreamResponse:
     """The API server's 404 for a named object that does not exist."""
     details = {"name": name, "kind": resource.plural}
+    qualified = str(resource.plural)
     if resource.group:
         details["group"] = resource.group
-    return status_response(404, "NotFound", f'{resource.plural} "{name}" not found', details)
+        qualified += f".{resource.group}"  # as kubectl shows it: statefulsets.apps "x" not found
+    return status_response(404, "NotFound", f'{qualified} "{name}" not found', details)
 
 
 @functools.cache
@@ -231,7 +237,8 @@ class _DirectFallbacks(apps.RawHandler):
         served = _SERVED.get(request.action) if request.resource is not None else None
         if served is not None and request.resource.plural and len(self._payloads) == self._builtin_reactions:
             payload = await getattr(self, served)(request)
-            return aiohttp.web.json_response(payload)
+            # The API server answers a create 201 Created (kmock: 200).
+            return aiohttp.web.json_response(payload, status=201 if request.action == enums.action.CREATE else 200)
         return await super()._handle(request)
 
 
