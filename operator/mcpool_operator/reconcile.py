@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -763,8 +762,11 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
 
 
 def _apply_body(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """What the operator sets on an object: everything it built, nothing the server added."""
-    body = copy.deepcopy(dict(obj))
+    """What the operator sets on an object: everything it built, nothing the server added.
+
+    Shares everything below the top level with `obj` (no deep copy: this is on every apply and
+    digest): the result is only serialised, never modified."""
+    body = dict(obj)
     meta = body.get("metadata", {})
     body["metadata"] = {
         k: v for k, v in meta.items() if k in ("name", "namespace", "labels", "annotations", "ownerReferences")
