@@ -705,8 +705,8 @@ class Reconciler:
         new = build_status(previous, seen)
         self.metrics.pool_conditions(key, new["conditions"])
         if _same_status(previous, new):
+            # (The base stays: a pool at that version is still older than the status known now.)
             self._written_status[key] = previous
-            self._status_base.pop(key, None)
             return previous
         result = await self.client.patch(ref, {"status": new}, subresource="status")
         self._written_status[key] = dict(result.get("status") or new)
