@@ -56,6 +56,7 @@ __all__ = [
     "config_hash",
     "cpu_cores",
     "pod_sysctls",
+    "proxy_config_yaml",
     "proxy_workers",
     "selector_labels",
     "status_selector",
@@ -285,8 +286,21 @@ def config_path(pool: Pool) -> str:
     return f"{CONFIG_DIR}/config.yaml"
 
 
+# libyaml's emitter when PyYAML has it (10x faster; the ConfigMap is most of a new pool's build
+# cost); the pure-Python one otherwise. Both give the same text for what a ProxyConfig dumps
+# (tests/operator/test_operator_builders.py compares them with ProxyConfig.to_yaml).
+_YAML_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def proxy_config_yaml(config: ProxyConfig) -> str:
+    """`config.to_yaml()`, the text the proxy loads back, rendered with `_YAML_DUMPER`."""
+    return yaml.dump(config.model_dump(mode="json", by_alias=True), Dumper=_YAML_DUMPER, sort_keys=False)
+
+
 def build_configmap(pool: Pool) -> dict[str, Any]:
-    data = {name: build_proxy_config(pool, ordinal).to_yaml() for name, ordinal in _config_file_names(pool)}
+    data = {
+        name: proxy_config_yaml(build_proxy_config(pool, ordinal)) for name, ordinal in _config_file_names(pool)
+    }
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -295,7 +309,7 @@ def build_configmap(pool: Pool) -> dict[str, Any]:
     }
 
 
-def config_hash(configmap: dict[str, Any]) -> str:
+def config_hash(configmap: Mapping[str, Any]) -> str:
     """A digest of a ConfigMap's data: put on the pod template, a change rolls the pods."""
     text = json.dumps(configmap.get("data", {}), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -445,7 +459,9 @@ def admission_container(pool: Pool) -> dict[str, Any]:
     }
 
 
-def build_statefulset(pool: Pool) -> dict[str, Any]:
+def build_statefulset(pool: Pool, configmap: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The pool's StatefulSet; `configmap` is `build_configmap(pool)` when the caller has it
+    already (its hash goes on the pod template)."""
     spec = pool.spec
     ports = [{"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}]
     if spec.listeners.convert.enabled:
@@ -517,7 +533,9 @@ def build_statefulset(pool: Pool) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": labels(pool),
-                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(build_configmap(pool))},
+                    "annotations": {
+                        CONFIG_HASH_ANNOTATION: config_hash(configmap if configmap is not None else build_configmap(pool))
+                    },
                 },
                 "spec": pod_spec,
             },
@@ -912,16 +930,17 @@ def build_director_cleanup_daemonset(pool: Pool, *, image: str | None = None) ->
 
 def build_children(pool: Pool, *, director_image: str | None = None) -> list[dict[str, Any]]:
     """Every object of the pool, in creation order (config before the pods that mount it)."""
+    configmap = build_configmap(pool)
     children = [
         build_service_account(pool),
-        build_configmap(pool),
+        configmap,
         build_headless_service(pool),
         build_service(pool),
         *build_join_services(pool),
     ]
     if pool.spec.affinity.mechanism == "director":
         children += [build_director_configmap(pool), build_director_daemonset(pool, image=director_image)]
-    children += [build_statefulset(pool), build_pdb(pool)]
+    children += [build_statefulset(pool, configmap), build_pdb(pool)]
     if pool.spec.on_path.enabled:
         children += [build_onpath_configmap(pool), build_onpath_daemonset(pool)]
     return children

@@ -152,6 +152,13 @@ def load_connection() -> Connection:
     )
 
 
+def _mtime(path: str | None) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None  # ssl_context() names the missing file
+
+
 class KubeClient:
     """get/list/create/patch/delete of plain-dict objects; one aiohttp session per client."""
 
@@ -159,6 +166,9 @@ class KubeClient:
         self._connection = connection
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        # The TLS context of `_connection`, made once: aiohttp pools connections by TLS context,
+        # so a new one per request would cost a TLS handshake (and a read of the CA) per request.
+        self._ssl: tuple[tuple[Any, ...], ssl.SSLContext | bool] | None = None
 
     async def close(self) -> None:
         if self._session is not None:
@@ -176,6 +186,14 @@ class KubeClient:
         if self._connection is None:
             self._connection = load_connection()
         return self._connection
+
+    def _ssl_of(self, conn: Connection) -> ssl.SSLContext | bool:
+        # Made again when a TLS file changes (a rotated client certificate or cluster CA).
+        key = (conn.server.startswith("https"), conn.verify,
+               *((path, _mtime(path)) for path in (conn.ca_path, conn.cert_path, conn.key_path)))  # fmt: skip
+        if self._ssl is None or self._ssl[0] != key:
+            self._ssl = (key, conn.ssl_context())
+        return self._ssl[1]
 
     async def _request(
         self,
@@ -206,7 +224,7 @@ class KubeClient:
             if conn.token:
                 headers["Authorization"] = f"Bearer {conn.token}"
             async with self._session_for().request(
-                method, conn.server + path, json=json, params=params, headers=headers, ssl=conn.ssl_context()
+                method, conn.server + path, json=json, params=params, headers=headers, ssl=self._ssl_of(conn)
             ) as response:
                 if response.status == 401 and attempt == 1:
                     self._connection = None  # the token rotated: load it again, once

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import json
 import logging
@@ -192,8 +191,10 @@ class Reconciler:
         self._queued: dict[tuple[str, str], Mapping[str, Any]] = {}
         # Per child: what was last applied and the object that came back.
         self._applied: dict[ObjectRef, _Applied] = {}
-        # Per pool: the status this process last wrote.
+        # Per pool: the status this process last wrote, and the resourceVersion of the pool that
+        # write was built on (the pool as it was just before the write).
         self._written_status: dict[tuple[str, str], dict[str, Any]] = {}
+        self._status_base: dict[tuple[str, str], str | None] = {}
         # Memo of adopted desired children per (pool identity, spec, labels).
         self._desired: dict[str, list[tuple[dict[str, Any], str]]] = {}
         # Reconcile passes per pool: started and finished (tests wait on these).
@@ -234,6 +235,7 @@ class Reconciler:
         key = (namespace, name)
         self._locks.pop(key, None)
         self._written_status.pop(key, None)
+        self._status_base.pop(key, None)
         self.started.pop(key, None)
         self.finished.pop(key, None)
         for ref in [r for r in self._applied if r.namespace == namespace]:
@@ -327,7 +329,12 @@ class Reconciler:
                 "mcpool.generation": int(meta.get("generation") or 0),
             },
         ) as span:
-            outcome = await self._reconcile(body, logger, cache)
+            outcome = Outcome()
+            try:
+                await self._reconcile(body, logger, cache, outcome)
+            finally:
+                # Also when a later apply or the status write failed: those objects exist.
+                self._report_created(body, outcome, logger)
             span.set_attribute("mcpool.created", len(outcome.created))
             span.set_attribute("mcpool.updated", len(outcome.updated))
             span.set_attribute("mcpool.deleted", len(outcome.deleted))
@@ -335,13 +342,25 @@ class Reconciler:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.spec_error))
             return outcome
 
+    def _report_created(
+        self, body: Mapping[str, Any], outcome: Outcome, logger: logging.Logger | logging.LoggerAdapter[Any]
+    ) -> None:
+        """One log line and one `Created` Event for every child this reconcile created: a new pool
+        creates six or more at once, and an Event is an API request like the applies."""
+        if not outcome.created:
+            return
+        logger.info("created %s", ", ".join(outcome.created))
+        # "Kind ns/name" -> "Kind name": the Event is about the pool, in the same namespace.
+        names = [f"{kind} {name.rpartition('/')[2]}" for kind, _, name in (c.partition(" ") for c in outcome.created)]
+        self.post_event(body, "Normal", "Created", f"created {', '.join(names)}")
+
     async def _reconcile(
         self,
         body: Mapping[str, Any],
         logger: logging.Logger | logging.LoggerAdapter[Any],
-        cache: ClusterCache | None = None,
+        cache: ClusterCache | None,
+        outcome: Outcome,
     ) -> Outcome:
-        outcome = Outcome()
         meta = body.get("metadata") or {}
         if meta.get("deletionTimestamp"):
             return outcome  # owner references let the garbage collector remove the children
@@ -560,9 +579,8 @@ class Reconciler:
                  remembered.resource_version if remembered is not None else None}  # fmt: skip
         self._applied[ref] = _Applied(digest, _fingerprint(applied), applied_version)
         if created:
+            # Logged and posted as one line and one Event per reconcile (see _report_created).
             outcome.created.append(str(ref))
-            logger.info("created %s", ref)
-            self.post_event(owner, "Normal", "Created", f"created {ref.kind} {ref.name}")
         elif applied_version not in known:
             outcome.updated.append(str(ref))
             logger.info("restored %s to the spec", ref)
@@ -662,13 +680,23 @@ class Reconciler:
         # The live object, not `body`: a watch event may lag behind the last write, and a status
         # cleared or edited by somebody else must be rewritten. The cached pool is live enough
         # when its status is the one this process last wrote (or it wrote none yet); otherwise
-        # the cache lags behind a write, or somebody else wrote: ask the API.
+        # the cache lags behind a write, or somebody else wrote: ask the API. A cached pool still
+        # at the version the last write was built on only lags behind that write: its status is
+        # the one written (what a read would answer, unless somebody wrote since; their write's
+        # watch event is on its way).
         live: Mapping[str, Any] | None = None
         if cache is not None:
             seen_pool = cache.pool(*key)
             written = self._written_status.get(key)
             if seen_pool is not None and (written is None or _same_status(seen_pool.get("status") or {}, written)):
                 live = seen_pool
+            elif (
+                seen_pool is not None
+                and written is not None
+                and self._status_base.get(key) is not None
+                and _resource_version(seen_pool) == self._status_base.get(key)
+            ):
+                live = {**seen_pool, "status": written}
         if live is None:
             live = await self.client.get(ref)
         if live is None:
@@ -677,10 +705,12 @@ class Reconciler:
         new = build_status(previous, seen)
         self.metrics.pool_conditions(key, new["conditions"])
         if _same_status(previous, new):
+            # (The base stays: a pool at that version is still older than the status known now.)
             self._written_status[key] = previous
             return previous
         result = await self.client.patch(ref, {"status": new}, subresource="status")
         self._written_status[key] = dict(result.get("status") or new)
+        self._status_base[key] = _resource_version(live)
         outcome.status_written = True
         for type_ in ("Ready", "Degraded"):
             old_c = find_condition(previous.get("conditions") or [], type_)
@@ -732,8 +762,11 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
 
 
 def _apply_body(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """What the operator sets on an object: everything it built, nothing the server added."""
-    body = copy.deepcopy(dict(obj))
+    """What the operator sets on an object: everything it built, nothing the server added.
+
+    Shares everything below the top level with `obj` (no deep copy: this is on every apply and
+    digest): the result is only serialised, never modified."""
+    body = dict(obj)
     meta = body.get("metadata", {})
     body["metadata"] = {
         k: v for k, v in meta.items() if k in ("name", "namespace", "labels", "annotations", "ownerReferences")

@@ -118,6 +118,26 @@ def test_every_config_file_is_accepted_by_the_proxy(case: str) -> None:
         assert config.affinity.advertise is None and config.affinity.pod_name is None
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_config_text_is_the_proxy_models_own(case: str) -> None:
+    # The ConfigMap is rendered with libyaml's emitter (when PyYAML has it) for speed: the text
+    # must be exactly what the proxy's ProxyConfig.to_yaml writes (pure-Python emitter), or an
+    # operator upgrade would change every ConfigMap's hash and roll every pod.
+    pool = CASES[case]
+    data = builders.build_configmap(pool)["data"]
+    ordinals = [None] if set(data) == {"config.yaml"} else range(len(pool.spec.affinity.join_addresses))
+    assert list(data.values()) == [builders.build_proxy_config(pool, o).to_yaml() for o in ordinals]
+
+
+def test_statefulset_hashes_the_configmap_it_is_given() -> None:
+    pool = CASES["sample-single"]
+    configmap = builders.build_configmap(pool)
+    annotation = builders.CONFIG_HASH_ANNOTATION
+    given = builders.build_statefulset(pool, configmap)["spec"]["template"]["metadata"]["annotations"]
+    built = builders.build_statefulset(pool)["spec"]["template"]["metadata"]["annotations"]
+    assert given[annotation] == built[annotation] == builders.config_hash(configmap)
+
+
 def test_single_sample_golden() -> None:
     pool = CASES["sample-single"]
     sts = builders.build_statefulset(pool)

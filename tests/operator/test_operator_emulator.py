@@ -1,5 +1,6 @@
 """The emulator answers like kube-apiserver where the operator depends on it: here, integer
-query parameters (a float `timeoutSeconds` is a 400 with the real server's words)."""
+query parameters (a float `timeoutSeconds` is a 400 with the real server's words), a missing
+object (a 404 `NotFound` in the real server's words) and a create (201)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,33 @@ async def test_integer_query_parameters_are_served(cluster: Cluster) -> None:
     path = f"/apis/{POOLS.rsplit('/', 1)[0]}/namespaces/{NAMESPACE}/mcppools?limit=10"
     async with cluster.session.get(cluster.url + path) as resp:
         assert resp.status == 200
+
+
+@pytest.mark.parametrize("verb", ["GET", "DELETE", "PATCH"])
+async def test_a_missing_object_is_not_found_in_the_servers_words(cluster: Cluster, verb: str) -> None:
+    path = f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets/nothing"
+    headers = {"Content-Type": "application/merge-patch+json"} if verb == "PATCH" else {}
+    body = {"spec": {"replicas": 1}} if verb == "PATCH" else None
+    async with cluster.session.request(verb, cluster.url + path, json=body, headers=headers) as resp:
+        assert resp.status == 404
+        status = await resp.json()
+    assert status == {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": 'statefulsets.apps "nothing" not found',
+        "reason": "NotFound",
+        "details": {"name": "nothing", "group": "apps", "kind": "statefulsets"},
+        "code": 404,
+    }
+
+
+async def test_a_create_is_201_and_the_object_is_then_found(cluster: Cluster) -> None:
+    body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "made"}, "data": {"a": "b"}}
+    async with cluster.session.post(f"{cluster.url}/api/v1/namespaces/{NAMESPACE}/configmaps", json=body) as resp:
+        assert resp.status == 201
+        created = await resp.json()
+    async with cluster.session.get(f"{cluster.url}/api/v1/namespaces/{NAMESPACE}/configmaps/made") as resp:
+        assert resp.status == 200
+        assert await resp.json() == created

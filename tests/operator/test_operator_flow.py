@@ -416,6 +416,11 @@ async def test_delete_leaves_no_orphans(cluster: Cluster, operator_runner: Opera
     await eventually(lambda: cluster.pool("steer") is None, limit_s=15, what="pool deleted (finalizer released)")
     for resource in (STS, DS, SVC, CM, SA, PDB):
         assert cluster.children(resource) == [], resource
+    # The pool's DELETED event makes the operator forget what it kept for the pool.
+    reconciler = operator_runner.reconciler
+    assert reconciler is not None
+    await eventually(lambda: (NAMESPACE, "steer") not in reconciler.started, what="the pool forgotten")
+    assert (NAMESPACE, "steer") not in reconciler.finished
 
 
 async def test_restart_creates_no_duplicates(cluster: Cluster, operator_runner: OperatorRunner) -> None:

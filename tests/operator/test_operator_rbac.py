@@ -57,6 +57,16 @@ async def test_role_matches_the_calls_the_operator_makes(cluster: Cluster, opera
     await eventually(lambda: cluster.child("apps/v1/statefulsets", "rbac")["spec"]["replicas"] == 2, what="sts")  # type: ignore[index]
     await eventually(lambda: cluster.child("policy/v1/poddisruptionbudgets", "rbac")["spec"]["maxUnavailable"] == 1, what="pdb")  # type: ignore[index]
     await eventually(lambda: cluster.child("v1/serviceaccounts", "rbac-mcp")["automountServiceAccountToken"] is False, what="sa")  # type: ignore[index]
+    # A status somebody else wrote -> the operator reads the pool from the API (its index may lag
+    # behind that write) and writes its own again; each drift of the StatefulSet is a reconcile.
+    await cluster.patch(cluster.pool_path("rbac", sub="status"), {"status": {"replicas": 7}})
+    sts_path = f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets/rbac"
+
+    async def status_rewritten() -> bool:
+        await cluster.patch(sts_path, {"spec": {"replicas": 9}})
+        return bool(cluster.pool("rbac")["status"].get("replicas") != 7)  # type: ignore[index]
+
+    await eventually(status_rewritten, what="status rewritten")
     await cluster.patch(f"/api/v1/namespaces/{NAMESPACE}/services/rbac", {"spec": {"type": "ClusterIP"}})
     await cluster.patch(
         f"/apis/apps/v1/namespaces/{NAMESPACE}/daemonsets/rbac-director", {"spec": {"template": {"spec": {"hostNetwork": False}}}}
