@@ -1044,22 +1044,18 @@ class DirectorBench:
 
     def redis_cpes(self, cpes: Sequence[str], pods: Sequence[str]) -> Callable[[], None]:
         """Put `cpes` in the pool's table (mapped to the pods in turn); return their remover."""
-        commands = "".join(f"SET {self.keys.cpe(c)} {pods[i % len(pods)]} EX 600\n" for i, c in enumerate(cpes))
-        self.lab.exec("dir", ["redis-cli", "-p", "6379"], input=commands)
-
-        def remove() -> None:
-            dels = "".join(f"DEL {self.keys.cpe(c)}\n" for c in cpes)
-            self.lab.exec("dir", ["redis-cli", "-p", "6379"], input=dels, check=False)
-
-        return remove
+        return self._redis_keys([self.keys.cpe(c) for c in cpes], pods)
 
     def redis_tokens(self, tokens: Sequence[int], pods: Sequence[str]) -> Callable[[], None]:
         """Put `tokens` in the pool's table (owned by the pods in turn); return their remover."""
-        commands = "".join(f"SET {self.keys.token(t)} {pods[i % len(pods)]} EX 600\n" for i, t in enumerate(tokens))
+        return self._redis_keys([self.keys.token(t) for t in tokens], pods)
+
+    def _redis_keys(self, keys: Sequence[str], pods: Sequence[str]) -> Callable[[], None]:
+        commands = "".join(f"SET {key} {pods[i % len(pods)]} EX 600\n" for i, key in enumerate(keys))
         self.lab.exec("dir", ["redis-cli", "-p", "6379"], input=commands)
 
         def remove() -> None:
-            dels = "".join(f"DEL {self.keys.token(t)}\n" for t in tokens)
+            dels = "".join(f"DEL {key}\n" for key in keys)
             self.lab.exec("dir", ["redis-cli", "-p", "6379"], input=dels, check=False)
 
         return remove

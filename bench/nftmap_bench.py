@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime
 import json
 import os
@@ -99,6 +98,7 @@ from mcpool_proxy.kernel.steering import (
     slot_mark,
 )
 from mcpool_proxy.kernel.tokenmap import CpeMap, SyncStats, TokenMap, open_nftables
+from mcpool_tools.lab import in_netns
 
 from bench.dataplane import foreign_cpu_s, process_ticks
 from bench.director_bench import compile_synflood, flood_pool, flood_sources, write_pool
@@ -387,34 +387,6 @@ def in_dir(*cmd: str, stdin: str | None = None) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"in {DIR_NS}: {' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return proc.stdout
-
-
-CLONE_NEWNET = 0x40000000
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run this thread (and the commands it starts) in network namespace `name`, then come back.
-
-    In process rather than `ip netns exec python ...`: the director's modules take a second or
-    more to import on a busy machine, for every variant and round. A namespace is per thread, and
-    a child process starts in its parent thread's, so `nft`, `iptables` and libnftables here all
-    act in `name`.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {name}")
-        try:
-            yield
-        finally:
-            if libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back into the bench's own namespace")
-    finally:
-        os.close(target)
-        os.close(home)
 
 
 def teardown() -> None:

@@ -20,15 +20,9 @@ from cluster_lab import (
 from mcpool_proxy.cluster.hashing import initial_pick
 from mcpool_tools.lab import Lab
 from support import requires_netns, wait_for
+from test_cluster import KB, decisions
 
 pytestmark = [requires_netns, pytest.mark.netns, pytest.mark.timeout(240)]
-
-KB = 1024
-
-
-def _decisions(lab: Lab) -> dict[str, float]:
-    prefix = 'mcpool_director_decisions_total{outcome="'
-    return {k[len(prefix):-2]: v for k, v in lab.director_metrics().items() if k.startswith(prefix)}
 
 
 def test_two_workers_per_pod_behind_the_director(lab: Lab, cluster: Cluster) -> None:
@@ -43,7 +37,7 @@ def test_two_workers_per_pod_behind_the_director(lab: Lab, cluster: Cluster) -> 
     for name, proxy in cluster.proxies.items():
         # The supervisor set up the tunnel's receive side (affinity.vip) for its workers.
         assert "mcpool_affinity_pod_receive_ready 1.0" in proxy.admin_get("/metrics"), name
-    before = _decisions(lab)
+    before = decisions(lab)
     counters_before = lab.director_counters()
     base = kernel_view(lab, cluster.names)
 
@@ -62,7 +56,7 @@ def test_two_workers_per_pod_behind_the_director(lab: Lab, cluster: Cluster) -> 
         assert sorted(kernel[pod].get(token, [])) == sorted(want), (pod, entry, kernel[pod].get(token))
     assert {worker for _, worker in workers_seen} == {0, 1}, workers_seen
 
-    after = _decisions(lab)
+    after = decisions(lab)
     kernel_hits = lab.director_counters()["token_hit"][0] - counters_before.get("token_hit", (0, 0))[0]
     steered = sum(after.get(o, 0) - before.get(o, 0) for o in ("token_hit", "token_hit_after_wait"))
     assert steered + kernel_hits >= len(conns), (after, kernel_hits)

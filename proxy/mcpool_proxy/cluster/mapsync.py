@@ -46,6 +46,13 @@ _RETRY_S = 1.0
 K = TypeVar("K", int, str)  # a map's key as the table spells it: a token, a CPE address
 
 
+def _count_writes(writes: Counter, stats: SyncStats, *labels: str) -> None:
+    """Count one batch's elements on a feed's writes counter (`labels`: the map's, if it has one)."""
+    writes.labels(*labels, "add").inc(stats.added)
+    writes.labels(*labels, "remove").inc(stats.removed)
+    writes.labels(*labels, "refresh").inc(stats.refreshed)
+
+
 class _MapSync(abc.ABC, Generic[K]):
     """What both feeds share: the pending work (dirty keys, a full rewrite), the gate that writes
     nothing before the first full read, and the task that adopts the kernel's maps, then writes a
@@ -200,10 +207,7 @@ class TokenMapSync(_MapSync[int]):
         return [("token", self.map, self.entries)]
 
     async def _write_pending(self) -> None:
-        stats = await self._write()
-        self.writes.labels("add").inc(stats.added)
-        self.writes.labels("remove").inc(stats.removed)
-        self.writes.labels("refresh").inc(stats.refreshed)
+        _count_writes(self.writes, await self._write())
 
     async def _write(self) -> SyncStats:
         marks = dict(self._owner_mark())
@@ -319,11 +323,6 @@ class InitialMapSync(_MapSync[str]):
         super()._failed()
         self._bucket_input = None
 
-    def _count(self, name: str, stats: SyncStats) -> None:
-        self.writes.labels(name, "add").inc(stats.added)
-        self.writes.labels(name, "remove").inc(stats.removed)
-        self.writes.labels(name, "refresh").inc(stats.refreshed)
-
     async def _write_pending(self) -> None:
         ready = list(self._ready())
         marks = dict(self._marks())
@@ -336,19 +335,23 @@ class InitialMapSync(_MapSync[str]):
             if bucket_input != self._bucket_input:
                 # Thousands of hashes per new pod: off the loop, so SYNs keep being decided.
                 wanted_buckets = await asyncio.to_thread(bucket_marks, ready, marks, self.hashing.buckets)
-                self._count("bucket", await asyncio.to_thread(self.buckets.sync, wanted_buckets))
+                stats = await asyncio.to_thread(self.buckets.sync, wanted_buckets)
+                _count_writes(self.writes, stats, "bucket")
                 self._bucket_input = bucket_input
             wanted = cpe_marks(self._cpes(), ready, marks, self._v6)
-            self._count("cpe", await self._call(len(wanted) + len(self.cpemap.installed), self.cpemap.sync, wanted))
+            stats = await self._call(len(wanted) + len(self.cpemap.installed), self.cpemap.sync, wanted)
+            _count_writes(self.writes, stats, "cpe")
             return
         if self._dirty:
             dirty, self._dirty = self._dirty, set()
             cpes = self._cpes()
             wanted = cpe_marks({c: cpes[c] for c in dirty if c in cpes}, ready, marks, self._v6)
             keys = {k for c in dirty if (k := cpe_key(c, self._v6)) is not None}
-            self._count("cpe", await self._call(len(keys), self.cpemap.update, wanted, keys))
+            stats = await self._call(len(keys), self.cpemap.update, wanted, keys)
+            _count_writes(self.writes, stats, "cpe")
             return
-        self._count("cpe", await self._call(len(self.cpemap.installed), self.cpemap.refresh_due))
+        stats = await self._call(len(self.cpemap.installed), self.cpemap.refresh_due)
+        _count_writes(self.writes, stats, "cpe")
 
 
 class MapFeeds:
